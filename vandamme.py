@@ -1,0 +1,3578 @@
+#!/usr/bin/env python3
+# /// script
+# requires-python = ">=3.11"
+# dependencies = ["aiohttp>=3.9"]
+# ///
+"""vandamme: an Anthropic Messages API gateway in one file.
+
+Point Claude Code (or any Anthropic client) at it with
+``ANTHROPIC_BASE_URL=http://localhost:8082`` and it routes each request to the
+provider you configured: OpenAI-compatible servers get an exact Anthropic ->
+OpenAI chat-completions conversion (streamed and not); Anthropic-format
+endpoints are relayed byte for byte.
+
+Usage:  python vandamme.py --port 8082          (serve; the default command)
+        python vandamme.py config show | config validate | config init
+        python vandamme.py resolve MODEL | models | check | health | claude ...
+
+Contents (jump with: grep -n "^# §" vandamme.py)
+    §1   Constants and built-in defaults
+    §2   Errors
+    §3   Configuration
+    §4   Routing and aliases
+    §5   API-key rotation
+    §6   Request conversion: Anthropic -> OpenAI
+    §7   Response conversion: OpenAI -> Anthropic
+    §8   Streaming: SSE decoder and stream translator
+    §9   Dialects and middleware
+    §10  Token estimate
+    §11  Metrics
+         ---- everything above is pure; everything below does I/O ----
+    §12  Upstream client
+    §13  HTTP handlers
+    §14  Dashboard page
+    §15  Application and server
+    §16  Command line
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import hashlib
+import hmac
+import importlib.util
+import json
+import logging
+import math
+import os
+import random
+import re
+import secrets
+import shutil
+import signal
+import socket
+import sys
+import time
+import tomllib
+import uuid
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Final
+
+import aiohttp
+from aiohttp import web
+
+__version__ = "0.1.0"
+__all__ = [
+    "Config", "KeyRing", "Metrics", "Provider", "Route", "SSEDecoder", "StreamTranslator",
+    "VandammeError", "anthropic_to_openai", "create_app", "estimate_tokens", "load_config",
+    "main", "openai_to_anthropic", "parse_dotenv", "resolve_model",
+]
+
+logger = logging.getLogger("vandamme")
+JSON = dict[str, Any]
+
+# ---------------------------------------------------------------------------
+# §1  Constants and built-in defaults
+# ---------------------------------------------------------------------------
+
+ANTHROPIC_VERSION: Final = "2023-06-01"
+PING_INTERVAL: Final = 15.0           # Claude Code shows "waiting" after ~20 s of silence
+MAX_ALIAS_CHAIN: Final = 10
+MODELS_CACHE_SECONDS: Final = 600.0
+KEY_COOLDOWN: Final = MappingProxyType({401: 600.0, 402: 600.0, 403: 600.0, 429: 60.0})
+RETRY_STATUSES: Final = frozenset({500, 502, 503, 504, 529})
+RETRY_AFTER_CAP: Final = 30.0
+HOP_BY_HOP: Final = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
+    "transfer-encoding", "upgrade", "host", "content-length", "content-encoding",
+})
+# Client headers a passthrough provider receives; everything else stays here.
+PASSTHROUGH_HEADERS: Final = ("anthropic-version", "anthropic-beta")
+RELAYED_RESPONSE_HEADERS: Final = (
+    "content-type", "retry-after", "request-id", "x-should-retry", "anthropic-ratelimit-requests-remaining",
+    "anthropic-ratelimit-tokens-remaining",
+)
+SSE_HEADERS: Final = MappingProxyType({
+    "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+})
+STOP_REASON: Final = MappingProxyType({
+    "stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
+    "function_call": "tool_use", "content_filter": "refusal",
+})
+ERROR_TYPE_BY_STATUS: Final = MappingProxyType({
+    400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+    403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+    422: "invalid_request_error", 429: "rate_limit_error", 500: "api_error",
+    503: "overloaded_error", 504: "timeout_error", 529: "overloaded_error",
+})
+REASONING_MODEL: Final = re.compile(r"^(?:[\w.-]+/)?(?:o\d|gpt-5)", re.I)
+VALID_TOOL_NAME: Final = re.compile(r"^[a-zA-Z0-9_-]+$")
+EFFORT_BY_NAME: Final = MappingProxyType({
+    "minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high",
+})
+
+# Global settings: variable -> (Config field, parser, help). Drives parsing, `config show`
+# and the --help epilog, so a variable cannot exist without being documented.
+ENV_VARS: Final = MappingProxyType({
+    "HOST": ("host", str, "address to bind (default 127.0.0.1)"),
+    "PORT": ("port", int, "port to listen on (default 8082)"),
+    "LOG_LEVEL": ("log_level", str, "DEBUG, INFO, WARNING or ERROR (default INFO)"),
+    "LOG_FORMAT": ("log_format", str, "text or json (default text)"),
+    "REQUEST_TIMEOUT": ("request_timeout", float, "seconds to the upstream's first byte (600)"),
+    "STREAM_IDLE_TIMEOUT": ("stream_idle_timeout", float, "seconds of upstream silence in a stream (300)"),
+    "CONNECT_TIMEOUT": ("connect_timeout", float, "seconds to connect upstream (10)"),
+    "MAX_RETRIES": ("max_retries", int, "retries on connection errors, timeouts and 5xx (2)"),
+    "MAX_TOKENS_LIMIT": ("max_tokens_limit", int, "clamp max_tokens to this value (unset: no clamp)"),
+    "PROXY_API_KEY": ("proxy_api_key", str, "key clients must present (x-api-key or Bearer)"),
+    "SHUTDOWN_GRACE": ("shutdown_grace", float, "seconds in-flight requests get on SIGTERM (30)"),
+    "MAX_REQUEST_BYTES": ("max_request_bytes", int, "largest request body accepted (32 MiB)"),
+    "POOL_LIMIT": ("pool_limit", int, "open upstream connections per provider (256)"),
+    "VDM_DEFAULT_PROVIDER": ("default_provider", str, "provider for unprefixed models (openai)"),
+    "VDM_MIDDLEWARE": ("middleware", str, "Python file with request/response hooks"),
+    "GEMINI_THOUGHT_SIGNATURES_ENABLED": ("gemini_signatures", bool, "carry Gemini thought signatures (true)"),
+})
+PROVIDER_SUFFIXES: Final = ("_API_KEY", "_BASE_URL", "_API_FORMAT", "_API_VERSION")
+
+DEFAULTS_TOML: Final = '''\
+# vandamme built-in defaults. Your own vandamme-config.toml files and the environment
+# override every value here. Each [provider] table gives the base URL, the API format and
+# the capabilities of a known provider; [provider.aliases] maps Claude Code's model
+# families (haiku, sonnet, opus) so `claude-sonnet-...` works with no setup.
+# A provider is only used once you configure it (an API key, a base URL, a user TOML
+# table, or naming it as the default provider).
+
+[defaults]
+default-provider = "openai"
+
+[defaults.aliases]
+
+[openai]
+base-url = "https://api.openai.com/v1"
+reasoning-effort = "reasoning-models"
+[openai.aliases]
+haiku = "gpt-5-mini"
+sonnet = "gpt-5.1"
+opus = "gpt-5.1"
+
+[anthropic]
+# Passthrough: Claude model names go to Anthropic unchanged, so no aliases.
+base-url = "https://api.anthropic.com"
+api-format = "anthropic"
+
+[zai]
+base-url = "https://api.z.ai/api/anthropic"
+api-format = "anthropic"
+[zai.aliases]
+haiku = "glm-4.5-air"
+sonnet = "glm-4.6"
+opus = "glm-4.6"
+
+[gemini]
+base-url = "https://generativelanguage.googleapis.com/v1beta/openai"
+gemini = true
+reasoning-effort = "always"
+stream-usage = true
+[gemini.aliases]
+haiku = "gemini-2.5-flash"
+sonnet = "gemini-2.5-pro"
+opus = "gemini-2.5-pro"
+
+[deepseek]
+base-url = "https://api.deepseek.com"
+reasoning-history = true
+[deepseek.aliases]
+haiku = "deepseek-chat"
+sonnet = "deepseek-chat"
+opus = "deepseek-reasoner"
+
+[openrouter]
+base-url = "https://openrouter.ai/api/v1"
+[openrouter.aliases]
+haiku = "anthropic/claude-haiku-4.5"
+sonnet = "anthropic/claude-sonnet-4.5"
+opus = "anthropic/claude-opus-4.1"
+
+[poe]
+base-url = "https://api.poe.com/v1"
+[poe.aliases]
+haiku = "Claude-Haiku-4.5"
+sonnet = "Claude-Sonnet-4.5"
+opus = "Claude-Opus-4.1"
+
+[groq]
+base-url = "https://api.groq.com/openai/v1"
+[groq.aliases]
+haiku = "llama-3.1-8b-instant"
+sonnet = "moonshotai/kimi-k2-instruct-0905"
+opus = "openai/gpt-oss-120b"
+
+[mistral]
+base-url = "https://api.mistral.ai/v1"
+stream-usage = false
+tool-id-format = "mistral"
+[mistral.aliases]
+haiku = "mistral-small-latest"
+sonnet = "devstral-medium-latest"
+opus = "mistral-large-latest"
+
+[xai]
+base-url = "https://api.x.ai/v1"
+[xai.aliases]
+haiku = "grok-code-fast-1"
+sonnet = "grok-4"
+opus = "grok-4"
+
+[together]
+base-url = "https://api.together.xyz/v1"
+[together.aliases]
+haiku = "Qwen/Qwen3-Coder-30B-A3B-Instruct"
+sonnet = "Qwen/Qwen3-Coder-480B-A35B-Instruct-FP8"
+opus = "moonshotai/Kimi-K2-Instruct-0905"
+
+[fireworks]
+base-url = "https://api.fireworks.ai/inference/v1"
+[fireworks.aliases]
+haiku = "accounts/fireworks/models/qwen3-coder-30b-a3b-instruct"
+sonnet = "accounts/fireworks/models/qwen3-coder-480b-a35b-instruct"
+opus = "accounts/fireworks/models/kimi-k2-instruct-0905"
+
+[cerebras]
+base-url = "https://api.cerebras.ai/v1"
+parallel-tool-calls = false
+[cerebras.aliases]
+haiku = "llama3.1-8b"
+sonnet = "qwen-3-coder-480b"
+opus = "gpt-oss-120b"
+
+[ollama]
+base-url = "http://localhost:11434/v1"
+keyless = true
+stream-usage = false
+think-tags = true
+[ollama.aliases]
+haiku = "qwen2.5-coder:7b"
+sonnet = "qwen3-coder:30b"
+opus = "qwen3-coder:30b"
+
+[lmstudio]
+base-url = "http://localhost:1234/v1"
+keyless = true
+stream-usage = false
+think-tags = true
+[lmstudio.aliases]
+haiku = "qwen2.5-coder-7b-instruct"
+sonnet = "qwen3-coder-30b"
+opus = "qwen3-coder-30b"
+
+[vllm]
+base-url = "http://localhost:8000/v1"
+keyless = true
+think-tags = true
+[vllm.aliases]
+haiku = "Qwen/Qwen2.5-Coder-7B-Instruct"
+sonnet = "Qwen/Qwen3-Coder-30B-A3B-Instruct"
+opus = "Qwen/Qwen3-Coder-30B-A3B-Instruct"
+'''
+
+# ---------------------------------------------------------------------------
+# §2  Errors
+# ---------------------------------------------------------------------------
+
+class VandammeError(Exception):
+    """Base error: carries the HTTP status and Anthropic error type a client sees."""
+
+    status: int = 500
+    error_type: str = "api_error"
+
+    def __init__(self, message: str, *, status: int | None = None, error_type: str | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+            self.error_type = error_type or ERROR_TYPE_BY_STATUS.get(
+                status, "invalid_request_error" if status < 500 else "api_error")
+        elif error_type is not None:
+            self.error_type = error_type
+        self.retry_after = retry_after
+
+    def body(self) -> JSON:
+        return {"type": "error", "error": {"type": self.error_type, "message": str(self)}}
+
+
+class ConfigError(VandammeError, ValueError):
+    """A configuration problem found at startup; the CLI prints it and exits 1."""
+
+
+class InvalidRequestError(VandammeError):
+    status, error_type = 400, "invalid_request_error"
+
+
+class AuthenticationError(VandammeError):
+    status, error_type = 401, "authentication_error"
+
+
+class UpstreamError(VandammeError):
+    """The upstream failed. `retryable` marks failures worth another attempt or target."""
+
+    def __init__(self, message: str, *, status: int, retry_after: float | None = None,
+                 retryable: bool = False, error_type: str | None = None) -> None:
+        super().__init__(message, status=status, retry_after=retry_after, error_type=error_type)
+        self.retryable = retryable
+        self.relay: tuple[int, bytes, str] | None = None     # the provider's own status, body, type
+        self.passthrough = False                              # relay it as is (Anthropic-format provider)
+
+
+def error_body(error_type: str, message: str) -> JSON:
+    return {"type": "error", "error": {"type": error_type, "message": message}}
+
+
+# ---------------------------------------------------------------------------
+# §3  Configuration
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Provider:
+    """One upstream: where it is, how to talk to it, and what it accepts."""
+
+    name: str
+    base_url: str
+    api_format: str = "openai"              # "openai" (convert) or "anthropic" (pass through)
+    api_version: str | None = None          # set: Azure OpenAI
+    keys: tuple[str, ...] = field(default=(), repr=False)
+    passthrough: bool = False               # send the client's own key upstream
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    stream_usage: bool = True               # ask for stream_options.include_usage
+    max_tokens_field: str = "auto"          # max_tokens | max_completion_tokens | auto
+    parallel_tool_calls: bool = True        # the server accepts parallel_tool_calls
+    reasoning_effort: str = "never"         # never | always | reasoning-models
+    tool_name_max: int = 64
+    tool_id_format: str = "any"             # any | mistral (9 alphanumerics)
+    think_tags: bool = False                # <think>...</think> in content is reasoning
+    reasoning_history: bool = False         # thinking goes back as reasoning_content (DeepSeek)
+    gemini: bool = False                    # schema cleaning and thought signatures
+    auth_header: str = "auto"               # auto | bearer | x-api-key | api-key
+
+    @property
+    def azure(self) -> bool:
+        return self.api_version is not None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Alias:
+    provider: str
+    name: str          # normalised: lower case, "_" -> "-"
+    target: str
+    source: str        # env | local | user | config | defaults
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """Everything the server needs, immutable after startup (SIGHUP builds a new one)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8082
+    log_level: str = "INFO"
+    log_format: str = "text"
+    request_timeout: float = 600.0
+    stream_idle_timeout: float = 300.0
+    connect_timeout: float = 10.0
+    max_retries: int = 2
+    max_tokens_limit: int | None = None
+    proxy_api_key: str | None = field(default=None, repr=False)
+    shutdown_grace: float = 30.0
+    max_request_bytes: int = 32 * 1024 * 1024
+    pool_limit: int = 256
+    default_provider: str | None = None
+    middleware: str | None = None
+    gemini_signatures: bool = True
+    providers: tuple[Provider, ...] = ()
+    aliases: tuple[Alias, ...] = ()
+    warnings: tuple[str, ...] = ()
+    sources: tuple[tuple[str, str, str], ...] = ()   # (setting, shown value, source)
+
+    def provider(self, name: str) -> Provider | None:
+        name = name.lower()
+        for provider in self.providers:
+            if provider.name == name:
+                return provider
+        return None
+
+
+_PROVIDER_SETTINGS: Final = MappingProxyType({
+    # TOML key -> (Provider field, type or allowed values)
+    "base-url": ("base_url", str), "api-key": ("keys", str), "api-format": ("api_format", ("openai", "anthropic")),
+    "api-version": ("api_version", str), "stream-usage": ("stream_usage", bool),
+    "max-tokens-field": ("max_tokens_field", ("auto", "max_tokens", "max_completion_tokens")),
+    "parallel-tool-calls": ("parallel_tool_calls", bool),
+    "reasoning-effort": ("reasoning_effort", ("never", "always", "reasoning-models")),
+    "tool-name-max": ("tool_name_max", int), "tool-id-format": ("tool_id_format", ("any", "mistral")),
+    "think-tags": ("think_tags", bool), "reasoning-history": ("reasoning_history", bool),
+    "gemini": ("gemini", bool), "auth-header": ("auth_header", ("auto", "bearer", "x-api-key", "api-key")),
+    "keyless": (None, bool), "aliases": (None, dict), "headers": (None, dict),
+})
+
+
+def parse_dotenv(text: str) -> dict[str, str]:
+    """Parse a .env file: KEY=VALUE lines, `#` comments, quotes, optional `export `."""
+    result: dict[str, str] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[7:].lstrip()
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not key.replace("_", "").isalnum():
+            continue
+        value = value.strip()
+        if value[:1] in ("'", '"'):
+            quote = value[0]
+            end = value.find(quote, 1)
+            value = value[1:end] if end > 0 else value[1:]
+            if quote == '"':
+                value = value.replace("\\n", "\n")
+        else:
+            value = re.split(r"\s+#", value, maxsplit=1)[0].strip()
+        result[key] = value
+    return result
+
+
+def _parse_bool(text: str) -> bool:
+    return text.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _parse_setting(name: str, kind: Any, value: Any, where: str) -> Any:
+    """Check one setting's type; `kind` is a type or a tuple of allowed strings."""
+    if isinstance(kind, tuple):
+        if isinstance(value, bool) and name == "reasoning-effort":
+            return "always" if value else "never"
+        if not isinstance(value, str) or value.lower() not in kind:
+            raise ConfigError(f"{where}: {name} must be one of {', '.join(kind)} (got {value!r})")
+        return value.lower()
+    if kind is bool and isinstance(value, str):
+        return _parse_bool(value)
+    if kind is int and isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{where}: {name} must be an integer (got {value!r})") from None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: {name} must be a {kind.__name__} (got {value!r})")
+    return value
+
+
+def _read_toml(path: Path, text: str | None = None) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text if text is not None else path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+
+
+def _default_toml_text() -> str:
+    """defaults.toml beside this file when present, else the embedded copy."""
+    beside = Path(__file__).with_name("defaults.toml")
+    try:
+        return beside.read_text(encoding="utf-8")
+    except OSError:
+        return DEFAULTS_TOML
+
+
+def _norm(name: str) -> str:
+    return name.lower().replace("_", "-")
+
+
+def mask(secret: str | None) -> str:
+    """Show enough of a key to recognise it, never enough to use it."""
+    if not secret:
+        return "(unset)"
+    if secret == "!PASSTHRU":
+        return secret
+    return f"{secret[:3]}…{secret[-4:]}" if len(secret) >= 12 else "…" + "*" * 4
+
+
+def key_fingerprint(key: str | None) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:8] if key else "-"
+
+
+def toml_layers(environ: Mapping[str, str], *, cwd: Path, home: Path,
+                config_path: str | None) -> list[tuple[str, Path, dict[str, Any]]]:
+    """The TOML files in effect, lowest priority first, as (source, path, data)."""
+    layers = [("defaults", Path("defaults.toml"), _read_toml(Path("defaults.toml"), _default_toml_text()))]
+    if config_path:
+        path = Path(config_path).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"--config {config_path}: no such file")
+        layers.append(("config", path, _read_toml(path)))
+        return layers
+    for source, path in (("user", home / ".config" / "vandamme-proxy" / "vandamme-config.toml"),
+                         ("local", cwd / "vandamme-config.toml")):
+        if path.is_file():
+            layers.append((source, path, _read_toml(path)))
+    return layers
+
+
+def load_config(environ: Mapping[str, str], *, cwd: Path | str | None = None,
+                home: Path | str | None = None, config_path: str | None = None,
+                overrides: Mapping[str, Any] | None = None) -> Config:
+    """Build the Config from command-line overrides, environment, .env, TOML files, defaults.
+
+    `environ` is passed in (never read from os.environ here) so tests control it fully.
+    Raises ConfigError with one line naming the variable or file at fault.
+    """
+    cwd = Path(cwd) if cwd else Path.cwd()
+    home = Path(home) if home else Path(environ.get("HOME") or Path.home())
+    env: dict[str, str] = {}
+    dotenv = cwd / ".env"
+    if dotenv.is_file():
+        try:
+            env.update(parse_dotenv(dotenv.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{dotenv}: cannot read: {exc}") from None
+    env_source = {k: ".env" for k in env}
+    env.update(environ)
+    env_source.update({k: "env" for k in environ})
+    layers = toml_layers(env, cwd=cwd, home=home, config_path=config_path)
+    warnings: list[str] = []
+    sources: list[tuple[str, str, str]] = []
+
+    # Globals: environment over TOML [defaults] over built-in values.
+    values: dict[str, Any] = {}
+    toml_defaults: dict[str, tuple[Any, str]] = {}
+    for source, path, data in layers:
+        section = data.get("defaults", {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: [defaults] must be a table")
+        for key, value in section.items():
+            toml_defaults[key] = (value, f"{source}:{path}" if source != "defaults" else "defaults")
+    if "default-provider" in toml_defaults:
+        value, src = toml_defaults["default-provider"]
+        values["default_provider"] = str(value).lower()
+        sources.append(("VDM_DEFAULT_PROVIDER", str(value), src))
+    for var, (attr, kind, _help) in ENV_VARS.items():
+        raw = env.get(var)
+        if raw is None or raw.strip() == "":
+            continue
+        raw = raw.strip()
+        if var == "LOG_LEVEL":
+            raw = raw.split()[0].upper()
+            if raw not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+                raise ConfigError(f"LOG_LEVEL={raw}: must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        try:
+            value = _parse_bool(raw) if kind is bool else kind(raw)
+        except ValueError:
+            raise ConfigError(f"{var}={raw!r}: must be {'an integer' if kind is int else 'a number'}") from None
+        if kind in (int, float) and value < 0 or (var == "PORT" and not 0 <= value <= 65535):
+            raise ConfigError(f"{var}={raw}: out of range")
+        if var == "LOG_FORMAT" and value not in ("text", "json"):
+            raise ConfigError(f"LOG_FORMAT={raw}: must be text or json")
+        values[attr] = value.lower() if attr == "default_provider" else value
+        sources.append((var, mask(raw) if var == "PROXY_API_KEY" else raw, env_source.get(var, "env")))
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = value
+            sources.append((key.upper(), str(value), "command line"))
+
+    # Provider tables merged across TOML layers.
+    tables: dict[str, dict[str, tuple[Any, str]]] = {}
+    user_named: set[str] = set()
+    default_aliases: dict[str, tuple[str, str]] = {}
+    for source, path, data in layers:
+        for name, table in data.items():
+            if name == "defaults":
+                for alias, target in (table.get("aliases") or {}).items():
+                    default_aliases[_norm(alias)] = (str(target), source)
+                continue
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: [{name}] must be a table")
+            merged = tables.setdefault(name.lower(), {})
+            for key, value in table.items():
+                if key not in _PROVIDER_SETTINGS:
+                    warnings.append(f"{path}: [{name}] unknown setting {key!r} ignored")
+                    continue
+                where = f"{path} [{name}]"
+                kind = _PROVIDER_SETTINGS[key][1]
+                value = _parse_setting(key, kind, value, where)
+                if key in ("aliases", "headers"):
+                    previous = merged.get(key, ({}, source))[0]
+                    value = {**previous, **{k: (str(v), source) for k, v in value.items()}}
+                merged[key] = (value, source)
+            if source != "defaults" and ("base-url" in table or "api-key" in table):
+                user_named.add(name.lower())
+
+    # Which providers exist: a key or base URL in the environment, a user TOML table with
+    # either, or a keyless built-in named anywhere (e.g. OLLAMA_ALIAS_X or the default).
+    named: dict[str, None] = {}
+    for var in sorted(env):
+        upper = var.upper()
+        for suffix in PROVIDER_SUFFIXES:
+            if upper.endswith(suffix) and len(upper) > len(suffix):
+                prefix = upper[: -len(suffix)]
+                if prefix in ("PROXY", "VDM") or prefix.startswith("CUSTOM_"):
+                    continue
+                if suffix in ("_API_KEY", "_BASE_URL") and env[var].strip():
+                    named[prefix.lower()] = None
+    named.update(dict.fromkeys(sorted(user_named)))
+    wanted_default = values.get("default_provider")
+    for name, table in tables.items():
+        keyless = table.get("keyless", (False, ""))[0]
+        mentioned = any(v.upper().startswith(name.upper() + "_") for v in env)
+        if keyless and (mentioned or name == wanted_default):
+            named.setdefault(name, None)
+
+    providers: list[Provider] = []
+    aliases: dict[tuple[str, str], Alias] = {}
+    for name in named:
+        table = tables.get(name, {})
+        upper = name.upper()
+        setting = {k: v[0] for k, v in table.items()}
+        base_url = (env.get(f"{upper}_BASE_URL") or "").strip() or setting.get("base-url")
+        if not base_url:
+            warnings.append(f"provider {name!r} skipped: no known base URL; set {upper}_BASE_URL")
+            continue
+        if not re.match(r"^https?://[^/\s]+", base_url):
+            raise ConfigError(f"{upper}_BASE_URL={base_url!r}: must start with http:// or https://")
+        fmt = (env.get(f"{upper}_API_FORMAT") or "").strip().lower() or setting.get("api-format", "openai")
+        if fmt not in ("openai", "anthropic"):
+            raise ConfigError(f"{upper}_API_FORMAT={fmt!r}: must be 'openai' or 'anthropic'")
+        raw_keys = env.get(f"{upper}_API_KEY", "").strip() or setting.get("api-key", "")
+        keys = tuple(raw_keys.split())
+        passthrough = "!PASSTHRU" in keys
+        if passthrough and len(keys) > 1:
+            raise ConfigError(f"{upper}_API_KEY: '!PASSTHRU' cannot be mixed with static keys")
+        headers = {k: v[0] for k, v in setting.get("headers", {}).items()}
+        marker = f"{upper}_CUSTOM_HEADER_"
+        for var, value in env.items():
+            if var.upper().startswith(marker) and len(var) > len(marker):
+                headers[var[len(marker):].replace("_", "-")] = value
+        fields = {attr: setting[key] for key, (attr, _kind) in _PROVIDER_SETTINGS.items()
+                  if attr and attr not in ("base_url", "keys", "api_format") and key in setting}
+        version = (env.get(f"{upper}_API_VERSION") or "").strip() or fields.pop("api_version", None)
+        fields.pop("api_version", None)
+        provider = Provider(
+            name=name, base_url=base_url.rstrip("/"), api_format=fmt, api_version=version or None,
+            keys=() if passthrough else keys, passthrough=passthrough,
+            headers=tuple(sorted(headers.items())), **fields)
+        providers.append(provider)
+        src = env_source.get(f"{upper}_API_KEY") or table.get("api-key", (None, "toml"))[1]
+        shown = "!PASSTHRU" if passthrough else (", ".join(mask(k) for k in keys) or "(none)")
+        sources.append((f"{name}.keys", shown, src if raw_keys else "-"))
+        sources.append((f"{name}.base_url", provider.base_url,
+                        env_source.get(f"{upper}_BASE_URL") or table.get("base-url", (None, "-"))[1]))
+        # Aliases, lowest priority first so later sources overwrite earlier ones.
+        for alias, (target, source) in default_aliases.items():
+            aliases[(name, alias)] = Alias(provider=name, name=alias, target=target, source=source)
+        for alias, (target, source) in setting.get("aliases", {}).items():
+            if target.strip():
+                aliases[(name, _norm(alias))] = Alias(provider=name, name=_norm(alias), target=target.strip(),
+                                                      source=source)
+        marker = f"{upper}_ALIAS_"
+        for var, value in env.items():
+            if var.upper().startswith(marker) and len(var) > len(marker) and value.strip():
+                alias = _norm(var[len(marker):])
+                aliases[(name, alias)] = Alias(provider=name, name=alias, target=value.strip(),
+                                               source=env_source.get(var, "env"))
+
+    names = [p.name for p in providers]
+    default = values.get("default_provider") or "openai"
+    if providers and default not in names:
+        if values.get("default_provider"):
+            warnings.append(f"default provider {default!r} is not configured; using {names[0]!r}")
+        default = names[0]
+    # Default provider first, then alphabetical: the "provider order" of alias ranking.
+    providers.sort(key=lambda p: (p.name != default, p.name))
+    values["default_provider"] = default if providers else None
+    config = Config(**values, providers=tuple(providers),
+                    aliases=tuple(sorted(aliases.values(), key=lambda a: (a.provider, a.name))),
+                    warnings=tuple(warnings), sources=tuple(sources))
+    for alias in config.aliases:          # a cycle is a startup error, never a request error
+        _follow_alias(config, alias)
+    return config
+
+# ---------------------------------------------------------------------------
+# §4  Routing and aliases
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    provider: str
+    model: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Route:
+    """Where a requested model goes: one target, or a fallback chain tried in order."""
+
+    requested: str
+    targets: tuple[Target, ...]
+    rule: str
+
+
+def _exact_alias(config: Config, provider: str, model: str) -> Alias | None:
+    wanted = _norm(model)
+    for alias in config.aliases:
+        if alias.provider == provider and alias.name == wanted:
+            return alias
+    return None
+
+
+def _split_target(config: Config, text: str, owner: str) -> tuple[str, str, bool]:
+    """`provider:model`, `model` (owner's) or `!...` (literal: no further alias lookups)."""
+    literal = text.startswith("!")
+    text = text[1:] if literal else text
+    prefix, sep, rest = text.partition(":")
+    if sep and config.provider(prefix):
+        return prefix.lower(), rest, literal
+    return owner, text, literal
+
+
+def _follow_alias(config: Config, alias: Alias, seen: tuple[tuple[str, str], ...] = ()) -> list[Target]:
+    """Expand an alias through chains (at most MAX_ALIAS_CHAIN steps) and fallback lists."""
+    seen = (*seen, (alias.provider, alias.name))
+    if len(seen) > MAX_ALIAS_CHAIN:
+        raise ConfigError(f"alias chain too long (over {MAX_ALIAS_CHAIN} steps): "
+                          + " -> ".join(f"{p}:{n}" for p, n in seen))
+    targets: list[Target] = []
+    for part in (p.strip() for p in alias.target.split(",")):
+        if not part:
+            continue
+        provider, model, literal = _split_target(config, part, alias.provider)
+        nxt = None if literal else _exact_alias(config, provider, model)
+        if nxt is None:
+            targets.append(Target(provider, model))
+        elif (nxt.provider, nxt.name) in seen:
+            chain = " -> ".join(f"{p}:{n}" for p, n in (*seen, (nxt.provider, nxt.name)))
+            raise ConfigError(f"alias cycle: {chain}; change one of these aliases")
+        else:
+            targets.extend(_follow_alias(config, nxt, seen))
+    if not targets:
+        raise ConfigError(f"alias {alias.provider}:{alias.name} has an empty target")
+    return targets
+
+
+def resolve_model(config: Config, requested: str) -> Route:
+    """Decide which provider and model serve `requested`.
+
+    `provider:model` with a configured provider goes there (exact aliases only); anything
+    else is a model of the default provider unless an alias name is a substring of it.
+    `!` in front bypasses aliases. Ranking of substring matches: exact, longest alias,
+    default provider, provider order, alphabetical.
+    """
+    if not config.providers or config.default_provider is None:
+        raise VandammeError("no provider is configured: set OPENAI_API_KEY (or another "
+                            "{PROVIDER}_API_KEY / {PROVIDER}_BASE_URL) and restart vandamme",
+                            status=500, error_type="api_error")
+    literal = requested.startswith("!")
+    name = requested[1:] if literal else requested
+    prefix, sep, rest = name.partition(":")
+    provider = config.provider(prefix) if sep else None
+    if provider is not None:
+        if not rest:
+            raise InvalidRequestError(f"model {requested!r}: no model name after '{prefix}:'")
+        alias = None if literal else _exact_alias(config, provider.name, rest)
+        if alias is None:
+            rule = "literal (! prefix)" if literal else f"provider prefix '{provider.name}:'"
+            return Route(requested=requested, targets=(Target(provider.name, rest),), rule=rule)
+        return Route(requested=requested, targets=tuple(_follow_alias(config, alias)),
+                     rule=f"alias {alias.provider}:{alias.name} ({alias.source})")
+    default = config.default_provider
+    if literal:
+        return Route(requested=requested, targets=(Target(default, name),), rule="literal (! prefix)")
+    wanted = _norm(name)
+    order = {p.name: i for i, p in enumerate(config.providers)}
+    matches = [a for a in config.aliases if a.name in wanted]
+    if not matches:
+        return Route(requested=requested, targets=(Target(default, name),),
+                     rule=f"default provider '{default}' (no alias matched)")
+    best = min(matches, key=lambda a: (a.name != wanted, -len(a.name), a.provider != default,
+                                       order.get(a.provider, 99), a.name))
+    how = "exact" if best.name == wanted else "substring"
+    return Route(requested=requested, targets=tuple(_follow_alias(config, best)),
+                 rule=f"alias {best.provider}:{best.name} ({how} match, {best.source})")
+
+
+# ---------------------------------------------------------------------------
+# §5  API-key rotation
+# ---------------------------------------------------------------------------
+
+class KeyRing:
+    """Round-robin over one provider's keys, skipping keys that are cooling down.
+
+    Methods are synchronous: asyncio runs one at a time, so no lock is needed.
+    State is per process (document: several workers rotate independently).
+    """
+
+    def __init__(self, keys: Sequence[str], clock: Callable[[], float] = time.monotonic) -> None:
+        self.keys = tuple(keys)
+        self._next = 0
+        self._until: dict[str, float] = {}
+        self._clock = clock
+
+    def order(self) -> list[str]:
+        """Keys to try for one request: ready keys in rotation order, else the soonest ready."""
+        if not self.keys:
+            return []
+        start = self._next
+        self._next = (start + 1) % len(self.keys)
+        rotated = self.keys[start:] + self.keys[:start]
+        now = self._clock()
+        ready = [k for k in rotated if self._until.get(k, 0.0) <= now]
+        return ready or [min(rotated, key=lambda k: self._until[k])]
+
+    def cool(self, key: str, seconds: float) -> None:
+        self._until[key] = self._clock() + seconds
+
+    def cooling(self) -> int:
+        now = self._clock()
+        return sum(1 for until in self._until.values() if until > now)
+
+
+# ---------------------------------------------------------------------------
+# §6  Request conversion: Anthropic -> OpenAI
+# ---------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Conversion:
+    """What the response side needs to know about how a request was converted."""
+
+    tool_names: dict[str, str] = field(default_factory=dict)   # upstream name -> client name
+    reasoning_messages: list[tuple[JSON, str]] = field(default_factory=list)  # (assistant msg, thinking)
+    dropped_tools: list[str] = field(default_factory=list)
+    images: int = 0
+
+
+def _bad(path: str, what: str) -> InvalidRequestError:
+    return InvalidRequestError(f"{path}: {what}")
+
+
+def _expect(value: Any, kind: type | tuple[type, ...], path: str, what: str) -> Any:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float, (int, float))):
+        raise _bad(path, f"expected {what}, got {type(value).__name__}")
+    return value
+
+
+def tool_name_for_upstream(name: str, limit: int = 64) -> str:
+    """A name OpenAI accepts ([a-zA-Z0-9_-], at most `limit`), stable for the same input."""
+    if len(name) <= limit and VALID_TOOL_NAME.match(name):
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    cleaned = re.sub(r"[^a-zA-Z0-9_-]+", "_", name).strip("_") or "tool"
+    return f"{cleaned[: max(1, limit - 9)]}_{digest}"
+
+
+def tool_id_for_upstream(tool_id: str, id_format: str) -> str:
+    """Mistral wants exactly 9 alphanumerics; derive them deterministically from any id."""
+    if id_format != "mistral" or re.fullmatch(r"[a-zA-Z0-9]{9}", tool_id):
+        return tool_id
+    return hashlib.sha256(tool_id.encode()).hexdigest()[:9]
+
+
+def _text_of(content: Any, path: str) -> str:
+    """Text of a string or a list of text-like blocks (system prompts, tool results)."""
+    if isinstance(content, str):
+        return content
+    if content is None:
+        return ""
+    parts = []
+    for i, block in enumerate(_expect(content, list, path, "a string or a list of blocks")):
+        _expect(block, dict, f"{path}.{i}", "an object")
+        if block.get("type") in ("text", None) and isinstance(block.get("text"), str):
+            parts.append(block["text"])
+    return "\n\n".join(p for p in parts if p)
+
+
+def _image_part(block: JSON, path: str) -> JSON | None:
+    source = _expect(block.get("source"), dict, f"{path}.source", "an object")
+    kind = source.get("type")
+    if kind == "base64":
+        media = source.get("media_type") or "image/png"
+        data = _expect(source.get("data"), str, f"{path}.source.data", "a base64 string")
+        return {"type": "image_url", "image_url": {"url": f"data:{media};base64,{data}"}}
+    if kind == "url":
+        return {"type": "image_url", "image_url": {"url": _expect(source.get("url"), str,
+                                                                  f"{path}.source.url", "a string")}}
+    logger.debug("image source %r not supported upstream; dropped", kind)
+    return None
+
+
+def _document_part(block: JSON, path: str) -> JSON | None:
+    source = _expect(block.get("source"), dict, f"{path}.source", "an object")
+    kind = source.get("type")
+    title = block.get("title") if isinstance(block.get("title"), str) else None
+    if kind == "base64":
+        data = _expect(source.get("data"), str, f"{path}.source.data", "a base64 string")
+        media = source.get("media_type") or "application/pdf"
+        return {"type": "file", "file": {"filename": title or "document.pdf",
+                                         "file_data": f"data:{media};base64,{data}"}}
+    if kind == "text":
+        text = _expect(source.get("data"), str, f"{path}.source.data", "a string")
+    elif kind == "content":
+        text = _text_of(source.get("content"), f"{path}.source.content")
+    elif kind == "url":
+        text = f"[document: {source.get('url')}]"
+    else:
+        logger.debug("document source %r not supported upstream; dropped", kind)
+        return None
+    return {"type": "text", "text": f"{title}\n\n{text}" if title else text}
+
+
+def _tool_result(block: JSON, path: str, images: list[JSON]) -> tuple[str, str]:
+    """A tool_result as (tool_call_id, text); its images go to `images` (tool messages are text only)."""
+    tool_id = _expect(block.get("tool_use_id"), str, f"{path}.tool_use_id", "a string")
+    content = block.get("content")
+    if isinstance(content, str) or content is None:
+        text = content or ""
+    else:
+        pieces = []
+        for i, part in enumerate(_expect(content, list, f"{path}.content", "a string or a list")):
+            _expect(part, dict, f"{path}.content.{i}", "an object")
+            kind = part.get("type")
+            if kind == "text" and isinstance(part.get("text"), str):
+                pieces.append(part["text"])
+            elif kind == "image":
+                image = _image_part(part, f"{path}.content.{i}")
+                if image:
+                    images.append(image)
+                    pieces.append("[image attached below]")
+            elif kind == "document":
+                doc = _document_part(part, f"{path}.content.{i}")
+                if doc and doc["type"] == "text":
+                    pieces.append(doc["text"])
+                elif doc:
+                    images.append(doc)
+                    pieces.append("[document attached below]")
+            elif kind == "search_result":
+                pieces.append(_text_of(part.get("content"), f"{path}.content.{i}.content"))
+            else:
+                logger.debug("tool_result part %r dropped", kind)
+        text = "\n".join(pieces)
+    if block.get("is_error") is True:
+        text = f"Error: {text}" if text else "Error"
+    return tool_id, text
+
+
+def _convert_user(content: Any, out: list[JSON], path: str, conv: Conversion, provider: Provider) -> None:
+    if isinstance(content, str):
+        if content:
+            out.append({"role": "user", "content": content})
+        return
+    tools: list[tuple[str, str]] = []
+    parts: list[JSON] = []
+    attached: list[JSON] = []
+    for i, block in enumerate(_expect(content, list, f"{path}.content", "a string or a list of blocks")):
+        where = f"{path}.content.{i}"
+        kind = _expect(block, dict, where, "an object").get("type")
+        if kind == "text":
+            text = _expect(block.get("text"), str, f"{where}.text", "a string")
+            if text:
+                parts.append({"type": "text", "text": text})
+        elif kind == "tool_result":
+            tool_id, text = _tool_result(block, where, attached)
+            tools.append((tool_id_for_upstream(tool_id, provider.tool_id_format), text))
+        elif kind == "image":
+            image = _image_part(block, where)
+            if image:
+                parts.append(image)
+        elif kind == "document":
+            doc = _document_part(block, where)
+            if doc:
+                parts.append(doc)
+        elif kind == "search_result":
+            text = _text_of(block.get("content"), f"{where}.content")
+            if text:
+                parts.append({"type": "text", "text": text})
+        elif kind == "mid_conv_system":
+            text = _text_of(block.get("content"), f"{where}.content")
+            if text:
+                out.append({"role": "system", "content": text})
+        else:
+            logger.debug("%s: block type %r dropped", where, kind)
+    if tools:
+        # Claude Code sends results in completion order; OpenAI wants the calls' order.
+        order: dict[str, int] = {}
+        for message in reversed(out):
+            if message["role"] == "assistant":
+                order = {c["id"]: n for n, c in enumerate(message.get("tool_calls") or ())}
+                break
+        tools.sort(key=lambda t: order.get(t[0], len(order)))
+        out.extend({"role": "tool", "tool_call_id": tid, "content": text} for tid, text in tools)
+    if attached:
+        conv.images += sum(1 for a in attached if a["type"] == "image_url")
+        out.append({"role": "user", "content": [{"type": "text", "text": "Attachments from the tool results above:"},
+                                                *attached]})
+    if parts:
+        conv.images += sum(1 for p in parts if p["type"] == "image_url")
+        only_text = len(parts) == 1 and parts[0]["type"] == "text"
+        out.append({"role": "user", "content": parts[0]["text"] if only_text else parts})
+
+
+def _convert_assistant(content: Any, out: list[JSON], path: str, conv: Conversion,
+                       provider: Provider) -> None:
+    if isinstance(content, str):
+        if content:
+            out.append({"role": "assistant", "content": content})
+        return
+    texts: list[str] = []
+    calls: list[JSON] = []
+    thinking: list[str] = []
+    for i, block in enumerate(_expect(content, list, f"{path}.content", "a string or a list of blocks")):
+        where = f"{path}.content.{i}"
+        kind = _expect(block, dict, where, "an object").get("type")
+        if kind == "text":
+            texts.append(_expect(block.get("text"), str, f"{where}.text", "a string"))
+        elif kind == "tool_use":
+            tool_id = _expect(block.get("id"), str, f"{where}.id", "a string")
+            name = _expect(block.get("name"), str, f"{where}.name", "a string")
+            args = block.get("input", {})
+            upstream = tool_name_for_upstream(name, provider.tool_name_max)
+            conv.tool_names[upstream] = name
+            calls.append({"id": tool_id_for_upstream(tool_id, provider.tool_id_format), "type": "function",
+                          "function": {"name": upstream,
+                                       "arguments": json.dumps(args, ensure_ascii=False)}})
+        elif kind == "thinking":
+            if isinstance(block.get("thinking"), str):
+                thinking.append(block["thinking"])
+        elif kind == "redacted_thinking":
+            pass
+        else:
+            logger.debug("%s: block type %r dropped", where, kind)
+    text = "".join(texts)
+    if not text and not calls:
+        return
+    message: JSON = {"role": "assistant", "content": text or None}
+    if calls:
+        message["tool_calls"] = calls
+    if thinking:
+        conv.reasoning_messages.append((message, "".join(thinking)))
+    out.append(message)
+
+
+def _repair_tool_pairs(messages: list[JSON]) -> list[JSON]:
+    """Every tool call answered right after its assistant turn; no orphan tool messages.
+
+    Claude Code leaves a call unanswered when the user interrupts; OpenAI rejects both
+    unanswered calls and orphan results with a 400.
+    """
+    fixed: list[JSON] = []
+    pending: list[str] = []
+    for message in messages:
+        role = message["role"]
+        if role == "tool":
+            if message["tool_call_id"] in pending:
+                pending.remove(message["tool_call_id"])
+                fixed.append(message)
+            else:
+                fixed.append({"role": "user", "content": f"[result of tool call {message['tool_call_id']}]\n"
+                                                         f"{message['content']}"})
+            continue
+        for missing in pending:
+            fixed.append({"role": "tool", "tool_call_id": missing,
+                          "content": "Tool call was interrupted; no result."})
+        pending = [c["id"] for c in message.get("tool_calls") or ()] if role == "assistant" else []
+        fixed.append(message)
+    fixed.extend({"role": "tool", "tool_call_id": m, "content": "Tool call was interrupted; no result."}
+                 for m in pending)
+    return fixed
+
+
+def _convert_tools(body: JSON, payload: JSON, conv: Conversion, provider: Provider) -> None:
+    tools = body.get("tools")
+    functions = []
+    for i, tool in enumerate(_expect(tools, list, "tools", "a list") if tools is not None else ()):
+        where = f"tools.{i}"
+        _expect(tool, dict, where, "an object")
+        kind = tool.get("type")
+        if kind not in (None, "custom") and "input_schema" not in tool:
+            conv.dropped_tools.append(str(tool.get("name") or kind))
+            continue
+        name = _expect(tool.get("name"), str, f"{where}.name", "a string")
+        schema = tool.get("input_schema")
+        if schema is None or schema == {}:
+            schema = {"type": "object", "properties": {}}
+        _expect(schema, dict, f"{where}.input_schema", "an object")
+        upstream = tool_name_for_upstream(name, provider.tool_name_max)
+        conv.tool_names[upstream] = name
+        function: JSON = {"name": upstream, "parameters": schema}
+        if isinstance(tool.get("description"), str):
+            function["description"] = tool["description"]
+        functions.append({"type": "function", "function": function})
+    if conv.dropped_tools:
+        logger.warning("server tools not supported by %s, dropped: %s", provider.name,
+                       ", ".join(conv.dropped_tools))
+    choice = body.get("tool_choice")
+    if not functions:
+        return
+    payload["tools"] = functions
+    if choice is None:
+        return
+    kind = _expect(choice, dict, "tool_choice", "an object").get("type")
+    if kind == "auto":
+        payload["tool_choice"] = "auto"
+    elif kind == "any":
+        payload["tool_choice"] = "required"
+    elif kind == "none":
+        payload["tool_choice"] = "none"
+    elif kind == "tool":
+        name = _expect(choice.get("name"), str, "tool_choice.name", "a string")
+        upstream = tool_name_for_upstream(name, provider.tool_name_max)
+        if upstream in conv.tool_names:
+            payload["tool_choice"] = {"type": "function", "function": {"name": upstream}}
+    else:
+        raise _bad("tool_choice.type", f"must be auto, any, tool or none (got {kind!r})")
+    if choice.get("disable_parallel_tool_use") is True and provider.parallel_tool_calls and kind != "none":
+        payload["parallel_tool_calls"] = False
+
+
+def _reasoning_effort(body: JSON, provider: Provider, model: str) -> str | None:
+    thinking = body.get("thinking")
+    if not isinstance(thinking, dict) or provider.reasoning_effort == "never":
+        return None
+    if provider.reasoning_effort == "reasoning-models" and not REASONING_MODEL.match(model):
+        return None
+    kind = thinking.get("type")
+    if kind == "enabled":
+        budget = thinking.get("budget_tokens")
+        budget = budget if isinstance(budget, int) else 8192
+        return "low" if budget <= 2048 else "medium" if budget <= 8192 else "high"
+    if kind == "adaptive":
+        config = body.get("output_config")
+        effort = config.get("effort") if isinstance(config, dict) else None
+        return EFFORT_BY_NAME.get(effort, "medium") if isinstance(effort, str) else "medium"
+    return None
+
+
+def anthropic_to_openai(body: JSON, provider: Provider, model: str, *,
+                        max_tokens_limit: int | None = None) -> tuple[JSON, Conversion]:
+    """Convert an Anthropic Messages request into an OpenAI chat-completions payload.
+
+    Pure. Raises InvalidRequestError (400) naming the offending field for client mistakes;
+    unknown fields and block types are ignored, never rejected.
+    """
+    conv = Conversion()
+    messages: list[JSON] = []
+    system = body.get("system")
+    if system is not None:
+        text = _text_of(system, "system")
+        if text:
+            messages.append({"role": "system", "content": text})
+    raw_messages = _expect(body.get("messages"), list, "messages", "a list of messages")
+    for i, message in enumerate(raw_messages):
+        path = f"messages.{i}"
+        role = _expect(message, dict, path, "an object").get("role")
+        content = message.get("content")
+        if role == "user":
+            _convert_user(content, messages, path, conv, provider)
+        elif role == "assistant":
+            _convert_assistant(content, messages, path, conv, provider)
+        elif role == "system":
+            text = _text_of(content, f"{path}.content")
+            if text:
+                messages.append({"role": "system", "content": text})
+        else:
+            raise _bad(f"{path}.role", f"must be 'user', 'assistant' or 'system' (got {role!r})")
+    payload: JSON = {"model": model, "messages": _repair_tool_pairs(messages)}
+    _convert_tools(body, payload, conv, provider)
+    max_tokens = body.get("max_tokens")
+    if max_tokens is not None:
+        _expect(max_tokens, int, "max_tokens", "an integer")
+        if max_tokens_limit is not None:
+            max_tokens = min(max_tokens, max_tokens_limit)
+        reasoning = REASONING_MODEL.match(model) is not None
+        name = provider.max_tokens_field
+        if name == "auto":
+            name = "max_completion_tokens" if reasoning else "max_tokens"
+        payload[name] = max_tokens
+    reasoning_model = REASONING_MODEL.match(model) is not None
+    for key in ("temperature", "top_p"):
+        value = body.get(key)
+        if value is not None:
+            _expect(value, (int, float), key, "a number")
+            if not reasoning_model:          # o-series and gpt-5 reject sampling settings
+                payload[key] = value
+    stop = body.get("stop_sequences")
+    if stop:
+        payload["stop"] = [s for s in _expect(stop, list, "stop_sequences", "a list") if isinstance(s, str)]
+    if body.get("stream") is True:
+        payload["stream"] = True
+        if provider.stream_usage:
+            payload["stream_options"] = {"include_usage": True}
+    effort = _reasoning_effort(body, provider, model)
+    if effort:
+        payload["reasoning_effort"] = effort
+    output = body.get("output_config")
+    fmt = output.get("format") if isinstance(output, dict) else None
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and isinstance(fmt.get("schema"), dict):
+        payload["response_format"] = {"type": "json_schema",
+                                      "json_schema": {"name": "output", "schema": fmt["schema"]}}
+    return payload, conv
+
+
+def validate_messages_request(body: Any) -> JSON:
+    """The checks Anthropic itself makes before anything else: body shape and required fields."""
+    if not isinstance(body, dict):
+        raise InvalidRequestError("request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidRequestError("model: field required (a non-empty string)")
+    if not isinstance(body.get("messages"), list):
+        raise InvalidRequestError("messages: field required (a list of messages)")
+    if "max_tokens" in body and (not isinstance(body["max_tokens"], int) or isinstance(body["max_tokens"], bool)
+                                 or body["max_tokens"] < 0):
+        raise InvalidRequestError("max_tokens: must be a non-negative integer")
+    if "stream" in body and not isinstance(body["stream"], bool):
+        raise InvalidRequestError("stream: must be true or false")
+    return body
+
+# ---------------------------------------------------------------------------
+# §7  Response conversion: OpenAI -> Anthropic
+# ---------------------------------------------------------------------------
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def usage_to_anthropic(usage: Any) -> JSON:
+    """OpenAI usage -> Anthropic usage; Anthropic's input_tokens excludes cache reads."""
+    if not isinstance(usage, dict):
+        usage = {}
+    details = usage.get("prompt_tokens_details")
+    details = details if isinstance(details, dict) else {}
+    cached = _int(details.get("cached_tokens")) or _int(usage.get("prompt_cache_hit_tokens"))
+    written = _int(details.get("cache_write_tokens")) or _int(details.get("cache_creation_tokens"))
+    prompt = _int(usage.get("prompt_tokens"))
+    return {"input_tokens": max(0, prompt - cached - written), "output_tokens": _int(usage.get("completion_tokens")),
+            "cache_read_input_tokens": cached, "cache_creation_input_tokens": written}
+
+
+def _closing_suffix(text: str) -> str | None:
+    """What to append to truncated JSON to close it, or None if it is not a JSON prefix we can finish."""
+    stack: list[str] = []
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
+            stack.append("}" if ch == "{" else "]")
+        elif ch in "}]":
+            if not stack or stack.pop() != ch:
+                return None
+    suffix = ('\\"' if escaped else "") + ('"' if in_string else "")
+    tail = (text + suffix).rstrip()
+    if tail.endswith(","):
+        return None                      # a dangling comma cannot be fixed by appending
+    if tail.endswith(":"):
+        suffix += "null"
+    return suffix + "".join(reversed(stack))
+
+
+def parse_tool_arguments(raw: Any) -> JSON:
+    """Tool-call arguments as an object: repair what is recoverable, else keep the raw text.
+
+    Handles objects already decoded, double-encoded JSON strings, code fences, trailing
+    commas and truncated JSON. Unrecoverable text comes back as {"_raw_arguments": text}.
+    """
+    if isinstance(raw, dict):
+        return raw
+    if not isinstance(raw, str) or not raw.strip():
+        return {}
+    text = raw.strip()
+    if text.startswith("```"):
+        text = re.sub(r"^```[a-zA-Z]*\s*|\s*```$", "", text)
+    candidates = [text, re.sub(r",\s*([}\]])", r"\1", text)]
+    suffix = _closing_suffix(text)
+    if suffix:
+        candidates.append(text + suffix)
+    for candidate in candidates:
+        try:
+            value = json.loads(candidate)
+        except ValueError:
+            continue
+        if isinstance(value, str):         # arguments encoded twice
+            with contextlib.suppress(ValueError):
+                value = json.loads(value)
+        if isinstance(value, dict):
+            return value
+    return {"_raw_arguments": raw}
+
+
+def _message_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):            # some servers send content parts
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def thinking_signature(text: str) -> str:
+    """A stable opaque signature for thinking that did not come from Anthropic."""
+    return "vdm-" + hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def new_message_id() -> str:
+    return "msg_" + secrets.token_hex(12)
+
+
+def new_tool_id() -> str:
+    return "toolu_" + secrets.token_hex(12)
+
+
+def upstream_error_message(data: Any) -> str | None:
+    """The message inside an OpenAI/Azure/Gemini/Anthropic error body, if there is one."""
+    if isinstance(data, list) and data:
+        data = data[0]
+    if not isinstance(data, dict):
+        return None
+    error = data.get("error", data.get("detail"))
+    if isinstance(error, dict):
+        message = error.get("message") or error.get("msg") or error.get("code")
+        return str(message) if message else json.dumps(error)[:500]
+    if isinstance(error, str):
+        return error
+    return str(data["message"]) if isinstance(data.get("message"), str) else None
+
+
+def openai_to_anthropic(data: Any, conv: Conversion, client_model: str) -> JSON:
+    """Convert an OpenAI chat completion into an Anthropic Message.
+
+    Content order: thinking, text, tool_use; at least one block; stop_reason never null;
+    `model` is the client's requested model string.
+    """
+    if not isinstance(data, dict):
+        raise UpstreamError("upstream returned a body that is not a JSON object", status=502)
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        message = upstream_error_message(data) or "upstream response has no choices"
+        raise UpstreamError(message, status=502)
+    choice = choices[0]
+    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    content: list[JSON] = []
+    reasoning = message.get("reasoning_content") or message.get("reasoning")
+    if isinstance(reasoning, str) and reasoning:
+        content.append({"type": "thinking", "thinking": reasoning, "signature": thinking_signature(reasoning)})
+    text = _message_text(message.get("content"))
+    if text:
+        content.append({"type": "text", "text": text})
+    refusal = message.get("refusal")
+    if isinstance(refusal, str) and refusal:
+        content.append({"type": "text", "text": refusal})
+    calls = message.get("tool_calls")
+    for call in calls if isinstance(calls, list) else ():
+        if not isinstance(call, dict):
+            continue
+        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        name = function.get("name") if isinstance(function.get("name"), str) else "unknown_tool"
+        tool_id = call.get("id")
+        content.append({"type": "tool_use", "id": str(tool_id) if tool_id else new_tool_id(),
+                        "name": conv.tool_names.get(name, name),
+                        "input": parse_tool_arguments(function.get("arguments"))})
+    if not content:
+        content.append({"type": "text", "text": ""})
+    finish = choice.get("finish_reason")
+    if any(block["type"] == "tool_use" for block in content):
+        stop_reason = "tool_use"
+    elif isinstance(refusal, str) and refusal:
+        stop_reason = "refusal"
+    else:
+        stop_reason = STOP_REASON.get(finish, "end_turn") if isinstance(finish, str) else "end_turn"
+    return {"id": new_message_id(), "type": "message", "role": "assistant", "model": client_model,
+            "content": content, "stop_reason": stop_reason, "stop_sequence": None,
+            "usage": usage_to_anthropic(data.get("usage"))}
+
+
+# ---------------------------------------------------------------------------
+# §8  Streaming: SSE decoder and stream translator
+# ---------------------------------------------------------------------------
+
+class SSEDecoder:
+    """Incremental Server-Sent Events parser over bytes.
+
+    Lines are split on LF (a trailing CR is dropped) and text is decoded only per whole
+    event, so events and multi-byte characters may be split anywhere. Comment lines and
+    lines that are not fields are skipped. Yields (event name, data bytes).
+    """
+
+    __slots__ = ("_buffer", "_data", "_event")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._data: list[bytes] = []
+        self._event = ""
+
+    def feed(self, chunk: bytes) -> list[tuple[str, bytes]]:
+        if self._buffer:
+            chunk = self._buffer + chunk
+        lines = chunk.split(b"\n")
+        self._buffer = lines.pop()
+        return self._lines(lines)
+
+    def close(self) -> list[tuple[str, bytes]]:
+        """Flush at end of stream: an unterminated last event still counts."""
+        lines = [self._buffer, b""] if self._buffer else [b""]
+        self._buffer = b""
+        return self._lines(lines)
+
+    def _lines(self, lines: list[bytes]) -> list[tuple[str, bytes]]:
+        events = []
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line:
+                if self._data:
+                    events.append((self._event or "message", b"\n".join(self._data)))
+                    self._data = []
+                self._event = ""
+            elif line[0] != 58:                       # b":" starts a comment
+                name, _, value = line.partition(b":")
+                if value[:1] == b" ":
+                    value = value[1:]
+                if name == b"data":
+                    self._data.append(value)
+                elif name == b"event":
+                    self._event = value.decode("utf-8", "replace")
+        return events
+
+
+def encode_events(events: Iterable[tuple[str, JSON]]) -> bytes:
+    """Anthropic SSE frames: every frame has its `event:` line (Claude Code needs it)."""
+    return b"".join(b"event: %s\ndata: %s\n\n" % (name.encode(), json.dumps(data, separators=(",", ":")).encode())
+                    for name, data in events)
+
+
+class _ToolCall:
+    __slots__ = ("args", "id", "name", "state")
+
+    def __init__(self, tool_id: str | None, name: str | None) -> None:
+        self.id, self.name, self.args, self.state = tool_id, name, "", "pending"
+
+
+class StreamTranslator:
+    """OpenAI chat-completion chunks in, Anthropic stream events out; never an invalid stream.
+
+    Blocks are strictly sequential (start, deltas, stop, then the next, indexes 0, 1, 2 ...).
+    A tool call is streamed live while it is the open block; a call that starts while the
+    open one's arguments are still incomplete is buffered and sent whole when the open one
+    closes, so interleaved parallel calls still come out as valid blocks. Tolerates chunks
+    without `index`, repeated indexes, cumulative argument snapshots, several calls per
+    chunk, no `role`, `choices: []`, and usage in any chunk. Pure and synchronous.
+    """
+
+    def __init__(self, client_model: str, conv: Conversion | None = None, *, input_tokens: int = 0,
+                 message_id: str | None = None) -> None:
+        self.model = client_model
+        self.conv = conv or Conversion()
+        self.message_id = message_id or new_message_id()
+        self.input_tokens = input_tokens
+        self.next_index = 0
+        self.open_kind: str | None = None
+        self.open_call: _ToolCall | None = None
+        self.thinking: list[str] = []
+        self.calls: list[_ToolCall] = []
+        self.by_index: dict[int, _ToolCall] = {}
+        self.finish_reason: str | None = None
+        self.usage: JSON | None = None
+        self.output_chars = 0
+        self.tool_used = False
+        self.finished = False
+
+    def start(self) -> list[tuple[str, JSON]]:
+        message = {"id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
+                   "content": [], "stop_reason": None, "stop_sequence": None,
+                   "usage": {"input_tokens": self.input_tokens, "output_tokens": 1,
+                             "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}
+        return [("message_start", {"type": "message_start", "message": message}), ("ping", {"type": "ping"})]
+
+    def feed(self, chunk: Any) -> list[tuple[str, JSON]]:
+        """Translate one decoded chunk. Raises UpstreamError for an in-band upstream error."""
+        events: list[tuple[str, JSON]] = []
+        if not isinstance(chunk, dict) or self.finished:
+            return events
+        if chunk.get("error"):
+            raise UpstreamError(upstream_error_message(chunk) or "upstream stream error", status=502)
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        choices = chunk.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
+            if not isinstance(choice, dict) or choice.get("index", 0) not in (0, None):
+                continue
+            delta = choice.get("delta")
+            if not isinstance(delta, dict):
+                delta = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if isinstance(reasoning, str) and reasoning:
+                self._content("thinking", reasoning, events)
+            content = delta.get("content")
+            if isinstance(content, str) and content:
+                self._content("text", content, events)
+            calls = delta.get("tool_calls")
+            for call in calls if isinstance(calls, list) else ():
+                if isinstance(call, dict):
+                    self._tool_delta(call, events)
+            finish = choice.get("finish_reason")
+            if isinstance(finish, str) and finish:
+                if finish == "error":
+                    error = choice.get("error")
+                    raise UpstreamError(upstream_error_message({"error": error}) or "upstream error", status=502)
+                self.finish_reason = finish
+                self._close_all(events)
+        return events
+
+    def finish(self) -> list[tuple[str, JSON]]:
+        """Close open blocks and end the message: one message_delta, then message_stop."""
+        events: list[tuple[str, JSON]] = []
+        if self.finished:
+            return events
+        self._close_all(events)
+        if self.next_index == 0:                  # an empty reply still has one block
+            events.append(("content_block_start", {"type": "content_block_start", "index": 0,
+                                                   "content_block": {"type": "text", "text": ""}}))
+            events.append(("content_block_stop", {"type": "content_block_stop", "index": 0}))
+            self.next_index = 1
+        if self.tool_used:
+            stop_reason = "tool_use"
+        else:
+            stop_reason = STOP_REASON.get(self.finish_reason or "stop", "end_turn")
+        if self.usage is not None:
+            usage = usage_to_anthropic(self.usage)
+        else:
+            usage = {"input_tokens": self.input_tokens, "output_tokens": max(1, self.output_chars // 4),
+                     "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
+        events.append(("message_delta", {"type": "message_delta",
+                                         "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                                         "usage": usage}))
+        events.append(("message_stop", {"type": "message_stop"}))
+        self.finished = True
+        return events
+
+    # -- blocks ------------------------------------------------------------
+
+    def _open(self, block: JSON, kind: str, events: list[tuple[str, JSON]]) -> None:
+        events.append(("content_block_start", {"type": "content_block_start", "index": self.next_index,
+                                               "content_block": block}))
+        self.open_kind = kind
+        self.next_index += 1
+
+    def _close_open(self, events: list[tuple[str, JSON]]) -> None:
+        kind, index = self.open_kind, self.next_index - 1
+        if kind is None:
+            return
+        if kind == "thinking":
+            signature = thinking_signature("".join(self.thinking))
+            events.append(("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                   "delta": {"type": "signature_delta", "signature": signature}}))
+            self.thinking = []
+        elif kind == "tool" and self.open_call is not None:
+            call = self.open_call
+            # The client parses the concatenated fragments: make sure they form an object.
+            suffix = "{}" if not call.args.strip() else _json_completion(call.args)
+            if suffix:
+                events.append(self._args_event(index, suffix))
+            call.state, self.open_call = "closed", None
+        events.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
+        self.open_kind = None
+
+    def _close_all(self, events: list[tuple[str, JSON]]) -> None:
+        self._close_open(events)
+        for call in self.calls:
+            if call.state == "pending":
+                if call.name is None and not call.args:
+                    call.state = "closed"
+                    continue
+                self._start_call(call, events)
+                self._close_open(events)
+
+    def _content(self, kind: str, text: str, events: list[tuple[str, JSON]]) -> None:
+        if self.open_kind != kind:
+            self._close_all(events)
+            self._open({"type": "thinking", "thinking": "", "signature": ""} if kind == "thinking"
+                       else {"type": "text", "text": ""}, kind, events)
+        self.output_chars += len(text)
+        if kind == "thinking":
+            self.thinking.append(text)
+            delta = {"type": "thinking_delta", "thinking": text}
+        else:
+            delta = {"type": "text_delta", "text": text}
+        events.append(("content_block_delta", {"type": "content_block_delta", "index": self.next_index - 1,
+                                               "delta": delta}))
+
+    # -- tool calls --------------------------------------------------------
+
+    def _args_event(self, index: int, fragment: str) -> tuple[str, JSON]:
+        return ("content_block_delta", {"type": "content_block_delta", "index": index,
+                                        "delta": {"type": "input_json_delta", "partial_json": fragment}})
+
+    def _start_call(self, call: _ToolCall, events: list[tuple[str, JSON]]) -> None:
+        self._close_open(events)
+        name = call.name or "unknown_tool"
+        call.id = call.id or new_tool_id()
+        self._open({"type": "tool_use", "id": call.id, "name": self.conv.tool_names.get(name, name), "input": {}},
+                   "tool", events)
+        self.open_call, call.state, self.tool_used = call, "open", True
+        if call.args:
+            events.append(self._args_event(self.next_index - 1, call.args))
+
+    def _tool_delta(self, delta: JSON, events: list[tuple[str, JSON]]) -> None:
+        index = delta.get("index")
+        index = index if isinstance(index, int) and not isinstance(index, bool) else None
+        tool_id = delta.get("id")
+        tool_id = str(tool_id) if isinstance(tool_id, (str, int)) and tool_id != "" else None
+        function = delta.get("function") if isinstance(delta.get("function"), dict) else {}
+        name = function.get("name") if isinstance(function.get("name"), str) and function.get("name") else None
+        args = function.get("arguments")
+        if isinstance(args, dict):
+            args = json.dumps(args)
+        args = args if isinstance(args, str) else ""
+        call = None
+        if index is not None:
+            call = self.by_index.get(index)
+            if call is not None and tool_id and call.id and tool_id != call.id:
+                call = None                       # an index reused for a new call (Gemini)
+        elif tool_id:
+            call = next((c for c in self.calls if c.id == tool_id), None)
+        elif self.calls:
+            call = self.calls[-1]                 # no index, no id: continues the last call
+        if call is None:
+            call = _ToolCall(tool_id, name)
+            self.calls.append(call)
+            if index is not None:
+                self.by_index[index] = call
+        else:
+            call.id = call.id or tool_id
+            call.name = call.name or name
+        if args:
+            if call.args and args.startswith(call.args):
+                args = args[len(call.args):]      # a cumulative snapshot: only the new suffix
+            call.args += args
+            self.output_chars += len(args)
+            if call.state == "open" and args:
+                events.append(self._args_event(self.next_index - 1, args))
+            elif call.state == "closed" and args:
+                logger.warning("tool call %s: arguments arrived after its block closed; dropped", call.id)
+        if call.state == "pending" and call.name:
+            open_call = self.open_call
+            if self.open_kind != "tool" or open_call is None or _json_complete(open_call.args):
+                self._start_call(call, events)
+
+
+def _json_complete(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _json_completion(text: str) -> str:
+    """Suffix that makes streamed arguments a JSON object ('' when they already are)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        suffix = _closing_suffix(text)
+        if suffix is not None and _json_complete(text + suffix):
+            return suffix
+        logger.warning("tool arguments are not valid JSON and cannot be completed: %.200s", text)
+        return ""
+    return "" if isinstance(value, dict) else ""
+
+# ---------------------------------------------------------------------------
+# §9  Dialects and middleware
+# ---------------------------------------------------------------------------
+
+@dataclass(slots=True, kw_only=True)
+class Exchange:
+    """One request as middleware sees it. `state` is free for hooks to keep per-request data."""
+
+    request_id: str
+    client_model: str
+    provider: Provider
+    model: str
+    body: JSON
+    stream: bool
+    conv: Conversion = field(default_factory=Conversion)
+    config: Config | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+class Middleware:
+    """Base class for hooks. Override only what you need.
+
+    Each hook may change its argument in place and return None, or return a replacement.
+    on_request:           the OpenAI payload, before it goes upstream
+    on_upstream_response: the OpenAI completion (non-streaming), before conversion
+    on_upstream_chunk:    each OpenAI stream chunk, before conversion
+    on_response:          the Anthropic message, before it goes to the client
+    on_event:             each Anthropic stream event as {"event": name, "data": {...}};
+                          return None to keep it, or a replacement dict (or [] to drop it)
+    """
+
+    name = "middleware"
+
+    def applies(self, exchange: Exchange) -> bool:
+        return True
+
+    def on_request(self, exchange: Exchange, payload: JSON) -> Any: ...
+    def on_upstream_response(self, exchange: Exchange, data: JSON) -> Any: ...
+    def on_upstream_chunk(self, exchange: Exchange, chunk: JSON) -> Any: ...
+    def on_response(self, exchange: Exchange, message: JSON) -> Any: ...
+    def on_event(self, exchange: Exchange, event: JSON) -> Any: ...
+
+
+HOOK_POINTS: Final = ("on_request", "on_upstream_response", "on_upstream_chunk", "on_response", "on_event")
+SIGNATURE_MARK: Final = "__vdmsig_"
+GEMINI_SCHEMA_KEYS: Final = frozenset({
+    "type", "format", "title", "description", "nullable", "enum", "maxItems", "minItems", "properties",
+    "required", "minProperties", "maxProperties", "minLength", "maxLength", "pattern", "example", "anyOf",
+    "propertyOrdering", "default", "items", "minimum", "maximum",
+})
+
+
+def clean_schema_for_gemini(schema: Any) -> Any:
+    """Keep the JSON-Schema subset Gemini accepts (protocol.md §4.3)."""
+    if isinstance(schema, list):
+        return [clean_schema_for_gemini(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    cleaned: JSON = {}
+    for key, value in schema.items():
+        if key not in GEMINI_SCHEMA_KEYS:
+            continue
+        if key == "properties" and isinstance(value, dict):
+            cleaned[key] = {k: clean_schema_for_gemini(v) for k, v in value.items()}
+        elif key in ("items", "anyOf"):
+            cleaned[key] = clean_schema_for_gemini(value)
+        elif key == "type" and isinstance(value, list):
+            types = [t for t in value if t != "null"]
+            cleaned["type"] = types[0] if types else "string"
+            if "null" in value:
+                cleaned["nullable"] = True
+        elif key == "format" and value not in ("date-time", "enum"):
+            continue
+        else:
+            cleaned[key] = value
+    if cleaned.get("type") == "array" and "items" not in cleaned:
+        cleaned["items"] = {"type": "string"}
+    if "enum" in cleaned and cleaned.get("type") not in (None, "string"):
+        del cleaned["enum"]
+    return cleaned
+
+
+def _b64(text: str) -> str:
+    import base64
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _unb64(text: str) -> str:
+    import base64
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
+
+
+class GeminiDialect(Middleware):
+    """Gemini's OpenAI endpoint: clean tool schemas; carry thought signatures through the client.
+
+    Gemini rejects a replayed tool call without its `extra_content.google.thought_signature`.
+    The signature rides inside the tool_use id the client echoes back (id + SIGNATURE_MARK +
+    base64url), so no proxy state is needed: it survives restarts and several processes.
+    """
+
+    name = "gemini"
+
+    def __init__(self, signatures: bool = True) -> None:
+        self.signatures = signatures
+
+    def applies(self, exchange: Exchange) -> bool:
+        return exchange.provider.gemini
+
+    def on_request(self, exchange: Exchange, payload: JSON) -> None:
+        for tool in payload.get("tools", ()):
+            tool["function"]["parameters"] = clean_schema_for_gemini(tool["function"]["parameters"])
+        for message in payload["messages"]:
+            for call in message.get("tool_calls") or ():
+                tool_id, sep, signature = call["id"].partition(SIGNATURE_MARK)
+                if sep:
+                    call["id"] = tool_id
+                    with contextlib.suppress(ValueError):
+                        if self.signatures:
+                            call["extra_content"] = {"google": {"thought_signature": _unb64(signature)}}
+            if message["role"] == "tool":
+                message["tool_call_id"] = message["tool_call_id"].partition(SIGNATURE_MARK)[0]
+
+    def _mark(self, calls: Any) -> None:
+        for call in calls if isinstance(calls, list) else ():
+            extra = call.get("extra_content") if isinstance(call, dict) else None
+            google = extra.get("google") if isinstance(extra, dict) else None
+            signature = google.get("thought_signature") if isinstance(google, dict) else None
+            if self.signatures and isinstance(signature, str) and signature:
+                call["id"] = f"{call.get('id') or new_tool_id()}{SIGNATURE_MARK}{_b64(signature)}"
+
+    def on_upstream_response(self, exchange: Exchange, data: JSON) -> None:
+        for choice in data.get("choices") or ():
+            if isinstance(choice, dict) and isinstance(choice.get("message"), dict):
+                self._mark(choice["message"].get("tool_calls"))
+
+    def on_upstream_chunk(self, exchange: Exchange, chunk: JSON) -> None:
+        for choice in chunk.get("choices") or ():
+            if isinstance(choice, dict) and isinstance(choice.get("delta"), dict):
+                self._mark(choice["delta"].get("tool_calls"))
+
+
+class ReasoningHistoryDialect(Middleware):
+    """DeepSeek-style servers want a turn's reasoning back on assistant tool-call messages."""
+
+    name = "reasoning-history"
+
+    def applies(self, exchange: Exchange) -> bool:
+        return exchange.provider.reasoning_history
+
+    def on_request(self, exchange: Exchange, payload: JSON) -> None:
+        reasoning = {id(m): text for m, text in exchange.conv.reasoning_messages}
+        for message in payload["messages"]:
+            if message["role"] == "assistant" and message.get("tool_calls"):
+                message["reasoning_content"] = reasoning.get(id(message), "")
+
+
+class ThinkSplitter:
+    """Splits `<think>...</think>` out of streamed text, tags possibly split across chunks."""
+
+    def __init__(self) -> None:
+        self.inside = False
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, str]:
+        """Return (reasoning, visible text) for the next piece of content."""
+        text, self.pending = self.pending + text, ""
+        reasoning: list[str] = []
+        visible: list[str] = []
+        while text:
+            tag = "</think>" if self.inside else "<think>"
+            sink = reasoning if self.inside else visible
+            position = text.find(tag)
+            if position >= 0:
+                sink.append(text[:position])
+                text = text[position + len(tag):]
+                self.inside = not self.inside
+                continue
+            keep = next((n for n in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-n:])), 0)
+            sink.append(text[: len(text) - keep])
+            self.pending = text[len(text) - keep:]
+            break
+        return "".join(reasoning), "".join(visible)
+
+
+class ThinkTagsDialect(Middleware):
+    """Local reasoning models put their thinking in the content between <think> tags."""
+
+    name = "think-tags"
+
+    def applies(self, exchange: Exchange) -> bool:
+        return exchange.provider.think_tags
+
+    def _split(self, exchange: Exchange, holder: Any, fresh: bool) -> None:
+        if not isinstance(holder, dict) or not isinstance(holder.get("content"), str):
+            return
+        splitter = ThinkSplitter() if fresh else exchange.state.setdefault("think", ThinkSplitter())
+        reasoning, visible = splitter.feed(holder["content"])
+        if fresh and splitter.pending:
+            visible += splitter.pending
+        holder["content"] = visible.lstrip("\n") if reasoning and fresh else visible
+        if reasoning:
+            holder["reasoning_content"] = (holder.get("reasoning_content") or "") + reasoning
+
+    def on_upstream_response(self, exchange: Exchange, data: JSON) -> None:
+        for choice in data.get("choices") or ():
+            if isinstance(choice, dict):
+                self._split(exchange, choice.get("message"), True)
+
+    def on_upstream_chunk(self, exchange: Exchange, chunk: JSON) -> None:
+        for choice in chunk.get("choices") or ():
+            if isinstance(choice, dict):
+                self._split(exchange, choice.get("delta"), False)
+
+
+class _ModuleMiddleware(Middleware):
+    """A user's middleware file whose hooks are module-level functions."""
+
+    def __init__(self, module: Any, name: str) -> None:
+        self.name = name
+        for point in HOOK_POINTS:
+            function = getattr(module, point, None)
+            if callable(function):
+                setattr(self, point, function)
+
+
+def load_middleware(path: str) -> list[Middleware]:
+    """Load hooks from a Python file: a `MIDDLEWARE` list of objects, or module-level functions."""
+    file = Path(path).expanduser()
+    spec = importlib.util.spec_from_file_location(f"vandamme_middleware_{file.stem}", file)
+    if spec is None or spec.loader is None or not file.is_file():
+        raise ConfigError(f"middleware {path}: no such Python file")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # a user's file may raise anything at import
+        raise ConfigError(f"middleware {path}: failed to load: {type(exc).__name__}: {exc}") from None
+    hooks = getattr(module, "MIDDLEWARE", None)
+    if hooks is not None:
+        return list(hooks)
+    return [_ModuleMiddleware(module, file.stem)]
+
+
+class MiddlewareChain:
+    """The ordered hooks of the built-in dialects followed by the user's."""
+
+    def __init__(self, hooks: Sequence[Any]) -> None:
+        self.hooks = tuple(hooks)
+
+    def bound(self, exchange: Exchange) -> dict[str, list[tuple[str, Callable[..., Any]]]]:
+        """The hooks that apply to this exchange, per hook point (computed once per request)."""
+        result: dict[str, list[tuple[str, Callable[..., Any]]]] = {p: [] for p in HOOK_POINTS}
+        for hook in self.hooks:
+            try:
+                applies = hook.applies(exchange) if hasattr(hook, "applies") else True
+            except Exception as exc:
+                raise _hook_error(hook, exc) from None
+            if not applies:
+                continue
+            for point in HOOK_POINTS:
+                method = getattr(hook, point, None)
+                base = getattr(Middleware, point)
+                if callable(method) and getattr(method, "__func__", method) is not base:
+                    result[point].append((getattr(hook, "name", type(hook).__name__), method))
+        return result
+
+
+def _hook_error(hook: Any, exc: BaseException) -> VandammeError:
+    name = getattr(hook, "name", type(hook).__name__)
+    return VandammeError(f"middleware {name!r} failed: {type(exc).__name__}: {exc}", status=500)
+
+
+def run_hooks(hooks: list[tuple[str, Callable[..., Any]]], exchange: Exchange, value: Any) -> Any:
+    """Pass `value` through each hook; an exception becomes an Anthropic api_error."""
+    for name, hook in hooks:
+        try:
+            result = hook(exchange, value)
+        except Exception as exc:
+            raise VandammeError(f"middleware {name!r} failed: {type(exc).__name__}: {exc}", status=500) from None
+        if result is not None:
+            value = result
+    return value
+
+
+# ---------------------------------------------------------------------------
+# §10  Token estimate
+# ---------------------------------------------------------------------------
+
+IMAGE_TOKENS: Final = 1600     # Anthropic charges ~1,600 tokens for a typical screenshot
+_TOKEN_PIECES: Final = re.compile(r"[A-Za-z]+|\d{1,3}|[^\sA-Za-z\d]|\s+")
+
+
+def estimate_tokens(text: str) -> int:
+    """Approximate BPE token count of `text` (see the test for the comparison table)."""
+    if not text:
+        return 0
+    count = 0
+    for piece in _TOKEN_PIECES.findall(text):
+        first = piece[0]
+        if first.isalpha():
+            count += 1 + len(piece) // 8
+        elif first.isspace():
+            count += 0 if piece == " " else 1
+        else:
+            count += 1
+    return max(1, count)
+
+
+def count_request_tokens(body: JSON) -> int:
+    """Estimate of the input tokens of an Anthropic request, over its OpenAI conversion."""
+    probe = Provider(name="count", base_url="http://count")
+    payload, conv = anthropic_to_openai({**body, "stream": False}, probe, "count")
+    return count_payload_tokens(payload, conv)
+
+
+def count_payload_tokens(payload: JSON, conv: Conversion) -> int:
+    """Estimate of the input tokens of a converted (OpenAI) payload."""
+    total = 3
+    for message in payload["messages"]:
+        total += 4
+        content = message.get("content")
+        if isinstance(content, str):
+            total += estimate_tokens(content)
+        elif isinstance(content, list):
+            for part in content:
+                if part.get("type") == "text":
+                    total += estimate_tokens(part["text"])
+                elif part.get("type") == "file":
+                    total += len(part["file"]["file_data"]) // 3 // 250 * 100 + 100
+        for call in message.get("tool_calls") or ():
+            total += 4 + estimate_tokens(call["function"]["name"]) + estimate_tokens(call["function"]["arguments"])
+    total += conv.images * IMAGE_TOKENS
+    if payload.get("tools"):
+        total += estimate_tokens(json.dumps(payload["tools"], ensure_ascii=False))
+    return max(1, total)
+
+# ---------------------------------------------------------------------------
+# §11  Metrics
+# ---------------------------------------------------------------------------
+
+LATENCY_BUCKETS_MS: Final = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000,
+                             300000, 600000)
+SERIES_SECONDS: Final = 10
+SERIES_LENGTH: Final = 60
+RECENT_LENGTH: Final = 50
+
+
+class Histogram:
+    """Fixed buckets, so memory stays bounded however many requests are observed."""
+
+    __slots__ = ("counts", "count", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, ms: float) -> None:
+        self.counts[bisect_left(LATENCY_BUCKETS_MS, ms)] += 1
+        self.count += 1
+        self.sum += ms
+
+    def quantile(self, q: float) -> float | None:
+        """Linear interpolation inside the bucket holding the q-th observation."""
+        if not self.count:
+            return None
+        rank = q * self.count
+        seen = 0
+        for i, n in enumerate(self.counts):
+            if n and seen + n >= rank:
+                low = LATENCY_BUCKETS_MS[i - 1] if i else 0.0
+                high = LATENCY_BUCKETS_MS[i] if i < len(LATENCY_BUCKETS_MS) else low * 2
+                return round(low + (high - low) * max(0.0, rank - seen) / n, 1)
+            seen += n
+        return float(LATENCY_BUCKETS_MS[-1])
+
+
+class Stats:
+    __slots__ = ("cache_creation_tokens", "cache_read_tokens", "errors", "errors_by_type", "in_flight",
+                 "input_tokens", "last_error", "latency", "output_tokens", "requests", "statuses", "ttft")
+
+    def __init__(self) -> None:
+        self.requests = self.in_flight = self.errors = 0
+        self.input_tokens = self.output_tokens = self.cache_read_tokens = self.cache_creation_tokens = 0
+        self.errors_by_type: collections.Counter[str] = collections.Counter()
+        self.statuses: collections.Counter[int] = collections.Counter()
+        self.latency, self.ttft = Histogram(), Histogram()
+        self.last_error: JSON | None = None
+
+    def as_json(self) -> JSON:
+        return {"requests": self.requests, "in_flight": self.in_flight, "errors": self.errors,
+                "errors_by_type": dict(self.errors_by_type), "input_tokens": self.input_tokens,
+                "output_tokens": self.output_tokens, "cache_read_tokens": self.cache_read_tokens,
+                "cache_creation_tokens": self.cache_creation_tokens,
+                "latency_ms": {"p50": self.latency.quantile(0.5), "p95": self.latency.quantile(0.95)},
+                "ttft_ms": {"p50": self.ttft.quantile(0.5), "p95": self.ttft.quantile(0.95)},
+                "last_error": self.last_error}
+
+
+@dataclass(slots=True, kw_only=True)
+class RequestRecord:
+    """What one request did; filled in as it goes, finished once."""
+
+    request_id: str
+    client_model: str = "-"
+    provider: str = "-"
+    model: str = "-"
+    status: int = 0
+    streamed: bool = False
+    started: float = field(default_factory=time.monotonic)
+    ttft_ms: float | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_creation_tokens: int = 0
+    error_type: str | None = None
+    error_message: str | None = None
+    key: str = "-"
+    fallbacks: int = 0
+
+    def use_usage(self, usage: JSON) -> None:
+        self.input_tokens = _int(usage.get("input_tokens"))
+        self.output_tokens = _int(usage.get("output_tokens"))
+        self.cache_read_tokens = _int(usage.get("cache_read_input_tokens"))
+        self.cache_creation_tokens = _int(usage.get("cache_creation_input_tokens"))
+
+
+class Metrics:
+    """Per-process counters: totals, per provider, per provider+model; series and recent requests.
+
+    Synchronous methods only, so they are safe to call from `finally` under cancellation.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self.started = clock()
+        self.totals = Stats()
+        self.providers: dict[str, Stats] = {}
+        self.models: dict[tuple[str, str], Stats] = {}
+        self.recent: collections.deque[JSON] = collections.deque(maxlen=RECENT_LENGTH)
+        self.series: collections.OrderedDict[int, list[int]] = collections.OrderedDict()
+
+    def _targets(self, provider: str, model: str) -> tuple[Stats, ...]:
+        if provider == "-":
+            return (self.totals,)
+        by_provider = self.providers.setdefault(provider, Stats())
+        by_model = self.models.setdefault((provider, model), Stats())
+        return self.totals, by_provider, by_model
+
+    def begin(self, provider: str, model: str) -> None:
+        for stats in self._targets(provider, model):
+            stats.in_flight += 1
+
+    def end(self, provider: str, model: str) -> None:
+        for stats in self._targets(provider, model):
+            stats.in_flight -= 1
+
+    def record(self, rec: RequestRecord) -> None:
+        latency = (time.monotonic() - rec.started) * 1000
+        now = self.clock()
+        failed = rec.status >= 400 or rec.error_type is not None
+        for stats in self._targets(rec.provider, rec.model):
+            stats.requests += 1
+            stats.statuses[rec.status] += 1
+            stats.input_tokens += rec.input_tokens
+            stats.output_tokens += rec.output_tokens
+            stats.cache_read_tokens += rec.cache_read_tokens
+            stats.cache_creation_tokens += rec.cache_creation_tokens
+            stats.latency.observe(latency)
+            if rec.ttft_ms is not None:
+                stats.ttft.observe(rec.ttft_ms)
+            if failed:
+                stats.errors += 1
+                stats.errors_by_type[rec.error_type or "api_error"] += 1
+                stats.last_error = {"type": rec.error_type or "api_error", "message": rec.error_message, "time": now}
+        bucket = int(now) // SERIES_SECONDS * SERIES_SECONDS
+        slot = self.series.setdefault(bucket, [0, 0, 0, 0])
+        slot[0] += 1
+        slot[1] += failed
+        slot[2] += rec.input_tokens + rec.cache_read_tokens + rec.cache_creation_tokens
+        slot[3] += rec.output_tokens
+        while len(self.series) > SERIES_LENGTH:
+            self.series.popitem(last=False)
+        self.recent.appendleft({
+            "time": round(now, 3), "request_id": rec.request_id, "client_model": rec.client_model,
+            "provider": rec.provider, "model": rec.model, "status": rec.status, "streamed": rec.streamed,
+            "latency_ms": round(latency, 1), "ttft_ms": None if rec.ttft_ms is None else round(rec.ttft_ms, 1),
+            "input_tokens": rec.input_tokens, "output_tokens": rec.output_tokens, "error_type": rec.error_type})
+
+    def snapshot(self, provider: str | None = None, model: str | None = None) -> JSON:
+        """The JSON of /metrics/running-totals, optionally filtered by provider and/or model."""
+        providers: JSON = {}
+        for name, stats in sorted(self.providers.items()):
+            if provider and name != provider.lower():
+                continue
+            models = {m: s.as_json() for (p, m), s in sorted(self.models.items())
+                      if p == name and (not model or m == model)}
+            if model and not models:
+                continue
+            providers[name] = {**stats.as_json(), "models": models}
+        recent = [r for r in self.recent if (not provider or r["provider"] == provider.lower())
+                  and (not model or r["model"] == model)]
+        return {"uptime_s": round(self.clock() - self.started, 1), "totals": self.totals.as_json(),
+                "providers": providers, "recent": recent,
+                "series": [{"t": t, "requests": s[0], "errors": s[1], "input_tokens": s[2], "output_tokens": s[3]}
+                           for t, s in self.series.items()]}
+
+    def prometheus(self) -> str:
+        """Prometheus text exposition; labels let several instances aggregate."""
+        lines: list[str] = []
+
+        def family(name: str, kind: str, help_text: str) -> None:
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} {kind}")
+
+        def labels(**values: Any) -> str:
+            escaped = (str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for v in values.values())
+            return "{" + ",".join(f'{k}="{v}"' for k, v in zip(values, escaped, strict=True)) + "}"
+
+        family("vandamme_uptime_seconds", "gauge", "Seconds since this process started.")
+        lines.append(f"vandamme_uptime_seconds {self.clock() - self.started:.3f}")
+        family("vandamme_requests_total", "counter", "Requests finished, by provider, model and HTTP status.")
+        for (p, m), s in self.models.items():
+            lines.extend(f"vandamme_requests_total{labels(provider=p, model=m, status=st)} {n}"
+                         for st, n in sorted(s.statuses.items()))
+        family("vandamme_in_flight", "gauge", "Requests in progress.")
+        lines.extend(f"vandamme_in_flight{labels(provider=p, model=m)} {s.in_flight}"
+                     for (p, m), s in self.models.items())
+        family("vandamme_errors_total", "counter", "Failed requests by Anthropic error type.")
+        for (p, m), s in self.models.items():
+            lines.extend(f"vandamme_errors_total{labels(provider=p, model=m, type=t)} {n}"
+                         for t, n in sorted(s.errors_by_type.items()))
+        family("vandamme_tokens_total", "counter", "Tokens by direction (input, output, cache_read, cache_creation).")
+        for (p, m), s in self.models.items():
+            for kind, n in (("input", s.input_tokens), ("output", s.output_tokens),
+                            ("cache_read", s.cache_read_tokens), ("cache_creation", s.cache_creation_tokens)):
+                lines.append(f"vandamme_tokens_total{labels(provider=p, model=m, type=kind)} {n}")
+        for metric, attr, help_text in (
+                ("vandamme_request_duration_seconds", "latency", "Time from request to last byte."),
+                ("vandamme_time_to_first_token_seconds", "ttft", "Time from request to the first streamed token.")):
+            family(metric, "histogram", help_text)
+            for (p, m), s in self.models.items():
+                hist: Histogram = getattr(s, attr)
+                cumulative = 0
+                for bound, n in zip((*LATENCY_BUCKETS_MS, math.inf), hist.counts, strict=True):
+                    cumulative += n
+                    le = "+Inf" if bound == math.inf else f"{bound / 1000:g}"
+                    lines.append(f"{metric}_bucket{labels(provider=p, model=m, le=le)} {cumulative}")
+                lines.append(f"{metric}_sum{labels(provider=p, model=m)} {hist.sum / 1000:.6f}")
+                lines.append(f"{metric}_count{labels(provider=p, model=m)} {hist.count}")
+        return "\n".join(lines) + "\n"
+
+
+# ---- everything above is pure; everything below does I/O ----
+
+# ---------------------------------------------------------------------------
+# §12  Upstream client
+# ---------------------------------------------------------------------------
+
+class Runtime:
+    """Mutable per-process state, owned by the app (no module-level state anywhere)."""
+
+    def __init__(self, config: Config, chain: MiddlewareChain, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.chain = chain
+        self.clock = clock
+        self.metrics = Metrics()
+        self.keyrings: dict[str, KeyRing] = {}
+        self.session: aiohttp.ClientSession | None = None
+        self.models_cache: dict[str, tuple[float, list[JSON]]] = {}
+        self.token_cache: collections.OrderedDict[bytes, int] = collections.OrderedDict()
+        self.aborts: dict[int, Callable[[], None]] = {}   # in-flight upstream requests, for shutdown
+        self.draining = False
+        self.apply(config)
+
+    def apply(self, config: Config) -> None:
+        """Switch to a new configuration; key cool-downs survive when the keys did not change."""
+        old = self.keyrings
+        self.keyrings = {p.name: old[p.name] if p.name in old and old[p.name].keys == p.keys else KeyRing(p.keys)
+                         for p in config.providers if p.keys}
+        self.config = config
+
+
+RUNTIME: Final = web.AppKey("vandamme.runtime", Runtime)
+
+
+def chat_url(provider: Provider, model: str) -> str:
+    base = provider.base_url
+    if provider.azure and not base.endswith("/openai/v1"):
+        return f"{base}/openai/deployments/{model}/chat/completions?api-version={provider.api_version}"
+    return f"{base}/chat/completions"
+
+
+def anthropic_url(provider: Provider, path: str) -> str:
+    base = provider.base_url.removesuffix("/v1")
+    return f"{base}/v1/{path}"
+
+
+def upstream_headers(provider: Provider, key: str | None, request_id: str) -> dict[str, str]:
+    headers = {"Content-Type": "application/json", "x-request-id": request_id, **dict(provider.headers)}
+    if key:
+        style = provider.auth_header
+        if style == "auto":
+            style = "api-key" if provider.azure else "x-api-key" if provider.api_format == "anthropic" else "bearer"
+        if style == "bearer":
+            headers["Authorization"] = f"Bearer {key}"
+        else:
+            headers[style] = key
+    return headers
+
+
+def client_key(request: web.Request, proxy_key: str | None) -> str | None:
+    """The client's own upstream key for passthrough providers.
+
+    With PROXY_API_KEY set, one header carries the proxy key and the other the upstream key
+    (Claude Code sends ANTHROPIC_API_KEY as x-api-key and ANTHROPIC_AUTH_TOKEN as Bearer).
+    """
+    x_api_key = request.headers.get("x-api-key") or None
+    auth = request.headers.get("Authorization", "")
+    bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else None
+    if proxy_key:
+        if x_api_key and hmac.compare_digest(x_api_key.encode(), proxy_key.encode()):
+            return bearer
+        return x_api_key
+    return x_api_key or bearer
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+def _upstream_failure(provider: Provider, status: int, raw: bytes, headers: Mapping[str, str]) -> UpstreamError:
+    try:
+        message = upstream_error_message(json.loads(raw))
+    except ValueError:
+        message = None
+    if not message:
+        message = raw.decode("utf-8", "replace").strip()[:500] or f"HTTP {status}"
+    client_status = 400 if status == 422 else status if status in ERROR_TYPE_BY_STATUS else (
+        400 if status < 500 else 502)
+    error = UpstreamError(f"{provider.name}: {message}", status=client_status, retry_after=_retry_after(headers),
+                          retryable=status in RETRY_STATUSES)
+    error.relay = (status, raw, headers.get("content-type", "application/json"))
+    return error
+
+
+async def open_upstream(rt: Runtime, provider: Provider, url: str, data: bytes, *, request_id: str,
+                        key_override: str | None = None, read_body: bool,
+                        extra_headers: Mapping[str, str] | None = None,
+                        ) -> tuple[aiohttp.ClientResponse, bytes | None, str | None]:
+    """POST to a provider with key rotation and retries; return a 2xx response.
+
+    Retries (MAX_RETRIES, exponential backoff with jitter, retry-after honoured) happen on
+    connection errors, timeouts before the first byte, and 500/502/503/504/529. 401/402/403/429
+    move on to the next key and cool the failed one down. Nothing has been sent to the client
+    yet, so every failure can still become a proper HTTP error. With `read_body` the whole
+    body is read inside the same first-byte deadline and the response released.
+    """
+    config = rt.config
+    assert rt.session is not None
+    ring = rt.keyrings.get(provider.name)
+    if provider.passthrough:
+        keys: list[str | None] = [key_override]
+        if not key_override:
+            raise AuthenticationError(f"provider {provider.name!r} uses the client's own API key "
+                                      "(!PASSTHRU): send it in x-api-key or Authorization: Bearer")
+    else:
+        keys = list(ring.order()) if ring else [None]
+    attempt = key_index = 0
+    while True:
+        key = keys[key_index]
+        headers = upstream_headers(provider, key, request_id)
+        if extra_headers:
+            headers.update(extra_headers)
+        response = None
+        try:
+            async with asyncio.timeout(config.request_timeout):
+                response = await rt.session.post(url, data=data, headers=headers)
+                body = await response.read() if read_body or response.status >= 400 else None
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            if response is not None:
+                response.close()
+            if isinstance(exc, TimeoutError):
+                error = UpstreamError(f"{provider.name}: no response within REQUEST_TIMEOUT="
+                                      f"{config.request_timeout:g}s", status=504, retryable=True,
+                                      error_type="api_error")
+            else:
+                error = UpstreamError(f"{provider.name}: cannot reach {provider.base_url}: "
+                                      f"{type(exc).__name__}: {exc}", status=502, retryable=True)
+            if rt.draining:
+                raise UpstreamError("server is shutting down", status=503) from None
+        else:
+            if response.status < 400:
+                if read_body:
+                    response.release()
+                return response, body, key
+            response.release()
+            error = _upstream_failure(provider, response.status, body or b"", response.headers)
+            cooldown = KEY_COOLDOWN.get(response.status)
+            if cooldown is not None and ring is not None and key is not None:
+                ring.cool(key, error.retry_after if response.status == 429 and error.retry_after else cooldown)
+                logger.warning("%s key %s failed with %d; cooling down", provider.name, key_fingerprint(key),
+                               response.status)
+                if key_index + 1 < len(keys):
+                    key_index += 1
+                    continue
+        if error.retryable and attempt < config.max_retries:
+            attempt += 1
+            delay = min(8.0, 0.25 * 2 ** attempt) * (0.5 + random.random() / 2)
+            if error.retry_after is not None:
+                delay = min(error.retry_after, RETRY_AFTER_CAP)
+            logger.info("%s: %s; retry %d/%d in %.2fs", provider.name, error, attempt, config.max_retries, delay)
+            await asyncio.sleep(delay)
+            continue
+        raise error
+
+
+_MODEL_FIELD: Final = re.compile(rb'"model"\s*:\s*("(?:[^"\\]|\\.)*")')
+
+
+def replace_model(raw: bytes, body: JSON, model: str) -> bytes:
+    """The request bytes with only the top-level `model` changed (no re-encoding)."""
+    if body.get("model") == model:
+        return raw
+    for match in _MODEL_FIELD.finditer(raw):
+        with contextlib.suppress(ValueError):
+            if json.loads(match.group(1)) != body["model"]:
+                continue
+        candidate = raw[:match.start(1)] + json.dumps(model).encode() + raw[match.end(1):]
+        # A key named "model" can also sit deeper (tool input); prove this one is top level.
+        if re.match(rb'\s*\{\s*"model"\s*:', raw[: match.end(1)]) or json.loads(candidate).get("model") == model:
+            return candidate
+    return json.dumps({**body, "model": model}).encode()
+
+
+async def fetch_models(rt: Runtime, provider: Provider, key: str | None) -> list[JSON]:
+    """A provider's model list (cached MODELS_CACHE_SECONDS); failures are logged and skipped."""
+    now = time.monotonic()
+    cached = rt.models_cache.get(provider.name)
+    if cached and now - cached[0] < MODELS_CACHE_SECONDS:
+        return cached[1]
+    assert rt.session is not None
+    url = anthropic_url(provider, "models") if provider.api_format == "anthropic" else f"{provider.base_url}/models"
+    if provider.azure and not provider.base_url.endswith("/openai/v1"):
+        url = f"{provider.base_url}/openai/models?api-version={provider.api_version}"
+    ring = rt.keyrings.get(provider.name)
+    key = key if provider.passthrough else (ring.order()[0] if ring else None)
+    headers = upstream_headers(provider, key, "models")
+    if provider.api_format == "anthropic":
+        headers["anthropic-version"] = ANTHROPIC_VERSION
+    try:
+        async with asyncio.timeout(min(rt.config.request_timeout, 15.0)):
+            async with rt.session.get(url, headers=headers) as response:
+                if response.status >= 400:
+                    raise UpstreamError(f"HTTP {response.status}", status=response.status)
+                data = await response.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, OSError, ValueError, UpstreamError) as exc:
+        logger.warning("model list of %s unavailable: %s", provider.name, exc)
+        return []
+    items = data.get("data") if isinstance(data, dict) else data
+    models = [m for m in items if isinstance(m, dict) and isinstance(m.get("id"), str)] if isinstance(items, list) else []
+    rt.models_cache[provider.name] = (now, models)
+    return models
+
+# ---------------------------------------------------------------------------
+# §13  HTTP handlers
+# ---------------------------------------------------------------------------
+
+REQUEST_ID: Final = web.RequestKey("vandamme.request_id", str)
+PUBLIC_PATHS: Final = frozenset({"/", "/health", "/api/hello", "/api/event_logging/batch",
+                                 "/api/event_logging/v2/batch"})
+
+
+def _json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(body=json.dumps(data).encode(), status=status, headers=headers,
+                        content_type="application/json")
+
+
+def _error_response(exc: VandammeError, request_id: str) -> web.Response:
+    headers = {"request-id": request_id}
+    if exc.retry_after is not None:
+        headers["retry-after"] = str(int(math.ceil(exc.retry_after)))
+    if exc.status >= 500 and not getattr(exc, "retryable", True):
+        headers["x-should-retry"] = "false"
+    return _json_response(exc.body(), exc.status, headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Request ids, client authentication, and every error as Anthropic JSON (never a traceback)."""
+    request_id = request.headers.get("x-request-id", "")[:128] or "req_" + secrets.token_hex(12)
+    request[REQUEST_ID] = request_id
+    rt = request.app[RUNTIME]
+    try:
+        proxy_key = rt.config.proxy_api_key
+        if proxy_key and request.path not in PUBLIC_PATHS and request.method != "HEAD":
+            _authenticate(request, proxy_key)
+        response = await handler(request)
+    except VandammeError as exc:
+        return _error_response(exc, request_id)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        kind = {404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large"}.get(
+            exc.status, ERROR_TYPE_BY_STATUS.get(exc.status, "invalid_request_error"))
+        message = {404: f"not found: {request.method} {request.path}",
+                   405: f"method {request.method} not allowed on {request.path}",
+                   413: f"request body too large: the limit is MAX_REQUEST_BYTES={rt.config.max_request_bytes}"}
+        return _error_response(VandammeError(message.get(exc.status, exc.reason), status=exc.status,
+                                             error_type=kind), request_id)
+    except Exception:
+        logger.exception("request %s failed", request_id)
+        return _error_response(VandammeError("internal error in vandamme; see its log", status=500), request_id)
+    if not response.prepared:
+        response.headers["request-id"] = request_id
+    return response
+
+
+def _authenticate(request: web.Request, proxy_key: str) -> None:
+    offered = [request.headers.get("x-api-key", "")]
+    auth = request.headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        offered.append(auth[7:].strip())
+    # Compare every offered value (constant time each) so timing tells nothing.
+    ok = False
+    for value in offered:
+        ok |= hmac.compare_digest(value.encode(), proxy_key.encode())
+    if not ok:
+        raise AuthenticationError("invalid or missing API key: this vandamme requires PROXY_API_KEY "
+                                  "in x-api-key or Authorization: Bearer")
+
+
+async def _read_json(request: web.Request) -> tuple[bytes, Any]:
+    raw = await request.read()
+    try:
+        return raw, json.loads(raw)
+    except ValueError as exc:
+        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
+
+
+def log_access(rt: Runtime, rec: RequestRecord) -> None:
+    latency = (time.monotonic() - rec.started) * 1000
+    fields = {"request_id": rec.request_id, "model": rec.client_model, "provider": rec.provider,
+              "upstream_model": rec.model, "status": rec.status, "stream": rec.streamed,
+              "latency_ms": round(latency, 1), "ttft_ms": None if rec.ttft_ms is None else round(rec.ttft_ms, 1),
+              "input_tokens": rec.input_tokens, "output_tokens": rec.output_tokens, "key": rec.key,
+              "error": rec.error_type}
+    if rt.config.log_format == "json":
+        logger.info("%s", json.dumps({"event": "request", **fields}))
+    else:
+        ttft = "-" if rec.ttft_ms is None else f"{rec.ttft_ms:.0f}ms"
+        logger.info("%s %s -> %s:%s %d %s %.0fms ttft=%s tokens=%d/%d key=%s%s", rec.request_id, rec.client_model,
+                    rec.provider, rec.model, rec.status, "stream" if rec.streamed else "json", latency, ttft,
+                    rec.input_tokens, rec.output_tokens, rec.key,
+                    f" error={rec.error_type}" if rec.error_type else "")
+
+
+async def handle_messages(request: web.Request) -> web.StreamResponse:
+    """POST /v1/messages: route, convert or relay, with fallbacks before the first byte."""
+    rt = request.app[RUNTIME]
+    config = rt.config
+    rec = RequestRecord(request_id=request[REQUEST_ID])
+    try:
+        raw, body = await _read_json(request)
+        validate_messages_request(body)
+        rec.client_model, rec.streamed = body["model"], body.get("stream") is True
+        route = resolve_model(config, body["model"])
+        for n, target in enumerate(route.targets):
+            provider = config.provider(target.provider)
+            assert provider is not None
+            rec.provider, rec.model, rec.fallbacks = provider.name, target.model, n
+            rt.metrics.begin(rec.provider, rec.model)
+            try:
+                if provider.api_format == "anthropic":
+                    return await _passthrough(request, rt, provider, target.model, raw, body, rec, "messages")
+                return await _converted(request, rt, provider, target.model, body, rec)
+            except UpstreamError as exc:
+                last = n + 1 == len(route.targets)
+                if last or not (exc.retryable or exc.status == 429):
+                    raise
+                logger.warning("%s: %s failed (%s); falling back to %s", rec.request_id, provider.name, exc,
+                               route.targets[n + 1].provider)
+            finally:
+                rt.metrics.end(rec.provider, rec.model)
+        raise AssertionError("unreachable")  # pragma: no cover
+    except VandammeError as exc:
+        rec.status, rec.error_type, rec.error_message = exc.status, exc.error_type, str(exc)
+        relay = getattr(exc, "relay", None)
+        if relay and getattr(exc, "passthrough", False):
+            status, data, content_type = relay
+            return web.Response(body=data, status=status, headers={"Content-Type": content_type,
+                                                                   "request-id": rec.request_id})
+        raise
+    finally:
+        rt.metrics.record(rec)
+        log_access(rt, rec)
+
+
+async def _converted(request: web.Request, rt: Runtime, provider: Provider, model: str, body: JSON,
+                     rec: RequestRecord) -> web.StreamResponse:
+    config = rt.config
+    payload, conv = anthropic_to_openai(body, provider, model, max_tokens_limit=config.max_tokens_limit)
+    exchange = Exchange(request_id=rec.request_id, client_model=rec.client_model, provider=provider, model=model,
+                        body=body, stream=rec.streamed, conv=conv, config=config)
+    hooks = rt.chain.bound(exchange)
+    if rec.streamed:           # message_start carries an input estimate (Claude Code shows it)
+        exchange.state["input_estimate"] = count_payload_tokens(payload, conv)
+    payload = run_hooks(hooks["on_request"], exchange, payload)
+    data = json.dumps(payload, separators=(",", ":")).encode()
+    response, raw, key = await open_upstream(rt, provider, chat_url(provider, model), data,
+                                             request_id=rec.request_id, read_body=not rec.streamed,
+                                             key_override=client_key(request, config.proxy_api_key))
+    rec.key = key_fingerprint(key)
+    if rec.streamed:
+        return await _relay_stream(request, rt, exchange, hooks, response, rec)
+    try:
+        completion = json.loads(raw or b"")
+    except ValueError:
+        raise UpstreamError(f"{provider.name}: response is not JSON: {(raw or b'')[:200]!r}", status=502) from None
+    completion = run_hooks(hooks["on_upstream_response"], exchange, completion)
+    message = openai_to_anthropic(completion, conv, rec.client_model)
+    message = run_hooks(hooks["on_response"], exchange, message)
+    rec.status = 200
+    rec.use_usage(message.get("usage") or {})
+    return _json_response(message)
+
+
+def _decode_chunk(data: bytes) -> list[Any]:
+    """One SSE data payload as chunks; servers that forget blank lines get their lines split."""
+    try:
+        return [json.loads(data)]
+    except ValueError:
+        pass
+    chunks = []
+    for line in data.split(b"\n"):
+        line = line.strip()
+        if line.startswith(b"data:"):
+            line = line[5:].strip()
+        if line and line != b"[DONE]":
+            try:
+                chunks.append(json.loads(line))
+            except ValueError:
+                logger.debug("malformed upstream chunk skipped: %.200r", line)
+    return chunks
+
+
+async def _relay_stream(request: web.Request, rt: Runtime, exchange: Exchange,
+                        hooks: dict[str, list[tuple[str, Callable[..., Any]]]],
+                        upstream: aiohttp.ClientResponse, rec: RequestRecord) -> web.StreamResponse:
+    """Translate an OpenAI stream into Anthropic events as the bytes arrive.
+
+    The 200 and SSE headers go out only now, after the upstream answered 2xx. From here on
+    errors are in-band: an `error` event, then the end of the stream; never a fake
+    message_stop. A ping goes out after every PING_INTERVAL seconds of silence; an upstream
+    silent for STREAM_IDLE_TIMEOUT is closed.
+    """
+    config = rt.config
+    estimate = exchange.state.get("input_estimate", 0)
+    translator = StreamTranslator(rec.client_model, exchange.conv, input_tokens=estimate)
+    decoder = SSEDecoder()
+    chunk_hooks, event_hooks = hooks["on_upstream_chunk"], hooks["on_event"]
+    response = web.StreamResponse(status=200, headers={**SSE_HEADERS, "request-id": rec.request_id})
+    await response.prepare(request)
+    rec.status = 200
+    clock = [time.monotonic(), time.monotonic(), ""]          # last upstream byte, last write, why closed
+    abort_id = id(response)
+
+    def abort(reason: str = "shutdown") -> None:
+        clock[2] = reason
+        upstream.close()
+
+    rt.aborts[abort_id] = abort
+
+    async def emit(events: list[tuple[str, JSON]]) -> None:
+        if event_hooks:
+            events = _run_event_hooks(event_hooks, exchange, events)
+        if events:
+            if rec.ttft_ms is None and any(name == "content_block_delta" for name, _ in events):
+                rec.ttft_ms = (time.monotonic() - rec.started) * 1000
+            clock[1] = time.monotonic()
+            await response.write(encode_events(events))
+
+    async def keepalive() -> None:
+        while True:
+            await asyncio.sleep(PING_INTERVAL / 3)
+            now = time.monotonic()
+            if now - clock[0] >= config.stream_idle_timeout:
+                abort("idle")
+                return
+            if now - clock[1] >= PING_INTERVAL:
+                clock[1] = now
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await response.write(b'event: ping\ndata: {"type":"ping"}\n\n')
+
+    pinger = asyncio.create_task(keepalive())
+    try:
+        await emit(translator.start())
+        done = False
+        async for data in upstream.content.iter_any():
+            clock[0] = time.monotonic()
+            events: list[tuple[str, JSON]] = []
+            for _name, payload in decoder.feed(data):
+                if payload == b"[DONE]":
+                    done = True
+                    break
+                for chunk in _decode_chunk(payload):
+                    if chunk_hooks and isinstance(chunk, dict):
+                        chunk = run_hooks(chunk_hooks, exchange, chunk)
+                    events.extend(translator.feed(chunk))
+            await emit(events)
+            if done:
+                break
+        if clock[2]:
+            raise aiohttp.ClientPayloadError(clock[2])
+        if not done:
+            events = []
+            for _name, payload in decoder.close():
+                if payload != b"[DONE]":
+                    for chunk in _decode_chunk(payload):
+                        events.extend(translator.feed(chunk))
+            await emit(events)
+        await emit(translator.finish())
+        await response.write_eof()
+    except ConnectionResetError:
+        rec.error_type, rec.error_message = "client_closed", "client disconnected mid-stream"
+    except (VandammeError, aiohttp.ClientError, TimeoutError, OSError) as exc:
+        if isinstance(exc, VandammeError):
+            kind, message = exc.error_type, str(exc)
+        elif clock[2] == "idle":
+            kind, message = "api_error", (f"{exchange.provider.name}: no data for STREAM_IDLE_TIMEOUT="
+                                          f"{config.stream_idle_timeout:g}s")
+        elif clock[2] == "shutdown":
+            kind, message = "overloaded_error", "vandamme is shutting down; retry the request"
+        else:
+            kind, message = "api_error", f"{exchange.provider.name}: stream interrupted: {type(exc).__name__} {exc}"
+        rec.error_type, rec.error_message = kind, message
+        logger.warning("%s: stream failed after start: %s", rec.request_id, message)
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await response.write(encode_events([("error", error_body(kind, message))]))
+            await response.write_eof()
+    finally:
+        pinger.cancel()
+        rt.aborts.pop(abort_id, None)
+        upstream.close() if not translator.finished else upstream.release()
+        if translator.usage is not None:
+            rec.use_usage(usage_to_anthropic(translator.usage))
+        else:
+            rec.input_tokens, rec.output_tokens = estimate, max(1, translator.output_chars // 4)
+    return response
+
+
+
+def _run_event_hooks(hooks: list[tuple[str, Callable[..., Any]]], exchange: Exchange,
+                     events: list[tuple[str, JSON]]) -> list[tuple[str, JSON]]:
+    result: list[tuple[str, JSON]] = []
+    for name, data in events:
+        event = run_hooks(hooks, exchange, {"event": name, "data": data})
+        for item in event if isinstance(event, list) else [event]:
+            if isinstance(item, dict) and isinstance(item.get("event"), str) and isinstance(item.get("data"), dict):
+                result.append((item["event"], item["data"]))
+    return result
+
+
+async def _passthrough(request: web.Request, rt: Runtime, provider: Provider, model: str, raw: bytes,
+                       body: JSON, rec: RequestRecord, path: str) -> web.StreamResponse:
+    """Anthropic-format provider: forward the body with only `model` replaced; relay the bytes back."""
+    data = replace_model(raw, body, model)
+    extra = {name: request.headers[name] for name in PASSTHROUGH_HEADERS if name in request.headers}
+    extra.setdefault("anthropic-version", ANTHROPIC_VERSION)
+    streamed = path == "messages" and body.get("stream") is True
+    try:
+        upstream, raw_reply, key = await open_upstream(
+            rt, provider, anthropic_url(provider, path), data, request_id=rec.request_id, read_body=not streamed,
+            key_override=client_key(request, rt.config.proxy_api_key), extra_headers=extra)
+    except UpstreamError as exc:
+        exc.passthrough = True            # relay the provider's own status and body
+        raise
+    rec.key = key_fingerprint(key)
+    headers = {k: v for k in RELAYED_RESPONSE_HEADERS if (v := upstream.headers.get(k))}
+    headers["request-id"] = rec.request_id
+    rec.status = upstream.status
+    if not streamed:
+        with contextlib.suppress(ValueError, AttributeError):
+            rec.use_usage(json.loads(raw_reply or b"{}").get("usage") or {})
+        return web.Response(body=raw_reply, status=upstream.status, headers=headers)
+    response = web.StreamResponse(status=upstream.status, headers=headers)
+    await response.prepare(request)
+    decoder = SSEDecoder()
+    try:
+        async for chunk in upstream.content.iter_any():
+            if rec.ttft_ms is None:
+                rec.ttft_ms = (time.monotonic() - rec.started) * 1000
+            await response.write(chunk)
+            for name, payload in decoder.feed(chunk):     # usage for metrics only
+                if name in ("message_start", "message_delta"):
+                    with contextlib.suppress(ValueError, AttributeError):
+                        event = json.loads(payload)
+                        usage = (event.get("message") or event).get("usage") or {}
+                        rec.input_tokens = _int(usage.get("input_tokens")) or rec.input_tokens
+                        rec.output_tokens = _int(usage.get("output_tokens")) or rec.output_tokens
+                        rec.cache_read_tokens = _int(usage.get("cache_read_input_tokens")) or rec.cache_read_tokens
+        await response.write_eof()
+    except ConnectionResetError:
+        rec.error_type = "client_closed"
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        rec.error_type, rec.error_message = "api_error", f"{provider.name}: stream interrupted: {exc}"
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await response.write(encode_events([("error", error_body("api_error", rec.error_message))]))
+            await response.write_eof()
+    finally:
+        upstream.close()
+    return response
+
+
+async def handle_count_tokens(request: web.Request) -> web.StreamResponse:
+    """POST /v1/messages/count_tokens: the provider's own count for passthrough, else an estimate."""
+    rt = request.app[RUNTIME]
+    raw, body = await _read_json(request)
+    if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+        raise InvalidRequestError("messages: field required (a list of messages)")
+    model = body.get("model")
+    if isinstance(model, str) and model and rt.config.providers:
+        route = resolve_model(rt.config, model)
+        provider = rt.config.provider(route.targets[0].provider)
+        if provider is not None and provider.api_format == "anthropic":
+            rec = RequestRecord(request_id=request[REQUEST_ID], client_model=model)
+            try:
+                return await _passthrough(request, rt, provider, route.targets[0].model, raw, body, rec,
+                                          "messages/count_tokens")
+            except UpstreamError as exc:
+                logger.info("count_tokens upstream failed (%s); estimating instead", exc)
+    key = hashlib.sha256(raw).digest()
+    cache = rt.token_cache
+    count = cache.get(key)
+    if count is None:
+        count = count_request_tokens(body)
+        cache[key] = count
+        if len(cache) > 1024:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    return _json_response({"input_tokens": count})
+
+
+async def handle_models(request: web.Request) -> web.StreamResponse:
+    """GET /v1/models: the aliases, then each provider's own models as provider:model."""
+    rt = request.app[RUNTIME]
+    config = rt.config
+    entries: list[JSON] = []
+    seen: set[str] = set()
+    for alias in config.aliases:
+        if alias.name not in seen:
+            seen.add(alias.name)
+            entries.append({"type": "model", "id": alias.name, "display_name": f"{alias.name} -> "
+                            f"{alias.provider}:{alias.target}", "created_at": "1970-01-01T00:00:00Z"})
+    key = client_key(request, config.proxy_api_key)
+    lists = await asyncio.gather(*(fetch_models(rt, p, key) for p in config.providers))
+    for provider, models in zip(config.providers, lists, strict=True):
+        for model in models:
+            created = model.get("created") or model.get("created_at")
+            entries.append({"type": "model", "id": f"{provider.name}:{model['id']}",
+                            "display_name": model.get("display_name") or model["id"],
+                            "created_at": created if isinstance(created, str) else time.strftime(
+                                "%Y-%m-%dT%H:%M:%SZ", time.gmtime(created if isinstance(created, int) else 0))})
+    return _json_response({"data": entries, "has_more": False,
+                           "first_id": entries[0]["id"] if entries else None,
+                           "last_id": entries[-1]["id"] if entries else None})
+
+
+async def handle_aliases(request: web.Request) -> web.StreamResponse:
+    config = request.app[RUNTIME].config
+    return _json_response({"default_provider": config.default_provider, "aliases": [
+        {"provider": a.provider, "name": a.name, "target": a.target, "source": a.source} for a in config.aliases]})
+
+
+def health(rt: Runtime) -> JSON:
+    config = rt.config
+    return {"status": "ok" if config.providers else "no_providers", "version": __version__,
+            "default_provider": config.default_provider,
+            "uptime_s": round(time.time() - rt.metrics.started, 1),
+            "providers": [{"name": p.name, "format": p.api_format, "base_url": p.base_url, "keys": len(p.keys),
+                           "passthrough": p.passthrough, "azure": p.azure,
+                           "cooling_keys": rt.keyrings[p.name].cooling() if p.name in rt.keyrings else 0}
+                          for p in config.providers],
+            **({"hint": "no provider configured: set OPENAI_API_KEY or another {PROVIDER}_API_KEY"}
+               if not config.providers else {})}
+
+
+async def handle_health(request: web.Request) -> web.StreamResponse:
+    return _json_response(health(request.app[RUNTIME]))
+
+
+async def handle_running_totals(request: web.Request) -> web.StreamResponse:
+    metrics = request.app[RUNTIME].metrics
+    return _json_response(metrics.snapshot(request.query.get("provider"), request.query.get("model")))
+
+
+async def handle_prometheus(request: web.Request) -> web.StreamResponse:
+    return web.Response(text=request.app[RUNTIME].metrics.prometheus(),
+                        content_type="text/plain", charset="utf-8", headers={"X-Content-Version": "0.0.4"})
+
+
+async def handle_ok(request: web.Request) -> web.StreamResponse:
+    return _json_response({"ok": True})
+
+
+async def handle_dashboard(request: web.Request) -> web.StreamResponse:
+    return web.Response(text=DASHBOARD_HTML, content_type="text/html", charset="utf-8",
+                        headers={"Cache-Control": "no-store"})
+
+# ---------------------------------------------------------------------------
+# §14  Dashboard page
+# ---------------------------------------------------------------------------
+
+# One self-contained page (inline CSS, JS and SVG; no external assets). It polls /health and
+# /metrics/running-totals every 2 s and asks for the key when PROXY_API_KEY is set.
+DASHBOARD_HTML: Final = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>vandamme</title>
+<style>
+:root{color-scheme:light dark;--bg:#f5f6f8;--card:#fff;--fg:#1b1f24;--mut:#6b7380;--bd:#e3e6eb;--grid:#eceef2;--acc:#2563eb;--acc2:#7c3aed;--ok:#15803d;--warn:#b45309;--bad:#dc2626;--okb:#dcfce7;--warnb:#fef3c7;--badb:#fee2e2;--hov:#f8f9fb}
+@media (prefers-color-scheme:dark){:root{--bg:#0e1115;--card:#161a20;--fg:#e5e7eb;--mut:#8d96a3;--bd:#262b33;--grid:#1f242b;--acc:#60a5fa;--acc2:#a78bfa;--ok:#4ade80;--warn:#fbbf24;--bad:#f87171;--okb:#14301f;--warnb:#3a2c0c;--badb:#3b1518;--hov:#1b2027}}
+*{box-sizing:border-box}[hidden]{display:none!important}
+body{margin:0;background:var(--bg);color:var(--fg);font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif}
+.num,td.n,.val{font-variant-numeric:tabular-nums}
+header{display:flex;align-items:center;gap:14px;flex-wrap:wrap;padding:12px 24px;background:var(--card);border-bottom:1px solid var(--bd)}
+.brand{display:flex;align-items:center;gap:8px;font-weight:700;font-size:18px;letter-spacing:.2px}
+.ver{color:var(--mut);font-size:12px;border:1px solid var(--bd);border-radius:10px;padding:1px 8px}
+.meta{margin-left:auto;color:var(--mut);font-size:13px;display:flex;gap:14px;align-items:center;flex-wrap:wrap}.meta b{color:var(--fg);font-weight:600}
+.pill{display:inline-block;border-radius:10px;padding:1px 9px;font-size:12px;font-weight:600;background:var(--grid);color:var(--mut)}
+.ok{background:var(--okb);color:var(--ok)}.warn{background:var(--warnb);color:var(--warn)}.bad{background:var(--badb);color:var(--bad)}
+.dot{display:inline-block;width:8px;height:8px;border-radius:50%;background:var(--mut);margin-right:5px}.dot.ok{background:var(--ok)}.dot.bad{background:var(--bad)}
+main{max-width:1440px;margin:0 auto;padding:18px 24px 40px;display:grid;gap:16px}
+.tiles{display:grid;gap:12px;grid-template-columns:repeat(2,1fr)}
+@media (max-width:639px){.tile.two{grid-column:span 2}}@media (min-width:640px){.tiles{grid-template-columns:repeat(4,1fr)}}@media (min-width:1200px){.tiles{grid-template-columns:repeat(6,1fr) 1.6fr 1.6fr}}
+.card,.tile{background:var(--card);border:1px solid var(--bd);border-radius:10px}
+.tile{padding:12px 14px;min-width:0}.lbl{color:var(--mut);font-size:12px;text-transform:uppercase;letter-spacing:.4px;white-space:nowrap}
+.val{font-size:20px;font-weight:650;margin-top:2px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}.val .sep{color:var(--mut);font-weight:400;margin:0 4px}
+.sub{color:var(--mut);font-size:12px;margin-top:2px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
+.tile.err .val{color:var(--bad)}.tile.two .val{font-size:18px}
+.row3{display:grid;gap:16px;grid-template-columns:repeat(auto-fit,minmax(340px,1fr))}
+.card{padding:14px 16px;min-width:0}.ch{display:flex;align-items:baseline;gap:10px;margin-bottom:6px}
+h2{font-size:14px;margin:0;font-weight:650}.leg{margin-left:auto;color:var(--mut);font-size:12px;display:flex;gap:10px}
+.sw{display:inline-block;width:10px;height:3px;border-radius:2px;vertical-align:middle;margin-right:4px}
+svg.chart{width:100%;height:180px;display:block}.foot{margin:6px 0 0;justify-content:flex-start;flex-wrap:wrap}
+svg text{fill:var(--mut);font-size:11px}.g{stroke:var(--grid);stroke-width:1}.ax{stroke:var(--bd)}
+.l0{stroke:var(--acc)}.l1{stroke:var(--bad)}.l2{stroke:var(--acc2)}.s0{background:var(--acc)}.s1{background:var(--bad)}.s2{background:var(--acc2)}
+polyline{fill:none;stroke-width:2;stroke-linejoin:round}.area{fill:var(--acc);opacity:.12}
+.tw{overflow-x:auto}table{width:100%;border-collapse:collapse;font-size:13px}
+th{text-align:left;color:var(--mut);font-weight:600;font-size:12px;padding:6px 8px;border-bottom:1px solid var(--bd);white-space:nowrap}
+td{padding:6px 8px;border-bottom:1px solid var(--grid);white-space:nowrap;vertical-align:top}tr:hover td{background:var(--hov)}
+th.n,td.n{text-align:right}.mut{color:var(--mut)}.url{max-width:260px;overflow:hidden;text-overflow:ellipsis}
+.le{max-width:300px;overflow:hidden;text-overflow:ellipsis;color:var(--bad)}.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12px}
+tr.sub td{font-size:12px;color:var(--mut);border-bottom-style:dashed}tr.sub td:first-child{padding-left:24px}
+.tag{font-size:11px;border:1px solid var(--bd);border-radius:8px;padding:0 6px;margin-left:6px;color:var(--mut)}
+.empty{color:var(--mut);text-align:center;padding:18px}
+.eb{display:grid;grid-template-columns:minmax(0,1fr) auto;gap:3px 10px;align-items:center;margin-top:4px}
+.bar{grid-column:1/3;height:5px;border-radius:3px;background:var(--grid);overflow:hidden}.bar i{display:block;height:100%;background:var(--bad)}
+.last{margin-top:14px;padding-top:10px;border-top:1px solid var(--bd);font-size:12px;word-break:break-word}
+#auth{position:fixed;inset:0;background:rgba(0,0,0,.45);display:flex;align-items:center;justify-content:center;z-index:9}
+#auth form{background:var(--card);border:1px solid var(--bd);border-radius:12px;padding:22px;width:340px;display:grid;gap:10px}
+#auth input,#auth button{font:inherit;padding:8px 10px;border-radius:8px;border:1px solid var(--bd);background:var(--bg);color:var(--fg)}
+#auth button{background:var(--acc);border-color:var(--acc);color:#fff;font-weight:600;cursor:pointer}
+</style></head>
+<body>
+<header>
+  <div class="brand"><svg width="22" height="22" viewBox="0 0 22 22" aria-hidden="true"><rect width="22" height="22" rx="6" fill="#2563eb"/><path d="M5 6l6 11 6-11" fill="none" stroke="#fff" stroke-width="2.4" stroke-linejoin="round"/></svg>vandamme</div>
+  <span class="ver" id="version" data-value="">v?</span>
+  <span class="pill" id="status" data-value="">unknown</span>
+  <div class="meta"><span>uptime <b id="uptime" data-value="">-</b></span><span>default <b id="default-provider" data-value="">-</b></span><span id="conn"><span class="dot"></span>connecting</span></div>
+</header>
+<main>
+  <section class="tiles" id="tiles"></section>
+  <section class="row3">
+    <div class="card"><div class="ch"><h2>Requests / s</h2><span class="leg">last 10 min</span></div><svg class="chart" id="chart-req"></svg><div class="leg foot" id="leg-req"></div></div>
+    <div class="card"><div class="ch"><h2>Tokens / s</h2><span class="leg">last 10 min</span></div><svg class="chart" id="chart-tok"></svg><div class="leg foot" id="leg-tok"></div></div>
+    <div class="card"><div class="ch"><h2>Errors by type</h2><span class="leg" id="err-total"></span></div><div id="errors"></div><div class="last" id="last-error" hidden></div></div>
+  </section>
+  <section class="card"><div class="ch"><h2>Providers</h2><span class="leg" id="prov-count"></span></div><div class="tw"><table id="providers">
+    <thead><tr><th>Provider</th><th>Format</th><th>Base URL</th><th class="n">Keys</th><th class="n">Requests</th><th class="n">Errors</th><th class="n">In flight</th><th class="n">Tokens in</th><th class="n">Tokens out</th><th class="n">p50 / p95</th><th>Last error</th></tr></thead><tbody></tbody></table></div></section>
+  <section class="card"><div class="ch"><h2>Recent requests</h2><span class="leg" id="recent-count"></span></div><div class="tw"><table id="recent">
+    <thead><tr><th>Time</th><th>Request ID</th><th>Route</th><th>Status</th><th>Stream</th><th class="n">Latency</th><th class="n">TTFT</th><th class="n">In</th><th class="n">Out</th></tr></thead><tbody></tbody></table></div></section>
+</main>
+<div id="auth" hidden><form id="authform"><h2>Proxy API key required</h2><div class="mut" style="font-size:13px">The gateway answered 401. The key is kept in this tab only (sessionStorage) and sent as the x-api-key header.</div>
+  <input type="password" id="authkey" placeholder="API key" autocomplete="off"><button type="submit">Connect</button><div class="bad" id="autherr" style="background:none;font-size:12px"></div></form></div>
+<script type="application/json" id="last-totals"></script>
+<script>
+(function(){
+'use strict';
+var KEY='vandamme_api_key',NS='http://www.w3.org/2000/svg',D=String.fromCharCode(8212),AR=' '+String.fromCharCode(8594)+' ',DOT=' '+String.fromCharCode(183)+' ';
+var nf=new Intl.NumberFormat('en-US'),timer=null,busy=false,again=false,authShown=false,health=null;
+function $(id){return document.getElementById(id)}
+function isN(v){return typeof v==='number'&&isFinite(v)}
+function fint(v){return isN(v)?nf.format(Math.round(v)):D}
+function fms(v){return !isN(v)?D:v<999.5?(v<10?v.toFixed(1):Math.round(v))+' ms':(v/1000).toFixed(v<10000?2:1)+' s'}
+function frate(v){return !isN(v)?D:v===0?'0':v<10?v.toFixed(2).replace(/0+$/,'').replace(/[.]$/,''):nf.format(Math.round(v))}
+function fbig(v){return !isN(v)||Math.abs(v)<1e6?fint(v):Math.abs(v)<1e9?(v/1e6).toFixed(2)+'M':(v/1e9).toFixed(2)+'B'}
+function fdur(s){s=Math.floor(s||0);var d=Math.floor(s/86400),h=Math.floor(s%86400/3600),m=Math.floor(s%3600/60),x=s%60;return d?d+'d '+h+'h '+m+'m':h?h+'h '+m+'m '+x+'s':m?m+'m '+x+'s':x+'s'}
+function p2(n){return n<10?'0'+n:''+n}
+function ftime(t,sec){var d=new Date(t*1000);return p2(d.getHours())+':'+p2(d.getMinutes())+(sec?':'+p2(d.getSeconds()):'')}
+function ago(t){var s=Date.now()/1000-t;return s<5?'just now':fdur(s)+' ago'}
+function raw(v){return v==null?'':typeof v==='object'?JSON.stringify(v):String(v)}
+function el(tag,a,kids){var e=document.createElement(tag),k;for(k in a||{})if(a[k]!=null){if(k==='text')e.textContent=a[k];else if(k==='cls')e.className=a[k];else e.setAttribute(k,a[k])}(kids||[]).forEach(function(c){if(c!=null)e.append(c)});return e}
+function sv(tag,a,text){var e=document.createElementNS(NS,tag),k;for(k in a)e.setAttribute(k,a[k]);if(text!=null)e.textContent=text;return e}
+function td(field,v,text,cls){return el('td',{'data-field':field,'data-value':raw(v),cls:cls},[text===undefined?fint(v):text])}
+function setv(id,v,text){var e=$(id);e.setAttribute('data-value',raw(v));e.textContent=text===undefined?fint(v):text;return e}
+function st(s){s=s||{};return s}
+var TILES=[['requests','Requests'],['in_flight','In flight'],['errors','Errors'],['input_tokens','Input tokens'],['output_tokens','Output tokens'],['cache_read_tokens','Cache read'],['latency','Latency p50 / p95',1],['ttft','TTFT p50 / p95',1]];
+TILES.forEach(function(t){var v=t[2]?[el('span',{id:'total-'+t[0]+'_p50','data-field':t[0]+'_p50','data-value':''},[D]),el('span',{cls:'sep',text:'/'}),el('span',{id:'total-'+t[0]+'_p95','data-field':t[0]+'_p95','data-value':''},[D])]:[el('span',{id:'total-'+t[0],'data-field':t[0],'data-value':'0'},['0'])];
+  var sub=t[0]==='cache_read_tokens'?['write ',el('span',{id:'total-cache_creation_tokens','data-field':'cache_creation_tokens','data-value':'0'},['0'])]:[el('span',{id:'sub-'+t[0]},[String.fromCharCode(160)])];
+  $('tiles').append(el('div',{cls:'tile'+(t[2]?' two':''),id:'tile-'+t[0]},[el('div',{cls:'lbl',text:t[1]}),el('div',{cls:'val'},v),el('div',{cls:'sub'},sub)]))});
+function niceMax(m){if(!(m>0))return 1;var e=Math.pow(10,Math.floor(Math.log10(m))),f=m/e;return (f<=1?1:f<=2?2:f<=2.5?2.5:f<=5?5:10)*e}
+function buckets(series){if(!series||!series.length)return [];var end=series[series.length-1].t,n=60,start=end-(n-1)*10,out=[],i;
+  for(i=0;i<n;i++)out.push({t:start+i*10,requests:0,errors:0,input_tokens:0,output_tokens:0});
+  series.forEach(function(s){var j=Math.round((s.t-start)/10);if(j>=0&&j<n)out[j]=s});return out}
+function chart(svg,b,lines,legend){
+  var W=Math.max(280,Math.round(svg.clientWidth||600)),H=180,L=46,R=10,T=8,B=22,pw=W-L-R,ph=H-T-B,mx=0,n=b.length;svg.replaceChildren();svg.setAttribute('viewBox','0 0 '+W+' '+H);
+  lines.forEach(function(l){l.v=b.map(l.f);l.v.forEach(function(v){if(v>mx)mx=v})});
+  var top=niceMax(mx),i;function X(i){return L+(n>1?pw*i/(n-1):0)}function Y(v){return T+ph-ph*(v/top)}
+  for(i=0;i<=4;i++){var y=T+ph-ph*i/4;svg.append(sv('line',{x1:L,x2:W-R,y1:y,y2:y,'class':i?'g':'ax'}));svg.append(sv('text',{x:L-6,y:y+4,'text-anchor':'end'},frate(top*i/4)))}
+  if(!n){svg.append(sv('text',{x:L+pw/2,y:T+ph*0.375+4,'text-anchor':'middle'},'No data yet'));legend.replaceChildren();return}
+  [0,12,24,36,48,59].forEach(function(k){if(k<n)svg.append(sv('text',{x:X(k),y:H-5,'text-anchor':k===0?'start':k===n-1?'end':'middle'},ftime(b[k].t)))});
+  legend.replaceChildren();
+  lines.forEach(function(l,li){var pts=l.v.map(function(v,k){return X(k).toFixed(1)+','+Y(v).toFixed(1)}).join(' ');
+    if(li===0)svg.append(sv('polygon',{'class':'area',points:X(0)+','+(T+ph)+' '+pts+' '+X(n-1)+','+(T+ph)}));
+    svg.append(sv('polyline',{'class':'l'+l.c,points:pts}));
+    var avg=l.v.reduce(function(a,c){return a+c},0)/n,pk=Math.max.apply(null,l.v);
+    legend.append(el('span',{},[el('i',{cls:'sw s'+l.c}),l.name+': avg '+frate(avg)+DOT+'peak '+frate(pk)]))})}
+function renderHealth(h){health=h;setv('version',h.version,'v'+(h.version||'?'));
+  var s=$('status');s.setAttribute('data-value',raw(h.status));s.textContent=h.status||'unknown';s.className='pill '+(h.status==='ok'?'ok':h.status==='degraded'?'warn':'bad');
+  setv('default-provider',h.default_provider,h.default_provider||D);if(isN(h.uptime_s))setv('uptime',h.uptime_s,fdur(h.uptime_s))}
+function provRow(name,hp,ps,isDef){
+  var keys=hp?(hp.passthrough?'passthrough':hp.keys):null,le=ps.last_error,lat=ps.latency_ms||{};
+  var nameC=el('td',{'data-field':'name','data-value':name},[el('b',{text:name}),isDef?el('span',{cls:'tag',text:'default'}):null,hp&&hp.azure?el('span',{cls:'tag',text:'azure'}):null]);
+  var keysC=td('keys',keys,keys==null?D:keys==='passthrough'?'passthrough':fint(keys),'n');
+  if(hp&&hp.cooling_keys)keysC.append(el('span',{cls:'pill warn','data-field':'cooling_keys','data-value':hp.cooling_keys,title:'keys cooling down',style:'margin-left:6px',text:hp.cooling_keys+' cooling'}));
+  var lc=td('last_error',le?le.type:'',le?(le.type||'error')+': '+(le.message||'')+DOT+ago(le.time):D,le?'le':'mut');if(le)lc.title=(le.type||'')+': '+(le.message||'');
+  return el('tr',{'data-provider':name},[nameC,td('format',hp&&hp.format,hp&&hp.format||D,'mut'),el('td',{'data-field':'base_url','data-value':raw(hp&&hp.base_url),cls:'url mono',title:hp&&hp.base_url||''},[hp&&hp.base_url||D]),keysC,
+    td('requests',ps.requests||0,undefined,'n'),td('errors',ps.errors||0,undefined,'n'+(ps.errors?' le':'')),td('in_flight',ps.in_flight||0,undefined,'n'),td('input_tokens',ps.input_tokens||0,undefined,'n'),td('output_tokens',ps.output_tokens||0,undefined,'n'),
+    el('td',{cls:'n'},[el('span',{'data-field':'latency_p50','data-value':raw(lat.p50)},[fms(lat.p50)]),' / ',el('span',{'data-field':'latency_p95','data-value':raw(lat.p95)},[fms(lat.p95)])]),lc])}
+function modelRow(pname,m,ms){var lat=ms.latency_ms||{};return el('tr',{cls:'sub','data-model':m,'data-parent':pname},[el('td',{colspan:4,cls:'mono',text:m}),
+  td('requests',ms.requests||0,undefined,'n'),td('errors',ms.errors||0,undefined,'n'),td('in_flight',ms.in_flight||0,undefined,'n'),td('input_tokens',ms.input_tokens||0,undefined,'n'),td('output_tokens',ms.output_tokens||0,undefined,'n'),el('td',{cls:'n',text:fms(lat.p50)+' / '+fms(lat.p95)}),el('td')])}
+function renderProviders(tp){var hp={},names=[],rows=[];((health&&health.providers)||[]).forEach(function(p){hp[p.name]=p;names.push(p.name)});
+  Object.keys(tp||{}).forEach(function(n){if(names.indexOf(n)<0)names.push(n)});
+  names.forEach(function(n){var ps=st(tp&&tp[n]);rows.push(provRow(n,hp[n],ps,health&&health.default_provider===n));
+    var ms=ps.models||{};Object.keys(ms).sort(function(a,b){return (ms[b].requests||0)-(ms[a].requests||0)}).forEach(function(m){rows.push(modelRow(n,m,st(ms[m])))})});
+  if(!names.length)rows.push(el('tr',{},[el('td',{colspan:11,cls:'empty',text:'No providers configured'})]));
+  $('providers').tBodies[0].replaceChildren.apply($('providers').tBodies[0],rows);$('prov-count').textContent=names.length+' provider'+(names.length===1?'':'s')}
+function renderErrors(t){var eb=t.errors_by_type||{},ks=Object.keys(eb).sort(function(a,b){return eb[b]-eb[a]}),box=$('errors'),mx=0;box.replaceChildren();
+  ks.forEach(function(k){if(eb[k]>mx)mx=eb[k]});
+  ks.forEach(function(k){box.append(el('div',{cls:'eb','data-type':k},[el('span',{cls:'mono',text:k}),el('span',{cls:'num','data-field':'errors_by_type','data-value':eb[k],text:fint(eb[k])}),el('div',{cls:'bar'},[el('i',{style:'width:'+(100*eb[k]/mx).toFixed(1)+'%'})])]))});
+  if(!ks.length)box.append(el('div',{cls:'empty',text:'No errors'}));$('err-total').textContent=fint(t.errors||0)+' total';
+  var le=t.last_error,lb=$('last-error');lb.hidden=!le;if(le)lb.replaceChildren(el('div',{cls:'mut',text:'Last error'+DOT+ago(le.time)+' ('+ftime(le.time,1)+')'}),el('div',{},[el('b',{cls:'mono',text:le.type||'error'}),' ',le.message||'']))}
+function renderRecent(rs){var rows=(rs||[]).map(function(r){var c=r.status>=500||r.status===0?'bad':r.status>=400?'warn':'ok';
+  var sc=el('td',{'data-field':'status','data-value':raw(r.status)},[el('span',{cls:'pill '+c,text:String(r.status==null?D:r.status)}),r.error_type?el('span',{cls:'mut',style:'margin-left:6px',text:r.error_type}):null]);
+  return el('tr',{'data-request-id':r.request_id},[el('td',{cls:'mut','data-field':'time','data-value':raw(r.time),text:isN(r.time)?ftime(r.time,1):D}),el('td',{cls:'mono',title:r.request_id||'',text:String(r.request_id||D).slice(0,14)}),
+    el('td',{},[el('span',{text:r.client_model||D}),el('span',{cls:'mut',text:AR}),el('span',{cls:'mono',text:(r.provider||'?')+':'+(r.model||'?')})]),sc,
+    td('streamed',r.streamed,r.streamed?'stream':'-','mut'),td('latency_ms',r.latency_ms,fms(r.latency_ms),'n'),td('ttft_ms',r.ttft_ms,fms(r.ttft_ms),'n'),td('input_tokens',r.input_tokens,undefined,'n'),td('output_tokens',r.output_tokens,undefined,'n')])});
+  if(!rows.length)rows.push(el('tr',{},[el('td',{colspan:9,cls:'empty',text:'No requests yet'})]));
+  var tb=$('recent').tBodies[0];tb.replaceChildren.apply(tb,rows);$('recent-count').textContent=(rs||[]).length?'newest first'+DOT+'last '+rs.length:''}
+function renderTotals(j,text){var t=st(j.totals),b=buckets(j.series),last=b.slice(-7,-1);
+  ['requests','in_flight','errors','input_tokens','output_tokens','cache_read_tokens','cache_creation_tokens'].forEach(function(k){setv('total-'+k,t[k]||0,fbig(t[k]||0)).title=fint(t[k]||0)});
+  ['latency','ttft'].forEach(function(k){var p=t[k+'_ms']||{};setv('total-'+k+'_p50',p.p50,fms(p.p50));setv('total-'+k+'_p95',p.p95,fms(p.p95))});
+  $('tile-errors').classList.toggle('err',(t.errors||0)>0);
+  function rate(f){return last.length?last.reduce(function(a,x){return a+f(x)},0)/(last.length*10):null}
+  $('sub-requests').textContent=last.length?frate(rate(function(x){return x.requests}))+' req/s (1m)':'no traffic yet';
+  $('sub-errors').textContent=t.requests?(100*(t.errors||0)/t.requests).toFixed(1)+'% error rate':'no requests';
+  $('sub-in_flight').textContent=Object.keys(j.providers||{}).length+' provider(s)';
+  $('sub-input_tokens').textContent=t.requests?fint((t.input_tokens||0)/t.requests)+' / request':String.fromCharCode(160);
+  $('sub-output_tokens').textContent=last.length?frate(rate(function(x){return x.output_tokens}))+' tok/s (1m)':String.fromCharCode(160);
+  $('sub-latency').textContent='end to end';$('sub-ttft').textContent='time to first token';
+  if(isN(j.uptime_s))setv('uptime',j.uptime_s,fdur(j.uptime_s));
+  chart($('chart-req'),b,[{name:'requests',c:0,f:function(x){return (x.requests||0)/10}},{name:'errors',c:1,f:function(x){return (x.errors||0)/10}}],$('leg-req'));
+  chart($('chart-tok'),b,[{name:'in+out',c:0,f:function(x){return ((x.input_tokens||0)+(x.output_tokens||0))/10}},{name:'out',c:2,f:function(x){return (x.output_tokens||0)/10}}],$('leg-tok'));
+  renderProviders(j.providers);renderErrors(t);renderRecent(j.recent);
+  $('last-totals').textContent=text.split('</').join('<'+String.fromCharCode(92)+'/');document.body.dataset.loaded='1'}
+function get(path){var k=sessionStorage.getItem(KEY),h={Accept:'application/json'};if(k)h['x-api-key']=k;
+  return fetch(path,{headers:h,cache:'no-store'}).then(function(r){if(r.status===401){var e=new Error('401');e.auth=true;throw e}if(!r.ok)throw new Error('HTTP '+r.status);
+    return r.text().then(function(tx){return {json:JSON.parse(tx),text:tx}})})}
+function conn(ok,msg){$('conn').replaceChildren(el('span',{cls:'dot '+(ok?'ok':'bad')}),msg)}
+function showAuth(){var a=$('auth');$('autherr').textContent=sessionStorage.getItem(KEY)?'That key was rejected (401). Try again.':'';if(a.hidden){a.hidden=false;$('authkey').focus()}}
+function tick(){if(busy)return;busy=true;clearTimeout(timer);
+  Promise.allSettled([get('/health'),get('/metrics/running-totals')]).then(function(r){var h=r[0],t=r[1],auth=false,err=null;
+    try{if(h.status==='fulfilled')renderHealth(h.value.json);else if(h.reason.auth)auth=true;else err=h.reason.message;
+      if(t.status==='fulfilled')renderTotals(t.value.json,t.value.text);else if(t.reason.auth)auth=true;else err=err||t.reason.message;}catch(e){err=String(e)}
+    if(auth)showAuth();else $('auth').hidden=true;
+    conn(!auth&&!err,auth?'API key required':err?'error: '+err:'live'+DOT+ftime(Date.now()/1000,1))})
+  .finally(function(){busy=false;timer=setTimeout(tick,again?0:2000);again=false})}
+$('authform').addEventListener('submit',function(e){e.preventDefault();var v=$('authkey').value.trim();if(v)sessionStorage.setItem(KEY,v);else sessionStorage.removeItem(KEY);$('authkey').value='';$('auth').hidden=true;if(busy)again=true;else tick()});
+chart($('chart-req'),[],[],$('leg-req'));chart($('chart-tok'),[],[],$('leg-tok'));tick();
+})();
+</script>
+</body></html>
+"""
+
+# ---------------------------------------------------------------------------
+# §15  Application and server
+# ---------------------------------------------------------------------------
+
+def builtin_middleware(config: Config) -> list[Middleware]:
+    """The provider dialects, written as ordinary middleware."""
+    return [GeminiDialect(config.gemini_signatures), ReasoningHistoryDialect(), ThinkTagsDialect()]
+
+
+def create_app(config: Config, *, middleware: Sequence[Any] | None = None) -> web.Application:
+    """Build the aiohttp application for `config` (tests call this directly)."""
+    hooks = builtin_middleware(config) + list(middleware or ())
+    if middleware is None and config.middleware:
+        hooks += load_middleware(config.middleware)
+    rt = Runtime(config, MiddlewareChain(hooks))
+    app = web.Application(client_max_size=config.max_request_bytes, middlewares=[error_middleware])
+    app[RUNTIME] = rt
+
+    async def client_session(app: web.Application) -> Any:
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=config.pool_limit, ttl_dns_cache=300,
+                                         keepalive_timeout=30)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout, cookie_jar=aiohttp.DummyCookieJar(),
+                                         headers={"User-Agent": f"vandamme/{__version__}"},
+                                         auto_decompress=True) as session:
+            rt.session = session
+            yield
+            rt.session = None
+
+    async def drain(app: web.Application) -> None:
+        """On SIGTERM/SIGINT: let in-flight requests finish for SHUTDOWN_GRACE, then end streams."""
+        rt.draining = True
+        deadline = time.monotonic() + rt.config.shutdown_grace
+        while rt.metrics.totals.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for abort in list(rt.aborts.values()):
+            abort()
+
+    app.cleanup_ctx.append(client_session)
+    app.on_shutdown.append(drain)
+    router = app.router
+    router.add_post("/v1/messages", handle_messages)
+    router.add_post("/v1/messages/count_tokens", handle_count_tokens)
+    router.add_get("/v1/models", handle_models)
+    router.add_get("/v1/aliases", handle_aliases)
+    router.add_get("/health", handle_health)
+    router.add_get("/metrics", handle_prometheus)
+    router.add_get("/metrics/running-totals", handle_running_totals)
+    router.add_get("/", handle_dashboard)
+    router.add_get("/api/hello", handle_ok)            # HEAD /api/hello too: Claude Code's probe
+    router.add_post("/api/event_logging/batch", handle_ok)
+    router.add_post("/api/event_logging/v2/batch", handle_ok)
+    return app
+
+
+async def gunicorn_app() -> web.Application:
+    """Zero-argument factory for `gunicorn vandamme:gunicorn_app --worker-class aiohttp.GunicornWebWorker`."""
+    return create_app(load_config(os.environ, config_path=os.environ.get("VDM_CONFIG")))
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if message.startswith('{"event": "request"'):
+            return message
+        data = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name, "message": message}
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        return json.dumps(data)
+
+
+def setup_logging(config: Config) -> None:
+    handler = logging.StreamHandler()
+    if config.log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.log_level)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def startup_banner(config: Config, port: int) -> str:
+    lines = [f"vandamme {__version__} listening on http://{config.host}:{port}",
+             f"  export ANTHROPIC_BASE_URL=http://{'localhost' if config.host in ('127.0.0.1', '0.0.0.0', '::') else config.host}:{port}"]
+    if not config.providers:
+        lines.append("  no provider configured: set OPENAI_API_KEY (or {PROVIDER}_API_KEY / {PROVIDER}_BASE_URL)")
+    for p in config.providers:
+        keys = "passthrough" if p.passthrough else f"{len(p.keys)} key{'s' if len(p.keys) != 1 else ''}"
+        mark = " (default)" if p.name == config.default_provider else ""
+        lines.append(f"  provider {p.name:<12} {p.api_format:<9} {p.base_url}  {keys}{' azure' if p.azure else ''}{mark}")
+    lines.append(f"  default provider: {config.default_provider or '-'}; {len(config.aliases)} aliases")
+    lines.extend(f"  warning: {w}" for w in config.warnings)
+    return "\n".join(lines)
+
+
+async def serve(config: Config, reload: Callable[[], Config] | None = None, *, reuse_port: bool = False,
+                announce: bool = True) -> None:
+    """Run until SIGTERM/SIGINT; then drain gracefully. SIGHUP reloads the configuration."""
+    app = create_app(config)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port, reuse_port=reuse_port or None, backlog=1024)
+    await site.start()
+    port = runner.addresses[0][1] if runner.addresses else config.port
+    if announce:
+        print(startup_banner(config, port), flush=True)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    def on_hup() -> None:
+        if reload is None:
+            return
+        try:
+            fresh = reload()
+        except ConfigError as exc:
+            logger.error("SIGHUP: configuration refused, keeping the old one: %s", exc)
+            return
+        app[RUNTIME].apply(fresh)
+        logger.info("SIGHUP: configuration reloaded (%d providers, %d aliases)", len(fresh.providers),
+                    len(fresh.aliases))
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    try:
+        await stop.wait()
+        logger.info("shutting down: finishing in-flight requests (up to %gs)", config.shutdown_grace)
+    finally:
+        await runner.cleanup()
+
+
+def run_server(config: Config, reload: Callable[[], Config], workers: int) -> int:
+    """Serve in this process, or fork `workers` processes sharing the port (SO_REUSEPORT)."""
+    with contextlib.suppress(ImportError):
+        import uvloop  # optional, faster event loop
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        logger.debug("using uvloop")
+    if workers <= 1:
+        asyncio.run(serve(config, reload))
+        return 0
+    children = []
+    for n in range(workers):
+        pid = os.fork()
+        if pid == 0:                                   # pragma: no cover - child process
+            code = 0
+            try:
+                asyncio.run(serve(config, reload, reuse_port=True, announce=n == 0))
+            except BaseException:
+                code = 1
+            os._exit(code)
+        children.append(pid)
+    forward = lambda sig, _frame: [os.kill(pid, sig) for pid in children]  # noqa: E731
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    status = 0
+    for pid in children:
+        _, code = os.waitpid(pid, 0)
+        status |= os.waitstatus_to_exitcode(code) != 0
+    return int(status)
+
+# ---------------------------------------------------------------------------
+# §16  Command line
+# ---------------------------------------------------------------------------
+
+def _style(text: str, code: str, stream: Any = None) -> str:
+    stream = stream or sys.stdout
+    if os.environ.get("NO_COLOR") or not getattr(stream, "isatty", lambda: False)():
+        return text
+    return f"\033[{code}m{text}\033[0m"
+
+
+def format_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """Aligned columns for terminals."""
+    rows = [[str(c) for c in row] for row in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h)) for i, h in enumerate(header)]
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    serve_options = argparse.ArgumentParser(add_help=False)
+    serve_options.add_argument("--host", default=argparse.SUPPRESS, help="address to bind (HOST)")
+    serve_options.add_argument("--port", type=int, default=argparse.SUPPRESS, help="port (PORT, default 8082)")
+    serve_options.add_argument("--log-level", default=argparse.SUPPRESS, help="DEBUG, INFO, WARNING, ERROR")
+    serve_options.add_argument("--workers", default=argparse.SUPPRESS,
+                               help="processes sharing the port: a number or 'auto' (cores)")
+    serve_options.add_argument("--middleware", default=argparse.SUPPRESS,
+                               help="Python file with request/response hooks (VDM_MIDDLEWARE)")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH",
+                        help="read this TOML file instead of ./vandamme-config.toml and the user's")
+    epilog = "environment variables:\n" + "\n".join(f"  {name:<34} {text}" for name, (_a, _k, text) in ENV_VARS.items())
+    epilog += ("\n  {P}_API_KEY / _BASE_URL / _API_FORMAT / _API_VERSION / _ALIAS_{NAME} / _CUSTOM_HEADER_{NAME}"
+               "\n                                     per provider P (see the README)")
+    parser = argparse.ArgumentParser(prog="vandamme", parents=[serve_options, common],
+                                     description="Anthropic Messages API gateway: run Claude Code on any provider.",
+                                     epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"vandamme {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("serve", parents=[serve_options, common], help="run the gateway (the default)")
+    config = commands.add_parser("config", help="show, validate or create the configuration")
+    config_commands = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    config_commands.add_parser("show", parents=[common], help="effective settings and where each came from")
+    config_commands.add_parser("validate", parents=[common], help="exit 0 if the configuration is valid, else 1")
+    init = config_commands.add_parser("init", help="interactive setup (or use the flags)")
+    init.add_argument("--provider", action="append", default=[], metavar="NAME", help="provider to configure")
+    init.add_argument("--api-key", action="append", default=[], metavar="KEY", help="key for each --provider")
+    init.add_argument("--base-url", action="append", default=[], metavar="URL", help="NAME=URL base URL override")
+    init.add_argument("--default-provider", metavar="NAME")
+    init.add_argument("--alias", action="append", default=[], metavar="NAME=TARGET", help="default provider alias")
+    init.add_argument("--format", choices=("env", "toml"), default=None, help="write .env or vandamme-config.toml")
+    init.add_argument("--output", metavar="PATH", help="file to write (default ./.env or ./vandamme-config.toml)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    init.add_argument("--yes", "-y", action="store_true", help="no questions: use the flags only")
+    resolve = commands.add_parser("resolve", parents=[common], help="where a model name goes, and why")
+    resolve.add_argument("model")
+    commands.add_parser("version", help="print the version")
+    health_cmd = commands.add_parser("health", help="check a running vandamme")
+    health_cmd.add_argument("--url", default=None, help="base URL (default http://127.0.0.1:PORT)")
+    check = commands.add_parser("check", parents=[common], help="probe each configured provider")
+    check.add_argument("--live", action="store_true", help="also send a one-token request")
+    models = commands.add_parser("models", parents=[common], help="models a provider offers")
+    models.add_argument("--provider", default=None)
+    claude = commands.add_parser("claude", parents=[common], help="start vandamme and run the claude CLI through it")
+    claude.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to claude")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Run the command line; return the exit status (0 ok, 1 error, 2 usage)."""
+    environ = os.environ if environ is None else environ
+    args = build_parser().parse_args(argv)
+    command = args.command or "serve"
+    if command == "version":
+        print(f"vandamme {__version__}")
+        return 0
+    if command == "config" and args.config_command == "init":
+        return config_init(args, environ)
+    if command == "health":
+        return cli_health(args.url or f"http://127.0.0.1:{environ.get('PORT', '8082')}")
+    overrides = {"host": getattr(args, "host", None), "port": getattr(args, "port", None),
+                 "log_level": getattr(args, "log_level", None), "middleware": getattr(args, "middleware", None)}
+    if overrides["log_level"]:
+        overrides["log_level"] = overrides["log_level"].upper()
+
+    def load() -> Config:
+        return load_config(environ, config_path=getattr(args, "config", None), overrides=overrides)
+
+    try:
+        config = load()
+        if command == "serve" and config.middleware:
+            load_middleware(config.middleware)
+    except ConfigError as exc:
+        print(f"vandamme: error: {exc}", file=sys.stderr)
+        if command == "config":
+            print("configuration is invalid", file=sys.stderr)
+        return 1
+    if command == "config":
+        if args.config_command == "validate":
+            for warning in config.warnings:
+                print(f"warning: {warning}")
+            print(f"configuration is valid: {len(config.providers)} providers, {len(config.aliases)} aliases")
+            return 0
+        return config_show(config)
+    if command == "resolve":
+        try:
+            route = resolve_model(config, args.model)
+        except VandammeError as exc:
+            print(f"vandamme: error: {exc}", file=sys.stderr)
+            return 1
+        targets = ", then ".join(f"{t.provider}:{t.model}" for t in route.targets)
+        print(f"{args.model} -> {targets}\n  rule: {route.rule}")
+        return 0
+    if command in ("check", "models"):
+        return asyncio.run(cli_probe(config, command, args))
+    if command == "claude":
+        return cli_claude(environ, args)
+    setup_logging(config)
+    workers = getattr(args, "workers", "1")
+    count = os.cpu_count() or 1 if workers == "auto" else int(workers) if str(workers).isdigit() else 0
+    if count < 1:
+        print(f"vandamme: error: --workers {workers}: a positive number or 'auto'", file=sys.stderr)
+        return 2
+    return run_server(config, load, count)
+
+
+def config_show(config: Config) -> int:
+    print(f"vandamme {__version__}")
+    print(format_table(("setting", "value", "source"), config.sources))
+    print()
+    print(format_table(("provider", "format", "base URL", "keys", "capabilities"), (
+        (p.name + (" *" if p.name == config.default_provider else ""), p.api_format + (" (azure)" if p.azure else ""),
+         p.base_url, "passthrough" if p.passthrough else ", ".join(mask(k) for k in p.keys) or "(none)",
+         " ".join(f"{k}" for k, on in (("stream-usage", p.stream_usage), ("think-tags", p.think_tags),
+                                        ("reasoning-history", p.reasoning_history), ("gemini", p.gemini)) if on))
+        for p in config.providers)))
+    print()
+    print(format_table(("alias", "target", "source"), (
+        (f"{a.provider}:{a.name}", a.target, a.source) for a in config.aliases)))
+    for warning in config.warnings:
+        print(_style(f"warning: {warning}", "33"))
+    return 0
+
+
+def _ask(question: str, default: str = "") -> str:
+    suffix = f" [{default}]" if default else ""
+    try:
+        answer = input(f"{question}{suffix}: ").strip()
+    except EOFError:
+        answer = ""
+    return answer or default
+
+
+def config_init(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """Write .env or vandamme-config.toml from answers (or flags, with --yes)."""
+    known = tuple(name for name in tomllib.loads(_default_toml_text()) if name != "defaults")
+    providers: list[tuple[str, str, str]] = []
+    base_urls = dict(item.split("=", 1) for item in args.base_url if "=" in item)
+    for i, name in enumerate(args.provider):
+        key = args.api_key[i] if i < len(args.api_key) else ""
+        providers.append((name.lower(), key, base_urls.get(name, "")))
+    aliases = [item.split("=", 1) for item in args.alias if "=" in item]
+    default = args.default_provider
+    fmt = args.format
+    if not args.yes:
+        print("vandamme setup. Known providers: " + ", ".join(known))
+        while True:
+            name = _ask("Provider to add (empty to finish)", "" if providers else "openai").lower()
+            if not name:
+                break
+            key = _ask(f"{name}: API key (several separated by spaces, !PASSTHRU, or empty for local)")
+            url = "" if name in known else _ask(f"{name}: base URL (e.g. http://localhost:8000/v1)")
+            providers.append((name, key, url))
+        default = _ask("Default provider", default or (providers[0][0] if providers else "openai"))
+        while True:
+            alias = _ask("Alias as NAME=TARGET (empty to finish)")
+            if not alias:
+                break
+            if "=" in alias:
+                aliases.append(alias.split("=", 1))
+        fmt = fmt or _ask("Write .env or toml", "env")
+    fmt = "toml" if (fmt or "env").lower().startswith("t") else "env"
+    output = Path(args.output or (".env" if fmt == "env" else "vandamme-config.toml"))
+    if output.exists() and not args.force:
+        print(f"vandamme: error: {output} exists; use --force to overwrite", file=sys.stderr)
+        return 1
+    if not providers:
+        print("vandamme: error: no provider given", file=sys.stderr)
+        return 1
+    default = (default or providers[0][0]).lower()
+    if fmt == "env":
+        lines = ["# written by vandamme config init", f"VDM_DEFAULT_PROVIDER={default}"]
+        for name, key, url in providers:
+            if key:
+                lines.append(f'{name.upper()}_API_KEY="{key}"')
+            if url:
+                lines.append(f"{name.upper()}_BASE_URL={url}")
+        lines += [f"{default.upper()}_ALIAS_{alias.upper().replace('-', '_')}={target}" for alias, target in aliases]
+    else:
+        lines = ["# written by vandamme config init", "[defaults]", f'default-provider = "{default}"']
+        for name, key, url in providers:
+            lines.append(f"\n[{name}]")
+            if key:
+                lines.append(f"api-key = {json.dumps(key)}")
+            if url:
+                lines.append(f"base-url = {json.dumps(url)}")
+            own = [(a, t) for a, t in aliases if name == default]
+            if own:
+                lines.append(f"[{name}.aliases]")
+                lines += [f"{json.dumps(a)} = {json.dumps(t)}" for a, t in own]
+    output.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    if fmt == "env":
+        with contextlib.suppress(OSError):
+            output.chmod(0o600)
+    print(f"wrote {output} ({len(providers)} provider{'s' if len(providers) != 1 else ''}, default {default})")
+    return 0
+
+
+def cli_health(url: str) -> int:
+    async def fetch() -> JSON:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            async with session.get(url.rstrip("/") + "/health") as response:
+                return await response.json(content_type=None)
+    try:
+        data = asyncio.run(fetch())
+    except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+        print(_style(f"unreachable: {url}: {exc}", "31"))
+        return 1
+    ok = data.get("status") == "ok"
+    print(f"{_style('healthy' if ok else data.get('status', 'unknown'), '32' if ok else '31')}: vandamme "
+          f"{data.get('version')} at {url}, up {data.get('uptime_s')}s, default provider {data.get('default_provider')}")
+    print(format_table(("provider", "format", "base URL", "keys", "cooling"), (
+        (p["name"], p["format"], p["base_url"], "passthrough" if p["passthrough"] else p["keys"], p["cooling_keys"])
+        for p in data.get("providers", ()))))
+    return 0 if ok else 1
+
+
+async def cli_probe(config: Config, command: str, args: argparse.Namespace) -> int:
+    """`check` and `models`: talk to each provider directly, no server needed."""
+    app = create_app(config, middleware=())
+    rt = app[RUNTIME]
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10)) as session:
+        rt.session = session
+        wanted = [p for p in config.providers if command == "check" or not args.provider or p.name == args.provider.lower()]
+        if command == "models":
+            if not wanted:
+                print(f"vandamme: error: no configured provider {args.provider!r}", file=sys.stderr)
+                return 1
+            for provider in wanted:
+                models = await fetch_models(rt, provider, None)
+                print(format_table((f"{provider.name} models",), ((m["id"],) for m in models)))
+            return 0
+        rows, failures = [], 0
+        for provider in wanted:
+            started = time.monotonic()
+            models = await fetch_models(rt, provider, None)
+            status = f"{len(models)} models" if models else "no model list"
+            live = "-"
+            if args.live:
+                route = resolve_model(config, "sonnet") if config.providers else None
+                model = next((t.model for t in route.targets if t.provider == provider.name), None) if route else None
+                model = model or (models[0]["id"] if models else "unknown")
+                body = {"model": model, "max_tokens": 1, "messages": [{"role": "user", "content": "ping"}]}
+                try:
+                    if provider.api_format == "anthropic":
+                        data = json.dumps(body).encode()
+                        url = anthropic_url(provider, "messages")
+                        extra = {"anthropic-version": ANTHROPIC_VERSION}
+                    else:
+                        payload, _ = anthropic_to_openai(body, provider, model)
+                        data, url, extra = json.dumps(payload).encode(), chat_url(provider, model), {}
+                    await open_upstream(rt, provider, url, data, request_id="check", read_body=True,
+                                        extra_headers=extra)
+                    live = f"ok ({model})"
+                except VandammeError as exc:
+                    live, failures = f"failed: {str(exc)[:60]}", failures + 1
+            elif not models:
+                failures += 1
+            rows.append((provider.name, provider.api_format, status, live, f"{(time.monotonic() - started) * 1000:.0f}ms"))
+        print(format_table(("provider", "format", "models", "live request", "latency"), rows))
+        rt.session = None
+    return 1 if failures else 0
+
+
+def cli_claude(environ: Mapping[str, str], args: argparse.Namespace) -> int:
+    """Start vandamme on a free local port, run `claude ARGS...` through it, return claude's exit code."""
+    claude = shutil.which("claude", path=environ.get("PATH"))
+    if claude is None:
+        print("vandamme: error: the claude CLI is not on PATH "
+              "(npm install -g @anthropic-ai/claude-code)", file=sys.stderr)
+        return 1
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**environ, "PORT": str(port), "HOST": "127.0.0.1"}
+    command = [sys.executable, str(Path(__file__).resolve()), "--port", str(port), "--log-level", "WARNING"]
+    if getattr(args, "config", None):
+        command += ["--config", args.config]
+    import subprocess
+    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                print("vandamme: error: the gateway did not start", file=sys.stderr)
+                return 1
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+            time.sleep(0.1)
+        child_env = {**environ, "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{port}"}
+        if config_key := environ.get("PROXY_API_KEY"):
+            child_env["ANTHROPIC_API_KEY"] = config_key
+        child_env.setdefault("ANTHROPIC_API_KEY", "vandamme")
+        args_list = [a for a in args.args if a != "--"]
+        return subprocess.call([claude, *args_list], env=child_env)
+    finally:
+        server.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
