@@ -310,6 +310,12 @@ class ConfigError(VandammeError, ValueError):
     """A configuration problem found at startup; the CLI prints it and exits 1."""
 
 
+class NotConfiguredError(VandammeError):
+    """The gateway itself lacks configuration; retrying cannot help (x-should-retry: false)."""
+
+    status, error_type, retryable = 500, "api_error", False
+
+
 class InvalidRequestError(VandammeError):
     status, error_type = 400, "invalid_request_error"
 
@@ -768,9 +774,8 @@ def resolve_model(config: Config, requested: str) -> Route:
     default provider, provider order, alphabetical.
     """
     if not config.providers or config.default_provider is None:
-        raise VandammeError("no provider is configured: set OPENAI_API_KEY (or another "
-                            "{PROVIDER}_API_KEY / {PROVIDER}_BASE_URL) and restart vandamme",
-                            status=500, error_type="api_error")
+        raise NotConfiguredError("no provider is configured: set OPENAI_API_KEY (or another "
+                                 "{PROVIDER}_API_KEY / {PROVIDER}_BASE_URL) and restart vandamme")
     literal = requested.startswith("!")
     name = requested[1:] if literal else requested
     prefix, sep, rest = name.partition(":")
@@ -1977,23 +1982,63 @@ def run_hooks(hooks: list[tuple[str, Callable[..., Any]]], exchange: Exchange, v
 # ---------------------------------------------------------------------------
 
 IMAGE_TOKENS: Final = 1600     # Anthropic charges ~1,600 tokens for a typical screenshot
-_TOKEN_PIECES: Final = re.compile(r"[A-Za-z]+|\d{1,3}|[^\sA-Za-z\d]|\s+")
+
+# The estimate is a linear model over byte classes: one UTF-8 encode, two translate()
+# passes and a few count() passes, no Python loop over the text (~0.6 ms per 50 KB).
+# Coefficients were fitted against o200k_base/cl100k_base on prose, code, JSON schemas and
+# Claude Code request bodies, then scaled up 4% so that it errs high (see the test).
+# Pass 1: '"' -> q, '\n' -> n, ASCII digit -> d, other ASCII punctuation -> p,
+# everything else (letters, whitespace, non-ASCII UTF-8 bytes) -> ' '.
+_PUNCT = b"!#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
+_T_CLASS = bytes(
+    0x71 if i == 0x22 else
+    0x6E if i == 0x0A else
+    0x64 if 0x30 <= i <= 0x39 else
+    0x70 if i in _PUNCT else
+    0x20
+    for i in range(256)
+)
+# Pass 2: ASCII letters/digits -> 'a', everything else -> ' '.
+_T_ALNUM = bytes(0x61 if i < 128 and chr(i).isalnum() else 0x20 for i in range(256))
+_LONG = b"a" * 32   # unbroken 32-char alphanumeric block: base64, hex digests (~1 token/char)
+
+_C_BYTE = 0.0173   # per UTF-8 byte (makes long words cost more)
+_C_XBYTE = 0.613   # per extra UTF-8 byte of non-ASCII chars (CJK, Cyrillic, accents, emoji)
+_C_PUNCT = 0.906   # per ASCII punctuation char other than '"'
+_C_PP = 1.36       # minus, per non-overlapping punctuation pair (runs like '):', '**', '-->')
+_C_QUOTE = 0.491   # per '"'
+_C_QPQ = 1.07      # minus, per '":"' / '","' (compact JSON)
+_C_NL = 0.958      # per newline
+_C_DIGIT = 0.148   # per ASCII digit
+_C_WORD = 0.978    # per start of an ASCII alphanumeric run
+_C_LONG = 33.8     # per 32-char block inside an unbroken alphanumeric run
 
 
 def estimate_tokens(text: str) -> int:
-    """Approximate BPE token count of `text` (see the test for the comparison table)."""
+    """Estimate the BPE token count of *text* on the o200k_base / cl100k_base scale.
+
+    English prose, code and JSON land within about -5%/+15% of the real count; never
+    returns 0 for non-empty text.
+    """
     if not text:
         return 0
-    count = 0
-    for piece in _TOKEN_PIECES.findall(text):
-        first = piece[0]
-        if first.isalpha():
-            count += 1 + len(piece) // 8
-        elif first.isspace():
-            count += 0 if piece == " " else 1
-        else:
-            count += 1
-    return max(1, count)
+    b = text.encode("utf-8", "surrogatepass")
+    n = len(b)
+    t = b.translate(_T_CLASS)
+    w = b.translate(_T_ALNUM)
+    est = (
+        _C_BYTE * n
+        + _C_XBYTE * (n - len(text))
+        + _C_PUNCT * t.count(b"p")
+        - _C_PP * t.count(b"pp")
+        + _C_QUOTE * t.count(b"q")
+        - _C_QPQ * t.count(b"qpq")
+        + _C_NL * t.count(b"n")
+        + _C_DIGIT * t.count(b"d")
+        + _C_WORD * (w.count(b" a") + (w[:1] == b"a"))
+        + _C_LONG * w.count(_LONG)
+    )
+    return int(est + 0.5) or 1
 
 
 def count_request_tokens(body: JSON) -> int:
@@ -2599,10 +2644,11 @@ async def _converted(request: web.Request, rt: Runtime, provider: Provider, mode
     exchange = Exchange(request_id=rec.request_id, client_model=rec.client_model, provider=provider, model=model,
                         body=body, stream=rec.streamed, conv=conv, config=config)
     hooks = rt.chain.bound(exchange)
-    if rec.streamed:           # message_start carries an input estimate (Claude Code shows it)
-        exchange.state["input_estimate"] = count_payload_tokens(payload, conv)
     payload = run_hooks(hooks["on_request"], exchange, payload)
     data = json.dumps(payload, separators=(",", ":")).encode()
+    # message_start carries an input estimate (Claude Code shows it); ~4.3 bytes a token
+    # for compact JSON, and free, unlike a tokenizer pass on every streamed request.
+    exchange.state["input_estimate"] = len(data) // 4
     response, raw, key = await open_upstream(rt, provider, chat_url(provider, model), data,
                                              request_id=rec.request_id, read_body=not rec.streamed,
                                              key_override=client_key(request, config.proxy_api_key))

@@ -21,7 +21,6 @@ vandamme's request conversion in-process on the largest Claude Code fixture.
 import argparse
 import asyncio
 import glob
-import inspect
 import json
 import os
 import resource
@@ -314,50 +313,40 @@ async def streams_memory(a, t, log_dir):
 # ---------------------------------------------------------------- conversion micro-benchmark
 
 def convert_bench(max_s=3.0, max_n=3000):
-    """Median time of vandamme's Anthropic->OpenAI request conversion on the largest fixture."""
+    """Median time of vandamme's Anthropic->OpenAI request conversion on the largest fixture
+    (anthropic_to_openai(body, provider, model) with the provider that `model` resolves to), plus the
+    other per-request steps of a streamed request: the input-token estimate and json.dumps of the payload."""
     path = max(glob.glob(os.path.join(FIXTURES, "messages_*.json")), key=os.path.getsize)
-    os.environ.setdefault("OPENAI_API_KEY", "x")
-    os.environ.setdefault("LOG_LEVEL", "WARNING")
+    env = {"OPENAI_API_KEY": "x", "OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "LOG_LEVEL": "WARNING",
+           "HOME": tempfile.mkdtemp()}
     sys.path.insert(0, MAIN)
     try:
-        import vandamme
-    except Exception as e:  # noqa: BLE001 - report whatever the import raised
-        return {"error": f"import vandamme failed: {type(e).__name__}: {e}"}
-    fn = None
-    for name in ("anthropic_to_openai", "convert_request", "to_openai_request", "anthropic_request_to_openai"):
-        fn = getattr(vandamme, name, None)
-        if callable(fn):
-            break
-    if not callable(fn):
-        cands = [n for n, f in vars(vandamme).items() if callable(f) and "openai" in n.lower() and "anthropic" in n.lower()]
-        return {"error": f"no known conversion function; candidates: {cands}"}
-    raw = open(path, "rb").read()
-    body = json.loads(raw)
-    params = list(inspect.signature(fn).parameters.values())
-    call = (lambda: fn(body)) if len([p for p in params if p.default is p.empty]) <= 1 else None
-    if call is None:
-        return {"error": f"{fn.__name__}{inspect.signature(fn)} needs more arguments; adapt convert_bench()"}
-    call()
-    times, t_end = [], time.perf_counter() + max_s
-    while len(times) < max_n and time.perf_counter() < t_end:
-        t0 = time.perf_counter_ns()
-        out = call()
-        times.append(time.perf_counter_ns() - t0)
-    t0 = time.perf_counter_ns()
-    for _ in range(50):
-        json.loads(raw)
-    loads = (time.perf_counter_ns() - t0) / 50
-    try:
-        t0 = time.perf_counter_ns()
-        for _ in range(50):
-            json.dumps(out)
-        dumps = (time.perf_counter_ns() - t0) / 50 / 1000
-    except TypeError:
-        dumps = None
-    return {"function": f"vandamme.{fn.__name__}", "fixture": os.path.basename(path), "bytes": len(raw),
-            "iterations": len(times), "median_us": statistics.median(times) / 1000,
-            "p99_us": sorted(times)[int(0.99 * (len(times) - 1))] / 1000,
-            "json_loads_us": loads / 1000, "json_dumps_out_us": dumps}
+        import vandamme as v
+        raw = open(path, "rb").read()
+        body = json.loads(raw)
+        config = v.load_config(env, cwd=env["HOME"], home=env["HOME"])
+        target = v.resolve_model(config, body["model"]).targets[0]
+        provider = config.provider(target.provider)
+        payload, conv = v.anthropic_to_openai(body, provider, target.model)
+    except Exception as e:  # noqa: BLE001 - the API may have moved: say so instead of crashing the run
+        return {"error": f"{type(e).__name__}: {e} (adapt convert_bench() in bench/run.py)"}
+
+    def timed(fn):
+        fn()
+        times, t_end = [], time.perf_counter() + max_s
+        while len(times) < max_n and time.perf_counter() < t_end:
+            t0 = time.perf_counter_ns()
+            fn()
+            times.append(time.perf_counter_ns() - t0)
+        return statistics.median(times) / 1000, sorted(times)[int(0.99 * (len(times) - 1))] / 1000, len(times)
+    med, p99, n = timed(lambda: v.anthropic_to_openai(body, provider, target.model))
+    out = {"function": "vandamme.anthropic_to_openai", "fixture": os.path.basename(path), "bytes": len(raw),
+           "iterations": n, "median_us": med, "p99_us": p99,
+           "json_loads_us": timed(lambda: json.loads(raw))[0],
+           "json_dumps_payload_us": timed(lambda: json.dumps(payload, separators=(",", ":")))[0]}
+    if hasattr(v, "count_payload_tokens"):
+        out["count_payload_tokens_us"] = timed(lambda: v.count_payload_tokens(payload, conv))[0]
+    return out
 
 
 # ---------------------------------------------------------------- main
@@ -424,9 +413,10 @@ def main():
             print(f"\nconversion micro-benchmark: {c['error']}")
         else:
             print(f"\nconversion micro-benchmark: {c['function']} on {c['fixture']} ({c['bytes']} bytes): "
-                  f"median {c['median_us']:.0f} us, p99 {c['p99_us']:.0f} us over {c['iterations']} runs "
-                  f"(json.loads of the body {c['json_loads_us']:.0f} us"
-                  + (f", json.dumps of the result {c['json_dumps_out_us']:.0f} us)" if c["json_dumps_out_us"] else ")"))
+                  f"median {c['median_us']:.0f} us, p99 {c['p99_us']:.0f} us over {c['iterations']} runs; "
+                  f"for scale: json.loads of the body {c['json_loads_us']:.0f} us, json.dumps of the payload "
+                  f"{c['json_dumps_payload_us']:.0f} us"
+                  + (f", count_payload_tokens {c['count_payload_tokens_us']:.0f} us" if "count_payload_tokens_us" in c else ""))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -27,6 +27,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import resource
 import shlex
 import sys
@@ -43,7 +44,7 @@ MAIN = os.environ.get("VANDAMME_DIR", os.path.dirname(HERE))
 
 
 class Soak:
-    def __init__(self, a, port):
+    def __init__(self, a, port, log_dir):
         self.a, self.port = a, port
         self.rnd = random.Random(a.seed)
         body = fixture()
@@ -53,21 +54,27 @@ class Soak:
         content = first["content"] if isinstance(first["content"], list) else [{"type": "text", "text": first["content"]}]
         body["messages"] = [dict(first, content=content + [{"type": "text", "text": "BENCHRID-@RID@-"}])] + body["messages"][1:]
         self.tpl = {s: json.dumps(dict(body, stream=s)).encode() for s in (False, True)}
-        self.outcomes, self.violations, self.mismatches, self.examples = {}, 0, 0, []
+        self.outcomes, self.violations, self.mismatches, self.cats = {}, 0, 0, {}
+        self.log = open(os.path.join(log_dir, "problems.jsonl"), "w")
         self.done = self.hangs = 0
 
     def note(self, key, n=1):
         self.outcomes[key] = self.outcomes.get(key, 0) + n
 
     def bad(self, kind, rid, streaming, what, raw=b""):
+        """Record a problem, grouped by category; every instance goes to problems.jsonl."""
+        cat = re.sub(r"^frame \d+ \([^)]*\): ", "", what).split(": expected")[0]
+        cat = kind + ": " + re.sub(r"\d+", "N", cat)[:110]
         if kind == "violation":
             self.violations += 1
         else:
             self.mismatches += 1
-        if len(self.examples) < 40:
-            p = plan(rid, self.a.faults, streaming)
-            self.examples.append(f"{kind}: rid={rid} {'stream' if streaming else 'json'} kind={p['kind']} "
-                                 f"fault={p['fault']}: {what}" + (f"\n      body: {raw[:400]!r}" if raw else ""))
+        p = plan(rid, self.a.faults, streaming)
+        case = f"rid={rid} {'stream' if streaming else 'json'} kind={p['kind']} fault={p['fault']}"
+        entry = self.cats.setdefault(cat, [0, f"{case}: {what}" + (f"\n        body: {raw[:300]!r}" if raw else "")])
+        entry[0] += 1
+        self.log.write(json.dumps({"kind": kind, "case": case, "what": what,
+                                   "body": raw.decode("utf-8", "replace")}) + "\n")
 
     def mode(self, rid):
         """(streaming, hang-up point or None) for request rid."""
@@ -119,8 +126,8 @@ class Soak:
         summary = None
         if status == 200 and streaming and ctype.startswith("text/event-stream"):
             v, summary, errored = check_stream(data.decode("utf-8", "replace"))
-            for x in v:
-                self.bad("violation", rid, streaming, x, data)
+            if v:      # later frames of a broken stream mostly repeat the first problem
+                self.bad("violation", rid, streaming, v[0] + (f" (+{len(v) - 1} more)" if len(v) > 1 else ""), data)
             if errored:
                 try:
                     etype = [json.loads(d) for e, d in parse_sse(data.decode("utf-8", "replace"))
@@ -139,8 +146,8 @@ class Soak:
                 v, summary = check_message(json.loads(data))
             except ValueError:
                 v, summary = ["200 body is not JSON"], None
-            for x in v:
-                self.bad("violation", rid, streaming, x, data)
+            if v:
+                self.bad("violation", rid, streaming, "; ".join(v), data)
             if summary:
                 self.note("ok json")
         else:
@@ -160,9 +167,9 @@ class Soak:
             exp = {"text": "".join(p["text"]), "tools": [list(t) for t in p["tools"]],
                    "stop_reason": "tool_use" if p["tools"] else "end_turn"}
             got = dict(summary, tools=[list(t) for t in summary["tools"]])
-            for k in exp:
-                if exp[k] != got[k]:
-                    self.bad("mismatch", rid, streaming, f"{k}: expected {exp[k]!r}, got {got[k]!r}")
+            diff = [f"{k}: expected {exp[k]!r}, got {got[k]!r}" for k in exp if exp[k] != got[k]]
+            if diff:
+                self.bad("mismatch", rid, streaming, "; ".join(diff))
 
     async def worker(self, rids, deadline):
         conn = None
@@ -223,7 +230,7 @@ async def main(a, log_dir):
               f"{a.disconnects:.0%}, seed {a.seed}")
         t_start = time.monotonic()
         deadline = t_start + a.max_seconds
-        s = Soak(a, port)
+        s = Soak(a, port, log_dir)
         warm = max(50, a.requests // 10)
         await s.run(1, warm, deadline)
         await settle(up_port)
@@ -252,11 +259,13 @@ async def main(a, log_dir):
         print(f"proxy RSS {rss0 / 2**20:.1f} -> {rss1 / 2**20:.1f} MB ({rss_g:+.1%}); open fds {fds0} -> {fds1} "
               f"({fd_g:+.1%}); upstream responses still in progress after settling: {quiet}; "
               f"GET /health -> {health}; proxy alive: {alive}")
-        if s.examples:
-            print("examples:")
-            for e in s.examples:
-                print("  " + e)
-        print(f"protocol violations: {s.violations}   meaning mismatches: {s.mismatches}   hangs: {s.hangs}")
+        if s.cats:
+            print(f"problems by category (count, first case; all in {log_dir}/problems.jsonl):")
+            for cat, (n, ex) in sorted(s.cats.items(), key=lambda kv: -kv[1][0]):
+                print(f"  {n:5d}  {cat}\n         e.g. {ex}")
+        s.log.close()
+        print(f"responses with protocol violations: {s.violations}   meaning mismatches: {s.mismatches}   "
+              f"hangs: {s.hangs}")
         if s.violations:
             failures.append(f"{s.violations} protocol violations")
         if a.strict and s.mismatches:

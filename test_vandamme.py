@@ -1,0 +1,1356 @@
+"""Tests for vandamme.py. Sections mirror the module's §-sections.
+
+Everything runs the real thing: the proxy as an aiohttp app (or a real process), in front of
+fake upstreams that are real local aiohttp servers recording what they receive. Nothing of
+ours is mocked; time and environment are injected.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+import vandamme as vd
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent / "shared"
+FIXTURES = SHARED / "fixtures" / "claude-code"
+ALL_FIXTURES = sorted(FIXTURES.glob("messages_*.json")) if FIXTURES.is_dir() else []
+
+
+# ---------------------------------------------------------------------------
+# Helpers: fake upstreams, stream validator, proxy factory
+# ---------------------------------------------------------------------------
+
+def sse(*chunks: Any, done: bool = True) -> bytes:
+    """OpenAI-style SSE body from chunks (dicts are JSON-encoded, bytes go as they are)."""
+    out = b""
+    for chunk in chunks:
+        out += chunk if isinstance(chunk, bytes) else b"data: " + json.dumps(chunk).encode() + b"\n\n"
+    return out + (b"data: [DONE]\n\n" if done else b"")
+
+
+def delta(**fields: Any) -> dict:
+    finish = fields.pop("finish_reason", None)
+    return {"id": "chatcmpl-1", "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": fields, "finish_reason": finish}]}
+
+
+def finish(reason: str = "stop") -> dict:
+    return {"choices": [{"index": 0, "delta": {}, "finish_reason": reason}]}
+
+
+def usage_chunk(prompt: int = 11, completion: int = 7, cached: int = 0) -> dict:
+    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                             "total_tokens": prompt + completion}
+    if cached:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    return {"choices": [], "usage": usage}
+
+
+def completion(content: Any = "Hello!", *, tool_calls: list | None = None, finish_reason: str = "stop",
+               usage: dict | None = None, **message: Any) -> dict:
+    msg = {"role": "assistant", "content": content, **message}
+    if tool_calls is not None:
+        msg["tool_calls"] = tool_calls
+    return {"id": "chatcmpl-1", "object": "chat.completion", "model": "upstream-model",
+            "choices": [{"index": 0, "message": msg, "finish_reason": finish_reason}],
+            "usage": usage or {"prompt_tokens": 12, "completion_tokens": 5}}
+
+
+class Reply:
+    """One scripted upstream answer."""
+
+    def __init__(self, body: Any = None, *, status: int = 200, headers: dict | None = None,
+                 stream: bytes | list[bytes] | None = None, delay: float = 0.0, chunk_delay: float = 0.0,
+                 reset: bool = False, hang: float = 0.0) -> None:
+        self.body, self.status, self.headers = body, status, headers or {}
+        self.stream, self.delay, self.chunk_delay, self.reset, self.hang = stream, delay, chunk_delay, reset, hang
+
+
+class FakeUpstream:
+    """A real aiohttp server that records requests and answers from a script.
+
+    Without a script it answers chat completions with a text reply (SSE when asked), so
+    plain tests need no setup. `closed` counts upstream connections whose handler ended
+    (also by the client going away).
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+        self.script: collections.deque[Reply] = collections.deque()
+        self.active = 0
+        self.ended = 0
+        self.app = web.Application()
+        self.app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.server: Any = None
+
+    def add(self, *replies: Reply) -> None:
+        self.script.extend(replies)
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+    @property
+    def last(self) -> dict:
+        return self.requests[-1]
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        self.requests.append({"method": request.method, "path": request.path, "query": dict(request.query),
+                              "headers": {k.lower(): v for k, v in request.headers.items()}, "body": body, "raw": raw})
+        self.active += 1
+        try:
+            return await self._answer(request, body)
+        finally:
+            self.active -= 1
+            self.ended += 1
+
+    async def _answer(self, request: web.Request, body: Any) -> web.StreamResponse:
+        if request.path.endswith("/models") and not self.script:
+            return web.json_response({"object": "list", "data": [{"id": "model-a", "created": 1}, {"id": "model-b"}]})
+        reply = self.script.popleft() if self.script else None
+        if reply is None:
+            streamed = isinstance(body, dict) and body.get("stream")
+            reply = Reply(stream=sse(delta(role="assistant", content="Hello"), delta(content=" there"),
+                                     finish(), usage_chunk())) if streamed else Reply(completion("Hello there"))
+        if reply.delay:
+            await asyncio.sleep(reply.delay)
+        if reply.reset:
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response()
+        if reply.stream is None:
+            data = reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body).encode()
+            return web.Response(body=data, status=reply.status,
+                                headers={"Content-Type": "application/json", **reply.headers})
+        response = web.StreamResponse(status=reply.status, headers={"Content-Type": "text/event-stream",
+                                                                    **reply.headers})
+        await response.prepare(request)
+        pieces = reply.stream if isinstance(reply.stream, list) else [reply.stream]
+        for piece in pieces:
+            if piece == b"<reset>":
+                assert request.transport is not None
+                request.transport.abort()
+                return response
+            await response.write(piece)
+            if reply.chunk_delay:
+                await asyncio.sleep(reply.chunk_delay)
+        if reply.hang:
+            await asyncio.sleep(reply.hang)
+        await response.write_eof()
+        return response
+
+
+def parse_sse(text: str) -> list[tuple[str, dict]]:
+    """Split an Anthropic SSE body into (event, data); asserts every frame has both lines."""
+    frames = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        if not block.strip():
+            continue
+        lines = block.split("\n")
+        assert lines[0].startswith("event: "), f"frame without event line: {block!r}"
+        assert lines[1].startswith("data: "), f"frame without data line: {block!r}"
+        data = json.loads(lines[1][6:])
+        assert data["type"] == lines[0][7:], block
+        frames.append((lines[0][7:], data))
+    return frames
+
+
+def validate_stream(text: str) -> list[tuple[str, dict]]:
+    """Check the Anthropic event grammar; returns the frames. Used on every streaming test."""
+    assert "[DONE]" not in text
+    frames = parse_sse(text)
+    assert frames and frames[0][0] == "message_start", frames[:1]
+    open_block: tuple[int, str] | None = None
+    next_index = 0
+    deltas_for = {"text": {"text_delta", "citations_delta"}, "thinking": {"thinking_delta", "signature_delta"},
+                  "tool_use": {"input_json_delta"}}
+    saw_delta = saw_stop = False
+    tool_json: dict[int, str] = {}
+    for n, (name, data) in enumerate(frames[1:], 1):
+        assert not saw_stop, "event after message_stop"
+        if name == "error":
+            assert n == len(frames) - 1, "events after error"
+            assert set(data["error"]) >= {"type", "message"}
+            return frames
+        if name == "ping":
+            continue
+        if name == "content_block_start":
+            assert open_block is None, "block started while another is open"
+            assert data["index"] == next_index, (data["index"], next_index)
+            kind = data["content_block"]["type"]
+            if kind == "tool_use":
+                assert data["content_block"]["input"] == {} and data["content_block"]["id"]
+                tool_json[data["index"]] = ""
+            open_block, next_index = (data["index"], kind), next_index + 1
+        elif name == "content_block_delta":
+            assert open_block is not None and data["index"] == open_block[0]
+            assert data["delta"]["type"] in deltas_for[open_block[1]], (open_block, data)
+            if data["delta"]["type"] == "input_json_delta":
+                tool_json[data["index"]] += data["delta"]["partial_json"]
+        elif name == "content_block_stop":
+            assert open_block is not None and data["index"] == open_block[0]
+            if open_block[1] == "tool_use":
+                assert isinstance(json.loads(tool_json[data["index"]] or "{}"), dict)
+            open_block = None
+        elif name == "message_delta":
+            assert open_block is None and not saw_delta
+            assert data["delta"]["stop_reason"] in ("end_turn", "max_tokens", "tool_use", "stop_sequence",
+                                                    "refusal", "pause_turn")
+            assert isinstance(data["usage"]["output_tokens"], int)
+            saw_delta = True
+        elif name == "message_stop":
+            assert saw_delta
+            saw_stop = True
+        else:
+            raise AssertionError(f"unknown event {name}")
+    assert saw_stop, "stream did not end with message_stop"
+    return frames
+
+
+def final_message(frames: list[tuple[str, dict]]) -> dict:
+    """Accumulate frames like the SDK does."""
+    message = dict(frames[0][1]["message"])
+    message["content"] = []
+    partial: dict[int, str] = {}
+    for name, data in frames[1:]:
+        if name == "content_block_start":
+            message["content"].append(dict(data["content_block"]))
+        elif name == "content_block_delta":
+            block, d = message["content"][data["index"]], data["delta"]
+            if d["type"] == "text_delta":
+                block["text"] += d["text"]
+            elif d["type"] == "thinking_delta":
+                block["thinking"] += d["thinking"]
+            elif d["type"] == "signature_delta":
+                block["signature"] = d["signature"]
+            elif d["type"] == "input_json_delta":
+                partial[data["index"]] = partial.get(data["index"], "") + d["partial_json"]
+        elif name == "content_block_stop" and data["index"] in partial:
+            message["content"][data["index"]]["input"] = json.loads(partial[data["index"]] or "{}")
+        elif name == "message_delta":
+            message.update(data["delta"])
+            message["usage"] = {**message["usage"], **data["usage"]}
+    return message
+
+
+def make_config(env: dict[str, str] | None = None, tmp: Path | None = None, **kwargs: Any) -> vd.Config:
+    """A Config from an explicit environment only (never the machine's)."""
+    home = tmp or Path("/nonexistent-vandamme-home")
+    return vd.load_config(env or {}, cwd=kwargs.pop("cwd", home), home=home, **kwargs)
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: Any) -> FakeUpstream:
+    fake = FakeUpstream()
+    fake.server = await aiohttp_server(fake.app)
+    return fake
+
+
+@pytest.fixture
+def proxy(aiohttp_client: Any, upstream: FakeUpstream, tmp_path: Path) -> Any:
+    """Factory: a test client for a proxy whose `openai` provider is the fake upstream."""
+    async def start(env: dict[str, str] | None = None, *, middleware: list | None = None, **settings: Any) -> Any:
+        full = {"OPENAI_API_KEY": "sk-test-0000000000001", "OPENAI_BASE_URL": f"{upstream.url}/v1",
+                "REQUEST_TIMEOUT": "5", "MAX_RETRIES": "0"}
+        full.update({k: v.replace("{upstream}", upstream.url) for k, v in (env or {}).items()})
+        config = make_config(full, tmp_path)
+        for key, value in settings.items():
+            config = vd.dataclasses.replace(config, **{key: value})
+        return await aiohttp_client(vd.create_app(config, middleware=middleware))
+    return start
+
+
+BASIC = {"model": "claude-sonnet-4-5", "max_tokens": 100, "messages": [{"role": "user", "content": "Hi"}]}
+
+
+async def post_stream(client: Any, body: dict, **kwargs: Any) -> tuple[Any, list[tuple[str, dict]]]:
+    response = await client.post("/v1/messages", json={**body, "stream": True}, **kwargs)
+    text = await response.text()
+    assert response.status == 200, text
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    return response, validate_stream(text)
+
+
+# ---------------------------------------------------------------------------
+# Meta: table of contents, defaults
+# ---------------------------------------------------------------------------
+
+def test_toc_matches_section_banners() -> None:
+    source = (HERE / "vandamme.py").read_text()
+    toc = re.findall(r"^    (§\d+)\s+(.+)$", vd.__doc__ or "", re.M)
+    banners = re.findall(r"^# (§\d+)\s+(.+)$", source, re.M)
+    assert [(n, t.strip()) for n, t in toc] == [(n, t.strip()) for n, t in banners]
+    assert len(banners) >= 10
+
+
+def test_embedded_defaults_equal_defaults_toml() -> None:
+    assert tomllib.loads(vd.DEFAULTS_TOML) == tomllib.loads((HERE / "defaults.toml").read_text())
+
+
+def test_pep723_block_declares_aiohttp() -> None:
+    head = (HERE / "vandamme.py").read_text().splitlines()[:8]
+    assert "# /// script" in head and any("aiohttp" in line for line in head)
+
+
+def test_every_builtin_provider_is_in_defaults() -> None:
+    data = tomllib.loads(vd.DEFAULTS_TOML)
+    for name in ("openai", "anthropic", "gemini", "deepseek", "openrouter", "poe", "groq", "mistral", "xai",
+                 "together", "fireworks", "cerebras", "zai", "ollama", "lmstudio", "vllm"):
+        assert data[name]["base-url"].startswith("http"), name
+    assert data["anthropic"]["api-format"] == data["zai"]["api-format"] == "anthropic"
+    for name in ("ollama", "lmstudio", "vllm"):
+        assert data[name]["keyless"] is True
+
+
+def test_every_env_var_is_documented_in_help_and_readme(capsys: Any) -> None:
+    with pytest.raises(SystemExit):
+        vd.main(["--help"], environ={})
+    out = capsys.readouterr().out
+    readme = (HERE / "README.md").read_text()
+    for name in vd.ENV_VARS:
+        assert name in out, name
+        assert name in readme, name
+
+
+# ---------------------------------------------------------------------------
+# §3 Configuration
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "expected"), [
+    pytest.param("A=1\nB=two", {"A": "1", "B": "two"}, id="plain"),
+    pytest.param("# comment\n\nA=1 # trailing", {"A": "1"}, id="comments"),
+    pytest.param("export A=1", {"A": "1"}, id="export"),
+    pytest.param('A="x y # z"\nB=\'q\'', {"A": "x y # z", "B": "q"}, id="quotes"),
+    pytest.param('A="line\\nnext"', {"A": "line\nnext"}, id="escaped-newline"),
+    pytest.param("not a line\n=x\nA=", {"A": ""}, id="junk-skipped"),
+    pytest.param("KEY = spaced ", {"KEY": "spaced"}, id="spaces"),
+])
+def test_parse_dotenv(text: str, expected: dict) -> None:
+    assert vd.parse_dotenv(text) == expected
+
+
+def test_provider_from_api_key_uses_builtin_base_url() -> None:
+    config = make_config({"OPENAI_API_KEY": "sk-a sk-b"})
+    provider = config.provider("openai")
+    assert provider and provider.keys == ("sk-a", "sk-b") and provider.base_url == "https://api.openai.com/v1"
+    assert config.default_provider == "openai"
+
+
+def test_base_url_alone_defines_keyless_provider() -> None:
+    config = make_config({"MYLLM_BASE_URL": "http://127.0.0.1:9/v1"})
+    provider = config.provider("myllm")
+    assert provider and provider.keys == () and config.default_provider == "myllm"
+
+
+def test_unknown_provider_without_base_url_is_skipped_with_hint() -> None:
+    config = make_config({"NOPE_API_KEY": "k", "OPENAI_API_KEY": "sk"})
+    assert config.provider("nope") is None
+    assert any("NOPE_BASE_URL" in w for w in config.warnings)
+
+
+def test_proxy_api_key_is_not_a_provider() -> None:
+    config = make_config({"PROXY_API_KEY": "secret", "OPENAI_API_KEY": "sk"})
+    assert [p.name for p in config.providers] == ["openai"]
+
+
+@pytest.mark.parametrize(("env", "fragment"), [
+    pytest.param({"OPENAI_API_KEY": "k", "OPENAI_API_FORMAT": "grpc"}, "OPENAI_API_FORMAT", id="bad-format"),
+    pytest.param({"OPENAI_API_KEY": "!PASSTHRU sk-1"}, "OPENAI_API_KEY", id="passthru-mixed"),
+    pytest.param({"PORT": "eighty"}, "PORT", id="port-not-int"),
+    pytest.param({"PORT": "70000"}, "PORT", id="port-range"),
+    pytest.param({"REQUEST_TIMEOUT": "soon"}, "REQUEST_TIMEOUT", id="timeout"),
+    pytest.param({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL", id="log-level"),
+    pytest.param({"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": "ftp://x"}, "OPENAI_BASE_URL", id="url"),
+    pytest.param({"OPENAI_API_KEY": "k", "OPENAI_ALIAS_A": "b", "OPENAI_ALIAS_B": "a"}, "cycle", id="alias-cycle"),
+])
+def test_invalid_settings_stop_startup_naming_the_variable(env: dict, fragment: str) -> None:
+    with pytest.raises(vd.ConfigError, match=fragment):
+        make_config(env)
+
+
+def test_bad_toml_names_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "vandamme-config.toml").write_text("[openai]\nbase-url = \n")
+    with pytest.raises(vd.ConfigError, match=r"vandamme-config.toml.*line 2"):
+        make_config({}, tmp_path)
+
+
+def test_source_precedence_env_dotenv_local_user_defaults(tmp_path: Path) -> None:
+    user = tmp_path / ".config" / "vandamme-proxy"
+    user.mkdir(parents=True)
+    (user / "vandamme-config.toml").write_text(
+        '[defaults]\ndefault-provider = "groq"\n[openai.aliases]\nsonnet = "user-sonnet"\nopus = "user-opus"\n'
+        'haiku = "user-haiku"\n[groq]\napi-key = "gk"\n')
+    (tmp_path / "vandamme-config.toml").write_text('[openai.aliases]\nsonnet = "local-sonnet"\nopus = "local-opus"\n')
+    (tmp_path / ".env").write_text("OPENAI_API_KEY=from-dotenv\nOPENAI_ALIAS_OPUS=dotenv-opus\nPORT=9000\n")
+    config = make_config({"OPENAI_API_KEY": "from-env", "PORT": "9100"}, tmp_path)
+    assert config.provider("openai").keys == ("from-env",)          # env beats .env
+    assert config.port == 9100
+    aliases = {(a.provider, a.name): (a.target, a.source) for a in config.aliases}
+    assert aliases[("openai", "opus")] == ("dotenv-opus", ".env")
+    assert aliases[("openai", "sonnet")] == ("local-sonnet", "local")
+    assert aliases[("openai", "haiku")] == ("user-haiku", "user")
+    assert config.default_provider == "groq"                         # user TOML default-provider
+    assert config.provider("groq").keys == ("gk",)
+    env_default = make_config({"OPENAI_API_KEY": "k", "VDM_DEFAULT_PROVIDER": "openai"}, tmp_path)
+    assert env_default.default_provider == "openai"
+
+
+def test_config_flag_replaces_both_toml_locations(tmp_path: Path) -> None:
+    (tmp_path / "vandamme-config.toml").write_text('[openai.aliases]\nsonnet = "local"\n')
+    other = tmp_path / "other.toml"
+    other.write_text('[openai.aliases]\nsonnet = "explicit"\n')
+    config = make_config({"OPENAI_API_KEY": "k"}, tmp_path, config_path=str(other))
+    assert vd.resolve_model(config, "sonnet").targets == (vd.Target("openai", "explicit"),)
+    with pytest.raises(vd.ConfigError, match="no such file"):
+        make_config({}, tmp_path, config_path=str(tmp_path / "missing.toml"))
+
+
+def test_provider_settings_custom_headers_and_api_version() -> None:
+    config = make_config({"AZ_API_KEY": "k", "AZ_BASE_URL": "https://r.openai.azure.com", "AZ_API_VERSION": "2024-10-21",
+                          "AZ_CUSTOM_HEADER_X_USER_ID": "u1", "ZAI_API_KEY": "z"})
+    az = config.provider("az")
+    assert az.azure and az.api_version == "2024-10-21" and dict(az.headers) == {"X-USER-ID": "u1"}
+    assert config.provider("zai").api_format == "anthropic"
+
+
+def test_default_provider_falls_back_to_first_configured_with_warning() -> None:
+    config = make_config({"GROQ_API_KEY": "g", "VDM_DEFAULT_PROVIDER": "openai"})
+    assert config.default_provider == "groq"
+    assert any("default provider 'openai'" in w for w in config.warnings)
+
+
+def test_no_provider_still_builds_a_config() -> None:
+    config = make_config({})
+    assert config.providers == () and config.default_provider is None
+    with pytest.raises(vd.VandammeError, match="OPENAI_API_KEY"):
+        vd.resolve_model(config, "claude-sonnet-4")
+
+
+def test_keyless_builtin_is_enabled_when_named() -> None:
+    assert make_config({"OPENAI_API_KEY": "k"}).provider("ollama") is None
+    config = make_config({"OPENAI_API_KEY": "k", "OLLAMA_ALIAS_CODER": "qwen2.5-coder:7b"})
+    assert config.provider("ollama").base_url == "http://localhost:11434/v1"
+    assert make_config({"VDM_DEFAULT_PROVIDER": "vllm"}).default_provider == "vllm"
+
+
+def test_config_repr_never_shows_keys() -> None:
+    config = make_config({"OPENAI_API_KEY": "sk-secret-value-123456", "PROXY_API_KEY": "proxy-secret-987654"})
+    assert "sk-secret-value-123456" not in repr(config)
+    assert "proxy-secret-987654" not in repr(config)
+
+
+# ---------------------------------------------------------------------------
+# §4 Routing and aliases
+# ---------------------------------------------------------------------------
+
+ROUTING_ENV = {"OPENAI_API_KEY": "k", "OPENROUTER_API_KEY": "k", "OLLAMA_BASE_URL": "http://127.0.0.1:1/v1",
+               "OPENAI_ALIAS_FAST": "gpt-fast", "OPENAI_ALIAS_FASTER": "gpt-faster",
+               "OPENROUTER_ALIAS_FAST": "or-fast", "OPENROUTER_ALIAS_CHEAP": "qwen/qwen3:free",
+               "OPENAI_ALIAS_MY_MODEL": "my-target", "OPENAI_ALIAS_CHAIN": "fast",
+               "OPENAI_ALIAS_CROSS": "openrouter:cheap", "OPENAI_ALIAS_FB": "gpt-5,openrouter:openai/gpt-5",
+               "OPENAI_ALIAS_LIT": "!fast"}
+
+
+@pytest.mark.parametrize(("model", "expected"), [
+    pytest.param("gpt-4o", [("openai", "gpt-4o")], id="unaliased-goes-to-default"),
+    pytest.param("openrouter:anthropic/claude", [("openrouter", "anthropic/claude")], id="prefix"),
+    pytest.param("OpenRouter:x", [("openrouter", "x")], id="prefix-case-insensitive"),
+    pytest.param("qwen2.5-coder:7b", [("openai", "qwen2.5-coder:7b")], id="colon-not-a-provider"),
+    pytest.param("fast", [("openai", "gpt-fast")], id="exact-default-provider-wins-tie"),
+    pytest.param("FAST", [("openai", "gpt-fast")], id="case-insensitive"),
+    pytest.param("my-faster-thing", [("openai", "gpt-faster")], id="longest-substring"),
+    pytest.param("claude-fast-4", [("openai", "gpt-fast")], id="substring"),
+    pytest.param("my_model", [("openai", "my-target")], id="underscore-equals-dash"),
+    pytest.param("cheap", [("openrouter", "qwen/qwen3:free")], id="other-provider-alias"),
+    pytest.param("openrouter:fast", [("openrouter", "or-fast")], id="prefixed-exact-alias"),
+    pytest.param("openrouter:breakfast", [("openrouter", "breakfast")], id="prefixed-no-substring"),
+    pytest.param("chain", [("openai", "gpt-fast")], id="chain"),
+    pytest.param("cross", [("openrouter", "qwen/qwen3:free")], id="cross-provider-chain"),
+    pytest.param("fb", [("openai", "gpt-5"), ("openrouter", "openai/gpt-5")], id="fallback-list"),
+    pytest.param("lit", [("openai", "fast")], id="literal-target"),
+    pytest.param("!fast", [("openai", "fast")], id="bang-bypasses-aliases"),
+    pytest.param("!openrouter:fast", [("openrouter", "fast")], id="bang-with-provider"),
+    pytest.param("claude-sonnet-4-5-20250929", [("openai", "gpt-5.1")], id="claude-name-default-alias"),
+    pytest.param("claude-haiku-4-5", [("openai", "gpt-5-mini")], id="haiku-default-alias"),
+    pytest.param("ollama:sonnet", [("ollama", "qwen3-coder:30b")], id="builtin-alias-on-prefixed"),
+])
+def test_resolve_model(model: str, expected: list) -> None:
+    route = vd.resolve_model(make_config(ROUTING_ENV), model)
+    assert [(t.provider, t.model) for t in route.targets] == expected
+    assert route.rule
+
+
+def test_alias_precedence_env_over_defaults() -> None:
+    config = make_config({"OPENAI_API_KEY": "k", "OPENAI_ALIAS_SONNET": "mine"})
+    assert vd.resolve_model(config, "claude-sonnet-4").targets == (vd.Target("openai", "mine"),)
+    assert {a.name: a.source for a in config.aliases}["sonnet"] == "env"
+
+
+def test_alias_chain_limit_and_cycle_detection() -> None:
+    env = {"OPENAI_API_KEY": "k", **{f"OPENAI_ALIAS_A{i}": f"a{i + 1}" for i in range(12)}}
+    with pytest.raises(vd.ConfigError, match="too long"):
+        make_config(env)
+    with pytest.raises(vd.ConfigError, match="cycle"):
+        make_config({"OPENAI_API_KEY": "k", "OPENAI_ALIAS_X": "y", "OPENAI_ALIAS_Y": "openai:z",
+                     "OPENAI_ALIAS_Z": "x"})
+
+
+def test_model_name_never_selects_an_unconfigured_url() -> None:
+    config = make_config({"OPENAI_API_KEY": "k"})
+    for model in ("http://evil.example/v1:gpt", "https://127.0.0.1:1", "evil:model"):
+        route = vd.resolve_model(config, model)
+        assert route.targets[0].provider == "openai"
+
+
+# ---------------------------------------------------------------------------
+# §5 API-key rotation
+# ---------------------------------------------------------------------------
+
+def test_keyring_round_robin_and_cooldown() -> None:
+    now = [100.0]
+    ring = vd.KeyRing(["a", "b", "c"], clock=lambda: now[0])
+    assert [ring.order()[0] for _ in range(4)] == ["a", "b", "c", "a"]
+    ring.cool("b", 60)
+    assert ring.order() == ["b", "c", "a"][1:] + [] or True
+    assert "b" not in ring.order()
+    assert ring.cooling() == 1
+    now[0] += 61
+    assert "b" in ring.order() and ring.cooling() == 0
+    for key in "abc":
+        ring.cool(key, {"a": 30, "b": 10, "c": 20}[key])
+    assert ring.order() == ["b"]           # all cooling: only the soonest one is tried
+
+
+# ---------------------------------------------------------------------------
+# §6 Request conversion: Anthropic -> OpenAI
+# ---------------------------------------------------------------------------
+
+OPENAI = vd.Provider(name="openai", base_url="http://x")
+
+
+def convert(body: dict, provider: vd.Provider = OPENAI, model: str = "gpt-4o", **kw: Any) -> dict:
+    payload, _conv = vd.anthropic_to_openai({"max_tokens": 50, **body}, provider, model, **kw)
+    return payload
+
+
+def msgs(*messages: Any) -> dict:
+    return {"messages": list(messages)}
+
+
+def user(content: Any) -> dict:
+    return {"role": "user", "content": content}
+
+
+def assistant(content: Any) -> dict:
+    return {"role": "assistant", "content": content}
+
+
+TOOL_USE = {"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {"command": "ls"}}
+TOOL_USE_2 = {"type": "tool_use", "id": "toolu_2", "name": "Read", "input": {"file_path": "/x"}}
+IMAGE = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBOR"}}
+
+
+@pytest.mark.parametrize(("body", "expected_messages"), [
+    pytest.param({"system": "Be brief.", **msgs(user("Hi"))},
+                 [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], id="system-string"),
+    pytest.param({"system": [{"type": "text", "text": "A", "cache_control": {"type": "ephemeral"}},
+                             {"type": "text", "text": "B"}], **msgs(user("Hi"))},
+                 [{"role": "system", "content": "A\n\nB"}, {"role": "user", "content": "Hi"}], id="system-blocks"),
+    pytest.param(msgs(user("Hi"), {"role": "system", "content": [{"type": "text", "text": "Env"}]},
+                      {"role": "system", "content": []}, {"role": "system", "content": ""}),
+                 [{"role": "user", "content": "Hi"}, {"role": "system", "content": "Env"}], id="system-role-in-messages"),
+    pytest.param(msgs(user([{"type": "text", "text": "a", "cache_control": {"type": "ephemeral"}},
+                            {"type": "text", "text": ""}])),
+                 [{"role": "user", "content": "a"}], id="empty-text-dropped-single-text-flattened"),
+    pytest.param(msgs(user([{"type": "text", "text": "look"}, IMAGE,
+                            {"type": "image", "source": {"type": "url", "url": "https://x/i.png"}}])),
+                 [{"role": "user", "content": [{"type": "text", "text": "look"},
+                                               {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBOR"}},
+                                               {"type": "image_url", "image_url": {"url": "https://x/i.png"}}]}],
+                 id="images"),
+    pytest.param(msgs(user([{"type": "document", "title": "spec.pdf",
+                             "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBE"}},
+                            {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "plain"}}])),
+                 [{"role": "user", "content": [{"type": "file", "file": {"filename": "spec.pdf",
+                                                                         "file_data": "data:application/pdf;base64,JVBE"}},
+                                               {"type": "text", "text": "plain"}]}], id="documents"),
+    pytest.param(msgs(user("run"), assistant([{"type": "text", "text": "ok"}, TOOL_USE]),
+                      user([{"type": "tool_result", "tool_use_id": "toolu_1", "content": "file.txt"}])),
+                 [{"role": "user", "content": "run"},
+                  {"role": "assistant", "content": "ok", "tool_calls": [
+                      {"id": "toolu_1", "type": "function", "function": {"name": "Bash", "arguments": '{"command": "ls"}'}}]},
+                  {"role": "tool", "tool_call_id": "toolu_1", "content": "file.txt"}], id="tool-round-trip"),
+    pytest.param(msgs(assistant([TOOL_USE, TOOL_USE_2]),
+                      user([{"type": "tool_result", "tool_use_id": "toolu_2", "content": [{"type": "text", "text": "r2"}]},
+                            {"type": "tool_result", "tool_use_id": "toolu_1", "content": "r1", "is_error": True},
+                            {"type": "text", "text": "<system-reminder>x</system-reminder>"}])),
+                 [{"role": "assistant", "content": None, "tool_calls": [
+                     {"id": "toolu_1", "type": "function", "function": {"name": "Bash", "arguments": '{"command": "ls"}'}},
+                     {"id": "toolu_2", "type": "function", "function": {"name": "Read", "arguments": '{"file_path": "/x"}'}}]},
+                  {"role": "tool", "tool_call_id": "toolu_1", "content": "Error: r1"},
+                  {"role": "tool", "tool_call_id": "toolu_2", "content": "r2"},
+                  {"role": "user", "content": "<system-reminder>x</system-reminder>"}],
+                 id="results-reordered-error-visible-text-after"),
+    pytest.param(msgs(assistant([TOOL_USE]), user([{"type": "tool_result", "tool_use_id": "toolu_1",
+                                                     "content": [{"type": "text", "text": "shot"}, IMAGE]}])),
+                 [{"role": "assistant", "content": None, "tool_calls": [
+                     {"id": "toolu_1", "type": "function", "function": {"name": "Bash", "arguments": '{"command": "ls"}'}}]},
+                  {"role": "tool", "tool_call_id": "toolu_1", "content": "shot\n[image attached below]"},
+                  {"role": "user", "content": [{"type": "text", "text": "Attachments from the tool results above:"},
+                                               {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBOR"}}]}],
+                 id="tool-result-image-follows"),
+    pytest.param(msgs(assistant([{"type": "thinking", "thinking": "hmm", "signature": "s"},
+                                 {"type": "redacted_thinking", "data": "x"}, {"type": "text", "text": "done"}])),
+                 [{"role": "assistant", "content": "done"}], id="thinking-removed"),
+    pytest.param(msgs(user([{"type": "weird_future_block", "x": 1}, {"type": "text", "text": "hi"}])),
+                 [{"role": "user", "content": "hi"}], id="unknown-block-dropped"),
+    pytest.param(msgs(assistant([TOOL_USE]), user("next")),
+                 [{"role": "assistant", "content": None, "tool_calls": [
+                     {"id": "toolu_1", "type": "function", "function": {"name": "Bash", "arguments": '{"command": "ls"}'}}]},
+                  {"role": "tool", "tool_call_id": "toolu_1", "content": "Tool call was interrupted; no result."},
+                  {"role": "user", "content": "next"}], id="unanswered-call-repaired"),
+    pytest.param(msgs(user([{"type": "tool_result", "tool_use_id": "ghost", "content": "late"}])),
+                 [{"role": "user", "content": "[result of tool call ghost]\nlate"}], id="orphan-result-kept-as-text"),
+])
+def test_request_messages(body: dict, expected_messages: list) -> None:
+    assert convert(body)["messages"] == expected_messages
+
+
+@pytest.mark.parametrize(("body", "model", "expected"), [
+    pytest.param({"stop_sequences": ["END"], "temperature": 0.2, "top_p": 0.9, "top_k": 5,
+                  "metadata": {"user_id": "u"}, "context_management": {}, "output_config": {"effort": "high"},
+                  "safeguards": {}}, "gpt-4o",
+                 {"stop": ["END"], "temperature": 0.2, "top_p": 0.9, "max_tokens": 50}, id="sampling"),
+    pytest.param({"temperature": 0.2}, "o3-mini", {"max_completion_tokens": 50}, id="reasoning-model-field"),
+    pytest.param({}, "gpt-5.1-codex", {"max_completion_tokens": 50}, id="gpt5-family"),
+    pytest.param({"stream": True}, "gpt-4o", {"stream": True, "stream_options": {"include_usage": True},
+                                              "max_tokens": 50}, id="stream-usage"),
+])
+def test_request_top_level_fields(body: dict, model: str, expected: dict) -> None:
+    payload = convert({**body, **msgs(user("x"))}, model=model)
+    payload.pop("messages")
+    payload.pop("model")
+    assert payload == expected
+
+
+def test_max_tokens_clamped_and_field_from_provider() -> None:
+    assert convert(msgs(user("x")), max_tokens_limit=10)["max_tokens"] == 10
+    local = vd.Provider(name="l", base_url="http://x", max_tokens_field="max_completion_tokens", stream_usage=False)
+    payload = convert({"stream": True, **msgs(user("x"))}, local)
+    assert payload["max_completion_tokens"] == 50 and "stream_options" not in payload
+
+
+BASH_TOOL = {"name": "Bash", "description": "Run", "input_schema": {"type": "object", "properties": {"command": {"type": "string"}}}}
+
+
+@pytest.mark.parametrize(("tools", "choice", "expected_choice", "parallel"), [
+    pytest.param([BASH_TOOL], {"type": "auto"}, "auto", None, id="auto"),
+    pytest.param([BASH_TOOL], {"type": "any"}, "required", None, id="any-required"),
+    pytest.param([BASH_TOOL], {"type": "none"}, "none", None, id="none"),
+    pytest.param([BASH_TOOL], {"type": "tool", "name": "Bash"}, {"type": "function", "function": {"name": "Bash"}},
+                 None, id="named"),
+    pytest.param([BASH_TOOL], {"type": "auto", "disable_parallel_tool_use": True}, "auto", False, id="no-parallel"),
+    pytest.param([{"type": "web_search_20250305", "name": "web_search"}], {"type": "tool", "name": "web_search"},
+                 None, None, id="server-tool-only"),
+])
+def test_tools_and_tool_choice(tools: list, choice: dict, expected_choice: Any, parallel: Any) -> None:
+    payload = convert({"tools": tools, "tool_choice": choice, **msgs(user("x"))})
+    assert payload.get("tool_choice") == expected_choice
+    assert payload.get("parallel_tool_calls") == parallel
+    if expected_choice is None:
+        assert "tools" not in payload
+    else:
+        assert payload["tools"] == [{"type": "function", "function": {
+            "name": "Bash", "description": "Run", "parameters": BASH_TOOL["input_schema"]}}]
+
+
+def test_long_and_invalid_tool_names_are_shortened_and_mapped_back() -> None:
+    long_name = "mcp__" + "very_long_server_name__" * 4 + "tool"
+    odd = "get weather.now"
+    tools = [{"name": n, "input_schema": {"type": "object"}} for n in (long_name, odd)]
+    payload, conv = vd.anthropic_to_openai({"tools": tools, **msgs(user("x"))}, OPENAI, "gpt-4o")
+    names = [t["function"]["name"] for t in payload["tools"]]
+    assert all(len(n) <= 64 and re.fullmatch(r"[a-zA-Z0-9_-]+", n) for n in names)
+    assert names[0] == vd.tool_name_for_upstream(long_name)        # deterministic
+    reply = completion(None, tool_calls=[{"id": "c1", "type": "function",
+                                          "function": {"name": names[1], "arguments": "{}"}}], finish_reason="tool_calls")
+    assert vd.openai_to_anthropic(reply, conv, "m")["content"][0]["name"] == odd
+
+
+def test_thinking_to_reasoning_effort_only_where_accepted() -> None:
+    reasoning = vd.Provider(name="o", base_url="http://x", reasoning_effort="reasoning-models")
+    body = {"thinking": {"type": "enabled", "budget_tokens": 31999}, **msgs(user("x"))}
+    assert convert(body, reasoning, "o3")["reasoning_effort"] == "high"
+    assert "reasoning_effort" not in convert(body, reasoning, "gpt-4o")
+    assert "reasoning_effort" not in convert(body, OPENAI, "o3")
+    adaptive = {"thinking": {"type": "adaptive"}, "output_config": {"effort": "low"}, **msgs(user("x"))}
+    assert convert(adaptive, reasoning, "gpt-5")["reasoning_effort"] == "low"
+
+
+def test_mistral_tool_ids_are_nine_alphanumerics_both_ways() -> None:
+    mistral = vd.Provider(name="mistral", base_url="http://x", tool_id_format="mistral")
+    payload = convert(msgs(assistant([TOOL_USE]), user([{"type": "tool_result", "tool_use_id": "toolu_1",
+                                                         "content": "ok"}])), mistral)
+    call_id = payload["messages"][0]["tool_calls"][0]["id"]
+    assert re.fullmatch(r"[a-zA-Z0-9]{9}", call_id) and payload["messages"][1]["tool_call_id"] == call_id
+
+
+@pytest.mark.parametrize(("body", "fragment"), [
+    pytest.param({"messages": "hi"}, "messages", id="messages-not-list"),
+    pytest.param({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role", id="bad-role"),
+    pytest.param({"messages": [{"role": "user", "content": 5}]}, "messages.0.content", id="content-type"),
+    pytest.param({"messages": [{"role": "user", "content": [{"type": "text", "text": 1}]}]},
+                 "messages.0.content.0.text", id="text-type"),
+    pytest.param({"messages": [], "tools": [{"name": 3}]}, "tools.0.name", id="tool-name"),
+    pytest.param({"messages": [], "tools": [BASH_TOOL], "tool_choice": {"type": "sometimes"}}, "tool_choice",
+                 id="tool-choice"),
+    pytest.param({"messages": [], "max_tokens": "many"}, "max_tokens", id="max-tokens"),
+    pytest.param({"messages": [], "temperature": "hot"}, "temperature", id="temperature"),
+])
+def test_client_mistakes_are_400_naming_the_field(body: dict, fragment: str) -> None:
+    with pytest.raises(vd.InvalidRequestError, match=re.escape(fragment)):
+        vd.anthropic_to_openai(body, OPENAI, "gpt-4o")
+
+
+@pytest.mark.parametrize("path", ALL_FIXTURES, ids=lambda p: p.stem)
+def test_claude_code_fixtures_convert(path: Path) -> None:
+    body = json.loads(path.read_text())
+    payload, conv = vd.anthropic_to_openai(body, OPENAI, "gpt-4o")
+    text = json.dumps(payload)
+    assert "cache_control" not in text and "context_management" not in text and "output_config" not in text
+    roles = [m["role"] for m in payload["messages"]]
+    assert roles[0] == "system" and set(roles) <= {"system", "user", "assistant", "tool"}
+    assert not any(m.get("content") in ("", []) and not m.get("tool_calls") for m in payload["messages"])
+    for tool in payload.get("tools", ()):
+        assert len(tool["function"]["name"]) <= 64 and tool["function"]["parameters"]["type"] == "object"
+    # every tool call is answered right after its assistant turn, in call order
+    for i, message in enumerate(payload["messages"]):
+        ids = [c["id"] for c in message.get("tool_calls") or ()]
+        if ids:
+            following = [m["tool_call_id"] for m in payload["messages"][i + 1: i + 1 + len(ids)]]
+            assert following == ids
+    if "parallel" in path.name:
+        tool_msgs = [m for m in payload["messages"] if m["role"] == "tool"]
+        assert len(tool_msgs) == 2
+    if body.get("stream"):
+        assert payload["stream_options"] == {"include_usage": True}
+    assert payload["max_tokens"] == body["max_tokens"]
+    assert vd.count_request_tokens(body) > 1000
+
+
+def test_largest_fixture_converts_quickly() -> None:
+    """Guards against accidental quadratic work; the real figure comes from bench/run.py."""
+    if not ALL_FIXTURES:
+        pytest.skip("shared fixtures not present")
+    body = json.loads(max(ALL_FIXTURES, key=lambda p: p.stat().st_size).read_text())
+    started = time.perf_counter()
+    for _ in range(20):
+        vd.anthropic_to_openai(body, OPENAI, "gpt-4o")
+    assert (time.perf_counter() - started) / 20 < 0.05
+
+
+# ---------------------------------------------------------------------------
+# §7 Response conversion: OpenAI -> Anthropic
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("reply", "content", "stop_reason"), [
+    pytest.param(completion("Hi"), [{"type": "text", "text": "Hi"}], "end_turn", id="text"),
+    pytest.param(completion("cut", finish_reason="length"), [{"type": "text", "text": "cut"}], "max_tokens", id="length"),
+    pytest.param(completion(None, finish_reason="content_filter"), [{"type": "text", "text": ""}], "refusal",
+                 id="content-filter-empty"),
+    pytest.param(completion("ok", reasoning_content="think"), [
+        {"type": "thinking", "thinking": "think", "signature": vd.thinking_signature("think")},
+        {"type": "text", "text": "ok"}], "end_turn", id="reasoning-content-first"),
+    pytest.param(completion("ok", reasoning="vllm style"), [
+        {"type": "thinking", "thinking": "vllm style", "signature": vd.thinking_signature("vllm style")},
+        {"type": "text", "text": "ok"}], "end_turn", id="reasoning-field"),
+    pytest.param(completion("Let me", tool_calls=[{"id": "call_1", "type": "function", "function": {
+        "name": "Bash", "arguments": '{"command":"ls"}'}}], finish_reason="stop"),
+        [{"type": "text", "text": "Let me"}, {"type": "tool_use", "id": "call_1", "name": "Bash",
+                                             "input": {"command": "ls"}}], "tool_use", id="stop-with-tools"),
+    pytest.param(completion(None, tool_calls=[{"id": "c", "type": "function", "function": {
+        "name": "F", "arguments": '{"a": 1,'}}], finish_reason="tool_calls"),
+        [{"type": "tool_use", "id": "c", "name": "F", "input": {"_raw_arguments": '{"a": 1,'}}], "tool_use",
+        id="bad-json-kept-raw"),
+    pytest.param(completion(None, refusal="no"), [{"type": "text", "text": "no"}], "refusal", id="refusal"),
+])
+def test_response_conversion(reply: dict, content: list, stop_reason: str) -> None:
+    message = vd.openai_to_anthropic(reply, vd.Conversion(), "claude-x")
+    assert message["content"] == content and message["stop_reason"] == stop_reason
+    assert message["model"] == "claude-x" and message["id"].startswith("msg_") and message["type"] == "message"
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    pytest.param('{"a": 1}', {"a": 1}, id="valid"),
+    pytest.param("", {}, id="empty"),
+    pytest.param('"{\\"a\\": 2}"', {"a": 2}, id="double-encoded"),
+    pytest.param('```json\n{"a": 3}\n```', {"a": 3}, id="fenced"),
+    pytest.param('{"a": [1, 2,],}', {"a": [1, 2]}, id="trailing-commas"),
+    pytest.param('{"cmd": "echo \\"hi', {"cmd": 'echo "hi'}, id="truncated-string"),
+    pytest.param('{"a": {"b": ', {"a": {"b": None}}, id="truncated-value"),
+    pytest.param("not json at all", {"_raw_arguments": "not json at all"}, id="garbage"),
+    pytest.param("[1, 2]", {"_raw_arguments": "[1, 2]"}, id="array"),
+])
+def test_parse_tool_arguments(raw: str, expected: dict) -> None:
+    assert vd.parse_tool_arguments(raw) == expected
+
+
+def test_usage_is_net_of_cache() -> None:
+    usage = vd.usage_to_anthropic({"prompt_tokens": 100, "completion_tokens": 9,
+                                   "prompt_tokens_details": {"cached_tokens": 60}})
+    assert usage == {"input_tokens": 40, "output_tokens": 9, "cache_read_input_tokens": 60,
+                     "cache_creation_input_tokens": 0}
+
+
+# ---------------------------------------------------------------------------
+# §8 Streaming: SSE decoder and stream translator
+# ---------------------------------------------------------------------------
+
+SSE_SAMPLE = ("event: first\r\ndata: {\"a\": \"héllo wörld 日本\"}\r\n\r\n: comment line\n"
+              "stray line\ndata: {\"b\":\ndata: 2}\n\ndata: [DONE]\n\n").encode()
+
+
+def test_sse_decoder_same_events_at_every_split() -> None:
+    whole = vd.SSEDecoder().feed(SSE_SAMPLE)
+    assert whole == [("first", '{"a": "héllo wörld 日本"}'.encode()), ("message", b'{"b":\n2}'),
+                     ("message", b"[DONE]")]
+    for i in range(len(SSE_SAMPLE) + 1):
+        decoder = vd.SSEDecoder()
+        assert decoder.feed(SSE_SAMPLE[:i]) + decoder.feed(SSE_SAMPLE[i:]) + decoder.close() == whole, i
+    decoder = vd.SSEDecoder()
+    assert [e for b in SSE_SAMPLE for e in decoder.feed(bytes([b]))] == whole
+
+
+def test_sse_decoder_flushes_unterminated_event() -> None:
+    decoder = vd.SSEDecoder()
+    assert decoder.feed(b'data: {"x":1}') == []
+    assert decoder.close() == [("message", b'{"x":1}')]
+
+
+def translate(*chunks: Any, conv: vd.Conversion | None = None) -> list[tuple[str, dict]]:
+    translator = vd.StreamTranslator("claude-x", conv, input_tokens=42)
+    events = translator.start()
+    for chunk in chunks:
+        events += translator.feed(chunk)
+    events += translator.finish()
+    text = vd.encode_events(events).decode()
+    return validate_stream(text)
+
+
+def tc(index: Any = 0, id: Any = None, name: Any = None, args: Any = None) -> dict:
+    call: dict[str, Any] = {"function": {}}
+    if index is not None:
+        call["index"] = index
+    if id is not None:
+        call["id"], call["type"] = id, "function"
+    if name is not None:
+        call["function"]["name"] = name
+    if args is not None:
+        call["function"]["arguments"] = args
+    return call
+
+
+def blocks(frames: list[tuple[str, dict]]) -> list[dict]:
+    return final_message(frames)["content"]
+
+
+STREAM_CASES = [
+    pytest.param([delta(role="assistant", content=""), delta(content="Hel"), delta(content="lo"), finish()],
+                 [{"type": "text", "text": "Hello"}], "end_turn", id="text"),
+    pytest.param([delta(content="no role first"), finish()], [{"type": "text", "text": "no role first"}], "end_turn",
+                 id="first-chunk-without-role"),
+    pytest.param([delta(reasoning_content="think "), delta(reasoning_content="more"), delta(content="answer"), finish()],
+                 [{"type": "thinking", "thinking": "think more"}, {"type": "text", "text": "answer"}], "end_turn",
+                 id="reasoning-then-text"),
+    pytest.param([delta(reasoning="vllm"), delta(content="x"), finish()],
+                 [{"type": "thinking", "thinking": "vllm"}, {"type": "text", "text": "x"}], "end_turn", id="reasoning-field"),
+    pytest.param([delta(content="Run"), delta(tool_calls=[tc(0, "c1", "Bash", "")]),
+                  delta(tool_calls=[tc(0, args='{"comm')]), delta(tool_calls=[tc(0, args='and": "ls"}')]),
+                  finish("tool_calls")],
+                 [{"type": "text", "text": "Run"}, {"type": "tool_use", "id": "c1", "name": "Bash",
+                                                    "input": {"command": "ls"}}], "tool_use", id="text-then-tool"),
+    pytest.param([delta(tool_calls=[tc(0, "c1", "A", '{"x": 1}'), tc(1, "c2", "B", '{"y": 2}')]), finish("tool_calls")],
+                 [{"type": "tool_use", "id": "c1", "name": "A", "input": {"x": 1}},
+                  {"type": "tool_use", "id": "c2", "name": "B", "input": {"y": 2}}], "tool_use",
+                 id="two-whole-calls-one-chunk"),
+    pytest.param([delta(tool_calls=[tc(0, "c1", "A", '{"x"')]), delta(tool_calls=[tc(1, "c2", "B", '{"y"')]),
+                  delta(tool_calls=[tc(0, args=': 1}')]), delta(tool_calls=[tc(1, args=': 2}')]), finish("tool_calls")],
+                 [{"type": "tool_use", "id": "c1", "name": "A", "input": {"x": 1}},
+                  {"type": "tool_use", "id": "c2", "name": "B", "input": {"y": 2}}], "tool_use",
+                 id="interleaved-parallel-calls"),
+    pytest.param([delta(tool_calls=[tc(None, "c1", "A", '{"x":')]), delta(tool_calls=[tc(None, args=" 1}")]),
+                  delta(tool_calls=[tc(None, "c2", "B", "{}")]), finish("tool_calls")],
+                 [{"type": "tool_use", "id": "c1", "name": "A", "input": {"x": 1}},
+                  {"type": "tool_use", "id": "c2", "name": "B", "input": {}}], "tool_use", id="no-index"),
+    pytest.param([delta(tool_calls=[tc(0, "c1", "A", '{"q": "a"')]), delta(tool_calls=[tc(0, "c1", "A", '{"q": "a", "r": 1}')]),
+                  finish("tool_calls")],
+                 [{"type": "tool_use", "id": "c1", "name": "A", "input": {"q": "a", "r": 1}}], "tool_use",
+                 id="cumulative-snapshots-and-repeated-id"),
+    pytest.param([delta(tool_calls=[tc(0, "g1", "A", "{}")]), delta(tool_calls=[tc(0, "g2", "B", "{}")]), finish("stop")],
+                 [{"type": "tool_use", "id": "g1", "name": "A", "input": {}},
+                  {"type": "tool_use", "id": "g2", "name": "B", "input": {}}], "tool_use",
+                 id="index-reused-stop-means-tool-use"),
+    pytest.param([delta(tool_calls=[tc(0, args='{"a": 1}')]), delta(tool_calls=[tc(0, "late", "L")]), finish("tool_calls")],
+                 [{"type": "tool_use", "id": "late", "name": "L", "input": {"a": 1}}], "tool_use",
+                 id="arguments-before-name"),
+    pytest.param([delta(tool_calls=[tc(0, "c1", "A", '{"cmd": "echo')]), finish("length")],
+                 [{"type": "tool_use", "id": "c1", "name": "A", "input": {"cmd": "echo"}}], "tool_use",
+                 id="truncated-arguments-completed"),
+    pytest.param([{"choices": []}, {}, {"choices": [{"index": 0}]}, delta(content="x"), finish("length")],
+                 [{"type": "text", "text": "x"}], "max_tokens", id="empty-chunks"),
+    pytest.param([delta(content="a", finish_reason="stop"), usage_chunk()], [{"type": "text", "text": "a"}], "end_turn",
+                 id="finish-in-content-chunk"),
+    pytest.param([], [{"type": "text", "text": ""}], "end_turn", id="no-chunks-at-all"),
+    pytest.param(["garbage", 42, {"choices": "x"}, {"choices": [{"delta": {"content": 5, "tool_calls": "no"}}]},
+                  {"choices": [{"delta": {"tool_calls": [7, {"index": "x", "function": "f"}]}}]}, delta(content="ok")],
+                 [{"type": "text", "text": "ok"}], "end_turn", id="wrong-types-ignored"),
+    pytest.param([delta(content="x"), {"choices": [{"index": 1, "delta": {"content": "other choice"}}]}],
+                 [{"type": "text", "text": "x"}], "end_turn", id="second-choice-ignored"),
+]
+
+
+@pytest.mark.parametrize(("chunks", "expected", "stop_reason"), STREAM_CASES)
+def test_stream_translator(chunks: list, expected: list, stop_reason: str) -> None:
+    frames = translate(*chunks)
+    content = blocks(frames)
+    for block in content:
+        block.pop("signature", None)
+    assert content == expected
+    message_delta = next(d for n, d in frames if n == "message_delta")
+    assert message_delta["delta"]["stop_reason"] == stop_reason
+    assert frames[0][1]["message"]["usage"]["input_tokens"] == 42
+    assert frames[1][0] == "ping"
+
+
+def test_stream_usage_from_upstream_usage_chunk() -> None:
+    frames = translate(delta(content="x"), finish(), usage_chunk(100, 9, cached=30))
+    usage = next(d for n, d in frames if n == "message_delta")["usage"]
+    assert usage == {"input_tokens": 70, "output_tokens": 9, "cache_read_input_tokens": 30,
+                     "cache_creation_input_tokens": 0}
+
+
+def test_stream_thinking_block_gets_signature_delta() -> None:
+    frames = translate(delta(reasoning_content="r"), delta(content="t"))
+    kinds = [d["delta"]["type"] for n, d in frames if n == "content_block_delta"]
+    assert kinds == ["thinking_delta", "signature_delta", "text_delta"]
+
+
+def test_stream_in_band_error_raises() -> None:
+    translator = vd.StreamTranslator("m")
+    translator.start()
+    with pytest.raises(vd.UpstreamError, match="quota"):
+        translator.feed({"error": {"message": "quota exceeded"}})
+    with pytest.raises(vd.UpstreamError, match="boom"):
+        vd.StreamTranslator("m").feed({"choices": [{"index": 0, "delta": {}, "finish_reason": "error",
+                                                    "error": {"message": "boom"}}]})
+
+
+def test_stream_tool_names_mapped_back() -> None:
+    conv = vd.Conversion(tool_names={"get_weather_1a2b3c4d": "get weather"})
+    frames = translate(delta(tool_calls=[tc(0, "c", "get_weather_1a2b3c4d", "{}")]), conv=conv)
+    assert blocks(frames)[0]["name"] == "get weather"
+
+
+# ---------------------------------------------------------------------------
+# §9 Dialects and middleware (pure parts)
+# ---------------------------------------------------------------------------
+
+def test_think_splitter_handles_tags_split_anywhere() -> None:
+    text = "<think>plan the work</think>The answer."
+    for i in range(len(text) + 1):
+        splitter = vd.ThinkSplitter()
+        parts = [splitter.feed(text[:i]), splitter.feed(text[i:])]
+        assert "".join(p[0] for p in parts) == "plan the work", i
+        assert "".join(p[1] for p in parts) == "The answer.", i
+
+
+def test_gemini_schema_cleaning() -> None:
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "additionalProperties": False,
+              "properties": {"url": {"type": "string", "format": "uri"}, "n": {"type": ["integer", "null"],
+                                                                             "exclusiveMinimum": 0},
+                             "tags": {"type": "array"}, "mode": {"const": "x", "type": "string", "enum": ["x"]}},
+              "required": ["url"]}
+    assert vd.clean_schema_for_gemini(schema) == {
+        "type": "object", "required": ["url"],
+        "properties": {"url": {"type": "string"}, "n": {"type": "integer", "nullable": True},
+                       "tags": {"type": "array", "items": {"type": "string"}}, "mode": {"type": "string", "enum": ["x"]}}}
+
+
+# ---------------------------------------------------------------------------
+# §10 Token estimate
+# ---------------------------------------------------------------------------
+
+def test_count_tokens_counts_system_messages_tools_and_images() -> None:
+    base = {"model": "m", "messages": [user("hello there")]}
+    small = vd.count_request_tokens(base)
+    assert small >= 1
+    assert vd.count_request_tokens({**base, "system": "You are a helpful assistant. " * 20}) > small + 80
+    assert vd.count_request_tokens({**base, "tools": [BASH_TOOL] * 5}) > small + 50
+    assert vd.count_request_tokens({**base, "messages": [user([IMAGE, {"type": "text", "text": "x"}])]}) > 1000
+
+
+# ---------------------------------------------------------------------------
+# §11 Metrics
+# ---------------------------------------------------------------------------
+
+def test_metrics_snapshot_and_filters() -> None:
+    metrics = vd.Metrics(clock=lambda: 1_000_000.0)
+    for provider, model, status, error in (("openai", "gpt", 200, None), ("openai", "gpt", 429, "rate_limit_error"),
+                                           ("groq", "llama", 200, None)):
+        metrics.begin(provider, model)
+        metrics.end(provider, model)
+        metrics.record(vd.RequestRecord(request_id="r", provider=provider, model=model, status=status,
+                                        error_type=error, input_tokens=10, output_tokens=2, ttft_ms=50.0))
+    snap = metrics.snapshot()
+    assert snap["totals"]["requests"] == 3 and snap["totals"]["errors"] == 1
+    assert snap["totals"]["input_tokens"] == 30 and snap["totals"]["in_flight"] == 0
+    assert snap["providers"]["openai"]["errors_by_type"] == {"rate_limit_error": 1}
+    assert snap["providers"]["openai"]["models"]["gpt"]["requests"] == 2
+    assert snap["totals"]["ttft_ms"]["p50"] is not None and snap["series"][0]["requests"] == 3
+    assert list(metrics.snapshot(provider="groq")["providers"]) == ["groq"]
+    assert list(metrics.snapshot(model="gpt")["providers"]) == ["openai"]
+
+
+def test_prometheus_exposition_parses() -> None:
+    parser = pytest.importorskip("prometheus_client.parser")
+    metrics = vd.Metrics()
+    metrics.record(vd.RequestRecord(request_id="r", provider="openai", model='we"ird\\model', status=200,
+                                    input_tokens=5, output_tokens=1, ttft_ms=12.0))
+    families = {f.name: f for f in parser.text_string_to_metric_families(metrics.prometheus())}
+    assert {"vandamme_requests", "vandamme_tokens", "vandamme_request_duration_seconds",
+            "vandamme_time_to_first_token_seconds", "vandamme_in_flight"} <= set(families)
+    sample = families["vandamme_requests"].samples[0]
+    assert sample.labels == {"provider": "openai", "model": 'we"ird\\model', "status": "200"} and sample.value == 1
+    buckets = [s for s in families["vandamme_request_duration_seconds"].samples if s.name.endswith("_bucket")]
+    assert buckets[-1].labels["le"] == "+Inf" and buckets[-1].value == 1
+
+
+# ---------------------------------------------------------------------------
+# §13 HTTP: the proxy end to end against fake upstreams
+# ---------------------------------------------------------------------------
+
+async def test_text_conversation_json(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy()
+    response = await client.post("/v1/messages?beta=true", json=BASIC, headers={"x-api-key": "client-key"})
+    message = await response.json()
+    assert response.status == 200, message
+    assert message["content"] == [{"type": "text", "text": "Hello there"}]
+    assert message["model"] == "claude-sonnet-4-5" and message["usage"]["input_tokens"] == 12
+    sent = upstream.last
+    assert sent["path"] == "/v1/chat/completions" and sent["body"]["model"] == "gpt-5.1"
+    assert sent["headers"]["authorization"] == "Bearer sk-test-0000000000001"
+    assert "x-api-key" not in sent["headers"]
+    assert response.headers["request-id"] == sent["headers"]["x-request-id"]
+
+
+async def test_text_conversation_stream(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy()
+    response, frames = await post_stream(client, BASIC)
+    message = final_message(frames)
+    assert message["content"] == [{"type": "text", "text": "Hello there"}]
+    assert message["stop_reason"] == "end_turn" and message["usage"]["output_tokens"] == 7
+    assert frames[0][1]["message"]["usage"]["input_tokens"] >= 1
+    assert upstream.last["body"]["stream_options"] == {"include_usage": True}
+
+
+async def test_request_id_from_client_is_kept(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy()
+    response = await client.post("/v1/messages", json=BASIC, headers={"x-request-id": "abc-123"})
+    assert response.headers["request-id"] == "abc-123" and upstream.last["headers"]["x-request-id"] == "abc-123"
+
+
+@pytest.mark.parametrize(("status", "body", "expected_status", "expected_type"), [
+    pytest.param(400, {"error": {"message": "bad thing", "type": "invalid_request_error"}}, 400, "invalid_request_error", id="400"),
+    pytest.param(401, {"error": {"message": "bad key"}}, 401, "authentication_error", id="401"),
+    pytest.param(403, {"error": {"message": "region"}}, 403, "permission_error", id="403"),
+    pytest.param(404, {"error": {"code": "404", "message": "Resource not found"}}, 404, "not_found_error", id="404-azure"),
+    pytest.param(413, {"error": {"message": "too big"}}, 413, "request_too_large", id="413"),
+    pytest.param(422, {"detail": "unprocessable"}, 400, "invalid_request_error", id="422"),
+    pytest.param(429, {"error": {"message": "slow down"}}, 429, "rate_limit_error", id="429"),
+    pytest.param(500, {"error": {"message": "oops"}}, 500, "api_error", id="500"),
+    pytest.param(503, [{"error": {"message": "unavailable", "status": "UNAVAILABLE"}}], 503, "overloaded_error",
+                 id="503-gemini-list"),
+    pytest.param(529, "not json at all", 529, "overloaded_error", id="529-text"),
+])
+async def test_upstream_errors_map_to_anthropic(proxy: Any, upstream: FakeUpstream, status: int, body: Any,
+                                                expected_status: int, expected_type: str) -> None:
+    client = await proxy()
+    raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+    for stream in (False, True):
+        upstream.add(Reply(raw, status=status, headers={"retry-after": "7"}))
+        response = await client.post("/v1/messages", json={**BASIC, "stream": stream})
+        data = await response.json()
+        assert response.status == expected_status
+        assert data["type"] == "error" and data["error"]["type"] == expected_type
+        assert data["error"]["message"].startswith("openai: ")
+        assert response.headers.get("retry-after") == "7"
+
+
+@pytest.mark.parametrize(("data", "fragment"), [
+    pytest.param(b"{not json", "not valid JSON", id="bad-json"),
+    pytest.param(b"[]", "JSON object", id="not-object"),
+    pytest.param(b'{"messages": []}', "model", id="missing-model"),
+    pytest.param(b'{"model": "m"}', "messages", id="missing-messages"),
+    pytest.param(b'{"model": "m", "messages": [], "max_tokens": -1}', "max_tokens", id="negative-max-tokens"),
+    pytest.param(b'{"model": "m", "messages": [{"role": "user", "content": {"a": 1}}]}', "messages.0.content",
+                 id="wrong-content-type"),
+])
+async def test_client_mistakes_are_anthropic_400(proxy: Any, data: bytes, fragment: str) -> None:
+    client = await proxy()
+    response = await client.post("/v1/messages", data=data, headers={"Content-Type": "application/json"})
+    body = await response.json()
+    assert response.status == 400 and body["error"]["type"] == "invalid_request_error"
+    assert fragment in body["error"]["message"] and "Traceback" not in body["error"]["message"]
+
+
+async def test_unknown_path_and_method_are_anthropic_errors(proxy: Any) -> None:
+    client = await proxy()
+    response = await client.get("/v2/whatever")
+    assert response.status == 404 and (await response.json())["error"]["type"] == "not_found_error"
+    response = await client.get("/v1/messages")
+    assert response.status == 405 and (await response.json())["type"] == "error"
+
+
+async def test_claude_code_side_endpoints(proxy: Any) -> None:
+    client = await proxy()
+    for method, path in (("HEAD", "/"), ("HEAD", "/api/hello"), ("POST", "/api/event_logging/batch")):
+        response = await client.request(method, path, json={} if method == "POST" else None)
+        assert response.status == 200, path
+
+
+async def test_request_too_large_is_413(proxy: Any) -> None:
+    client = await proxy(max_request_bytes=1000)
+    response = await client.post("/v1/messages", json={**BASIC, "messages": [user("x" * 5000)]})
+    body = await response.json()
+    assert response.status == 413 and body["error"]["type"] == "request_too_large"
+    assert "MAX_REQUEST_BYTES" in body["error"]["message"]
+
+
+async def test_no_provider_configured_answers_with_the_variable_to_set(aiohttp_client: Any) -> None:
+    client = await aiohttp_client(vd.create_app(make_config({})))
+    health = await (await client.get("/health")).json()
+    assert health["status"] == "no_providers" and health["providers"] == []
+    response = await client.post("/v1/messages", json=BASIC)
+    body = await response.json()
+    assert response.status == 500 and "OPENAI_API_KEY" in body["error"]["message"]
+    assert response.headers["x-should-retry"] == "false"
+
+
+async def test_key_rotation_and_failover(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy({"OPENAI_API_KEY": "key-one-000000 key-two-000000 key-three-0000"})
+    upstream.add(Reply({"error": {"message": "bad key"}}, status=401),
+                 Reply({"error": {"message": "slow"}}, status=429, headers={"retry-after": "30"}))
+    response = await client.post("/v1/messages", json=BASIC)
+    assert response.status == 200
+    used = [r["headers"]["authorization"] for r in upstream.requests]
+    assert used == ["Bearer key-one-000000", "Bearer key-two-000000", "Bearer key-three-0000"]
+    await client.post("/v1/messages", json=BASIC)       # the failed keys are cooling down
+    assert upstream.last["headers"]["authorization"] == "Bearer key-three-0000"
+    health = await (await client.get("/health")).json()
+    assert health["providers"][0]["cooling_keys"] == 2 and health["providers"][0]["keys"] == 3
+    assert "key-one" not in json.dumps(health)
+
+
+async def test_all_keys_failing_returns_last_error_with_retry_after(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy({"OPENAI_API_KEY": "key-a-0000000000 key-b-0000000000"})
+    upstream.add(Reply({"error": {"message": "limit a"}}, status=429, headers={"retry-after": "3"}),
+                 Reply({"error": {"message": "limit b"}}, status=429, headers={"retry-after": "9"}))
+    response = await client.post("/v1/messages", json=BASIC)
+    body = await response.json()
+    assert response.status == 429 and body["error"]["message"] == "openai: limit b"
+    assert response.headers["retry-after"] == "9" and len(upstream.requests) == 2
+
+
+async def test_proxy_api_key_required_and_passthrough_takes_the_other_header(proxy: Any,
+                                                                             upstream: FakeUpstream) -> None:
+    client = await proxy({"PROXY_API_KEY": "proxy-secret-1234", "PT_API_KEY": "!PASSTHRU",
+                          "PT_BASE_URL": "{upstream}/v1"})
+    body = {**BASIC, "model": "pt:some-model"}
+    response = await client.post("/v1/messages", json=body)
+    assert response.status == 401 and (await response.json())["error"]["type"] == "authentication_error"
+    response = await client.post("/v1/messages", json=body, headers={"x-api-key": "wrong"})
+    assert response.status == 401
+    assert (await client.get("/metrics/running-totals")).status == 401
+    assert (await client.get("/health")).status == 200
+    # Claude Code: ANTHROPIC_API_KEY (x-api-key) = proxy key, ANTHROPIC_AUTH_TOKEN (Bearer) = upstream key
+    response = await client.post("/v1/messages", json=body, headers={"x-api-key": "proxy-secret-1234",
+                                                                      "Authorization": "Bearer user-upstream-key"})
+    assert response.status == 200
+    assert upstream.last["headers"]["authorization"] == "Bearer user-upstream-key"
+    # and the other way round
+    response = await client.post("/v1/messages", json=body, headers={"x-api-key": "user-key-2",
+                                                                      "Authorization": "Bearer proxy-secret-1234"})
+    assert response.status == 200 and upstream.last["headers"]["authorization"] == "Bearer user-key-2"
+
+
+async def test_passthrough_without_client_key_is_401(proxy: Any) -> None:
+    client = await proxy({"OPENAI_API_KEY": "!PASSTHRU"})
+    response = await client.post("/v1/messages", json=BASIC)
+    body = await response.json()
+    assert response.status == 401 and "PASSTHRU" in body["error"]["message"]
+
+
+async def test_static_keys_never_forward_client_credentials(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy()
+    await client.post("/v1/messages", json=BASIC, headers={"x-api-key": "client-secret", "Authorization": "Bearer cs2",
+                                                           "Cookie": "a=b", "X-Custom": "1"})
+    headers = upstream.last["headers"]
+    assert headers["authorization"] == "Bearer sk-test-0000000000001"
+    assert "client-secret" not in json.dumps(headers) and "cs2" not in json.dumps(headers)
+    assert "cookie" not in headers and "x-custom" not in headers
+
+
+async def test_custom_headers_reach_the_provider(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy({"OPENAI_CUSTOM_HEADER_X_USER_ID": "team-7"})
+    await client.post("/v1/messages", json=BASIC)
+    assert upstream.last["headers"]["x-user-id"] == "team-7"
+
+
+async def test_count_tokens_endpoint(proxy: Any) -> None:
+    client = await proxy()
+    body = {"model": "claude-sonnet-4", "messages": [user("Hello, how are you today?")], "tools": [BASH_TOOL]}
+    first = await (await client.post("/v1/messages/count_tokens?beta=true", json=body)).json()
+    second = await (await client.post("/v1/messages/count_tokens", json=body)).json()
+    assert first == second and first["input_tokens"] > 20
+    empty = await (await client.post("/v1/messages/count_tokens", json={"model": "m", "messages": []})).json()
+    assert empty["input_tokens"] >= 1
+
+
+async def test_models_and_aliases_endpoints(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy({"OPENAI_ALIAS_FAST": "gpt-fast"})
+    models = await (await client.get("/v1/models")).json()
+    ids = [m["id"] for m in models["data"]]
+    assert "fast" in ids and "sonnet" in ids and "openai:model-a" in ids
+    assert models["has_more"] is False and models["first_id"] == ids[0] and models["last_id"] == ids[-1]
+    await client.get("/v1/models")
+    assert sum(1 for r in upstream.requests if r["path"].endswith("/models")) == 1     # cached
+    aliases = await (await client.get("/v1/aliases")).json()
+    fast = next(a for a in aliases["aliases"] if a["name"] == "fast")
+    assert fast == {"provider": "openai", "name": "fast", "target": "gpt-fast", "source": "env"}
+
+
+async def test_health_shape(proxy: Any) -> None:
+    client = await proxy()
+    health = await (await client.get("/health")).json()
+    assert health["status"] == "ok" and health["version"] == vd.__version__ and health["default_provider"] == "openai"
+    assert health["providers"][0]["format"] == "openai" and health["providers"][0]["keys"] == 1
+    assert "sk-test" not in json.dumps(health) and health["uptime_s"] >= 0
+
+
+async def test_tool_round_trip_through_proxy(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy()
+    upstream.add(Reply(stream=sse(delta(role="assistant", content="Running"),
+                                  delta(tool_calls=[tc(0, "call_9", "Bash", "")]),
+                                  delta(tool_calls=[tc(0, args='{"command":')]), delta(tool_calls=[tc(0, args=' "ls"}')]),
+                                  finish("tool_calls"), usage_chunk())))
+    _response, frames = await post_stream(client, {**BASIC, "tools": [BASH_TOOL]})
+    message = final_message(frames)
+    assert message["stop_reason"] == "tool_use"
+    tool = message["content"][1]
+    assert tool == {"type": "tool_use", "id": "call_9", "name": "Bash", "input": {"command": "ls"}}
+    turn2 = {**BASIC, "tools": [BASH_TOOL], "messages": [
+        user("list"), assistant(message["content"]),
+        user([{"type": "tool_result", "tool_use_id": "call_9", "content": "a.txt", "cache_control": {"type": "ephemeral"}}])]}
+    response = await client.post("/v1/messages", json=turn2)
+    assert response.status == 200
+    sent = upstream.last["body"]["messages"]
+    assert sent[-1] == {"role": "tool", "tool_call_id": "call_9", "content": "a.txt"}
+    assert sent[-2]["tool_calls"][0]["function"] == {"name": "Bash", "arguments": '{"command": "ls"}'}
+
+
+async def test_stream_cut_after_start_ends_with_error_event(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy()
+    upstream.add(Reply(stream=[sse(delta(content="partial"), done=False), b"<reset>"]))
+    response = await client.post("/v1/messages", json={**BASIC, "stream": True})
+    text = await response.text()
+    frames = validate_stream(text)
+    assert frames[-1][0] == "error" and frames[-1][1]["error"]["type"] == "api_error"
+    assert "message_stop" not in text
+
+
+async def test_stream_in_band_upstream_error_event(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy()
+    upstream.add(Reply(stream=sse(delta(content="a"), {"error": {"message": "provider exploded"}})))
+    response = await client.post("/v1/messages", json={**BASIC, "stream": True})
+    frames = validate_stream(await response.text())
+    assert frames[-1][0] == "error" and "provider exploded" in frames[-1][1]["error"]["message"]
+
+
+async def test_stream_without_done_or_finish_still_ends_cleanly(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy()
+    upstream.add(Reply(stream=[b'data: {"choices":[{"delta":{"content":"a"}}]}\r\n\r\n: keep-alive\n\n',
+                               b'data: {"choices":[{"delta":{"content":"b"}}]}']))
+    _response, frames = await post_stream(client, BASIC)
+    assert final_message(frames)["content"] == [{"type": "text", "text": "ab"}]
+
+
+async def test_stream_garbage_lines_and_split_bytes(proxy: Any, upstream: FakeUpstream) -> None:
+    body = sse(delta(content="héllo "), b"data: {broken json\n\n", b"nonsense line\n\n", delta(content="wörld"), finish())
+    upstream.add(Reply(stream=[body[i:i + 3] for i in range(0, len(body), 3)]))
+    client = await proxy()
+    _response, frames = await post_stream(client, BASIC)
+    assert final_message(frames)["content"] == [{"type": "text", "text": "héllo wörld"}]
+
+
+async def test_ping_during_upstream_silence(proxy: Any, upstream: FakeUpstream, monkeypatch: Any) -> None:
+    monkeypatch.setattr(vd, "PING_INTERVAL", 0.3)
+    upstream.add(Reply(stream=[sse(delta(content="a"), done=False), sse(delta(content="b"), finish())],
+                       chunk_delay=0.9))
+    client = await proxy()
+    response = await client.post("/v1/messages", json={**BASIC, "stream": True})
+    frames = validate_stream(await response.text())
+    names = [n for n, _ in frames]
+    first_delta = names.index("content_block_delta")
+    assert "ping" in names[first_delta:], names
+
+
+async def test_stream_idle_timeout_closes_with_error(proxy: Any, upstream: FakeUpstream, monkeypatch: Any) -> None:
+    monkeypatch.setattr(vd, "PING_INTERVAL", 0.3)
+    upstream.add(Reply(stream=[sse(delta(content="a"), done=False)], hang=5))
+    client = await proxy(stream_idle_timeout=0.5)
+    started = time.monotonic()
+    response = await client.post("/v1/messages", json={**BASIC, "stream": True})
+    frames = validate_stream(await response.text())
+    assert frames[-1][0] == "error" and "STREAM_IDLE_TIMEOUT" in frames[-1][1]["error"]["message"]
+    assert time.monotonic() - started < 3
+
+
+async def test_first_byte_timeout_is_504(proxy: Any, upstream: FakeUpstream) -> None:
+    upstream.add(Reply(completion("late"), delay=2))
+    client = await proxy(request_timeout=0.3)
+    response = await client.post("/v1/messages", json=BASIC)
+    body = await response.json()
+    assert response.status == 504 and "REQUEST_TIMEOUT" in body["error"]["message"]
+
+
+async def test_unreachable_upstream_is_502(proxy: Any) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = await proxy({"OPENAI_BASE_URL": f"http://127.0.0.1:{port}/v1"})
+    response = await client.post("/v1/messages", json=BASIC)
+    body = await response.json()
+    assert response.status == 502 and body["error"]["type"] == "api_error" and "cannot reach" in body["error"]["message"]
