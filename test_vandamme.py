@@ -283,7 +283,7 @@ def proxy(aiohttp_client: Any, upstream: FakeUpstream, tmp_path: Path) -> Any:
     return start
 
 
-BASIC = {"model": "claude-sonnet-4-5", "max_tokens": 100, "messages": [{"role": "user", "content": "Hi"}]}
+BASIC = {"model": "claude-sonnet-5-5", "max_tokens": 100, "messages": [{"role": "user", "content": "Hi"}]}
 
 
 async def post_stream(client: Any, body: dict, **kwargs: Any) -> tuple[Any, list[tuple[str, dict]]]:
@@ -1058,7 +1058,7 @@ async def test_text_conversation_json(proxy: Any, upstream: FakeUpstream) -> Non
     message = await response.json()
     assert response.status == 200, message
     assert message["content"] == [{"type": "text", "text": "Hello there"}]
-    assert message["model"] == "claude-sonnet-4-5" and message["usage"]["input_tokens"] == 12
+    assert message["model"] == "claude-sonnet-5-5" and message["usage"]["input_tokens"] == 12
     sent = upstream.last
     assert sent["path"] == "/v1/chat/completions" and sent["body"]["model"] == "gpt-5.1"
     assert sent["headers"]["authorization"] == "Bearer sk-test-0000000000001"
@@ -1354,3 +1354,300 @@ async def test_unreachable_upstream_is_502(proxy: Any) -> None:
     response = await client.post("/v1/messages", json=BASIC)
     body = await response.json()
     assert response.status == 502 and body["error"]["type"] == "api_error" and "cannot reach" in body["error"]["message"]
+
+
+# ---------------------------------------------------------------------------
+# Real client: the official anthropic SDK against every upstream shape
+# ---------------------------------------------------------------------------
+
+anthropic = pytest.importorskip("anthropic")
+
+SDK_SHAPES = {
+    "text": (sse(delta(role="assistant", content="Hi "), delta(content="there"), finish(), usage_chunk()),
+             completion("Hi there"),
+             [{"type": "text", "text": "Hi there"}], "end_turn"),
+    "tool-split-args": (sse(delta(tool_calls=[tc(0, "call_1", "Bash", "")]), delta(tool_calls=[tc(0, args='{"command"')]),
+                            delta(tool_calls=[tc(0, args=': "ls"}')]), finish("tool_calls"), usage_chunk()),
+                        completion(None, tool_calls=[{"id": "call_1", "type": "function", "function": {
+                            "name": "Bash", "arguments": '{"command": "ls"}'}}], finish_reason="tool_calls"),
+                        [{"type": "tool_use", "id": "call_1", "name": "Bash", "input": {"command": "ls"}}], "tool_use"),
+    "parallel-tools-one-chunk": (
+        sse(delta(tool_calls=[tc(0, "a", "Read", '{"file_path": "/a"}'), tc(1, "b", "Read", '{"file_path": "/b"}')]),
+            finish("tool_calls")),
+        completion(None, tool_calls=[{"id": "a", "type": "function", "function": {"name": "Read", "arguments": '{"file_path": "/a"}'}},
+                                     {"id": "b", "type": "function", "function": {"name": "Read", "arguments": '{"file_path": "/b"}'}}],
+                   finish_reason="tool_calls"),
+        [{"type": "tool_use", "id": "a", "name": "Read", "input": {"file_path": "/a"}},
+         {"type": "tool_use", "id": "b", "name": "Read", "input": {"file_path": "/b"}}], "tool_use"),
+    "reasoning-then-text": (sse(delta(reasoning_content="Let me think."), delta(content="Answer."), finish()),
+                            completion("Answer.", reasoning_content="Let me think."),
+                            [{"type": "thinking", "thinking": "Let me think."}, {"type": "text", "text": "Answer."}],
+                            "end_turn"),
+    "no-index-stop-with-tool": (sse(delta(content="ok"), delta(tool_calls=[{"id": "g", "function": {"name": "Glob", "arguments": "{}"}}]),
+                                    finish("stop")),
+                                completion("ok", tool_calls=[{"id": "g", "type": "function", "function": {"name": "Glob", "arguments": "{}"}}]),
+                                [{"type": "text", "text": "ok"}, {"type": "tool_use", "id": "g", "name": "Glob", "input": {}}],
+                                "tool_use"),
+    "length": (sse(delta(content="trunc"), finish("length"), done=False), completion("trunc", finish_reason="length"),
+               [{"type": "text", "text": "trunc"}], "max_tokens"),
+}
+
+
+def _plain(blocks: list) -> list[dict]:
+    result = []
+    for block in blocks:
+        data = block.model_dump(exclude_none=True)
+        data.pop("signature", None)
+        data.pop("citations", None)
+        data.pop("parsed_output", None)
+        result.append(data)
+    return result
+
+
+@pytest.mark.parametrize("shape", list(SDK_SHAPES))
+async def test_anthropic_sdk_async_and_sync(proxy: Any, upstream: FakeUpstream, shape: str) -> None:
+    stream_body, json_body, expected, stop_reason = SDK_SHAPES[shape]
+    client = await proxy()
+    base = str(client.make_url("")).rstrip("/")
+    request = {"model": "claude-sonnet-5-5", "max_tokens": 100, "messages": [{"role": "user", "content": "go"}],
+               "tools": [BASH_TOOL]}
+    async_client = anthropic.AsyncAnthropic(base_url=base, api_key="k", max_retries=0)
+    upstream.add(Reply(json_body))
+    message = await async_client.messages.create(**request)
+    assert _plain(message.content) == expected and message.stop_reason == stop_reason
+    upstream.add(Reply(stream=stream_body))
+    async with async_client.messages.stream(**request) as stream:
+        final = await stream.get_final_message()
+    assert _plain(final.content) == expected and final.stop_reason == stop_reason
+    await async_client.close()
+
+    def sync_calls() -> list:
+        sync_client = anthropic.Anthropic(base_url=base, api_key="k", max_retries=0)
+        try:
+            created = sync_client.messages.create(**request)
+            with sync_client.messages.stream(**request) as stream:
+                streamed = stream.get_final_message()
+            return [created, streamed]
+        finally:
+            sync_client.close()
+
+    upstream.add(Reply(json_body), Reply(stream=stream_body))
+    for message in await asyncio.to_thread(sync_calls):
+        assert _plain(message.content) == expected and message.stop_reason == stop_reason
+    # the raw stream of the same shape passes the grammar validator
+    upstream.add(Reply(stream=stream_body))
+    await post_stream(client, request)
+
+
+async def test_anthropic_sdk_error_classes(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy()
+    sdk = anthropic.AsyncAnthropic(base_url=str(client.make_url("")).rstrip("/"), api_key="k", max_retries=0)
+    for status, cls in ((400, anthropic.BadRequestError), (401, anthropic.AuthenticationError),
+                        (404, anthropic.NotFoundError), (429, anthropic.RateLimitError),
+                        (529, anthropic.InternalServerError)):
+        upstream.add(Reply({"error": {"message": f"status {status}"}}, status=status))
+        with pytest.raises(cls) as info:
+            await sdk.messages.create(**BASIC)
+        assert f"status {status}" in str(info.value) and info.value.request_id
+    upstream.add(Reply(stream=[sse(delta(content="x"), done=False), b"<reset>"]))
+    with pytest.raises(anthropic.APIStatusError):
+        async with sdk.messages.stream(**BASIC) as stream:
+            await stream.get_final_message()
+    await sdk.close()
+
+
+# ---------------------------------------------------------------------------
+# §9 Dialects end to end: passthrough, Azure, Gemini, DeepSeek, think tags, middleware
+# ---------------------------------------------------------------------------
+
+ANTHROPIC_STREAM = (b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_up","type":"message",'
+                    b'"role":"assistant","model":"claude-real","content":[],"stop_reason":null,"stop_sequence":null,'
+                    b'"usage":{"input_tokens":21,"output_tokens":1}}}\n\n'
+                    b'event: content_block_start\ndata: {"type":"content_block_start","index":0,"content_block":'
+                    b'{"type":"text","text":""}}\n\nevent: ping\ndata: {"type": "ping"}\n\n'
+                    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":'
+                    b'{"type":"text_delta","text":"Hi"}}\n\n'
+                    b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
+                    b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn",'
+                    b'"stop_sequence":null},"usage":{"output_tokens":3}}\n\n'
+                    b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+
+
+async def test_anthropic_passthrough_is_byte_exact(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy({"ANT_API_KEY": "ant-key-000000000", "ANT_BASE_URL": "{upstream}/v1",
+                          "ANT_API_FORMAT": "anthropic", "ANT_ALIAS_SONNET": "claude-real"})
+    body = json.loads((FIXTURES / "messages_basic_sonnet.json").read_text()) if ALL_FIXTURES else {
+        **BASIC, "thinking": {"type": "enabled", "budget_tokens": 2000}, "stream": True}
+    body["model"] = "ant:sonnet"
+    body["stream"] = True
+    raw = json.dumps(body, indent=1).encode()
+    upstream.add(Reply(stream=[ANTHROPIC_STREAM[i:i + 50] for i in range(0, len(ANTHROPIC_STREAM), 50)]))
+    response = await client.post("/v1/messages?beta=true", data=raw, headers={
+        "Content-Type": "application/json", "anthropic-version": "2023-06-01", "anthropic-beta": "claude-code-20250219",
+        "x-api-key": "client-key"})
+    assert await response.read() == ANTHROPIC_STREAM
+    sent = upstream.last
+    assert sent["path"] == "/v1/messages"
+    assert sent["raw"] == raw.replace(b'"ant:sonnet"', b'"claude-real"')
+    assert sent["headers"]["x-api-key"] == "ant-key-000000000"
+    assert sent["headers"]["anthropic-beta"] == "claude-code-20250219"
+    assert sent["headers"]["anthropic-version"] == "2023-06-01"
+    # errors are relayed with their own status and body
+    upstream.add(Reply({"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}, status=529))
+    response = await client.post("/v1/messages", json={**BASIC, "model": "ant:x"})
+    assert response.status == 529 and (await response.json())["error"]["message"] == "busy"
+    # count_tokens goes upstream too
+    upstream.add(Reply({"input_tokens": 4242}))
+    counted = await (await client.post("/v1/messages/count_tokens", json={"model": "ant:x", "messages": []})).json()
+    assert counted == {"input_tokens": 4242} and upstream.last["path"] == "/v1/messages/count_tokens"
+
+
+async def test_passthrough_bearer_auth_setting(proxy: Any, upstream: FakeUpstream, tmp_path: Path) -> None:
+    (tmp_path / "vandamme-config.toml").write_text(
+        f'[gw]\nbase-url = "{upstream.url}"\napi-format = "anthropic"\napi-key = "gw-key"\nauth-header = "bearer"\n')
+    client = await proxy()
+    upstream.add(Reply({"id": "m", "type": "message", "content": []}))
+    await client.post("/v1/messages", json={**BASIC, "model": "gw:claude"})
+    assert upstream.last["path"] == "/v1/messages" and upstream.last["headers"]["authorization"] == "Bearer gw-key"
+
+
+@pytest.mark.parametrize(("base", "path", "query"), [
+    pytest.param("/azure", "/azure/openai/deployments/gpt-4o-dep/chat/completions", {"api-version": "2024-10-21"},
+                 id="deployments"),
+    pytest.param("/azure/openai/v1", "/azure/openai/v1/chat/completions", {}, id="v1"),
+])
+async def test_azure_url_query_and_header(proxy: Any, upstream: FakeUpstream, base: str, path: str,
+                                          query: dict) -> None:
+    client = await proxy({"AZURE_API_KEY": "az-key-000000", "AZURE_BASE_URL": "{upstream}" + base,
+                          "AZURE_API_VERSION": "2024-10-21"})
+    response = await client.post("/v1/messages", json={**BASIC, "model": "azure:gpt-4o-dep"})
+    assert response.status == 200
+    assert upstream.last["path"] == path and upstream.last["query"] == query
+    assert upstream.last["headers"]["api-key"] == "az-key-000000" and "authorization" not in upstream.last["headers"]
+
+
+GEMINI_SIG = "CiQB0e2Kb+/abc=="
+
+
+async def test_gemini_thought_signature_round_trip_survives_restart(proxy: Any, upstream: FakeUpstream) -> None:
+    env = {"GEMINI_API_KEY": "g-key", "GEMINI_BASE_URL": "{upstream}/v1beta/openai"}
+    call = {"index": 0, "id": "fc_1", "type": "function", "function": {"name": "Bash", "arguments": '{"command":"ls"}'},
+            "extra_content": {"google": {"thought_signature": GEMINI_SIG}}}
+    for stream in (False, True):
+        first = await proxy(env)
+        if stream:
+            upstream.add(Reply(stream=sse(delta(tool_calls=[call]), finish("tool_calls"))))
+            _r, frames = await post_stream(first, {**BASIC, "model": "gemini:gemini-2.5-pro", "tools": [BASH_TOOL]})
+            content = final_message(frames)["content"]
+        else:
+            upstream.add(Reply(completion(None, tool_calls=[call], finish_reason="tool_calls")))
+            content = (await (await first.post("/v1/messages", json={**BASIC, "model": "gemini:gemini-2.5-pro",
+                                                                     "tools": [BASH_TOOL]})).json())["content"]
+        tool_id = content[0]["id"]
+        assert re.fullmatch(r"[a-zA-Z0-9_-]+", tool_id) and tool_id.startswith("fc_1")
+        await first.close()
+        second = await proxy(env)                           # a fresh instance: no shared state
+        turn2 = {**BASIC, "model": "gemini:gemini-2.5-pro", "tools": [BASH_TOOL], "messages": [
+            user("go"), assistant(content), user([{"type": "tool_result", "tool_use_id": tool_id, "content": "ok"}])]}
+        assert (await second.post("/v1/messages", json=turn2)).status == 200
+        sent = upstream.last["body"]
+        assert sent["messages"][-2]["tool_calls"][0]["id"] == "fc_1"
+        assert sent["messages"][-2]["tool_calls"][0]["extra_content"] == {"google": {"thought_signature": GEMINI_SIG}}
+        assert sent["messages"][-1]["tool_call_id"] == "fc_1"
+        assert "$schema" not in json.dumps(sent["tools"])
+        await second.close()
+
+
+async def test_gemini_signatures_can_be_disabled(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy({"GEMINI_API_KEY": "g", "GEMINI_BASE_URL": "{upstream}/v1beta/openai",
+                          "GEMINI_THOUGHT_SIGNATURES_ENABLED": "false"})
+    call = {"id": "fc_1", "type": "function", "function": {"name": "Bash", "arguments": "{}"},
+            "extra_content": {"google": {"thought_signature": GEMINI_SIG}}}
+    upstream.add(Reply(completion(None, tool_calls=[call], finish_reason="tool_calls")))
+    message = await (await client.post("/v1/messages", json={**BASIC, "model": "gemini:g"})).json()
+    assert message["content"][0]["id"] == "fc_1"
+
+
+async def test_deepseek_reasoning_content_round_trip(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy({"DEEPSEEK_API_KEY": "ds", "DEEPSEEK_BASE_URL": "{upstream}"})
+    upstream.add(Reply(stream=sse(delta(reasoning_content="I should list."), delta(tool_calls=[tc(0, "c1", "Bash", "{}")]),
+                                  finish("tool_calls"))))
+    _r, frames = await post_stream(client, {**BASIC, "model": "deepseek:deepseek-reasoner", "tools": [BASH_TOOL]})
+    content = final_message(frames)["content"]
+    assert content[0]["type"] == "thinking" and content[0]["signature"]
+    turn2 = {**BASIC, "model": "deepseek:deepseek-reasoner", "tools": [BASH_TOOL], "messages": [
+        user("go"), assistant(content), user([{"type": "tool_result", "tool_use_id": "c1", "content": "ok"}])]}
+    await client.post("/v1/messages", json=turn2)
+    sent = upstream.last["body"]["messages"]
+    assert sent[-2]["reasoning_content"] == "I should list." and sent[-2]["tool_calls"]
+    # providers without the setting never see it
+    await client.post("/v1/messages", json={**turn2, "model": "gpt-4o"})
+    assert "reasoning_content" not in upstream.last["body"]["messages"][-2]
+
+
+async def test_think_tags_become_thinking_blocks(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy({"OLLAMA_BASE_URL": "{upstream}/v1"})
+    upstream.add(Reply(stream=sse(delta(content="<thi"), delta(content="nk>weigh"), delta(content="ing</think>"),
+                                  delta(content="Result"), finish())))
+    _r, frames = await post_stream(client, {**BASIC, "model": "ollama:qwen3"})
+    content = final_message(frames)["content"]
+    assert [b["type"] for b in content] == ["thinking", "text"]
+    assert content[0]["thinking"] == "weighing" and content[1]["text"] == "Result"
+    assert "stream_options" not in upstream.last["body"]
+    upstream.add(Reply(completion("<think>plan</think>\n\nDone")))
+    message = await (await client.post("/v1/messages", json={**BASIC, "model": "ollama:qwen3"})).json()
+    assert message["content"][0]["thinking"] == "plan" and message["content"][1]["text"] == "Done"
+
+
+MIDDLEWARE_FILE = '''
+def on_request(exchange, payload):
+    payload["messages"].insert(0, {"role": "system", "content": "house rules"})
+    payload["user"] = exchange.request_id
+
+def on_response(exchange, message):
+    message["content"][0]["text"] += " [checked]"
+
+def on_event(exchange, event):
+    if event["event"] == "content_block_delta" and event["data"]["delta"]["type"] == "text_delta":
+        event["data"]["delta"]["text"] = event["data"]["delta"]["text"].upper()
+'''
+
+
+async def test_user_middleware_file_edits_request_and_response(proxy: Any, upstream: FakeUpstream,
+                                                               tmp_path: Path) -> None:
+    path = tmp_path / "hooks.py"
+    path.write_text(MIDDLEWARE_FILE)
+    client = await proxy(middleware=vd.load_middleware(str(path)))
+    message = await (await client.post("/v1/messages", json=BASIC)).json()
+    assert message["content"][0]["text"] == "Hello there [checked]"
+    assert upstream.last["body"]["messages"][0] == {"role": "system", "content": "house rules"}
+    assert upstream.last["body"]["user"].startswith("req_")
+    _r, frames = await post_stream(client, BASIC)
+    assert final_message(frames)["content"][0]["text"] == "HELLO THERE"
+
+
+async def test_failing_middleware_is_a_clean_api_error(proxy: Any, upstream: FakeUpstream) -> None:
+    class Broken(vd.Middleware):
+        name = "broken"
+
+        def on_upstream_chunk(self, exchange: Any, chunk: Any) -> None:
+            raise RuntimeError("bug in hook")
+
+        def on_request(self, exchange: Any, payload: Any) -> None:
+            if not exchange.stream:
+                raise ValueError("nope")
+
+    client = await proxy(middleware=[Broken()])
+    response = await client.post("/v1/messages", json=BASIC)
+    body = await response.json()
+    assert response.status == 500 and body["error"]["type"] == "api_error" and "broken" in body["error"]["message"]
+    response = await client.post("/v1/messages", json={**BASIC, "stream": True})
+    frames = validate_stream(await response.text())
+    assert frames[-1][0] == "error" and "bug in hook" in frames[-1][1]["error"]["message"]
+
+
+def test_middleware_file_that_fails_to_import_is_a_config_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text("raise ImportError('missing dependency')\n")
+    with pytest.raises(vd.ConfigError, match="missing dependency"):
+        vd.load_middleware(str(bad))
