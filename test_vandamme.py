@@ -818,6 +818,31 @@ def test_parse_tool_arguments(raw: str, expected: dict) -> None:
     assert vd.parse_tool_arguments(raw) == expected
 
 
+@pytest.mark.parametrize(("text", "expected"), [
+    pytest.param('{"a": [1, {"b": "x\\"y"}], "c": true}', {"a": [1, {"b": 'x"y'}], "c": True}, id="complete"),
+    pytest.param('{"cmd": "echo \\"hi', {"cmd": 'echo "hi'}, id="open-string"),
+    pytest.param('{"a": {"b": ', {"a": {"b": None}}, id="open-value"),
+    pytest.param('{"a": 1, ', {"a": 1}, id="held-comma"),
+    pytest.param('{"a": fa', {"a": False}, id="partial-literal"),
+    pytest.param('{"n": 1e', {"n": 1.0}, id="partial-number"),
+    pytest.param('{"k"', {"k": None}, id="open-key"),
+    pytest.param('"double encoded"', {}, id="not-an-object"),
+    pytest.param('{"a"{"x": 1}', {}, id="broken"),
+])
+def test_json_prefix_closes_any_viable_prefix_at_every_split(text: str, expected: dict) -> None:
+    for cut in range(len(text) + 1):
+        checker, sent = vd.JsonPrefix(), ""
+        for part in (text[:cut], text[cut:]):
+            piece = checker.feed(part)
+            if piece is None:
+                break
+            sent += piece
+        result = json.loads(sent + checker.suffix())
+        assert isinstance(result, dict)
+        if cut in (0, len(text)):
+            assert result == expected, cut
+
+
 def test_usage_is_net_of_cache() -> None:
     usage = vd.usage_to_anthropic({"prompt_tokens": 100, "completion_tokens": 9,
                                    "prompt_tokens_details": {"cached_tokens": 60}})
@@ -1651,3 +1676,658 @@ def test_middleware_file_that_fails_to_import_is_a_config_error(tmp_path: Path) 
     bad.write_text("raise ImportError('missing dependency')\n")
     with pytest.raises(vd.ConfigError, match="missing dependency"):
         vd.load_middleware(str(bad))
+
+
+# ---------------------------------------------------------------------------
+# Real processes: a lone copy, the SDK against `python vandamme.py`, shutdown, reload
+# ---------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ProxyProcess:
+    """`python vandamme.py --port N` as a real process; always stopped by the caller."""
+
+    def __init__(self, script: Path, env: dict[str, str], cwd: Path, args: tuple[str, ...] = ()) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = cwd / f"proxy-{self.port}.log"
+        full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(cwd), "LOG_LEVEL": "INFO", **env}
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen([sys.executable, str(script), "--host", "127.0.0.1", "--port", str(self.port),
+                                          *args], cwd=cwd, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def wait_ready(self, timeout: float = 15.0) -> dict:
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                assert self.proc.poll() is None, self.log()
+                try:
+                    async with session.get(f"{self.url}/health") as response:
+                        return await response.json()
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.1)
+        raise AssertionError(f"proxy not ready: {self.log()}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait()
+
+
+async def test_lone_copy_runs_in_an_empty_folder(tmp_path: Path) -> None:
+    alone = tmp_path / "empty"
+    alone.mkdir()
+    shutil.copy(HERE / "vandamme.py", alone / "vandamme.py")
+    help_run = subprocess.run([sys.executable, "vandamme.py", "--help"], cwd=alone, capture_output=True, text=True,
+                              env={"PATH": os.environ.get("PATH", ""), "HOME": str(alone)}, timeout=30)
+    assert help_run.returncode == 0 and "PROXY_API_KEY" in help_run.stdout
+    proc = ProxyProcess(alone / "vandamme.py", {"OPENAI_API_KEY": "sk-lone"}, alone)
+    try:
+        health = await proc.wait_ready()
+        assert health["status"] == "ok" and health["providers"][0]["name"] == "openai"
+        assert health["providers"][0]["base_url"] == "https://api.openai.com/v1"
+    finally:
+        assert proc.stop() == 0
+    assert sorted(p.name for p in alone.iterdir() if not p.name.endswith(".log")) == ["vandamme.py"]
+
+
+async def test_real_process_with_anthropic_sdk(upstream: FakeUpstream, tmp_path: Path) -> None:
+    proc = ProxyProcess(HERE / "vandamme.py", {"OPENAI_API_KEY": "sk-proc-000000001",
+                                               "OPENAI_BASE_URL": f"{upstream.url}/v1"}, tmp_path)
+    try:
+        await proc.wait_ready()
+
+        def sdk_round_trip() -> tuple[Any, Any]:
+            client = anthropic.Anthropic(base_url=proc.url, api_key="anything", max_retries=0)
+            try:
+                created = client.messages.create(**BASIC)
+                with client.messages.stream(**BASIC) as stream:
+                    streamed = stream.get_final_message()
+                return created, streamed
+            finally:
+                client.close()
+
+        created, streamed = await asyncio.to_thread(sdk_round_trip)
+        assert created.content[0].text == "Hello there" and streamed.content[0].text == "Hello there"
+        assert streamed.usage.output_tokens == 7
+    finally:
+        assert proc.stop() == 0
+    log = proc.log()
+    assert "export ANTHROPIC_BASE_URL=http://localhost:" in log and "sk-proc-000000001" not in log
+    assert "claude-sonnet-5-5 -> openai:gpt-5.1 200 stream" in log
+
+
+async def test_graceful_shutdown_finishes_in_flight_stream(upstream: FakeUpstream, tmp_path: Path) -> None:
+    upstream.add(Reply(stream=[sse(delta(content=f"{i} "), done=False) for i in range(6)] + [sse(finish())],
+                       chunk_delay=0.3))
+    proc = ProxyProcess(HERE / "vandamme.py", {"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": f"{upstream.url}/v1",
+                                               "SHUTDOWN_GRACE": "10"}, tmp_path)
+    try:
+        await proc.wait_ready()
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{proc.url}/v1/messages", json={**BASIC, "stream": True}) as response:
+                first = await response.content.readline()
+                proc.proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.3)
+                with pytest.raises(aiohttp.ClientError):       # no new connections while draining
+                    async with session.post(f"{proc.url}/v1/messages", json=BASIC) as late:
+                        await late.read()
+                rest = await response.read()
+        frames = validate_stream((first + rest).decode())
+        assert final_message(frames)["content"][0]["text"] == "0 1 2 3 4 5 "
+    finally:
+        code = proc.stop()
+    assert code == 0
+
+
+async def test_shutdown_grace_expiry_ends_streams_with_error(upstream: FakeUpstream, tmp_path: Path) -> None:
+    upstream.add(Reply(stream=[sse(delta(content="x"), done=False)], hang=30))
+    proc = ProxyProcess(HERE / "vandamme.py", {"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": f"{upstream.url}/v1",
+                                               "SHUTDOWN_GRACE": "0.5"}, tmp_path)
+    try:
+        await proc.wait_ready()
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{proc.url}/v1/messages", json={**BASIC, "stream": True}) as response:
+                await response.content.readline()
+                proc.proc.send_signal(signal.SIGTERM)
+                text = (await response.read()).decode()
+        frames = parse_sse("event: message_start\n" + text.split("event: message_start\n", 1)[-1])
+        assert frames[-1][0] == "error" and frames[-1][1]["error"]["type"] == "overloaded_error"
+        assert proc.proc.wait(10) == 0
+    finally:
+        proc.stop()
+
+
+async def test_sighup_reloads_and_refuses_a_bad_file(upstream: FakeUpstream, tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("OPENAI_ALIAS_SONNET=first-model\n")
+    proc = ProxyProcess(HERE / "vandamme.py", {"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": f"{upstream.url}/v1"},
+                        tmp_path)
+    try:
+        await proc.wait_ready()
+        async with aiohttp.ClientSession() as session:
+            async def upstream_model() -> str:
+                async with session.post(f"{proc.url}/v1/messages", json=BASIC) as response:
+                    assert response.status == 200
+                return upstream.last["body"]["model"]
+
+            assert await upstream_model() == "first-model"
+            env_file.write_text("OPENAI_ALIAS_SONNET=second-model\n")
+            proc.proc.send_signal(signal.SIGHUP)
+            await asyncio.sleep(0.5)
+            assert await upstream_model() == "second-model"
+            (tmp_path / "vandamme-config.toml").write_text("[broken\n")
+            proc.proc.send_signal(signal.SIGHUP)
+            await asyncio.sleep(0.5)
+            assert await upstream_model() == "second-model"
+    finally:
+        proc.stop()
+    assert "configuration refused" in proc.log()
+
+
+# ---------------------------------------------------------------------------
+# Reliability: retries, fallbacks, disconnects, hostile input
+# ---------------------------------------------------------------------------
+
+async def test_retries_on_5xx_and_connection_reset(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy({"MAX_RETRIES": "2"})
+    upstream.add(Reply({"error": {"message": "down"}}, status=503), Reply(reset=True))
+    response = await client.post("/v1/messages", json=BASIC)
+    assert response.status == 200 and len(upstream.requests) == 3
+    upstream.add(*(Reply({"error": {"message": "down"}}, status=502) for _ in range(3)))
+    response = await client.post("/v1/messages", json=BASIC)
+    assert response.status == 502 and len(upstream.requests) == 6
+    upstream.add(Reply({"error": {"message": "bad"}}, status=400))
+    assert (await client.post("/v1/messages", json=BASIC)).status == 400 and len(upstream.requests) == 7
+
+
+async def test_retry_after_is_honoured(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy({"MAX_RETRIES": "1"})
+    upstream.add(Reply({"error": {"message": "busy"}}, status=529, headers={"retry-after": "0.6"}))
+    started = time.monotonic()
+    assert (await client.post("/v1/messages", json=BASIC)).status == 200
+    assert time.monotonic() - started >= 0.55
+
+
+async def test_fallback_chain_serves_from_next_target(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy({"BACKUP_API_KEY": "b-key", "BACKUP_BASE_URL": "{upstream}/backup",
+                          "OPENAI_ALIAS_SONNET": "gpt-main,backup:backup-model"})
+    upstream.add(Reply({"error": {"message": "down"}}, status=503))
+    response = await client.post("/v1/messages", json={**BASIC, "stream": True})
+    frames = validate_stream(await response.text())
+    assert frames[0][1]["message"]["model"] == BASIC["model"]
+    assert [r["body"]["model"] for r in upstream.requests] == ["gpt-main", "backup-model"]
+    assert upstream.last["path"] == "/backup/chat/completions"
+    totals = await (await client.get("/metrics/running-totals")).json()
+    assert totals["providers"]["backup"]["requests"] == 1
+    upstream.add(Reply({"error": {"message": "wrong"}}, status=400))   # not retryable: no fallback
+    assert (await client.post("/v1/messages", json=BASIC)).status == 400
+
+
+async def test_client_disconnects_close_upstream_and_leave_nothing_behind(proxy: Any, upstream: FakeUpstream) -> None:
+    """200 streams cut part-way: the upstream sees every connection end; tasks return to baseline."""
+    client = await proxy()
+    slow = [sse(delta(content=f"{i} "), done=False) for i in range(50)]
+    await client.post("/v1/messages", json=BASIC)
+    baseline = len(asyncio.all_tasks())
+    url = client.make_url("/v1/messages")
+    for _ in range(200):
+        upstream.add(Reply(stream=slow, chunk_delay=0.05))
+
+    async def one(session: aiohttp.ClientSession) -> None:
+        async with session.post(url, json={**BASIC, "stream": True}) as response:
+            await response.content.readline()
+            await response.content.readline()
+        # leaving the block without reading closes the connection
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(one(session) for _ in range(200)))
+    deadline = time.monotonic() + 5
+    while (upstream.active or len(asyncio.all_tasks()) > baseline + 1) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert upstream.active == 0 and upstream.ended >= 201
+    assert len(asyncio.all_tasks()) <= baseline + 1
+    totals = await (await client.get("/metrics/running-totals")).json()
+    assert totals["totals"]["in_flight"] == 0
+    assert totals["totals"]["errors_by_type"].get("client_closed", 0) >= 150
+
+
+async def test_disconnect_before_first_byte_cancels_upstream(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy()
+    upstream.add(Reply(completion("late"), delay=3))
+    task = asyncio.create_task(client.post("/v1/messages", json=BASIC))
+    await asyncio.sleep(0.3)
+    assert upstream.active == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    deadline = time.monotonic() + 1.5
+    while upstream.active and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert upstream.active == 0
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-5, 10 ** 6) | st.floats(allow_nan=False)
+                           | st.text(max_size=20),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+                           max_leaves=20)
+FIELDS = ("model", "messages", "max_tokens", "system", "tools", "tool_choice", "stream", "thinking", "temperature",
+          "stop_sequences", "metadata")
+BLOCK = st.fixed_dictionaries({"type": st.sampled_from(["text", "image", "tool_use", "tool_result", "document",
+                                                         "thinking", "nope"])}, optional={
+    "text": JSON_VALUES, "source": JSON_VALUES, "id": JSON_VALUES, "name": JSON_VALUES, "input": JSON_VALUES,
+    "tool_use_id": JSON_VALUES, "content": JSON_VALUES, "is_error": JSON_VALUES})
+MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "x"]),
+                                 "content": st.one_of(st.text(max_size=10), st.lists(BLOCK, max_size=3), JSON_VALUES)})
+BODY = st.one_of(JSON_VALUES, st.fixed_dictionaries({"model": st.sampled_from(["claude-sonnet-5-5", "gpt-x"]),
+                                                     "messages": st.lists(MESSAGE, max_size=3)},
+                                                    optional={f: JSON_VALUES for f in FIELDS[2:]}))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=BODY)
+def test_any_body_converts_or_is_a_400(body: Any) -> None:
+    try:
+        vd.validate_messages_request(body)
+        payload, _conv = vd.anthropic_to_openai(body, OPENAI, "gpt-4o")
+    except vd.InvalidRequestError as exc:
+        assert exc.status == 400 and str(exc)
+    else:
+        json.dumps(payload)
+
+
+def _paths(value: Any, prefix: tuple = ()) -> list[tuple]:
+    found = [prefix] if prefix else []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found += _paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found += _paths(item, (*prefix, index))
+    return found
+
+
+def _replaced(value: Any, path: tuple, new: Any) -> Any:
+    if not path:
+        return new
+    copy = dict(value) if isinstance(value, dict) else list(value)
+    copy[path[0]] = _replaced(copy[path[0]], path[1:], new)
+    return copy
+
+
+async def test_wrong_type_at_every_field_is_never_a_5xx(proxy: Any) -> None:
+    """Every field of a full tool round-trip body, replaced by each JSON type in turn."""
+    client = await proxy()
+    body = {**BASIC, "system": [{"type": "text", "text": "s"}], "tools": [BASH_TOOL], "tool_choice": {"type": "auto"},
+            "thinking": {"type": "enabled", "budget_tokens": 2000}, "stop_sequences": ["x"], "temperature": 0.5,
+            "metadata": {"user_id": "u"}, "messages": [
+                user([{"type": "text", "text": "go"}, IMAGE]), assistant([TOOL_USE]),
+                user([{"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "r"}]}])]}
+    checked = 0
+    for path in _paths(body):
+        for wrong in (None, 7, "x", [], {}, True, [1, {"a": None}]):
+            mutated = _replaced(body, path, wrong)
+            response = await client.post("/v1/messages", json=mutated)
+            data = await response.read()
+            assert response.status < 500, (path, wrong, data)
+            if response.status >= 400:
+                error = json.loads(data)
+                assert error["type"] == "error" and error["error"]["message"] and b"Traceback" not in data
+            checked += 1
+    assert checked > 300
+
+
+CHUNK = st.one_of(JSON_VALUES, st.fixed_dictionaries({"choices": st.lists(st.fixed_dictionaries({}, optional={
+    "index": st.sampled_from([0, 0, 1, None, "0"]),
+    "finish_reason": st.sampled_from([None, "stop", "length", "tool_calls", "content_filter", 3]),
+    "delta": st.fixed_dictionaries({}, optional={
+        "content": st.one_of(st.text(max_size=8), JSON_VALUES),
+        "reasoning_content": st.text(max_size=8),
+        "tool_calls": st.lists(st.fixed_dictionaries({}, optional={
+            "index": st.sampled_from([0, 1, 2, None]), "id": st.sampled_from([None, "a", "b", "", 7]),
+            "function": st.fixed_dictionaries({}, optional={
+                "name": st.sampled_from([None, "Bash", "Read"]),
+                "arguments": st.sampled_from(['{"a"', ": 1}", "{}", '{"x": [1, 2]}', "", "}{", '"s"'])})}),
+            max_size=3)})}), max_size=2)}, optional={"usage": JSON_VALUES}))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(chunks=st.lists(CHUNK, max_size=12))
+def test_any_chunk_sequence_gives_a_grammatical_stream(chunks: list) -> None:
+    translator = vd.StreamTranslator("m", input_tokens=1)
+    events = translator.start()
+    for chunk in chunks:
+        events += translator.feed(chunk)
+    events += translator.finish()
+    validate_stream(vd.encode_events(events).decode())
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.binary(max_size=300), cuts=st.lists(st.integers(0, 300), max_size=6))
+def test_sse_decoder_split_invariance_on_any_bytes(data: bytes, cuts: list) -> None:
+    whole = vd.SSEDecoder()
+    expected = whole.feed(data) + whole.close()
+    decoder, got, last = vd.SSEDecoder(), [], 0
+    for cut in sorted(c for c in cuts if c <= len(data)):
+        got += decoder.feed(data[last:cut])
+        last = cut
+    assert got + decoder.feed(data[last:]) + decoder.close() == expected
+
+
+# ---------------------------------------------------------------------------
+# §13 Operator endpoints
+# ---------------------------------------------------------------------------
+
+async def test_metrics_endpoints_count_requests(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy()
+    await client.post("/v1/messages", json=BASIC)
+    await post_stream(client, BASIC)
+    upstream.add(Reply({"error": {"message": "slow"}}, status=429))
+    await client.post("/v1/messages", json=BASIC)
+    totals = await (await client.get("/metrics/running-totals?provider=openai")).json()
+    assert totals["totals"]["requests"] == 3 and totals["totals"]["errors_by_type"] == {"rate_limit_error": 1}
+    model = totals["providers"]["openai"]["models"]["gpt-5.1"]
+    assert model["requests"] == 3 and model["output_tokens"] == 5 + 7 and model["ttft_ms"]["p50"] is not None
+    assert totals["recent"][0]["status"] == 429 and totals["recent"][1]["streamed"] is True
+    text = await (await client.get("/metrics")).text()
+    assert 'vandamme_requests_total{provider="openai",model="gpt-5.1",status="200"} 2' in text
+
+
+async def test_json_access_log(proxy: Any, caplog: Any) -> None:
+    client = await proxy({"LOG_FORMAT": "json"})
+    with caplog.at_level("INFO", logger="vandamme"):
+        await client.post("/v1/messages", json=BASIC, headers={"x-request-id": "rid-7"})
+    line = next(r.getMessage() for r in caplog.records if "rid-7" in r.getMessage())
+    record = json.loads(line)
+    assert record["request_id"] == "rid-7" and record["model"] == BASIC["model"] and record["provider"] == "openai"
+    assert record["status"] == 200 and record["key"] == vd.key_fingerprint("sk-test-0000000000001")
+    assert "sk-test" not in line
+
+
+async def test_dashboard_served_self_contained(proxy: Any) -> None:
+    client = await proxy()
+    response = await client.get("/")
+    html = await response.text()
+    assert response.status == 200 and response.headers["Content-Type"].startswith("text/html")
+    assert "<svg" in html or "createElementNS" in html
+    assert not re.search(r"""(src|href)=["']https?://""", html)
+
+
+async def test_dashboard_in_real_chromium(proxy: Any, upstream: FakeUpstream, tmp_path: Path) -> None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.skip("chromium not installed (Debian: apt-get install chromium)")
+    client = await proxy()
+    for _ in range(3):
+        await client.post("/v1/messages", json=BASIC)
+    await post_stream(client, BASIC)
+    url = str(client.make_url("/"))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000", "--virtual-time-budget=5000"]
+    shot = tmp_path / "dashboard.png"
+    runs = [await asyncio.create_subprocess_exec(chromium, *flags, f"--screenshot={shot}", url,
+                                                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)]
+    await asyncio.wait_for(runs[0].wait(), 60)
+    dump = await asyncio.create_subprocess_exec(chromium, *flags[:-3], f"--user-data-dir={tmp_path / 'p2'}",
+                                                "--virtual-time-budget=5000", "--dump-dom", url,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    dom = (await asyncio.wait_for(dump.communicate(), 60))[0].decode()
+    assert shot.stat().st_size > 10_000
+    assert 'data-loaded="1"' in dom
+    totals = await (await client.get("/metrics/running-totals")).json()
+    for field in ("requests", "input_tokens", "output_tokens", "errors"):
+        match = re.search(rf'id="total-{field}"[^>]*data-value="(\d+)"|data-value="(\d+)"[^>]*id="total-{field}"', dom)
+        assert match, field
+        assert int(match.group(1) or match.group(2)) == totals["totals"][field], field
+    row = re.search(r'<tr[^>]*data-provider="openai"[^>]*>(.*?)</tr>', dom, re.S)
+    assert row and re.search(rf'data-field="requests"[^>]*data-value="{totals["providers"]["openai"]["requests"]}"',
+                             row.group(1))
+
+
+# ---------------------------------------------------------------------------
+# Real client: the Claude Code CLI, offline, through a real proxy process
+# ---------------------------------------------------------------------------
+
+CLAUDE_VERSION = "2.1.331"
+
+
+def find_claude() -> str | None:
+    candidates = [os.environ.get("CLAUDE_BIN")]
+    if os.environ.get("VDM_CLAUDE_PREFIX"):
+        candidates.append(str(Path(os.environ["VDM_CLAUDE_PREFIX"]) / "node_modules/.bin/claude"))
+    candidates += ["/tmp/cc/node_modules/.bin/claude", shutil.which("claude")]
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+@pytest.fixture
+def claude_bin() -> str:
+    path = find_claude()
+    if path is None:
+        pytest.skip(f"Claude Code CLI not installed: npm install --prefix /tmp/cc @anthropic-ai/claude-code@{CLAUDE_VERSION}")
+    return path
+
+
+async def run_claude(claude: str, base_url: str, prompt: str, work: Path, *tools: str) -> tuple[int, dict, str]:
+    """One offline print-mode run: explicit environment, throw-away HOME, no retries to wait for."""
+    home = work.parent / f"{work.name}-home"
+    home.mkdir(exist_ok=True)
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "TERM": "dumb",
+           "ANTHROPIC_BASE_URL": base_url, "ANTHROPIC_API_KEY": "test-key",
+           "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_TELEMETRY": "1", "DISABLE_AUTOUPDATER": "1",
+           "DISABLE_ERROR_REPORTING": "1", "CLAUDE_CODE_MAX_RETRIES": "1"}
+    args = ["-p", prompt, "--model", "sonnet", "--output-format", "json"]
+    if tools:
+        args += ["--allowedTools", *tools]
+    proc = await asyncio.create_subprocess_exec(claude, *args, cwd=work, env=env, stdin=asyncio.subprocess.DEVNULL,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 90)
+    except TimeoutError:
+        proc.kill()
+        out, err = await proc.communicate()
+    text = out.decode(errors="replace")
+    result = next((json.loads(line) for line in reversed(text.splitlines()) if line.startswith("{")), {})
+    return proc.returncode or 0, result, f"{text}\n{err.decode(errors='replace')}"
+
+
+def streamed_tool_call(call_id: str, name: str, arguments: dict, *, text: str = "", reasoning: tuple = ()) -> Reply:
+    args = json.dumps(arguments)
+    pieces = [args[i:i + 7] for i in range(0, len(args), 7)]
+    chunks = [delta(role="assistant", content="")]
+    chunks += [delta(reasoning_content=r) for r in reasoning]
+    chunks += [delta(content=text)] if text else []
+    chunks.append(delta(tool_calls=[tc(0, call_id, name, pieces[0])]))
+    chunks += [delta(tool_calls=[tc(0, args=p)]) for p in pieces[1:]]
+    return Reply(stream=sse(*chunks, finish("tool_calls"), usage_chunk()))
+
+
+def streamed_text(text: str) -> Reply:
+    return Reply(stream=sse(delta(role="assistant", content=text[:5]), delta(content=text[5:]), finish(), usage_chunk()))
+
+
+def tool_answer(body: dict) -> tuple[list, list]:
+    """The last assistant tool calls of an upstream request, and the tool messages after them."""
+    messages = body["messages"]
+    i = max(n for n, m in enumerate(messages) if m.get("tool_calls"))
+    following = []
+    for message in messages[i + 1:]:
+        if message["role"] != "tool":
+            break
+        following.append(message)
+    return messages[i]["tool_calls"], following
+
+
+@pytest.fixture
+async def cc_proxy(claude_bin: str, upstream: FakeUpstream, tmp_path: Path) -> Any:
+    proc = ProxyProcess(HERE / "vandamme.py", {"OPENAI_API_KEY": "sk-cc", "OPENAI_BASE_URL": f"{upstream.url}/v1"},
+                        tmp_path)
+    try:
+        await proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+async def test_claude_code_plain_prompt(claude_bin: str, cc_proxy: Any, upstream: FakeUpstream, tmp_path: Path) -> None:
+    upstream.add(streamed_text("Hello from upstream: banana-7731."))
+    (tmp_path / "work").mkdir()
+    code, result, output = await run_claude(claude_bin, cc_proxy.url, "say hi", tmp_path / "work")
+    assert code == 0 and result.get("is_error") is False, output + cc_proxy.log()
+    assert "banana-7731" in result["result"]
+    chat = [r for r in upstream.requests if r["path"].endswith("/chat/completions")]
+    assert len(chat) == 1 and chat[0]["body"]["stream"] is True
+
+
+async def test_claude_code_bash_round_trip(claude_bin: str, cc_proxy: Any, upstream: FakeUpstream,
+                                           tmp_path: Path) -> None:
+    upstream.add(streamed_tool_call("call_bash_1", "Bash", {"command": "echo hi", "description": "Print hi"},
+                                    text="Running it."),
+                 streamed_text("The command printed hi (done-5150)."))
+    (tmp_path / "work").mkdir()
+    code, result, output = await run_claude(claude_bin, cc_proxy.url, "run echo hi", tmp_path / "work", "Bash")
+    assert code == 0 and "done-5150" in result.get("result", ""), output + cc_proxy.log()
+    calls, answers = tool_answer(upstream.requests[-1]["body"])
+    assert calls[0]["function"]["name"] == "Bash" and json.loads(calls[0]["function"]["arguments"])["command"] == "echo hi"
+    assert answers[0]["tool_call_id"] == calls[0]["id"] == "call_bash_1" and "hi" in answers[0]["content"]
+
+
+async def test_claude_code_thinking_then_tool(claude_bin: str, cc_proxy: Any, upstream: FakeUpstream,
+                                              tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "note.txt").write_text("fixture-content-42\n")
+    upstream.add(streamed_tool_call("call_read_1", "Read", {"file_path": str(work / "note.txt")},
+                                    reasoning=("The user wants the file; ", "I will read it.")),
+                 streamed_text("The file says fixture-content-42 (ok-9921)."))
+    code, result, output = await run_claude(claude_bin, cc_proxy.url, "read note.txt", work, "Read")
+    assert code == 0 and "ok-9921" in result.get("result", ""), output + cc_proxy.log()
+    calls, answers = tool_answer(upstream.requests[-1]["body"])
+    assert calls[0]["function"]["name"] == "Read" and answers[0]["tool_call_id"] == "call_read_1"
+    assert "fixture-content-42" in answers[0]["content"]
+
+
+# ---------------------------------------------------------------------------
+# §16 Command line
+# ---------------------------------------------------------------------------
+
+def run_main(args: list[str], env: dict[str, str], cwd: Path, capsys: Any, monkeypatch: Any) -> tuple[int, str, str]:
+    monkeypatch.chdir(cwd)
+    code = vd.main(args, environ={"HOME": str(cwd), **env})
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_version(capsys: Any, monkeypatch: Any, tmp_path: Path) -> None:
+    assert run_main(["version"], {}, tmp_path, capsys, monkeypatch)[:2] == (0, f"vandamme {vd.__version__}\n")
+    with pytest.raises(SystemExit) as info:
+        vd.main(["--version"], environ={})
+    assert info.value.code == 0 and vd.__version__ in capsys.readouterr().out
+
+
+def test_cli_config_show_masks_secrets(capsys: Any, monkeypatch: Any, tmp_path: Path) -> None:
+    env = {"OPENAI_API_KEY": "sk-very-secret-key-1234", "PROXY_API_KEY": "proxy-very-secret-5678",
+           "OPENAI_ALIAS_FAST": "gpt-fast"}
+    code, out, _err = run_main(["config", "show"], env, tmp_path, capsys, monkeypatch)
+    assert code == 0
+    assert "sk-very-secret-key-1234" not in out and "proxy-very-secret-5678" not in out
+    assert "sk-…1234" in out and "openai:fast" in out and "gpt-fast" in out
+    assert re.search(r"PROXY_API_KEY\s+pro…5678\s+env", out)
+
+
+def test_cli_config_validate(capsys: Any, monkeypatch: Any, tmp_path: Path) -> None:
+    assert run_main(["config", "validate"], {"OPENAI_API_KEY": "k"}, tmp_path, capsys, monkeypatch)[0] == 0
+    code, _out, err = run_main(["config", "validate"], {"PORT": "x"}, tmp_path, capsys, monkeypatch)
+    assert code == 1 and "PORT" in err and "Traceback" not in err
+
+
+def test_cli_resolve_explains_the_rule(capsys: Any, monkeypatch: Any, tmp_path: Path) -> None:
+    code, out, _ = run_main(["resolve", "claude-opus-4-1"], {"OPENAI_API_KEY": "k", "OPENAI_ALIAS_OPUS": "gpt-big,groq:x"},
+                            tmp_path, capsys, monkeypatch)
+    assert code == 0 and "openai:gpt-big, then openai:groq:x" in out and "alias openai:opus" in out
+
+
+def test_cli_bad_port_is_one_clear_line(tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, str(HERE / "vandamme.py"), "--port", "8082"], cwd=tmp_path, timeout=30,
+                         capture_output=True, text=True, env={"PATH": os.environ["PATH"], "HOME": str(tmp_path),
+                                                              "REQUEST_TIMEOUT": "later"})
+    assert run.returncode == 1 and run.stderr.strip().count("\n") == 0 and "REQUEST_TIMEOUT" in run.stderr
+
+
+def test_cli_config_init_with_piped_answers(tmp_path: Path) -> None:
+    answers = "openai\nsk-piped-1 sk-piped-2\nollama\n\n\nopenai\nsonnet=gpt-5.1\n\ntoml\n"
+    run = subprocess.run([sys.executable, str(HERE / "vandamme.py"), "config", "init"], input=answers, text=True,
+                         cwd=tmp_path, capture_output=True, timeout=30, env={"PATH": os.environ["PATH"],
+                                                                             "HOME": str(tmp_path)})
+    assert run.returncode == 0, run.stderr
+    written = tomllib.loads((tmp_path / "vandamme-config.toml").read_text())
+    assert written["defaults"]["default-provider"] == "openai" and written["openai"]["api-key"] == "sk-piped-1 sk-piped-2"
+    config = make_config({}, tmp_path, cwd=tmp_path)
+    assert config.provider("openai").keys == ("sk-piped-1", "sk-piped-2")
+    assert vd.resolve_model(config, "claude-sonnet-5").targets[0] == vd.Target("openai", "gpt-5.1")
+
+
+def test_cli_config_init_with_flags_writes_env(capsys: Any, monkeypatch: Any, tmp_path: Path) -> None:
+    code, out, _ = run_main(["config", "init", "--yes", "--provider", "groq", "--api-key", "gsk-1",
+                             "--alias", "opus=openai/gpt-oss-120b"], {}, tmp_path, capsys, monkeypatch)
+    assert code == 0 and "wrote .env" in out
+    env = vd.parse_dotenv((tmp_path / ".env").read_text())
+    assert env == {"VDM_DEFAULT_PROVIDER": "groq", "GROQ_API_KEY": "gsk-1", "GROQ_ALIAS_OPUS": "openai/gpt-oss-120b"}
+    assert run_main(["config", "init", "--yes", "--provider", "x"], {}, tmp_path, capsys, monkeypatch)[0] == 1
+
+
+async def test_cli_health_check_and_models(upstream: FakeUpstream, tmp_path: Path) -> None:
+    proc = ProxyProcess(HERE / "vandamme.py", {"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": f"{upstream.url}/v1"}, tmp_path)
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "OPENAI_API_KEY": "k",
+           "OPENAI_BASE_URL": f"{upstream.url}/v1"}
+
+    async def cli(*args: str) -> tuple[int, str]:
+        child = await asyncio.create_subprocess_exec(sys.executable, str(HERE / "vandamme.py"), *args, cwd=tmp_path,
+                                                     env=env, stdout=asyncio.subprocess.PIPE,
+                                                     stderr=asyncio.subprocess.STDOUT)
+        out = (await asyncio.wait_for(child.communicate(), 30))[0].decode()
+        return child.returncode or 0, out
+
+    try:
+        await proc.wait_ready()
+        code, out = await cli("health", "--url", proc.url)
+        assert code == 0 and out.startswith("healthy") and "openai" in out
+        assert "\033[" not in out                                     # no colour when not a terminal
+    finally:
+        proc.stop()
+    assert (await cli("health", "--url", proc.url))[0] == 1
+    code, out = await cli("check", "--live")
+    assert code == 0 and re.search(r"openai\s+openai\s+2 models\s+ok", out), out
+    code, out = await cli("models", "--provider", "openai")
+    assert code == 0 and "model-a" in out and "model-b" in out
+
+
+def test_cli_claude_runs_the_cli_through_a_fresh_proxy(tmp_path: Path) -> None:
+    fake = tmp_path / "bin" / "claude"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\n"
+                    "curl -s \"$ANTHROPIC_BASE_URL/health\" > \"$HOME/health.json\" || "
+                    f"{sys.executable} -c \"import urllib.request,os;open(os.environ['HOME']+'/health.json','wb')"
+                    ".write(urllib.request.urlopen(os.environ['ANTHROPIC_BASE_URL']+'/health').read())\"\n"
+                    "echo \"args: $*\"\nexit 7\n")
+    fake.chmod(0o755)
+    run = subprocess.run([sys.executable, str(HERE / "vandamme.py"), "claude", "-p", "hello"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60,
+                         env={"PATH": f"{fake.parent}:{os.environ['PATH']}", "HOME": str(tmp_path), "OPENAI_API_KEY": "k"})
+    assert run.returncode == 7 and "args: -p hello" in run.stdout, run.stderr
+    assert json.loads((tmp_path / "health.json").read_text())["status"] == "ok"

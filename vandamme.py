@@ -1459,11 +1459,128 @@ def encode_events(events: Iterable[tuple[str, JSON]]) -> bytes:
                     for name, data in events)
 
 
+class JsonPrefix:
+    """Incremental check that streamed text is still the beginning of one JSON object.
+
+    Tool arguments reach the client as `input_json_delta` fragments that it concatenates
+    and parses, so a fragment may only go out while the text stays a viable prefix, and at
+    the end `suffix()` closes whatever is open. A trailing comma is held back until the
+    next value starts (a closed `{"a": 1,` would not parse). Linear in the text; runs of
+    string content are skipped with a regex.
+    """
+
+    __slots__ = ("escape", "expect", "held", "in_string", "key", "literal", "stack")
+    _LITERALS: Final = ("true", "false", "null")
+    _STRING_RUN: Final = re.compile(r'[^"\\]*')
+    _PARTIAL_NUMBER: Final = re.compile(r"-?(\d+(\.\d*)?([eE][+-]?\d*)?)?")
+    _NUMBER: Final = re.compile(r"-?\d+(\.\d+)?([eE][+-]?\d+)?")
+
+    def __init__(self) -> None:
+        self.stack: list[str] = []
+        self.expect = "start"    # start key key_or_close colon value value_or_close comma done
+        self.in_string = self.key = self.escape = False
+        self.literal = ""
+        self.held = ""
+
+    def feed(self, text: str) -> str | None:
+        """The part of `text` safe to send now, or None (state unchanged) if `text` breaks the JSON."""
+        saved = (self.stack[:], self.expect, self.in_string, self.key, self.escape, self.literal, self.held)
+        out = self._feed(text)
+        if out is None:
+            (self.stack, self.expect, self.in_string, self.key, self.escape, self.literal, self.held) = saved
+        return out
+
+    def _feed(self, text: str) -> str | None:
+        out = self.held + text
+        i, n = len(self.held), len(out)
+        hold_from = 0 if self.held else -1
+        while i < n:
+            if self.in_string:
+                if self.escape:
+                    self.escape, i = False, i + 1
+                    continue
+                i = self._STRING_RUN.match(out, i).end()
+                if i < n:
+                    if out[i] == "\\":
+                        self.escape = True
+                    else:
+                        self.in_string = False
+                        self.expect = "colon" if self.key else "comma"
+                    i += 1
+                continue
+            ch = out[i]
+            if self.literal:
+                if ch.isalnum() or ch in "+-.":
+                    self.literal += ch
+                    if not self._literal_viable():
+                        return None
+                    i += 1
+                    continue
+                if not (self.literal in self._LITERALS or self._NUMBER.fullmatch(self.literal)):
+                    return None
+                self.literal, self.expect = "", "comma"
+            i += 1
+            if ch in " \t\r\n":
+                continue
+            expect = self.expect
+            if ch != ",":
+                hold_from = -1
+            if ch == '"' and expect in ("key", "key_or_close", "value", "value_or_close"):
+                self.in_string, self.key = True, expect in ("key", "key_or_close")
+            elif ch in "{[" and (expect in ("value", "value_or_close") or expect == "start" and ch == "{"):
+                self.stack.append(ch)
+                self.expect = "key_or_close" if ch == "{" else "value_or_close"
+            elif ch in "}]" and expect in ("comma", "key_or_close" if ch == "}" else "value_or_close"):
+                if self.stack.pop() != ("{" if ch == "}" else "["):
+                    return None
+                self.expect = "comma" if self.stack else "done"
+            elif ch == ":" and expect == "colon":
+                self.expect = "value"
+            elif ch == "," and expect == "comma" and self.stack:
+                self.expect = "key" if self.stack[-1] == "{" else "value"
+                hold_from = i - 1
+            elif expect in ("value", "value_or_close") and (ch.isdigit() or ch in "-tfn"):
+                self.literal = ch
+            else:
+                return None
+        if hold_from >= 0:
+            self.held, out = out[hold_from:], out[:hold_from]
+        else:
+            self.held = ""
+        return out
+
+    def _literal_viable(self) -> bool:
+        word = self.literal
+        if word[0] in "tfn":
+            return any(lit.startswith(word) for lit in self._LITERALS)
+        return self._PARTIAL_NUMBER.fullmatch(word) is not None
+
+    def suffix(self) -> str:
+        """Text that closes the object sent so far (a held comma is simply never sent)."""
+        if self.expect == "start":
+            return "{}"
+        out = ""
+        if self.in_string:
+            out = ('""' if self.escape else '"') + (":null" if self.key else "")
+        elif self.literal:
+            word = self.literal
+            out = next((lit[len(word):] for lit in self._LITERALS if lit.startswith(word)), "")
+            if word[0] not in "tfn" and word[-1] in "-+.eE":
+                out = "0"
+        elif self.expect == "colon":
+            out = ":null"
+        elif self.expect == "value" and not self.held:
+            out = "null"
+        return out + "".join("}" if c == "{" else "]" for c in reversed(self.stack))
+
+
 class _ToolCall:
-    __slots__ = ("args", "id", "name", "state")
+    __slots__ = ("args", "id", "json", "live", "name", "state")
 
     def __init__(self, tool_id: str | None, name: str | None) -> None:
         self.id, self.name, self.args, self.state = tool_id, name, "", "pending"
+        self.json = JsonPrefix()
+        self.live = True          # fragments still go out as they come
 
 
 class StreamTranslator:
@@ -1583,10 +1700,16 @@ class StreamTranslator:
             self.thinking = []
         elif kind == "tool" and self.open_call is not None:
             call = self.open_call
-            # The client parses the concatenated fragments: make sure they form an object.
-            suffix = "{}" if not call.args.strip() else _json_completion(call.args)
-            if suffix:
-                events.append(self._args_event(index, suffix))
+            # The client parses the concatenated fragments: they must close into an object.
+            if call.json.expect == "start" and call.args.strip():
+                closing = json.dumps(parse_tool_arguments(call.args))     # never streamed: repair whole
+            else:
+                closing = call.json.suffix()
+                if not call.live:
+                    logger.warning("tool call %s: arguments are not valid JSON; sent the valid part: %.200s",
+                                   call.id, call.args)
+            if closing:
+                events.append(self._args_event(index, closing))
             call.state, self.open_call = "closed", None
         events.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
         self.open_kind = None
@@ -1629,7 +1752,14 @@ class StreamTranslator:
                    "tool", events)
         self.open_call, call.state, self.tool_used = call, "open", True
         if call.args:
-            events.append(self._args_event(self.next_index - 1, call.args))
+            self._send_args(call, call.args, events)
+
+    def _send_args(self, call: _ToolCall, args: str, events: list[tuple[str, JSON]]) -> None:
+        piece = call.json.feed(args) if call.live else None
+        if piece is None:
+            call.live = False
+        elif piece:
+            events.append(self._args_event(self.next_index - 1, piece))
 
     def _tool_delta(self, delta: JSON, events: list[tuple[str, JSON]]) -> None:
         index = delta.get("index")
@@ -1665,34 +1795,14 @@ class StreamTranslator:
             call.args += args
             self.output_chars += len(args)
             if call.state == "open" and args:
-                events.append(self._args_event(self.next_index - 1, args))
+                self._send_args(call, args, events)
             elif call.state == "closed" and args:
                 logger.warning("tool call %s: arguments arrived after its block closed; dropped", call.id)
         if call.state == "pending" and call.name:
             open_call = self.open_call
-            if self.open_kind != "tool" or open_call is None or _json_complete(open_call.args):
+            if self.open_kind != "tool" or open_call is None or open_call.json.expect == "done" or not open_call.live:
                 self._start_call(call, events)
 
-
-def _json_complete(text: str) -> bool:
-    try:
-        json.loads(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _json_completion(text: str) -> str:
-    """Suffix that makes streamed arguments a JSON object ('' when they already are)."""
-    try:
-        value = json.loads(text)
-    except ValueError:
-        suffix = _closing_suffix(text)
-        if suffix is not None and _json_complete(text + suffix):
-            return suffix
-        logger.warning("tool arguments are not valid JSON and cannot be completed: %.200s", text)
-        return ""
-    return "" if isinstance(value, dict) else ""
 
 # ---------------------------------------------------------------------------
 # §9  Dialects and middleware
@@ -2624,6 +2734,10 @@ async def handle_messages(request: web.Request) -> web.StreamResponse:
             finally:
                 rt.metrics.end(rec.provider, rec.model)
         raise AssertionError("unreachable")  # pragma: no cover
+    except asyncio.CancelledError:
+        if not rec.error_type:                 # the client went away before the response
+            rec.status, rec.error_type, rec.error_message = 499, "client_closed", "client disconnected"
+        raise
     except VandammeError as exc:
         rec.status, rec.error_type, rec.error_message = exc.status, exc.error_type, str(exc)
         relay = getattr(exc, "relay", None)
@@ -2763,8 +2877,10 @@ async def _relay_stream(request: web.Request, rt: Runtime, exchange: Exchange,
             await emit(events)
         await emit(translator.finish())
         await response.write_eof()
-    except ConnectionResetError:
+    except (ConnectionResetError, asyncio.CancelledError) as exc:
         rec.error_type, rec.error_message = "client_closed", "client disconnected mid-stream"
+        if isinstance(exc, asyncio.CancelledError):
+            raise
     except (VandammeError, aiohttp.ClientError, TimeoutError, OSError) as exc:
         if isinstance(exc, VandammeError):
             kind, message = exc.error_type, str(exc)
@@ -3370,6 +3486,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Run the command line; return the exit status (0 ok, 1 error, 2 usage)."""
     environ = os.environ if environ is None else environ
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["claude"]:        # everything after `claude` belongs to claude, options included
+        rest = argv[1:]
+        config_path = rest[1] if rest[:1] == ["--config"] and len(rest) > 1 else None
+        return cli_claude(environ, argparse.Namespace(config=config_path, args=rest[2:] if config_path else rest))
     args = build_parser().parse_args(argv)
     command = args.command or "serve"
     if command == "version":
@@ -3414,8 +3535,6 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return 0
     if command in ("check", "models"):
         return asyncio.run(cli_probe(config, command, args))
-    if command == "claude":
-        return cli_claude(environ, args)
     setup_logging(config)
     workers = getattr(args, "workers", "1")
     count = os.cpu_count() or 1 if workers == "auto" else int(workers) if str(workers).isdigit() else 0

@@ -64,8 +64,9 @@ def targets(a, workdir):
     vd = os.path.join(MAIN, "vandamme.py")
     if not a.no_vandamme and os.path.exists(vd):
         cmd = "{python} " + vd + " --host 127.0.0.1 --port {port}" + (f" --workers {a.workers}" if a.workers else "")
-        out.append({"name": "vandamme", "cmd": cmd, "env": {"OPENAI_API_KEY": "x", "OPENAI_BASE_URL": "{upstream_url}",
-                                                            "LOG_LEVEL": "WARNING"}, "workers": a.workers})
+        env = {"OPENAI_API_KEY": "x", "OPENAI_BASE_URL": "{upstream_url}", "LOG_LEVEL": "WARNING"}
+        env.update(kv.split("=", 1) for kv in a.proxy_env)
+        out.append({"name": "vandamme", "cmd": cmd, "env": env, "workers": a.workers})
     elif not a.no_vandamme:
         print(f"note: {vd} not found, measuring the relay and peers only")
     for spec in a.peer:
@@ -219,7 +220,9 @@ def report(results, a):
         b = None if r["target"] == "relay" else base.get((r["mode"], r["conc"]))
         md.append(f"| {r['target']} | {'stream' if r['mode'] == 's' else 'json'} | {r['conc']} | " +
                   " | ".join(fmt(r, k, f, b) for _, k, f in COLS) + " |")
-    md.append(f"\nLoopback, 2 cores, target pinned to CPU 1, upstream + load generator on CPU 0; "
+    pin = ("target pinned to CPU 1, upstream + load generator on CPU 0" if HAVE_TASKSET and not a.workers > 1
+           else "no CPU pinning for the target")
+    md.append(f"\nLoopback, 2 cores, {pin}; "
               f"{a.chunks}-chunk streams; ratios (x) are against a byte-relay aiohttp hop in the same run.")
     print("\n--- markdown ---" + "\n".join(md))
     return "\n".join(lines), "\n".join(md)
@@ -231,7 +234,7 @@ async def streams_memory(a, t, log_dir):
     n = a.streams_memory
     up_port, port = free_port(), free_port()
     upstream = Proc("slow-upstream", [sys.executable, os.path.join(HERE, "upstream.py"), "--port", str(up_port),
-                                      "--chunks", "300", "--delay-ms", "2000"], None, "0", log_dir)
+                                      "--chunks", "600", "--delay-ms", "1000"], None, "0", log_dir)
     proc = None
     conns, opened, failed = [], [0], {}
     stop = asyncio.Event()
@@ -284,7 +287,7 @@ async def streams_memory(a, t, log_dir):
         stop.set()
         for w in conns:
             w.transport.abort()
-        await asyncio.sleep(3.0)
+        await asyncio.sleep(5.0)     # upstream chunks come every 1 s: a proxy that notices has closed by now
         after_rss, after_fds = rss_bytes(pids), open_fds(pids)
         _, st = await http_json(up_port, "GET", "/stats")
         up_after = st.get("active") if isinstance(st, dict) else None
@@ -295,12 +298,12 @@ async def streams_memory(a, t, log_dir):
                "idle_rss_mb": idle_rss / 2**20, "rss_mb": full_rss / 2**20,
                "kb_per_stream": (full_rss - idle_rss) / 1024 / max(1, opened[0]), "idle_fds": idle_fds,
                "fds": full_fds, "upstream_active": up_active, "after_close_rss_mb": after_rss / 2**20,
-               "after_close_fds": after_fds, "upstream_active_3s_after_close": up_after,
+               "after_close_fds": after_fds, "upstream_active_5s_after_close": up_after,
                "alive": proc.alive()}
         print(f"[{t['name']}] {opened[0]}/{n} streams open after {open_s:.1f}s (failed {failed}): "
               f"RSS {idle_rss / 2**20:.1f} -> {full_rss / 2**20:.1f} MB "
               f"({res['kb_per_stream']:.1f} KB/stream), fds {idle_fds} -> {full_fds}, upstream streams {up_active}; "
-              f"3 s after clients closed: RSS {after_rss / 2**20:.1f} MB, fds {after_fds}, "
+              f"5 s after clients closed: RSS {after_rss / 2**20:.1f} MB, fds {after_fds}, "
               f"upstream streams still running {up_after}", flush=True)
         return res
     finally:
@@ -378,6 +381,8 @@ def main():
     ap.add_argument("--peer", action="append", default=[], help="NAME=CMD ({port} {upstream_url} {python}), or a preset name")
     ap.add_argument("--peer-env", action="append", default=[], help="NAME:KEY=VAL for a peer's environment")
     ap.add_argument("--workers", type=int, default=0, help="pass --workers N to vandamme")
+    ap.add_argument("--proxy-env", action="append", default=[], metavar="KEY=VAL",
+                    help="extra environment for vandamme (e.g. POOL_LIMIT=4096)")
     ap.add_argument("--no-vandamme", action="store_true", help="skip vandamme (relay and peers only)")
     ap.add_argument("--no-convert", action="store_true", help="skip the conversion micro-benchmark")
     ap.add_argument("--streams-memory", type=int, nargs="?", const=2000, default=0, metavar="N",
@@ -393,10 +398,11 @@ def main():
     loop = install_loop()
     if HAVE_TASKSET and os.cpu_count() >= 2:
         os.sched_setaffinity(0, {0})
-        print("pinning: target on CPU 1; upstream and load generator on CPU 0 (taskset)")
+        print("pinning: target on CPU 1 (unpinned with --workers > 1); upstream and load generator on CPU 0 (taskset)")
     else:
         print("pinning: none (taskset missing or fewer than 2 CPUs)")
-    print(f"event loops: load generator, upstream and relay use {loop}")
+    print(f"event loops: load generator, upstream and relay use {loop}; vandamme runs on this interpreter "
+          f"({sys.executable}), which {'has' if loop == 'uvloop' else 'lacks'} uvloop")
     log_dir = tempfile.mkdtemp(prefix="vandamme-bench-")
     tlist = targets(a, log_dir)
     out = {"command": ["python"] + sys.argv, "loop": loop, "taskset": HAVE_TASKSET, "chunks": a.chunks}

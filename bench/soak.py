@@ -231,14 +231,19 @@ async def main(a, log_dir):
         t_start = time.monotonic()
         deadline = t_start + a.max_seconds
         s = Soak(a, port, log_dir)
-        warm = max(50, a.requests // 10)
+        warm = max(100, a.requests // 5)      # RSS settles after a few hundred requests
         await s.run(1, warm, deadline)
         await settle(up_port)
         pids = tree(proxy.pid)
         rss0, fds0 = rss_bytes(pids), open_fds(pids)
         print(f"after warm-up ({warm} requests, {time.monotonic() - t_start:.1f}s): RSS {rss0 / 2**20:.1f} MB, "
               f"{fds0} fds", flush=True)
-        await s.run(1 + warm, a.requests - warm, deadline)
+        trend, rest, first = [rss0], a.requests - warm, 1 + warm
+        for part in range(4):                  # four quarters, RSS after each: a leak keeps climbing
+            n = rest // 4 + (rest % 4 if part == 3 else 0)
+            await s.run(first, n, deadline)
+            first += n
+            trend.append(rss_bytes(tree(proxy.pid)))
         elapsed = time.monotonic() - t_start
         quiet = await settle(up_port)
         alive = proxy.alive()
@@ -256,6 +261,7 @@ async def main(a, log_dir):
         for k, v in sorted(s.outcomes.items(), key=lambda kv: -kv[1]):
             print(f"  {v:6d}  {k}")
         rss_g, fd_g = rss1 / rss0 - 1, (fds1 - fds0) / max(fds0, 1)
+        print("proxy RSS after warm-up and each quarter: " + " ".join(f"{x / 2**20:.1f}" for x in trend) + " MB")
         print(f"proxy RSS {rss0 / 2**20:.1f} -> {rss1 / 2**20:.1f} MB ({rss_g:+.1%}); open fds {fds0} -> {fds1} "
               f"({fd_g:+.1%}); upstream responses still in progress after settling: {quiet}; "
               f"GET /health -> {health}; proxy alive: {alive}")

@@ -124,7 +124,7 @@ def anthropic_reply(text_parts):
 class Upstream:
     def __init__(self, chunks=50, delay_ms=0.0, first_delay_ms=0.0, faults=0.0):
         self.delay, self.first_delay, self.faults = delay_ms / 1000, first_delay_ms / 1000, faults
-        self.stats = {"requests": 0, "active": 0, "streams": 0, "faults": {}}
+        self.stats = {"requests": 0, "active": 0, "streams": 0, "abandoned": 0, "faults": {}}
         base = {"rid": 0, "text": [f"tok{i} " for i in range(chunks)], "reasoning": [], "tools": []}
         self.oa_json = json.dumps(oa_message(base)).encode()
         self.oa_sse = {u: oa_events(base, u) for u in (False, True)}
@@ -178,6 +178,9 @@ class Upstream:
             if i == cut_at:
                 writer.transport.abort()
                 return False
+            if writer.transport.is_closing():       # the proxy hung up: stop, as a real server would
+                self.stats["abandoned"] += 1
+                return False
             writer.write(chunk(fr))
             if delay:
                 await writer.drain()
@@ -188,8 +191,9 @@ class Upstream:
 
     async def route(self, method, path, body, writer):
         if method == "GET":
-            if path == "/stats":
-                return await self.send_json(writer, 200, json.dumps(self.stats).encode())
+            if path == "/stats":     # "active" leaves out this request itself
+                stats = dict(self.stats, active=self.stats["active"] - 1)
+                return await self.send_json(writer, 200, json.dumps(stats).encode())
             if path.endswith("/models"):
                 return await self.send_json(writer, 200, b'{"object":"list","data":[{"id":"gpt-bench","object":"model"}]}')
             return await self.send_json(writer, 200, b'{"status":"ok"}')
