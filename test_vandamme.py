@@ -1037,6 +1037,73 @@ def test_count_tokens_counts_system_messages_tools_and_images() -> None:
     assert vd.count_request_tokens({**base, "messages": [user([IMAGE, {"type": "text", "text": "x"}])]}) > 1000
 
 
+TOKEN_PROSE = ('The old lighthouse on the northern cape had not been lit for almost thirty years, but the people of '
+    'the village still talked about it as if it might come back to life at any moment. Children dared eac'
+    'h other to climb the rusted spiral staircase, and fishermen, returning late in the evening, would gl'
+    'ance up at the dark lantern room out of habit, half expecting to see the familiar sweep of light acr'
+    'oss the water.\n\nWhen the council finally voted to restore it, the decision surprised almost everyone'
+    '. The budget was tight, the harbour needed dredging, and the primary school roof leaked every winter'
+    '. Yet the argument that carried the meeting was not about money at all. It was about memory: a town,'
+    ' one councillor said, needs something on the horizon that tells it where home is.\n\nThe restoration t'
+    'ook two summers. Volunteers scraped away decades of salt and paint, an engineer from the city rebuil'
+    't the clockwork mechanism that once turned the great lens, and a retired teacher catalogued every lo'
+    'gbook the keepers had left behind. Those books turned out to be the real treasure. In neat handwriti'
+    "ng they recorded storms, shipwrecks narrowly avoided, births and funerals in the keeper's family,")
+TOKEN_CODE = ('    def _lines(self, lines: list[bytes]) -> list[tuple[str, bytes]]:\n'
+    '        events = []\n'
+    '        for line in lines:\n'
+    '            if line.endswith(b"\\r"):\n'
+    '                line = line[:-1]\n'
+    '            if not line:\n'
+    '                if self._data:\n'
+    '                    events.append((self._event or "message", b"\\n".join(self._data)))\n'
+    '                    self._data = []\n'
+    '                self._event = ""\n'
+    '            elif line[0] != 58:                       # b":" starts a comment\n'
+    '                name, _, value = line.partition(b":")\n'
+    '                if value[:1] == b" ":\n'
+    '                    value = value[1:]\n'
+    '                if name == b"data":\n'
+    '                    self._data.append(value)\n'
+    '                elif name == b"event":\n'
+    '                    self._event = value.decode("utf-8", "replace")\n'
+    '        return events\n')
+
+
+@pytest.mark.parametrize(("sample", "o200k", "cl100k"), [
+    pytest.param("prose", 239, 240, id="english-prose"),
+    pytest.param("code", 177, 176, id="python-code"),
+    pytest.param("tools_default.json", 8085, 8104, id="json-schemas"),
+    pytest.param("messages_basic_sonnet.json", 12328, 12373, id="claude-code-body"),
+])
+def test_token_estimate_tracks_real_tokenizers(sample: str, o200k: int, cl100k: int) -> None:
+    """estimate_tokens against tiktoken's o200k_base and cl100k_base (counted offline with the
+    vocab files shipped in the `bpe-openai` wheel; tiktoken and bpe-openai agree on every sample).
+
+    | sample                                  | chars  | o200k  | cl100k | estimate | ratio |
+    |-----------------------------------------|--------|--------|--------|----------|-------|
+    | English prose (TOKEN_PROSE)             |  1,197 |    239 |    240 |      248 | 1.04  |
+    | Python code (TOKEN_CODE)                |    814 |    177 |    176 |      184 | 1.04  |
+    | Claude Code tools_default.json (schemas)| 33,651 |  8,085 |  8,104 |    8,268 | 1.02  |
+    | messages_basic_sonnet.json (whole body) | 52,070 | 12,328 | 12,373 |   12,682 | 1.03  |
+
+    Over the calibration corpus (176 samples: prose, Markdown, Python/JS, tool output, schemas,
+    request bodies) the ratio stays within 0.94-1.19; non-English text is less exact (0.73-1.9).
+    """
+    if sample == "prose":
+        text = TOKEN_PROSE
+    elif sample == "code":
+        text = TOKEN_CODE
+    else:
+        if not (FIXTURES / sample).exists():
+            pytest.skip("shared fixtures not present")
+        text = (FIXTURES / sample).read_text()
+    estimate = vd.estimate_tokens(text)
+    for reference in (o200k, cl100k):
+        assert 0.8 * reference <= estimate <= 1.2 * reference
+    assert vd.estimate_tokens("x") == 1 and vd.estimate_tokens("") == 0
+
+
 # ---------------------------------------------------------------------------
 # §11 Metrics
 # ---------------------------------------------------------------------------
