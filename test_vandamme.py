@@ -7,7 +7,7 @@ ours is mocked; time and environment are injected.
 from __future__ import annotations
 
 import asyncio
-import base64
+import dataclasses
 import collections
 import json
 import os
@@ -278,7 +278,7 @@ def proxy(aiohttp_client: Any, upstream: FakeUpstream, tmp_path: Path) -> Any:
         full.update({k: v.replace("{upstream}", upstream.url) for k, v in (env or {}).items()})
         config = make_config(full, tmp_path)
         for key, value in settings.items():
-            config = vd.dataclasses.replace(config, **{key: value})
+            config = dataclasses.replace(config, **{key: value})
         return await aiohttp_client(vd.create_app(config, middleware=middleware))
     return start
 

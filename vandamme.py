@@ -38,9 +38,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import collections
 import contextlib
-import dataclasses
 import hashlib
 import hmac
 import importlib.util
@@ -57,7 +57,6 @@ import socket
 import sys
 import time
 import tomllib
-import uuid
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -1887,12 +1886,10 @@ def clean_schema_for_gemini(schema: Any) -> Any:
 
 
 def _b64(text: str) -> str:
-    import base64
     return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
 def _unb64(text: str) -> str:
-    import base64
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
 
 
@@ -3322,7 +3319,20 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(data)
 
 
+class _QuietParserErrors(logging.Filter):
+    """aiohttp logs a malformed request (e.g. oversized headers) with a traceback; one line is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, aiohttp.http_exceptions.HttpProcessingError):
+            record.msg, record.args, record.exc_info, record.levelno, record.levelname = (
+                "refused a malformed request: %s", (str(error).splitlines()[0][:200],), None,
+                logging.WARNING, "WARNING")
+        return True
+
+
 def setup_logging(config: Config) -> None:
+    logging.getLogger("aiohttp.server").addFilter(_QuietParserErrors())
     handler = logging.StreamHandler()
     if config.log_format == "json":
         handler.setFormatter(_JsonFormatter())

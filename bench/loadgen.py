@@ -104,7 +104,9 @@ class Point:
             if on_end:
                 on_end()
             self.stopping = True
-            await asyncio.wait(tasks, timeout=grace)
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            if pending:      # requests still open `grace` s after the window: count them, they never finished
+                self.errors["unfinished"] = len(pending)
         finally:
             for t in tasks:
                 t.cancel()

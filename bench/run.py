@@ -140,6 +140,7 @@ async def measure(a, proc, upstream, mode, conc):
 
 
 async def run_matrix(a, tlist, points, log_dir):
+    """Each point gets a freshly started target, so its peak RSS belongs to that point alone."""
     results = []
     up_port = free_port()
     upstream = Proc("upstream", [sys.executable, os.path.join(HERE, "upstream.py"), "--port", str(up_port),
@@ -150,40 +151,51 @@ async def run_matrix(a, tlist, points, log_dir):
             t["sub"]["upstream_url"] = f"http://127.0.0.1:{up_port}/v1"
             t["sub"]["upstream_base"] = f"http://127.0.0.1:{up_port}"
             cpus = None if t.get("workers", 0) and t["workers"] > 1 else "1"
-            port = free_port()
-            try:
-                proc = launch(t, port, cpus, log_dir)
-            except RuntimeError as e:
-                print(f"[{t['name']}] failed to start: {e}")
-                continue
-            proc.port, proc.compat = port, False
-            try:
-                await asyncio.sleep(0.5)
-                bad = await smoke(port)
-                if bad and t["name"] not in ("relay", "vandamme") and not await smoke(port, True):
-                    print(f"[{t['name']}] rejects the raw fixture ({bad[0][:160]}); it gets the body with its "
-                          "role:system message folded into `system`")
-                    proc.compat, bad = True, []
-                print(f"[{t['name']}] pid {proc.pid} on CPU {cpus or 'any'}; smoke test: {'ok' if not bad else bad}")
-                for mode, conc in points:
-                    for attempt in range(a.retries + 1):
-                        res = await measure(a, proc, upstream, mode, conc)
-                        if res["other_pct"] <= a.max_foreign or attempt == a.retries:
-                            break
-                        print(f"  re-running {mode}:{conc}: other processes took {res['other_pct']:.0f}% of a core")
-                    res["target"] = t["name"]
-                    results.append(res)
-                    print("  " + row(res, None), flush=True)
-                    if not proc.alive():
-                        print(f"[{t['name']}] died:\n{proc.tail()}")
+            compat = None
+            for mode, conc in points:
+                res = None
+                for attempt in range(a.retries + 1):
+                    port = free_port()
+                    try:
+                        proc = launch(t, port, cpus, log_dir)
+                    except RuntimeError as e:
+                        print(f"[{t['name']}] failed to start: {e}")
+                        res = None
                         break
-                hwm = hwm_bytes(tree(proc.pid)) / 2**20
-                print(f"[{t['name']}] lifetime peak RSS (VmHWM) {hwm:.1f} MB")
-            finally:
-                proc.stop()
+                    proc.port = port
+                    try:
+                        await asyncio.sleep(0.5)
+                        if compat is None:
+                            compat = await first_contact(t, proc, cpus)
+                        proc.compat = compat
+                        res = await measure(a, proc, upstream, mode, conc)
+                        res["peak_rss_mb"] = max(res["peak_rss_mb"], hwm_bytes(tree(proc.pid)) / 2**20)
+                        if not proc.alive():
+                            print(f"[{t['name']}] died:\n{proc.tail()}")
+                    finally:
+                        proc.stop()
+                    if res["other_pct"] <= a.max_foreign or attempt == a.retries:
+                        break
+                    print(f"  re-running {mode}:{conc}: other processes took {res['other_pct']:.0f}% of a core")
+                if res is None:
+                    continue
+                res["target"] = t["name"]
+                results.append(res)
+                print("  " + row(res, None), flush=True)
     finally:
         upstream.stop()
     return results
+
+
+async def first_contact(t, proc, cpus):
+    """Smoke-test a target; returns whether it needs the body with role:system messages folded."""
+    bad, compat = await smoke(proc.port), False
+    if bad and t["name"] not in ("relay", "vandamme") and not await smoke(proc.port, True):
+        print(f"[{t['name']}] rejects the raw fixture ({bad[0][:160]}); it gets the body with its "
+              "role:system message folded into `system`")
+        bad, compat = [], True
+    print(f"[{t['name']}] on CPU {cpus or 'any'}; smoke test: {'ok' if not bad else bad}")
+    return compat
 
 
 def fmt(res, key, f, base):
