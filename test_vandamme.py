@@ -1168,6 +1168,14 @@ async def test_text_conversation_stream(proxy: Any, upstream: FakeUpstream) -> N
     assert upstream.last["body"]["stream_options"] == {"include_usage": True}
 
 
+async def test_message_start_estimate_counts_images_not_their_bytes(proxy: Any) -> None:
+    client = await proxy()
+    big = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "A" * 400_000}}
+    _r, frames = await post_stream(client, {**BASIC, "messages": [user([big, {"type": "text", "text": "what is it?"}])]})
+    estimate = frames[0][1]["message"]["usage"]["input_tokens"]
+    assert vd.IMAGE_TOKENS <= estimate < vd.IMAGE_TOKENS + 500
+
+
 async def test_request_id_from_client_is_kept(proxy: Any, upstream: FakeUpstream) -> None:
     client = await proxy()
     response = await client.post("/v1/messages", json=BASIC, headers={"x-request-id": "abc-123"})

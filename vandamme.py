@@ -852,6 +852,7 @@ class Conversion:
     reasoning_messages: list[tuple[JSON, str]] = field(default_factory=list)  # (assistant msg, thinking)
     dropped_tools: list[str] = field(default_factory=list)
     images: int = 0
+    attachment_chars: int = 0          # base64 of images and files, excluded from text estimates
 
 
 def _bad(path: str, what: str) -> InvalidRequestError:
@@ -1009,12 +1010,16 @@ def _convert_user(content: Any, out: list[JSON], path: str, conv: Conversion, pr
                 break
         tools.sort(key=lambda t: order.get(t[0], len(order)))
         out.extend({"role": "tool", "tool_call_id": tid, "content": text} for tid, text in tools)
+    for part in attached + parts:          # binary attachments are not text tokens
+        if part["type"] == "image_url":
+            conv.images += 1
+            conv.attachment_chars += len(part["image_url"]["url"])
+        elif part["type"] == "file":
+            conv.attachment_chars += len(part["file"]["file_data"])
     if attached:
-        conv.images += sum(1 for a in attached if a["type"] == "image_url")
         out.append({"role": "user", "content": [{"type": "text", "text": "Attachments from the tool results above:"},
                                                 *attached]})
     if parts:
-        conv.images += sum(1 for p in parts if p["type"] == "image_url")
         only_text = len(parts) == 1 and parts[0]["type"] == "text"
         out.append({"role": "user", "content": parts[0]["text"] if only_text else parts})
 
@@ -2759,7 +2764,7 @@ async def _converted(request: web.Request, rt: Runtime, provider: Provider, mode
     data = json.dumps(payload, separators=(",", ":")).encode()
     # message_start carries an input estimate (Claude Code shows it); ~4.3 bytes a token
     # for compact JSON, and free, unlike a tokenizer pass on every streamed request.
-    exchange.state["input_estimate"] = len(data) // 4
+    exchange.state["input_estimate"] = (len(data) - conv.attachment_chars) // 4 + conv.images * IMAGE_TOKENS
     response, raw, key = await open_upstream(rt, provider, chat_url(provider, model), data,
                                              request_id=rec.request_id, read_body=not rec.streamed,
                                              key_override=client_key(request, config.proxy_api_key))
