@@ -132,7 +132,7 @@ ENV_VARS: Final = MappingProxyType({
     "PROXY_API_KEY": ("proxy_api_key", str, "key clients must present (x-api-key or Bearer)"),
     "SHUTDOWN_GRACE": ("shutdown_grace", float, "seconds in-flight requests get on SIGTERM (30)"),
     "MAX_REQUEST_BYTES": ("max_request_bytes", int, "largest request body accepted (32 MiB)"),
-    "POOL_LIMIT": ("pool_limit", int, "open upstream connections per provider (256)"),
+    "POOL_LIMIT": ("pool_limit", int, "open upstream connections per provider (1024)"),
     "VDM_DEFAULT_PROVIDER": ("default_provider", str, "provider for unprefixed models (openai)"),
     "VDM_MIDDLEWARE": ("middleware", str, "Python file with request/response hooks"),
     "GEMINI_THOUGHT_SIGNATURES_ENABLED": ("gemini_signatures", bool, "carry Gemini thought signatures (true)"),
@@ -393,7 +393,7 @@ class Config:
     proxy_api_key: str | None = field(default=None, repr=False)
     shutdown_grace: float = 30.0
     max_request_bytes: int = 32 * 1024 * 1024
-    pool_limit: int = 256
+    pool_limit: int = 1024
     default_provider: str | None = None
     middleware: str | None = None
     gemini_signatures: bool = True

@@ -7,7 +7,7 @@
 The upstream (bench/upstream.py --faults P) plans each request from the id hidden in its body: text, tool
 calls, parallel tool calls or reasoning, and with probability P a fault (connection reset, 429/5xx, slow
 first byte below or above the proxy's timeout, stream cut mid-way, garbage SSE lines, malformed JSON
-chunks, in-band error). Clients mix streamed and JSON requests, and a share of them disconnect before the
+chunks, in-band error, or a clean stream paced slowly enough to hang up in the middle of). Clients mix streamed and JSON requests, and a share of them disconnect before the
 reply, after its headers, or mid-body.
 
 Every completed response is checked:
@@ -80,6 +80,8 @@ class Soak:
         """(streaming, hang-up point or None) for request rid."""
         rnd = random.Random(rid * 7919 + self.a.seed)
         streaming = rnd.random() < 0.6
+        if streaming and plan(rid, self.a.faults, True)["fault"] == "paced" and rnd.random() < 0.5:
+            return streaming, "mid_body", rnd       # hang up while the stream is live
         return streaming, (rnd.choice(["before_headers", "after_headers", "mid_body"])
                            if rnd.random() < self.a.disconnects else None), rnd
 
@@ -257,6 +259,7 @@ async def main(a, log_dir):
 
         print(f"\n{s.done} requests in {elapsed:.1f}s ({s.done / elapsed:.0f}/s), concurrency {a.concurrency}")
         print("upstream faults injected: " + ", ".join(f"{k} {v}" for k, v in sorted(ust["faults"].items())))
+        print(f"upstream streams the proxy abandoned mid-way (its client had hung up): {ust['abandoned']}")
         print("outcomes seen by clients:")
         for k, v in sorted(s.outcomes.items(), key=lambda kv: -kv[1]):
             print(f"  {v:6d}  {k}")

@@ -8,7 +8,8 @@ Serves:
 
 With --faults P (soak mode) a request whose body carries `BENCHRID-<n>-` gets the reply planned by
 plan(n): text, tool calls, parallel tool calls or reasoning, and with probability P one fault (reset,
-5xx, slow first byte, stream cut, garbage SSE lines, malformed JSON, in-band error). soak.py uses the
+5xx, slow first byte, stream cut, garbage SSE lines, malformed JSON, in-band error, or a clean stream
+paced at 50 ms a chunk so that clients can hang up in the middle of it). soak.py uses the
 same plan() to know what each request should produce.
 
 Run: python bench/upstream.py --port 9001 [--chunks 50] [--delay-ms 0] [--first-delay-ms 0] [--faults 0.3]
@@ -28,7 +29,8 @@ USAGE_RE = re.compile(rb'"include_usage"\s*:\s*true')
 RID_RE = re.compile(rb"BENCHRID-(\d+)-")
 USAGE = {"prompt_tokens": 12000, "completion_tokens": 60, "total_tokens": 12060}
 
-FAULTS_STREAM = ["reset", "status", "slow", "slow_timeout", "cut", "garbage", "badjson", "comment", "inband"]
+FAULTS_STREAM = ["reset", "status", "slow", "slow_timeout", "cut", "garbage", "badjson", "comment", "inband",
+                 "paced"]
 FAULTS_JSON = ["reset", "status", "slow", "slow_timeout", "badjson", "truncated"]
 
 
@@ -56,7 +58,7 @@ def plan(rid, fault_rate, streaming):
 def expected(p):
     """What a correct proxy returns for plan p: 'ok' (exact content), 'error', or 'either'."""
     f = p["fault"]
-    if f in (None, "comment", "slow"):
+    if f in (None, "comment", "slow", "paced"):    # "paced": a clean stream, 50 ms between chunks
         return "ok"
     if f in ("garbage", "badjson") and p["streaming"]:
         return "either"
@@ -124,6 +126,7 @@ def anthropic_reply(text_parts):
 class Upstream:
     def __init__(self, chunks=50, delay_ms=0.0, first_delay_ms=0.0, faults=0.0):
         self.delay, self.first_delay, self.faults = delay_ms / 1000, first_delay_ms / 1000, faults
+        self.paced = chunks             # pauses per stream: one per content chunk
         self.stats = {"requests": 0, "active": 0, "streams": 0, "abandoned": 0, "faults": {}}
         base = {"rid": 0, "text": [f"tok{i} " for i in range(chunks)], "reasoning": [], "tools": []}
         self.oa_json = json.dumps(oa_message(base)).encode()
@@ -182,7 +185,7 @@ class Upstream:
                 self.stats["abandoned"] += 1
                 return False
             writer.write(chunk(fr))
-            if delay:
+            if delay and i < self.paced:        # the same total pacing for OpenAI and Anthropic streams
                 await writer.drain()
                 await asyncio.sleep(delay)
         writer.write(b"0\r\n\r\n")
@@ -247,7 +250,7 @@ class Upstream:
         elif f == "inband":
             frames = frames[:2] + [b'data: {"error":{"message":"injected in-band error","type":"server_error"}}\n\n']
         cut = min(p["cut_at"], len(frames) - 3) if f == "cut" else None
-        return await self.send_sse(writer, frames, delay=0, cut_at=cut)
+        return await self.send_sse(writer, frames, delay=0.05 if f == "paced" else 0, cut_at=cut)
 
 
 async def main(a, loop_name):
