@@ -13,6 +13,7 @@ import os
 import sys
 import time
 
+sys.dont_write_bytecode = True   # keep bench/ free of __pycache__
 sys.path.insert(0, os.path.dirname(__file__))
 from common import Incomplete, fixture, fold_system_messages, install_loop, quick_check, read_body, read_head, request_bytes  # noqa: E402
 

@@ -11,6 +11,7 @@ import sys
 
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 
+sys.dont_write_bytecode = True   # keep bench/ free of __pycache__
 sys.path.insert(0, os.path.dirname(__file__))
 from common import install_loop  # noqa: E402
 
@@ -34,9 +35,12 @@ def make_app(upstream):
                 return web.Response(status=up.status, body=await up.read(), headers={"Content-Type": ctype})
             resp = web.StreamResponse(status=up.status, headers={"Content-Type": ctype, "Cache-Control": "no-cache"})
             await resp.prepare(request)
-            async for data in up.content.iter_any():
-                await resp.write(data)
-            await resp.write_eof()
+            try:
+                async for data in up.content.iter_any():
+                    await resp.write(data)
+                await resp.write_eof()
+            except ConnectionResetError:       # the client hung up: drop the upstream response too
+                pass
             return resp
 
     async def health(request):

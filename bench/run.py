@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 
+sys.dont_write_bytecode = True   # keep bench/ free of __pycache__
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (FIXTURES, HAVE_TASKSET, HERE, TICK, Incomplete, Proc, cpu_seconds, free_port,  # noqa: E402
                     http_json, hwm_bytes, install_loop, open_fds, quick_check, read_body, read_head,
@@ -295,14 +296,14 @@ async def streams_memory(a, t, log_dir):
         pids = tree(proc.pid)
         full_rss, full_fds = rss_bytes(pids), open_fds(pids)
         _, st = await http_json(up_port, "GET", "/stats")
-        up_active = st.get("active") if isinstance(st, dict) else None
+        up_active, up_requests = st.get("active"), st.get("requests")
         stop.set()
         for w in conns:
             w.transport.abort()
         await asyncio.sleep(5.0)     # upstream chunks come every 1 s: a proxy that notices has closed by now
         after_rss, after_fds = rss_bytes(pids), open_fds(pids)
         _, st = await http_json(up_port, "GET", "/stats")
-        up_after = st.get("active") if isinstance(st, dict) else None
+        up_after = st.get("active")
         for x in tasks:
             x.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -314,7 +315,8 @@ async def streams_memory(a, t, log_dir):
                "alive": proc.alive()}
         print(f"[{t['name']}] {opened[0]}/{n} streams open after {open_s:.1f}s (failed {failed}): "
               f"RSS {idle_rss / 2**20:.1f} -> {full_rss / 2**20:.1f} MB "
-              f"({res['kb_per_stream']:.1f} KB/stream), fds {idle_fds} -> {full_fds}, upstream streams {up_active}; "
+              f"({res['kb_per_stream']:.1f} KB/stream), fds {idle_fds} -> {full_fds}, upstream streams {up_active} "
+              f"(requests so far {up_requests}); "
               f"5 s after clients closed: RSS {after_rss / 2**20:.1f} MB, fds {after_fds}, "
               f"upstream streams still running {up_after}", flush=True)
         return res

@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 
+sys.dont_write_bytecode = True   # keep bench/ free of __pycache__
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (HERE, Incomplete, Proc, check_error_body, check_message, check_stream, fixture,  # noqa: E402
                     fold_system_messages, free_port, http_json, install_loop, open_fds, parse_sse, read_body, read_head,

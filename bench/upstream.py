@@ -17,11 +17,13 @@ Run: python bench/upstream.py --port 9001 [--chunks 50] [--delay-ms 0] [--first-
 import argparse
 import asyncio
 import json
+import os
 import random
 import re
 import sys
 
-sys.path.insert(0, __import__("os").path.dirname(__file__))
+sys.dont_write_bytecode = True   # keep bench/ free of __pycache__
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import Incomplete, chunk, install_loop, read_body, read_head, response_head  # noqa: E402
 
 STREAM_RE = re.compile(rb'"stream"\s*:\s*true')
@@ -177,20 +179,23 @@ class Upstream:
             await writer.drain()
             return True
         writer.write(head)
-        for i, fr in enumerate(frames):
-            if i == cut_at:
-                writer.transport.abort()
-                return False
-            if writer.transport.is_closing():       # the proxy hung up: stop, as a real server would
-                self.stats["abandoned"] += 1
-                return False
-            writer.write(chunk(fr))
-            if delay and i < self.paced:        # the same total pacing for OpenAI and Anthropic streams
-                await writer.drain()
-                await asyncio.sleep(delay)
-        writer.write(b"0\r\n\r\n")
-        await writer.drain()
-        return True
+        try:
+            for i, fr in enumerate(frames):
+                if i == cut_at:
+                    writer.transport.abort()
+                    return False
+                if writer.transport.is_closing():
+                    raise ConnectionResetError
+                writer.write(chunk(fr))
+                if delay and i < self.paced:        # the same total pacing for OpenAI and Anthropic streams
+                    await writer.drain()
+                    await asyncio.sleep(delay)
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            return True
+        except ConnectionError:                 # the proxy hung up mid-stream: stop, as a real server would
+            self.stats["abandoned"] += 1
+            return False
 
     async def route(self, method, path, body, writer):
         if method == "GET":
