@@ -2092,6 +2092,34 @@ def test_any_chunk_sequence_gives_a_grammatical_stream(chunks: list) -> None:
     validate_stream(vd.encode_events(events).decode())
 
 
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(value=JSON_VALUES, indent=st.sampled_from([None, 1, 4]))
+def test_decode_with_spans_equals_json_loads(value: Any, indent: Any) -> None:
+    text = json.dumps(value, indent=indent)
+    decoded, spans = vd.decode_with_spans(text)
+    assert decoded == json.loads(text)
+    for key, (start, end) in spans.items():
+        assert json.loads(text[start:end]) == value[key]
+    for bad in ("{", '{"a" 1}', '{"a": 1,}', '{"a": 1} x', "[1,"):
+        with pytest.raises(ValueError):
+            vd.decode_with_spans(bad)
+
+
+async def test_unchanged_tools_are_converted_once_and_spliced(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy()
+    body = {**BASIC, "tools": [BASH_TOOL, {"name": "mcp__server__a_really_long_tool_name_" + "x" * 60,
+                                           "input_schema": {"type": "object"}}],
+            "tool_choice": {"type": "any"}}
+    for _ in range(2):
+        assert (await client.post("/v1/messages", json=body)).status == 200
+    first, second = (r["body"] for r in upstream.requests[-2:])
+    assert first == second and first["tool_choice"] == "required"
+    assert [t["function"]["name"] for t in first["tools"]][0] == "Bash"
+    assert len(first["tools"][1]["function"]["name"]) <= 64
+    app_runtime = client.server.app[vd.RUNTIME]
+    assert len(app_runtime.tools_cache) == 1
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.binary(max_size=300), cuts=st.lists(st.integers(0, 300), max_size=6))
 def test_sse_decoder_split_invariance_on_any_bytes(data: bytes, cuts: list) -> None:

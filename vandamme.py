@@ -1097,15 +1097,17 @@ def _repair_tool_pairs(messages: list[JSON]) -> list[JSON]:
     return fixed
 
 
-def _convert_tools(body: JSON, payload: JSON, conv: Conversion, provider: Provider) -> None:
-    tools = body.get("tools")
-    functions = []
+def convert_tools(tools: Any, provider: Provider) -> tuple[list[JSON], dict[str, str], list[str]]:
+    """Anthropic tools -> OpenAI functions, the upstream->client name map, and dropped server tools."""
+    functions: list[JSON] = []
+    names: dict[str, str] = {}
+    dropped: list[str] = []
     for i, tool in enumerate(_expect(tools, list, "tools", "a list") if tools is not None else ()):
         where = f"tools.{i}"
         _expect(tool, dict, where, "an object")
         kind = tool.get("type")
         if kind not in (None, "custom") and "input_schema" not in tool:
-            conv.dropped_tools.append(str(tool.get("name") or kind))
+            dropped.append(str(tool.get("name") or kind))
             continue
         name = _expect(tool.get("name"), str, f"{where}.name", "a string")
         schema = tool.get("input_schema")
@@ -1113,14 +1115,21 @@ def _convert_tools(body: JSON, payload: JSON, conv: Conversion, provider: Provid
             schema = {"type": "object", "properties": {}}
         _expect(schema, dict, f"{where}.input_schema", "an object")
         upstream = tool_name_for_upstream(name, provider.tool_name_max)
-        conv.tool_names[upstream] = name
+        names[upstream] = name
         function: JSON = {"name": upstream, "parameters": schema}
         if isinstance(tool.get("description"), str):
             function["description"] = tool["description"]
         functions.append({"type": "function", "function": function})
-    if conv.dropped_tools:
-        logger.warning("server tools not supported by %s, dropped: %s", provider.name,
-                       ", ".join(conv.dropped_tools))
+    if dropped:
+        logger.warning("server tools not supported by %s, dropped: %s", provider.name, ", ".join(dropped))
+    return functions, names, dropped
+
+
+def _convert_tools(body: JSON, payload: JSON, conv: Conversion, provider: Provider,
+                   converted: tuple[list[JSON], dict[str, str], list[str]] | None) -> None:
+    functions, names, dropped = converted or convert_tools(body.get("tools"), provider)
+    conv.tool_names.update(names)
+    conv.dropped_tools = list(dropped)
     choice = body.get("tool_choice")
     if not functions:
         return
@@ -1163,12 +1172,14 @@ def _reasoning_effort(body: JSON, provider: Provider, model: str) -> str | None:
     return None
 
 
-def anthropic_to_openai(body: JSON, provider: Provider, model: str, *,
-                        max_tokens_limit: int | None = None) -> tuple[JSON, Conversion]:
+def anthropic_to_openai(body: JSON, provider: Provider, model: str, *, max_tokens_limit: int | None = None,
+                        tools: tuple[list[JSON], dict[str, str], list[str]] | None = None,
+                        ) -> tuple[JSON, Conversion]:
     """Convert an Anthropic Messages request into an OpenAI chat-completions payload.
 
     Pure. Raises InvalidRequestError (400) naming the offending field for client mistakes;
-    unknown fields and block types are ignored, never rejected.
+    unknown fields and block types are ignored, never rejected. `tools` may pass in an
+    earlier `convert_tools` result for the same tools (the handler caches it).
     """
     conv = Conversion()
     messages: list[JSON] = []
@@ -1193,7 +1204,7 @@ def anthropic_to_openai(body: JSON, provider: Provider, model: str, *,
         else:
             raise _bad(f"{path}.role", f"must be 'user', 'assistant' or 'system' (got {role!r})")
     payload: JSON = {"model": model, "messages": _repair_tool_pairs(messages)}
-    _convert_tools(body, payload, conv, provider)
+    _convert_tools(body, payload, conv, provider, tools)
     max_tokens = body.get("max_tokens")
     if max_tokens is not None:
         _expect(max_tokens, int, "max_tokens", "an integer")
@@ -2438,6 +2449,7 @@ class Runtime:
         self.session: aiohttp.ClientSession | None = None
         self.models_cache: dict[str, tuple[float, list[JSON]]] = {}
         self.token_cache: collections.OrderedDict[bytes, int] = collections.OrderedDict()
+        self.tools_cache: collections.OrderedDict[tuple[str, int, str], Any] = collections.OrderedDict()
         self.aborts: dict[int, Callable[[], None]] = {}   # in-flight upstream requests, for shutdown
         self.draining = False
         self.apply(config)
@@ -2705,12 +2717,54 @@ def _authenticate(request: web.Request, proxy_key: str) -> None:
                                   "in x-api-key or Authorization: Bearer")
 
 
-async def _read_json(request: web.Request) -> tuple[bytes, Any]:
+_JSON_SPACE: Final = re.compile(r"[ \t\n\r]*")
+_RAW_DECODE: Final = json.JSONDecoder().raw_decode
+
+
+def decode_with_spans(text: str) -> tuple[Any, dict[str, tuple[int, int]]]:
+    """json.loads, plus where each top-level value of an object sits in `text`.
+
+    The same C decoder does the work value by value, so it costs what json.loads costs;
+    the spans let unchanged parts (Claude Code's 30 KB of tool schemas) be recognised
+    without hashing or encoding them again.
+    """
+    spans: dict[str, tuple[int, int]] = {}
+    i = _JSON_SPACE.match(text).end()
+    if text[i:i + 1] != "{":
+        return JSON_DECODE(text), spans
+    result: JSON = {}
+    i = _JSON_SPACE.match(text, i + 1).end()
+    if text[i:i + 1] == "}":
+        i += 1
+    else:
+        while True:
+            key, i = _RAW_DECODE(text, i)
+            i = _JSON_SPACE.match(text, i).end()
+            if not isinstance(key, str) or text[i:i + 1] != ":":
+                return JSON_DECODE(text), {}          # let the decoder report the error
+            start = _JSON_SPACE.match(text, i + 1).end()
+            result[key], i = _RAW_DECODE(text, start)
+            spans[key] = (start, i)
+            i = _JSON_SPACE.match(text, i).end()
+            if text[i:i + 1] == "}":
+                i += 1
+                break
+            if text[i:i + 1] != ",":
+                return JSON_DECODE(text), {}
+            i = _JSON_SPACE.match(text, i + 1).end()
+    if text[_JSON_SPACE.match(text, i).end():]:
+        return JSON_DECODE(text), {}                  # trailing data: the decoder's error
+    return result, spans
+
+
+async def _read_json(request: web.Request) -> tuple[bytes, Any, str, dict[str, tuple[int, int]]]:
     raw = await request.read()
     try:
-        return raw, JSON_DECODE(raw.decode())
+        text = raw.decode()
+        body, spans = decode_with_spans(text)
     except ValueError as exc:
         raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
+    return raw, body, text, spans
 
 
 def log_access(rt: Runtime, rec: RequestRecord) -> None:
@@ -2736,7 +2790,7 @@ async def handle_messages(request: web.Request) -> web.StreamResponse:
     config = rt.config
     rec = RequestRecord(request_id=request[REQUEST_ID])
     try:
-        raw, body = await _read_json(request)
+        raw, body, text, spans = await _read_json(request)
         validate_messages_request(body)
         rec.client_model, rec.streamed = body["model"], body.get("stream") is True
         route = resolve_model(config, body["model"])
@@ -2748,7 +2802,8 @@ async def handle_messages(request: web.Request) -> web.StreamResponse:
             try:
                 if provider.api_format == "anthropic":
                     return await _passthrough(request, rt, provider, target.model, raw, body, rec, "messages")
-                return await _converted(request, rt, provider, target.model, body, rec)
+                tools_text = text[slice(*spans["tools"])] if "tools" in spans else None
+                return await _converted(request, rt, provider, target.model, body, rec, tools_text)
             except UpstreamError as exc:
                 last = n + 1 == len(route.targets)
                 if last or not (exc.retryable or exc.status == 429):
@@ -2776,14 +2831,33 @@ async def handle_messages(request: web.Request) -> web.StreamResponse:
 
 
 async def _converted(request: web.Request, rt: Runtime, provider: Provider, model: str, body: JSON,
-                     rec: RequestRecord) -> web.StreamResponse:
+                     rec: RequestRecord, tools_text: str | None) -> web.StreamResponse:
     config = rt.config
-    payload, conv = anthropic_to_openai(body, provider, model, max_tokens_limit=config.max_tokens_limit)
     exchange = Exchange(request_id=rec.request_id, client_model=rec.client_model, provider=provider, model=model,
-                        body=body, stream=rec.streamed, conv=conv, config=config)
+                        body=body, stream=rec.streamed, config=config)
     hooks = rt.chain.bound(exchange)
+    cached = None
+    if tools_text is not None and not hooks["on_request"]:
+        # Claude Code sends the same tools on every turn: convert and encode them once.
+        key = (provider.name, provider.tool_name_max, tools_text)
+        cached = rt.tools_cache.get(key)
+        if cached is None:
+            functions, names, dropped = convert_tools(body["tools"], provider)
+            cached = (functions, names, dropped, ',"tools":' + JSON_ENCODE(functions) if functions else "")
+            rt.tools_cache[key] = cached
+            if len(rt.tools_cache) > 32:
+                rt.tools_cache.popitem(last=False)
+        else:
+            rt.tools_cache.move_to_end(key)
+    payload, conv = anthropic_to_openai(body, provider, model, max_tokens_limit=config.max_tokens_limit,
+                                        tools=cached[:3] if cached else None)
+    exchange.conv = conv
     payload = run_hooks(hooks["on_request"], exchange, payload)
-    data = JSON_ENCODE(payload).encode()
+    if cached and cached[3] and payload.get("tools") is cached[0]:
+        del payload["tools"]
+        data = (JSON_ENCODE(payload)[:-1] + cached[3] + "}").encode()
+    else:
+        data = JSON_ENCODE(payload).encode()
     # message_start carries an input estimate (Claude Code shows it); ~4.3 bytes a token
     # for compact JSON, and free, unlike a tokenizer pass on every streamed request.
     exchange.state["input_estimate"] = (len(data) - conv.attachment_chars) // 4 + conv.images * IMAGE_TOKENS
@@ -2997,7 +3071,7 @@ async def _passthrough(request: web.Request, rt: Runtime, provider: Provider, mo
 async def handle_count_tokens(request: web.Request) -> web.StreamResponse:
     """POST /v1/messages/count_tokens: the provider's own count for passthrough, else an estimate."""
     rt = request.app[RUNTIME]
-    raw, body = await _read_json(request)
+    raw, body, _text, _spans = await _read_json(request)
     if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
         raise InvalidRequestError("messages: field required (a list of messages)")
     model = body.get("model")
