@@ -2757,14 +2757,51 @@ def decode_with_spans(text: str) -> tuple[Any, dict[str, tuple[int, int]]]:
     return result, spans
 
 
-async def _read_json(request: web.Request) -> tuple[bytes, Any, str, dict[str, tuple[int, int]]]:
-    raw = await request.read()
+class Incoming:
+    """A request body in its three forms; `release()` drops them once the upstream committed.
+
+    A stream can stay open for minutes: holding a 50 KB body as bytes, text and a decoded
+    tree for all that time would cost ~200 KB per open stream.
+    """
+
+    __slots__ = ("body", "raw", "spans", "text")
+
+    def __init__(self, raw: bytes, text: str, body: Any, spans: dict[str, tuple[int, int]]) -> None:
+        self.raw, self.text, self.body, self.spans = raw, text, body, spans
+
+    def part(self, key: str) -> str | None:
+        span = self.spans.get(key)
+        return self.text[span[0]:span[1]] if span else None
+
+    def release(self) -> JSON:
+        """Forget the body; return a small copy without messages, system and tools."""
+        light = {k: v for k, v in self.body.items() if k not in ("messages", "system", "tools")}
+        self.raw, self.text, self.body, self.spans = b"", "", light, {}
+        return light
+
+
+async def _read_json(request: web.Request, limit: int) -> Incoming:
+    # Read from the stream ourselves: request.read() would keep a copy on the request object.
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(limit)
+    chunks, size = [], 0
+    while chunk := await request.content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         text = raw.decode()
         body, spans = decode_with_spans(text)
     except ValueError as exc:
         raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
-    return raw, body, text, spans
+    return Incoming(raw, text, body, spans)
+
+
+def _too_large(limit: int) -> VandammeError:
+    return VandammeError(f"request body too large: the limit is MAX_REQUEST_BYTES={limit}", status=413,
+                         error_type="request_too_large")
 
 
 def log_access(rt: Runtime, rec: RequestRecord) -> None:
@@ -2790,10 +2827,10 @@ async def handle_messages(request: web.Request) -> web.StreamResponse:
     config = rt.config
     rec = RequestRecord(request_id=request[REQUEST_ID])
     try:
-        raw, body, text, spans = await _read_json(request)
-        validate_messages_request(body)
-        rec.client_model, rec.streamed = body["model"], body.get("stream") is True
-        route = resolve_model(config, body["model"])
+        incoming = await _read_json(request, config.max_request_bytes)
+        validate_messages_request(incoming.body)
+        rec.client_model, rec.streamed = incoming.body["model"], incoming.body.get("stream") is True
+        route = resolve_model(config, rec.client_model)
         for n, target in enumerate(route.targets):
             provider = config.provider(target.provider)
             assert provider is not None
@@ -2801,9 +2838,8 @@ async def handle_messages(request: web.Request) -> web.StreamResponse:
             rt.metrics.begin(rec.provider, rec.model)
             try:
                 if provider.api_format == "anthropic":
-                    return await _passthrough(request, rt, provider, target.model, raw, body, rec, "messages")
-                tools_text = text[slice(*spans["tools"])] if "tools" in spans else None
-                return await _converted(request, rt, provider, target.model, body, rec, tools_text)
+                    return await _passthrough(request, rt, provider, target.model, incoming, rec, "messages")
+                return await _converted(request, rt, provider, target.model, incoming, rec)
             except UpstreamError as exc:
                 last = n + 1 == len(route.targets)
                 if last or not (exc.retryable or exc.status == 429):
@@ -2830,9 +2866,10 @@ async def handle_messages(request: web.Request) -> web.StreamResponse:
         log_access(rt, rec)
 
 
-async def _converted(request: web.Request, rt: Runtime, provider: Provider, model: str, body: JSON,
-                     rec: RequestRecord, tools_text: str | None) -> web.StreamResponse:
+async def _converted(request: web.Request, rt: Runtime, provider: Provider, model: str, incoming: Incoming,
+                     rec: RequestRecord) -> web.StreamResponse:
     config = rt.config
+    body, tools_text = incoming.body, incoming.part("tools")
     exchange = Exchange(request_id=rec.request_id, client_model=rec.client_model, provider=provider, model=model,
                         body=body, stream=rec.streamed, config=config)
     hooks = rt.chain.bound(exchange)
@@ -2866,6 +2903,8 @@ async def _converted(request: web.Request, rt: Runtime, provider: Provider, mode
                                              key_override=client_key(request, config.proxy_api_key))
     rec.key = key_fingerprint(key)
     if rec.streamed:
+        del body, payload, data, cached, tools_text
+        exchange.body = incoming.release()
         return await _relay_stream(request, rt, exchange, hooks, response, rec)
     try:
         completion = JSON_DECODE((raw or b"").decode())
@@ -3017,13 +3056,13 @@ def _run_event_hooks(hooks: list[tuple[str, Callable[..., Any]]], exchange: Exch
     return result
 
 
-async def _passthrough(request: web.Request, rt: Runtime, provider: Provider, model: str, raw: bytes,
-                       body: JSON, rec: RequestRecord, path: str) -> web.StreamResponse:
+async def _passthrough(request: web.Request, rt: Runtime, provider: Provider, model: str, incoming: Incoming,
+                       rec: RequestRecord, path: str) -> web.StreamResponse:
     """Anthropic-format provider: forward the body with only `model` replaced; relay the bytes back."""
-    data = replace_model(raw, body, model)
+    data = replace_model(incoming.raw, incoming.body, model)
     extra = {name: request.headers[name] for name in PASSTHROUGH_HEADERS if name in request.headers}
     extra.setdefault("anthropic-version", ANTHROPIC_VERSION)
-    streamed = path == "messages" and body.get("stream") is True
+    streamed = path == "messages" and incoming.body.get("stream") is True
     try:
         upstream, raw_reply, key = await open_upstream(
             rt, provider, anthropic_url(provider, path), data, request_id=rec.request_id, read_body=not streamed,
@@ -3032,6 +3071,8 @@ async def _passthrough(request: web.Request, rt: Runtime, provider: Provider, mo
         exc.passthrough = True            # relay the provider's own status and body
         raise
     rec.key = key_fingerprint(key)
+    del data
+    incoming.release()
     headers = {k: v for k in RELAYED_RESPONSE_HEADERS if (v := upstream.headers.get(k))}
     headers["request-id"] = rec.request_id
     rec.status = upstream.status
@@ -3071,7 +3112,8 @@ async def _passthrough(request: web.Request, rt: Runtime, provider: Provider, mo
 async def handle_count_tokens(request: web.Request) -> web.StreamResponse:
     """POST /v1/messages/count_tokens: the provider's own count for passthrough, else an estimate."""
     rt = request.app[RUNTIME]
-    raw, body, _text, _spans = await _read_json(request)
+    incoming = await _read_json(request, rt.config.max_request_bytes)
+    raw, body = incoming.raw, incoming.body
     if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
         raise InvalidRequestError("messages: field required (a list of messages)")
     model = body.get("model")
@@ -3081,7 +3123,7 @@ async def handle_count_tokens(request: web.Request) -> web.StreamResponse:
         if provider is not None and provider.api_format == "anthropic":
             rec = RequestRecord(request_id=request[REQUEST_ID], client_model=model)
             try:
-                return await _passthrough(request, rt, provider, route.targets[0].model, raw, body, rec,
+                return await _passthrough(request, rt, provider, route.targets[0].model, incoming, rec,
                                           "messages/count_tokens")
             except UpstreamError as exc:
                 logger.info("count_tokens upstream failed (%s); estimating instead", exc)

@@ -249,7 +249,7 @@ async def streams_memory(a, t, log_dir):
     upstream = Proc("slow-upstream", [sys.executable, os.path.join(HERE, "upstream.py"), "--port", str(up_port),
                                       "--chunks", "600", "--delay-ms", "1000"], None, "0", log_dir)
     proc = None
-    conns, opened, failed = [], [0], {}
+    opened, failed = [0], {}
     stop = asyncio.Event()
     try:
         wait_port(up_port, upstream)
@@ -269,23 +269,28 @@ async def streams_memory(a, t, log_dir):
 
         async def one():
             w = None
+            wait = min(60.0, a.open_timeout)
             try:
                 async with gate:
+                    if stop.is_set():
+                        return
                     r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 30)
-                    conns.append(w)
                     w.write(req)
-                    await asyncio.wait_for(read_head(r), 60)
+                    await asyncio.wait_for(read_head(r), wait)
                     seen = b""
                     while b"message_start" not in seen:
-                        data = await asyncio.wait_for(r.read(65536), 60)
+                        data = await asyncio.wait_for(r.read(65536), wait)
                         if not data:
                             raise Incomplete("closed before message_start")
                         seen += data
                 opened[0] += 1
-                while not stop.is_set() and await r.read(65536):
+                while await r.read(65536):       # hold the stream open, reading, until cancelled
                     pass
             except (OSError, Incomplete, asyncio.TimeoutError) as e:
                 failed[type(e).__name__] = failed.get(type(e).__name__, 0) + 1
+            finally:
+                if w is not None:
+                    w.transport.abort()
 
         t0 = time.monotonic()
         tasks = [asyncio.create_task(one()) for _ in range(n)]
@@ -297,23 +302,22 @@ async def streams_memory(a, t, log_dir):
         full_rss, full_fds = rss_bytes(pids), open_fds(pids)
         _, st = await http_json(up_port, "GET", "/stats")
         up_active, up_requests = st.get("active"), st.get("requests")
+        n_open, n_failed = opened[0], dict(failed)
         stop.set()
-        for w in conns:
-            w.transport.abort()
+        for x in tasks:                      # every client hangs up
+            x.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.sleep(5.0)     # upstream chunks come every 1 s: a proxy that notices has closed by now
         after_rss, after_fds = rss_bytes(pids), open_fds(pids)
         _, st = await http_json(up_port, "GET", "/stats")
         up_after = st.get("active")
-        for x in tasks:
-            x.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        res = {"target": t["name"], "streams": n, "opened": opened[0], "failed": failed, "open_s": open_s,
+        res = {"target": t["name"], "streams": n, "opened": n_open, "failed": n_failed, "open_s": open_s,
                "idle_rss_mb": idle_rss / 2**20, "rss_mb": full_rss / 2**20,
-               "kb_per_stream": (full_rss - idle_rss) / 1024 / max(1, opened[0]), "idle_fds": idle_fds,
+               "kb_per_stream": (full_rss - idle_rss) / 1024 / max(1, n_open), "idle_fds": idle_fds,
                "fds": full_fds, "upstream_active": up_active, "after_close_rss_mb": after_rss / 2**20,
                "after_close_fds": after_fds, "upstream_active_5s_after_close": up_after,
                "alive": proc.alive()}
-        print(f"[{t['name']}] {opened[0]}/{n} streams open after {open_s:.1f}s (failed {failed}): "
+        print(f"[{t['name']}] {n_open}/{n} streams open after {open_s:.1f}s (failed {n_failed}): "
               f"RSS {idle_rss / 2**20:.1f} -> {full_rss / 2**20:.1f} MB "
               f"({res['kb_per_stream']:.1f} KB/stream), fds {idle_fds} -> {full_fds}, upstream streams {up_active} "
               f"(requests so far {up_requests}); "
