@@ -2323,9 +2323,11 @@ class Metrics:
     def _targets(self, provider: str, model: str) -> tuple[Stats, ...]:
         if provider == "-":
             return (self.totals,)
-        by_provider = self.providers.setdefault(provider, Stats())
-        by_model = self.models.setdefault((provider, model), Stats())
-        return self.totals, by_provider, by_model
+        by_model = self.models.get((provider, model))
+        if by_model is None:
+            by_model = self.models[(provider, model)] = Stats()
+            self.providers.setdefault(provider, Stats())
+        return self.totals, self.providers[provider], by_model
 
     def begin(self, provider: str, model: str) -> None:
         for stats in self._targets(provider, model):
@@ -2454,8 +2456,17 @@ class Runtime:
         self.draining = False
         self.apply(config)
 
+    def route(self, model: str) -> Route:
+        """resolve_model, remembered per model name until the configuration changes."""
+        route = resolve_model(self.config, model)
+        if len(self.routes) >= 4096:
+            self.routes.clear()
+        self.routes[model] = route
+        return route
+
     def apply(self, config: Config) -> None:
         """Switch to a new configuration; key cool-downs survive when the keys did not change."""
+        self.routes: dict[str, Route] = {}
         old = self.keyrings
         self.keyrings = {p.name: old[p.name] if p.name in old and old[p.name].keys == p.keys else KeyRing(p.keys)
                          for p in config.providers if p.keys}
@@ -2830,7 +2841,7 @@ async def handle_messages(request: web.Request) -> web.StreamResponse:
         incoming = await _read_json(request, config.max_request_bytes)
         validate_messages_request(incoming.body)
         rec.client_model, rec.streamed = incoming.body["model"], incoming.body.get("stream") is True
-        route = resolve_model(config, rec.client_model)
+        route = rt.routes.get(rec.client_model) or rt.route(rec.client_model)
         for n, target in enumerate(route.targets):
             provider = config.provider(target.provider)
             assert provider is not None

@@ -7,8 +7,8 @@
 The upstream (bench/upstream.py --faults P) plans each request from the id hidden in its body: text, tool
 calls, parallel tool calls or reasoning, and with probability P a fault (connection reset, 429/5xx, slow
 first byte below or above the proxy's timeout, stream cut mid-way, garbage SSE lines, malformed JSON
-chunks, in-band error, or a clean stream paced slowly enough to hang up in the middle of). Clients mix streamed and JSON requests, and a share of them disconnect before the
-reply, after its headers, or mid-body.
+chunks, in-band error, or a clean stream paced slowly enough to hang up in the middle of). Clients mix
+streamed and JSON requests, and a share of them disconnect before the reply, after its headers, or mid-body.
 
 Every completed response is checked:
   protocol  a JSON reply is an Anthropic message (200) or an Anthropic error {"type":"error","error":
@@ -47,7 +47,6 @@ MAIN = os.environ.get("VANDAMME_DIR", os.path.dirname(HERE))
 class Soak:
     def __init__(self, a, port, log_dir):
         self.a, self.port = a, port
-        self.rnd = random.Random(a.seed)
         body = fixture()
         if a.compat_body:
             body = fold_system_messages(body)
@@ -139,7 +138,7 @@ class Soak:
                     etype = "?"
                 self.note(f"stream event:error {etype}")
             elif summary:
-                self.note("ok stream")
+                self.note("200 stream completed (message_stop)")
         elif status == 200:
             if streaming or not ctype.startswith("application/json"):
                 self.bad("violation", rid, streaming, f"status 200 with content-type {ctype!r} for "
@@ -152,7 +151,7 @@ class Soak:
             if v:
                 self.bad("violation", rid, streaming, "; ".join(v), data)
             if summary:
-                self.note("ok json")
+                self.note("200 JSON message")
         else:
             try:
                 e = check_error_body(json.loads(data))
