@@ -6,6 +6,7 @@
 - starting and stopping child processes (pinned to a CPU with taskset when available).
 """
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -41,7 +42,7 @@ async def read_head(reader):
     try:
         head = await reader.readuntil(b"\r\n\r\n")
     except asyncio.IncompleteReadError as e:
-        raise Incomplete("closed before headers" if not e.partial else "closed inside headers")
+        raise Incomplete("closed inside headers" if e.partial else "closed before headers") from None
     lines = head[:-4].decode("latin-1").split("\r\n")
     headers = {}
     for line in lines[1:]:
@@ -97,7 +98,7 @@ async def read_body(reader, headers, on_first=None, until_eof=True):
             on_first()
         return data
     except (asyncio.IncompleteReadError, ValueError) as e:
-        raise Incomplete(f"body cut: {type(e).__name__}")
+        raise Incomplete(f"body cut: {type(e).__name__}") from None
 
 
 def request_bytes(method, path, port, body=b"", extra=()):
@@ -107,7 +108,7 @@ def request_bytes(method, path, port, body=b"", extra=()):
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
-async def http_json(port, method, path, body=b"", timeout=5.0):
+async def http_json(port, method, path, body=b"", timeout=5.0):  # noqa: ASYNC109
     """One-off request on a fresh connection; return (status, parsed JSON or raw bytes)."""
     r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
     try:
@@ -231,7 +232,7 @@ def check_message(msg):
         v.append("usage missing input_tokens/output_tokens ints")
     content = msg.get("content")
     if not isinstance(content, list):
-        return v + ["content is not a list"], None
+        return [*v, "content is not a list"], None
     for b in content:
         t = b.get("type") if isinstance(b, dict) else None
         if t == "text" and not isinstance(b.get("text"), str):
@@ -428,10 +429,8 @@ def hwm_bytes(pids):
 def open_fds(pids):
     n = 0
     for p in pids:
-        try:
+        with contextlib.suppress(OSError):
             n += len(os.listdir(f"/proc/{p}/fd"))
-        except OSError:
-            pass
     return n
 
 
@@ -444,9 +443,9 @@ class Proc:
     def __init__(self, name, argv, env=None, cpus=None, log_dir="/tmp"):
         self.name = name
         if cpus and HAVE_TASKSET:
-            argv = ["taskset", "-c", cpus] + list(argv)
+            argv = ["taskset", "-c", cpus, *argv]
         self.log_path = os.path.join(log_dir, f"bench-{name}-{os.getpid()}.log")
-        self.log = open(self.log_path, "wb")
+        self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.p = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdout=self.log,
                                   stderr=subprocess.STDOUT, start_new_session=True)
         self.pid = self.p.pid

@@ -8,6 +8,7 @@ Used by run.py in-process; standalone:
 """
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -15,7 +16,16 @@ import time
 
 sys.dont_write_bytecode = True   # keep bench/ free of __pycache__
 sys.path.insert(0, os.path.dirname(__file__))
-from common import Incomplete, fixture, fold_system_messages, install_loop, quick_check, read_body, read_head, request_bytes  # noqa: E402
+from common import (  # noqa: E402
+    Incomplete,
+    fixture,
+    fold_system_messages,
+    install_loop,
+    quick_check,
+    read_body,
+    read_head,
+    request_bytes,
+)
 
 perf = time.perf_counter
 
@@ -56,7 +66,7 @@ class Point:
                 w.write(self.req)
                 line, headers = await read_head(r)
                 status = int(line.split(" ", 2)[1])
-                body = await read_body(r, headers, lambda: first.append(perf()))
+                body = await read_body(r, headers, lambda first=first: first.append(perf()))
                 err = quick_check(self.streaming, status, body)
                 if headers.get("connection", "").lower() == "close":
                     w.close()
@@ -96,10 +106,8 @@ class Point:
             while not self.done.is_set() and perf() - t0 < duration:
                 if sample:
                     sample()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.done.wait(), min(0.1, max(0.0, duration - (perf() - t0))))
-                except asyncio.TimeoutError:
-                    pass
             self.measuring = False
             window = perf() - t0
             if on_end:

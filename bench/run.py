@@ -32,9 +32,27 @@ import time
 
 sys.dont_write_bytecode = True   # keep bench/ free of __pycache__
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (FIXTURES, HAVE_TASKSET, HERE, TICK, Incomplete, Proc, cpu_seconds, free_port,  # noqa: E402
-                    http_json, hwm_bytes, install_loop, open_fds, quick_check, read_body, read_head,
-                    request_bytes, rss_bytes, tree, wait_port)
+from common import (  # noqa: E402
+    FIXTURES,
+    HAVE_TASKSET,
+    HERE,
+    TICK,
+    Incomplete,
+    Proc,
+    cpu_seconds,
+    free_port,
+    http_json,
+    hwm_bytes,
+    install_loop,
+    open_fds,
+    quick_check,
+    read_body,
+    read_head,
+    request_bytes,
+    rss_bytes,
+    tree,
+    wait_port,
+)
 from loadgen import Point, body_for  # noqa: E402
 
 MAIN = os.environ.get("VANDAMME_DIR", os.path.dirname(HERE))
@@ -60,8 +78,8 @@ def proc_stat_busy():
 def targets(a, workdir):
     """Targets to measure; the upstream placeholders are filled in when an upstream is running."""
     sub = {"python": sys.executable, "workdir": workdir, "cache": "/tmp/peers", "bench": HERE}
-    out = [{"name": "relay", "cmd": "{python} " + os.path.join(HERE, "relay.py") + " --port {port} --upstream {upstream_base}",
-            "env": {}}]
+    relay = "{python} " + os.path.join(HERE, "relay.py") + " --port {port} --upstream {upstream_base}"
+    out = [{"name": "relay", "cmd": relay, "env": {}}]
     vd = os.path.join(MAIN, "vandamme.py")
     if not a.no_vandamme and os.path.exists(vd):
         cmd = "{python} " + vd + " --host 127.0.0.1 --port {port}" + (f" --workers {a.workers}" if a.workers else "")
@@ -112,7 +130,7 @@ async def smoke(port, compat=False, modes=(False, True)):
             err = quick_check(streaming, int(line.split()[1]), body)
             if err:
                 bad.append(f"{'s' if streaming else 'ns'}: {err}: {body[:300]!r}")
-        except (OSError, Incomplete, asyncio.TimeoutError) as e:
+        except (TimeoutError, OSError, Incomplete) as e:
             bad.append(f"{'s' if streaming else 'ns'}: {type(e).__name__} {e}")
     return bad
 
@@ -195,7 +213,7 @@ async def first_contact(t, proc, cpus):
         print(f"[{t['name']}] rejects the raw fixture ({bad[0][:160]}); it gets the body with its "
               "role:system message folded into `system`")
         bad, compat = [], True
-    print(f"[{t['name']}] on CPU {cpus or 'any'}; smoke test: {'ok' if not bad else bad}")
+    print(f"[{t['name']}] on CPU {cpus or 'any'}; smoke test: {bad or 'ok'}")
     return compat
 
 
@@ -226,7 +244,7 @@ def report(results, a):
         lines.append(row(r, None if r["target"] == "relay" else base.get((r["mode"], r["conc"]))))
     print("\n" + "\n".join(lines))
     print("(x) = ratio to the byte relay at the same point; cpu ms/req and peak MB are the target's process tree")
-    md = ["", "```", "python bench/" + shlex.join([os.path.basename(sys.argv[0])] + sys.argv[1:]), "```", ""]
+    md = ["", "```", "python bench/" + shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]]), "```", ""]
     md.append("| target | mode | conc | req/s | p50 ms | p99 ms | TTFB ms | CPU ms/req | peak RSS MB |")
     md.append("|---|---|---|---|---|---|---|---|---|")
     for r in sorted(results, key=lambda r: (r["target"] != "relay", r["target"], r["mode"] != "ns", r["conc"])):
@@ -286,7 +304,7 @@ async def streams_memory(a, t, log_dir):
                 opened[0] += 1
                 while await r.read(65536):       # hold the stream open, reading, until cancelled
                     pass
-            except (OSError, Incomplete, asyncio.TimeoutError) as e:
+            except (TimeoutError, OSError, Incomplete) as e:
                 failed[type(e).__name__] = failed.get(type(e).__name__, 0) + 1
             finally:
                 if w is not None:
@@ -294,7 +312,7 @@ async def streams_memory(a, t, log_dir):
 
         t0 = time.monotonic()
         tasks = [asyncio.create_task(one()) for _ in range(n)]
-        while opened[0] + sum(failed.values()) < n and time.monotonic() - t0 < a.open_timeout:
+        while opened[0] + sum(failed.values()) < n and time.monotonic() - t0 < a.open_timeout:  # noqa: ASYNC110
             await asyncio.sleep(0.5)
         open_s = time.monotonic() - t0
         await asyncio.sleep(1.0)
@@ -343,13 +361,14 @@ def convert_bench(max_s=3.0, max_n=3000):
     sys.path.insert(0, MAIN)
     try:
         import vandamme as v
-        raw = open(path, "rb").read()
+        with open(path, "rb") as f:
+            raw = f.read()
         body = json.loads(raw)
         config = v.load_config(env, cwd=env["HOME"], home=env["HOME"])
         target = v.resolve_model(config, body["model"]).targets[0]
         provider = config.provider(target.provider)
         payload, conv = v.anthropic_to_openai(body, provider, target.model)
-    except Exception as e:  # noqa: BLE001 - the API may have moved: say so instead of crashing the run
+    except Exception as e:
         return {"error": f"{type(e).__name__}: {e} (adapt convert_bench() in bench/run.py)"}
 
     def timed(fn):
@@ -396,7 +415,8 @@ def main():
     ap.add_argument("--requests", type=int, default=200000, help="max measured requests per point")
     ap.add_argument("--chunks", type=int, default=50, help="content chunks per upstream stream")
     ap.add_argument("--delay-ms", type=float, default=0.0, help="pause between upstream stream chunks")
-    ap.add_argument("--peer", action="append", default=[], help="NAME=CMD ({port} {upstream_url} {python}), or a preset name")
+    ap.add_argument("--peer", action="append", default=[],
+                    help="NAME=CMD ({port} {upstream_url} {python}), or a preset name")
     ap.add_argument("--peer-env", action="append", default=[], help="NAME:KEY=VAL for a peer's environment")
     ap.add_argument("--workers", type=int, default=0, help="pass --workers N to vandamme")
     ap.add_argument("--proxy-env", action="append", default=[], metavar="KEY=VAL",
@@ -406,12 +426,13 @@ def main():
     ap.add_argument("--streams-memory", type=int, nargs="?", const=2000, default=0, metavar="N",
                     help="instead of the matrix: RSS with N (2000) slow streams open at once")
     ap.add_argument("--open-timeout", type=float, default=90.0, help="max seconds to open the N streams")
-    ap.add_argument("--max-foreign", type=float, default=25.0, help="re-run a point if other processes took more %% of a core")
+    ap.add_argument("--max-foreign", type=float, default=25.0,
+                    help="re-run a point if other processes took more %% of a core")
     ap.add_argument("--retries", type=int, default=2, help="re-runs of a point disturbed by other processes")
     ap.add_argument("--json", metavar="OUT", help="save results as JSON")
     a = ap.parse_args()
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     loop = install_loop()
     if HAVE_TASKSET and os.cpu_count() >= 2:
@@ -423,7 +444,7 @@ def main():
           f"({sys.executable}), which {'has' if loop == 'uvloop' else 'lacks'} uvloop")
     log_dir = tempfile.mkdtemp(prefix="vandamme-bench-")
     tlist = targets(a, log_dir)
-    out = {"command": ["python"] + sys.argv, "loop": loop, "taskset": HAVE_TASKSET, "chunks": a.chunks}
+    out = {"command": ["python", *sys.argv], "loop": loop, "taskset": HAVE_TASKSET, "chunks": a.chunks}
     if a.streams_memory:
         out["streams_memory"] = [asyncio.run(streams_memory(a, t, log_dir)) for t in tlist]
     else:
@@ -440,7 +461,8 @@ def main():
                   f"median {c['median_us']:.0f} us, p99 {c['p99_us']:.0f} us over {c['iterations']} runs; "
                   f"for scale: json.loads of the body {c['json_loads_us']:.0f} us, json.dumps of the payload "
                   f"{c['json_dumps_payload_us']:.0f} us"
-                  + (f", count_payload_tokens {c['count_payload_tokens_us']:.0f} us" if "count_payload_tokens_us" in c else ""))
+                  + (f", count_payload_tokens {c['count_payload_tokens_us']:.0f} us"
+                     if "count_payload_tokens_us" in c else ""))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -36,9 +36,27 @@ import time
 
 sys.dont_write_bytecode = True   # keep bench/ free of __pycache__
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (HERE, Incomplete, Proc, check_error_body, check_message, check_stream, fixture,  # noqa: E402
-                    fold_system_messages, free_port, http_json, install_loop, open_fds, parse_sse, read_body, read_head,
-                    request_bytes, rss_bytes, tree, wait_port)
+from common import (  # noqa: E402
+    HERE,
+    Incomplete,
+    Proc,
+    check_error_body,
+    check_message,
+    check_stream,
+    fixture,
+    fold_system_messages,
+    free_port,
+    http_json,
+    install_loop,
+    open_fds,
+    parse_sse,
+    read_body,
+    read_head,
+    request_bytes,
+    rss_bytes,
+    tree,
+    wait_port,
+)
 from upstream import expected, plan  # noqa: E402
 
 MAIN = os.environ.get("VANDAMME_DIR", os.path.dirname(HERE))
@@ -51,11 +69,13 @@ class Soak:
         if a.compat_body:
             body = fold_system_messages(body)
         first = body["messages"][0]
-        content = first["content"] if isinstance(first["content"], list) else [{"type": "text", "text": first["content"]}]
-        body["messages"] = [dict(first, content=content + [{"type": "text", "text": "BENCHRID-@RID@-"}])] + body["messages"][1:]
+        content = first["content"]
+        content = content if isinstance(content, list) else [{"type": "text", "text": content}]
+        tagged = dict(first, content=[*content, {"type": "text", "text": "BENCHRID-@RID@-"}])
+        body["messages"] = [tagged, *body["messages"][1:]]
         self.tpl = {s: json.dumps(dict(body, stream=s)).encode() for s in (False, True)}
         self.outcomes, self.violations, self.mismatches, self.cats = {}, 0, 0, {}
-        self.log = open(os.path.join(log_dir, "problems.jsonl"), "w")
+        self.log = open(os.path.join(log_dir, "problems.jsonl"), "w")  # noqa: SIM115 - closed by main()
         self.done = self.hangs = 0
 
     def note(self, key, n=1):
@@ -110,8 +130,8 @@ class Soak:
             if hangup == "mid_body":
                 try:
                     data = await asyncio.wait_for(read_body(r, headers), rnd.uniform(0, 0.3))
-                except asyncio.TimeoutError:
-                    raise _HungUp
+                except TimeoutError:
+                    raise _HungUp from None
             else:
                 data = await read_body(r, headers)
         except _HungUp:
@@ -132,9 +152,9 @@ class Soak:
                 self.bad("violation", rid, streaming, v[0] + (f" (+{len(v) - 1} more)" if len(v) > 1 else ""), data)
             if errored:
                 try:
-                    etype = [json.loads(d) for e, d in parse_sse(data.decode("utf-8", "replace"))
-                             if e == "error"][0]["error"]["type"]
-                except (ValueError, LookupError, TypeError):
+                    etype = next(json.loads(d) for e, d in parse_sse(data.decode("utf-8", "replace"))
+                                 if e == "error")["error"]["type"]
+                except (ValueError, LookupError, TypeError, StopIteration):
                     etype = "?"
                 self.note(f"stream event:error {etype}")
             elif summary:
@@ -179,7 +199,7 @@ class Soak:
             rid = rids.pop()
             try:
                 conn = await asyncio.wait_for(self.one(rid, conn), self.a.request_timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.hangs += 1
                 self.note("client timeout (hang)")
                 self.bad("violation", rid, self.mode(rid)[0], f"no complete reply within {self.a.request_timeout}s")
@@ -253,7 +273,7 @@ async def main(a, log_dir):
         rss1, fds1 = rss_bytes(pids), open_fds(pids)
         try:
             health = (await http_json(port, "GET", "/health"))[0]
-        except (OSError, Incomplete, asyncio.TimeoutError) as e:
+        except (TimeoutError, OSError, Incomplete) as e:
             health = type(e).__name__
         _, ust = await http_json(up_port, "GET", "/stats")
 
@@ -315,7 +335,8 @@ if __name__ == "__main__":
     ap.add_argument("--disconnects", type=float, default=0.1, help="share of clients that hang up early")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--request-timeout", type=float, default=30.0, help="client-side limit; beyond it = hang")
-    ap.add_argument("--proxy-cmd", default="{python} " + os.path.join(MAIN, "vandamme.py") + " --host 127.0.0.1 --port {port}")
+    ap.add_argument("--proxy-cmd",
+                    default="{python} " + os.path.join(MAIN, "vandamme.py") + " --host 127.0.0.1 --port {port}")
     ap.add_argument("--proxy-env", action="append", default=[], help="KEY=VAL ({upstream_url} {port} allowed)")
     ap.add_argument("--compat-body", action="store_true", help="fold role:system messages into system (for peers)")
     ap.add_argument("--strict", action="store_true", help="also fail on meaning mismatches")

@@ -16,6 +16,8 @@ Run: python bench/upstream.py --port 9001 [--chunks 50] [--delay-ms 0] [--first-
 """
 import argparse
 import asyncio
+import contextlib
+import itertools
 import json
 import os
 import random
@@ -94,7 +96,8 @@ def oa_events(p, usage):
                                      "function": {"name": name, "arguments": ""}}]}))
         s = json.dumps(args)
         cuts = [0, len(s) // 3, 2 * len(s) // 3, len(s)]
-        ev += [c({"tool_calls": [{"index": i, "function": {"arguments": s[a:b]}}]}) for a, b in zip(cuts, cuts[1:])]
+        ev += [c({"tool_calls": [{"index": i, "function": {"arguments": s[a:b]}}]})
+               for a, b in itertools.pairwise(cuts)]
     ev.append(c({}, "tool_calls" if p["tools"] else "stop"))
     if usage:
         ev.append(json.dumps({"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 0,
@@ -203,7 +206,7 @@ class Upstream:
                 stats = dict(self.stats, active=self.stats["active"] - 1)
                 return await self.send_json(writer, 200, json.dumps(stats).encode())
             if path.endswith("/models"):
-                return await self.send_json(writer, 200, b'{"object":"list","data":[{"id":"gpt-bench","object":"model"}]}')
+                return await self.send_json(writer, 200, b'{"object":"list","data":[{"id":"gpt-bench"}]}')
             return await self.send_json(writer, 200, b'{"status":"ok"}')
         if method != "POST" or path not in ("/v1/chat/completions", "/v1/messages", "/chat/completions"):
             return await self.send_json(writer, 404, b'{"error":{"message":"not found","type":"not_found"}}')
@@ -211,7 +214,9 @@ class Upstream:
         if self.first_delay:
             await asyncio.sleep(self.first_delay)
         if path == "/v1/messages":
-            return await (self.send_sse(writer, self.an_sse) if streaming else self.send_json(writer, 200, self.an_json))
+            if streaming:
+                return await self.send_sse(writer, self.an_sse)
+            return await self.send_json(writer, 200, self.an_json)
         m = RID_RE.search(body) if self.faults else None
         if m is None:
             if streaming:
@@ -251,9 +256,9 @@ class Upstream:
         elif f == "badjson":
             frames[2:2] = [b'data: {"id":"chatcmpl-bench","choices":[{"index":0,"delta":{"content":"lost\n\n']
         elif f == "comment":
-            frames = [b": OPENROUTER PROCESSING\n\n"] + frames[:2] + [b": keep-alive\n\n"] + frames[2:]
+            frames = [b": OPENROUTER PROCESSING\n\n", *frames[:2], b": keep-alive\n\n", *frames[2:]]
         elif f == "inband":
-            frames = frames[:2] + [b'data: {"error":{"message":"injected in-band error","type":"server_error"}}\n\n']
+            frames = [*frames[:2], b'data: {"error":{"message":"injected in-band error","type":"server_error"}}\n\n']
         cut = min(p["cut_at"], len(frames) - 3) if f == "cut" else None
         return await self.send_sse(writer, frames, delay=0.05 if f == "paced" else 0, cut_at=cut)
 
@@ -278,7 +283,5 @@ if __name__ == "__main__":
     ap.add_argument("--max-seconds", type=float, default=3600, help="exit after this long (safety bound)")
     args = ap.parse_args()
     name = install_loop()
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main(args, name))
-    except KeyboardInterrupt:
-        pass
