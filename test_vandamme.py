@@ -1446,6 +1446,19 @@ async def test_first_byte_timeout_is_504(proxy: Any, upstream: FakeUpstream) -> 
     assert response.status == 504 and "REQUEST_TIMEOUT" in body["error"]["message"]
 
 
+async def test_pool_exhaustion_is_a_prompt_overloaded_error(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy(pool_limit=1, connect_timeout=0.5)
+    upstream.add(Reply(completion("slow"), delay=3))
+    first = asyncio.create_task(client.post("/v1/messages", json=BASIC))
+    await asyncio.sleep(0.2)
+    started = time.monotonic()
+    response = await client.post("/v1/messages", json=BASIC)
+    body = await response.json()
+    assert response.status == 529 and body["error"]["type"] == "overloaded_error" and "POOL_LIMIT" in body["error"]["message"]
+    assert time.monotonic() - started < 2.5
+    assert (await first).status == 200
+
+
 async def test_unreachable_upstream_is_502(proxy: Any) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -2578,7 +2578,11 @@ async def open_upstream(rt: Runtime, provider: Provider, url: str, data: bytes, 
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             if response is not None:
                 response.close()
-            if isinstance(exc, TimeoutError):
+            if isinstance(exc, aiohttp.ConnectionTimeoutError):
+                error = UpstreamError(f"{provider.name}: no connection within CONNECT_TIMEOUT="
+                                      f"{config.connect_timeout:g}s (host slow, or all POOL_LIMIT="
+                                      f"{config.pool_limit} connections busy)", status=529, retryable=True)
+            elif isinstance(exc, TimeoutError):
                 error = UpstreamError(f"{provider.name}: no response within REQUEST_TIMEOUT="
                                       f"{config.request_timeout:g}s", status=504, retryable=True,
                                       error_type="api_error")
@@ -3423,7 +3427,10 @@ def create_app(config: Config, *, middleware: Sequence[Any] | None = None) -> we
     async def client_session(app: web.Application) -> Any:
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=config.pool_limit, ttl_dns_cache=300,
                                          keepalive_timeout=30)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout)
+        # `connect` also bounds the wait for a free pooled connection: past POOL_LIMIT a request
+        # gets an overloaded error the client retries, instead of silence until REQUEST_TIMEOUT.
+        timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout,
+                                        sock_connect=config.connect_timeout)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout, cookie_jar=aiohttp.DummyCookieJar(),
                                          headers={"User-Agent": f"vandamme/{__version__}"},
                                          auto_decompress=True) as session:
