@@ -2118,6 +2118,19 @@ def test_decode_with_spans_equals_json_loads(value: Any, indent: Any) -> None:
             vd.decode_with_spans(bad)
 
 
+def test_decode_with_spans_reuses_unchanged_values_only() -> None:
+    known: dict = {}
+    tools = [{"name": "t" * 600}]
+    first, _ = vd.decode_with_spans(json.dumps({"model": "m", "tools": tools}), known)
+    again, _ = vd.decode_with_spans(json.dumps({"tools": tools, "model": "n"}), known)
+    assert again["tools"] is first["tools"] and again["model"] == "n"
+    longer = tools + [{"name": "u"}]
+    changed, _ = vd.decode_with_spans(json.dumps({"tools": longer}), known)
+    assert changed["tools"] == longer
+    prefix_text = json.dumps({"tools": longer})[:-1] + ', "x": 1}'
+    assert vd.decode_with_spans(prefix_text, known)[0] == {"tools": longer, "x": 1}
+
+
 async def test_unchanged_tools_are_converted_once_and_spliced(proxy: Any, upstream: FakeUpstream) -> None:
     client = await proxy()
     body = {**BASIC, "tools": [BASH_TOOL, {"name": "mcp__server__a_really_long_tool_name_" + "x" * 60,

@@ -2452,6 +2452,8 @@ class Runtime:
         self.models_cache: dict[str, tuple[float, list[JSON]]] = {}
         self.token_cache: collections.OrderedDict[bytes, int] = collections.OrderedDict()
         self.tools_cache: collections.OrderedDict[tuple[str, int, str], Any] = collections.OrderedDict()
+        self.known_values: dict[str, tuple[str, Any]] = {}     # last tools/system text and value
+        self.user_hooks = False
         self.aborts: dict[int, Callable[[], None]] = {}   # in-flight upstream requests, for shutdown
         self.draining = False
         self.apply(config)
@@ -2736,12 +2738,18 @@ _JSON_SPACE: Final = re.compile(r"[ \t\n\r]*")
 _RAW_DECODE: Final = json.JSONDecoder().raw_decode
 
 
-def decode_with_spans(text: str) -> tuple[Any, dict[str, tuple[int, int]]]:
+REUSED_KEYS: Final = ("tools", "system")
+
+
+def decode_with_spans(text: str, known: dict[str, tuple[str, Any]] | None = None,
+                      ) -> tuple[Any, dict[str, tuple[int, int]]]:
     """json.loads, plus where each top-level value of an object sits in `text`.
 
     The same C decoder does the work value by value, so it costs what json.loads costs;
     the spans let unchanged parts (Claude Code's 30 KB of tool schemas) be recognised
-    without hashing or encoding them again.
+    without hashing or encoding them again. With `known` (key -> (text, value) of the last
+    request), a `tools` or `system` value whose text is unchanged is not decoded again:
+    a complete JSON array, object or string is never a prefix of a different one.
     """
     spans: dict[str, tuple[int, int]] = {}
     i = _JSON_SPACE.match(text).end()
@@ -2758,7 +2766,14 @@ def decode_with_spans(text: str) -> tuple[Any, dict[str, tuple[int, int]]]:
             if not isinstance(key, str) or text[i:i + 1] != ":":
                 return JSON_DECODE(text), {}          # let the decoder report the error
             start = _JSON_SPACE.match(text, i + 1).end()
-            result[key], i = _RAW_DECODE(text, start)
+            seen = known.get(key) if known is not None else None
+            if seen is not None and text.startswith(seen[0], start) and \
+                    text[_JSON_SPACE.match(text, start + len(seen[0])).end():][:1] in (",", "}"):
+                result[key], i = seen[1], start + len(seen[0])
+            else:
+                result[key], i = _RAW_DECODE(text, start)
+                if known is not None and key in REUSED_KEYS and i - start > 512:
+                    known[key] = (text[start:i], result[key])
             spans[key] = (start, i)
             i = _JSON_SPACE.match(text, i).end()
             if text[i:i + 1] == "}":
@@ -2795,7 +2810,8 @@ class Incoming:
         return light
 
 
-async def _read_json(request: web.Request, limit: int) -> Incoming:
+async def _read_json(request: web.Request, limit: int,
+                     known: dict[str, tuple[str, Any]] | None = None) -> Incoming:
     # Read from the stream ourselves: request.read() would keep a copy on the request object.
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
@@ -2808,7 +2824,7 @@ async def _read_json(request: web.Request, limit: int) -> Incoming:
     raw = b"".join(chunks)
     try:
         text = raw.decode()
-        body, spans = decode_with_spans(text)
+        body, spans = decode_with_spans(text, known)
     except ValueError as exc:
         raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
     return Incoming(raw, text, body, spans)
@@ -2820,6 +2836,8 @@ def _too_large(limit: int) -> VandammeError:
 
 
 def log_access(rt: Runtime, rec: RequestRecord) -> None:
+    if not logger.isEnabledFor(logging.INFO):
+        return
     latency = (time.monotonic() - rec.started) * 1000
     fields = {"request_id": rec.request_id, "model": rec.client_model, "provider": rec.provider,
               "upstream_model": rec.model, "status": rec.status, "stream": rec.streamed,
@@ -2842,7 +2860,8 @@ async def handle_messages(request: web.Request) -> web.StreamResponse:
     config = rt.config
     rec = RequestRecord(request_id=request[REQUEST_ID])
     try:
-        incoming = await _read_json(request, config.max_request_bytes)
+        # Decoded values are shared between requests only while no user hook could change them.
+        incoming = await _read_json(request, config.max_request_bytes, None if rt.user_hooks else rt.known_values)
         validate_messages_request(incoming.body)
         rec.client_model, rec.streamed = incoming.body["model"], incoming.body.get("stream") is True
         route = rt.routes.get(rec.client_model) or rt.route(rec.client_model)
@@ -3421,6 +3440,7 @@ def create_app(config: Config, *, middleware: Sequence[Any] | None = None) -> we
     if middleware is None and config.middleware:
         hooks += load_middleware(config.middleware)
     rt = Runtime(config, MiddlewareChain(hooks))
+    rt.user_hooks = len(hooks) > len(builtin_middleware(config))
     app = web.Application(client_max_size=config.max_request_bytes, middlewares=[error_middleware])
     app[RUNTIME] = rt
 
