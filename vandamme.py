@@ -70,9 +70,10 @@ from aiohttp import web
 
 __version__ = "0.1.0"
 __all__ = [
-    "Config", "KeyRing", "Metrics", "Provider", "Route", "SSEDecoder", "StreamTranslator",
-    "VandammeError", "anthropic_to_openai", "create_app", "estimate_tokens", "load_config",
-    "main", "openai_to_anthropic", "parse_dotenv", "resolve_model",
+    "Config", "Exchange", "JsonPrefix", "KeyRing", "Metrics", "Middleware", "Provider", "Route",
+    "SSEDecoder", "StreamTranslator", "VandammeError", "anthropic_to_openai", "create_app",
+    "estimate_tokens", "gunicorn_app", "load_config", "main", "openai_to_anthropic", "parse_dotenv",
+    "resolve_model",
 ]
 
 logger = logging.getLogger("vandamme")
@@ -89,11 +90,8 @@ MODELS_CACHE_SECONDS: Final = 600.0
 KEY_COOLDOWN: Final = MappingProxyType({401: 600.0, 402: 600.0, 403: 600.0, 429: 60.0})
 RETRY_STATUSES: Final = frozenset({500, 502, 503, 504, 529})
 RETRY_AFTER_CAP: Final = 30.0
-HOP_BY_HOP: Final = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
-    "transfer-encoding", "upgrade", "host", "content-length", "content-encoding",
-})
-# Client headers a passthrough provider receives; everything else stays here.
+# Client headers an anthropic-format provider receives. Nothing else of the client's is
+# forwarded (an allowlist, so hop-by-hop headers, cookies and client keys never leave).
 PASSTHROUGH_HEADERS: Final = ("anthropic-version", "anthropic-beta")
 RELAYED_RESPONSE_HEADERS: Final = (
     "content-type", "retry-after", "request-id", "x-should-retry", "anthropic-ratelimit-requests-remaining",
@@ -2843,7 +2841,7 @@ def log_access(rt: Runtime, rec: RequestRecord) -> None:
               "upstream_model": rec.model, "status": rec.status, "stream": rec.streamed,
               "latency_ms": round(latency, 1), "ttft_ms": None if rec.ttft_ms is None else round(rec.ttft_ms, 1),
               "input_tokens": rec.input_tokens, "output_tokens": rec.output_tokens, "key": rec.key,
-              "error": rec.error_type}
+              "fallbacks": rec.fallbacks, "error": rec.error_type}
     if rt.config.log_format == "json":
         logger.info("%s", json.dumps({"event": "request", **fields}))
     else:
@@ -2851,7 +2849,8 @@ def log_access(rt: Runtime, rec: RequestRecord) -> None:
         logger.info("%s %s -> %s:%s %d %s %.0fms ttft=%s tokens=%d/%d key=%s%s", rec.request_id, rec.client_model,
                     rec.provider, rec.model, rec.status, "stream" if rec.streamed else "json", latency, ttft,
                     rec.input_tokens, rec.output_tokens, rec.key,
-                    f" error={rec.error_type}" if rec.error_type else "")
+                    (f" fallback={rec.fallbacks}" if rec.fallbacks else "")
+                    + (f" error={rec.error_type}" if rec.error_type else ""))
 
 
 async def handle_messages(request: web.Request) -> web.StreamResponse:
