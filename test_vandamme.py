@@ -1249,6 +1249,13 @@ async def test_request_too_large_is_413(proxy: Any) -> None:
     assert "MAX_REQUEST_BYTES" in body["error"]["message"]
 
 
+async def test_oversized_headers_are_refused_and_the_server_keeps_serving(proxy: Any) -> None:
+    client = await proxy()
+    response = await client.post("/v1/messages", json=BASIC, headers={"X-Huge": "a" * 20_000})
+    assert response.status in (400, 431)
+    assert (await client.post("/v1/messages", json=BASIC)).status == 200
+
+
 async def test_no_provider_configured_answers_with_the_variable_to_set(aiohttp_client: Any) -> None:
     client = await aiohttp_client(vd.create_app(make_config({})))
     health = await (await client.get("/health")).json()
