@@ -2467,3 +2467,21 @@ def test_cli_claude_runs_the_cli_through_a_fresh_proxy(tmp_path: Path) -> None:
                          env={"PATH": f"{fake.parent}:{os.environ['PATH']}", "HOME": str(tmp_path), "OPENAI_API_KEY": "k"})
     assert run.returncode == 7 and "args: -p hello" in run.stdout, run.stderr
     assert json.loads((tmp_path / "health.json").read_text())["status"] == "ok"
+
+
+async def test_dashboard_asks_for_the_key_when_proxy_key_is_set(proxy: Any, tmp_path: Path) -> None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.skip("chromium not installed (Debian: apt-get install chromium)")
+    client = await proxy({"PROXY_API_KEY": "dash-secret-123"})
+    assert (await client.get("/")).status == 200                       # the page itself is public
+    assert (await client.get("/metrics/running-totals")).status == 401
+    dump = await asyncio.create_subprocess_exec(
+        chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom", str(client.make_url("/")),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    dom = (await asyncio.wait_for(dump.communicate(), 60))[0].decode()
+    auth = re.search(r'<div id="auth"[^>]*>', dom)
+    assert auth and "hidden" not in auth.group(0) and 'type="password"' in dom
+    assert 'data-loaded="1"' not in dom
