@@ -1414,6 +1414,21 @@ async def test_stream_without_done_or_finish_still_ends_cleanly(proxy: Any, upst
     assert final_message(frames)["content"] == [{"type": "text", "text": "ab"}]
 
 
+async def test_stream_request_answered_with_json_is_still_a_stream(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy()
+    upstream.add(Reply(completion("Plain JSON", reasoning_content="thought", tool_calls=[
+        {"id": "c1", "type": "function", "function": {"name": "Bash", "arguments": '{"command": "ls"}'}}])))
+    _r, frames = await post_stream(client, BASIC)
+    message = final_message(frames)
+    assert [b["type"] for b in message["content"]] == ["thinking", "text", "tool_use"]
+    assert message["content"][2]["input"] == {"command": "ls"} and message["stop_reason"] == "tool_use"
+    assert message["usage"]["output_tokens"] == 5
+    upstream.add(Reply(b"{broken"))
+    response = await client.post("/v1/messages", json={**BASIC, "stream": True})
+    body = await response.json()                     # decided before the stream started: a real status
+    assert response.status == 502 and "invalid JSON" in body["error"]["message"]
+
+
 async def test_stream_garbage_lines_and_split_bytes(proxy: Any, upstream: FakeUpstream) -> None:
     body = sse(delta(content="héllo "), b"data: {broken json\n\n", b"nonsense line\n\n", delta(content="wörld"), finish())
     upstream.add(Reply(stream=[body[i:i + 3] for i in range(0, len(body), 3)]))

@@ -1609,6 +1609,31 @@ class JsonPrefix:
         return out + "".join("}" if c == "{" else "]" for c in reversed(self.stack))
 
 
+def message_events(message: JSON) -> list[tuple[str, JSON]]:
+    """A complete Anthropic message as a stream: for upstreams that answer a stream with JSON."""
+    start = {**message, "content": [], "stop_reason": None,
+             "usage": {**message["usage"], "output_tokens": 1}}
+    events: list[tuple[str, JSON]] = [("message_start", {"type": "message_start", "message": start}),
+                                      ("ping", {"type": "ping"})]
+    for index, block in enumerate(message["content"]):
+        kind = block["type"]
+        empty = {"tool_use": {**block, "input": {}}, "thinking": {**block, "thinking": "", "signature": ""}}
+        events.append(("content_block_start", {"type": "content_block_start", "index": index,
+                                               "content_block": empty.get(kind, {**block, "text": ""})}))
+        deltas = {"text": [{"type": "text_delta", "text": block.get("text", "")}],
+                  "thinking": [{"type": "thinking_delta", "thinking": block.get("thinking", "")},
+                               {"type": "signature_delta", "signature": block.get("signature", "")}],
+                  "tool_use": [{"type": "input_json_delta", "partial_json": JSON_ENCODE(block.get("input", {}))}]}
+        events.extend(("content_block_delta", {"type": "content_block_delta", "index": index, "delta": d})
+                      for d in deltas.get(kind, []))
+        events.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
+    events.append(("message_delta", {"type": "message_delta", "delta": {"stop_reason": message["stop_reason"],
+                                                                       "stop_sequence": None},
+                                     "usage": message["usage"]}))
+    events.append(("message_stop", {"type": "message_stop"}))
+    return events
+
+
 class _ToolCall:
     __slots__ = ("args", "id", "json", "live", "name", "state")
 
@@ -2985,6 +3010,18 @@ async def _relay_stream(request: web.Request, rt: Runtime, exchange: Exchange,
     translator = StreamTranslator(rec.client_model, exchange.conv, input_tokens=estimate)
     decoder = SSEDecoder()
     chunk_hooks, event_hooks = hooks["on_upstream_chunk"], hooks["on_event"]
+    message = None
+    if "json" in upstream.content_type:           # a server that ignored "stream": true
+        try:
+            async with asyncio.timeout(config.request_timeout):
+                completion = JSON_DECODE((await upstream.read()).decode())
+        except ValueError:
+            raise UpstreamError(f"{exchange.provider.name}: stream answered with invalid JSON", status=502) from None
+        finally:
+            upstream.release()
+        completion = run_hooks(hooks["on_upstream_response"], exchange, completion)
+        message = openai_to_anthropic(completion, exchange.conv, rec.client_model)
+        translator.usage = completion.get("usage") or {}
     response = web.StreamResponse(status=200, headers={**SSE_HEADERS, "request-id": rec.request_id})
     await response.prepare(request)
     rec.status = 200
@@ -3020,6 +3057,11 @@ async def _relay_stream(request: web.Request, rt: Runtime, exchange: Exchange,
 
     pinger = asyncio.create_task(keepalive())
     try:
+        if message is not None:
+            translator.finished = True
+            await emit(message_events(message))
+            await response.write_eof()
+            return response
         await emit(translator.start())
         done = False
         async for data in upstream.content.iter_any():
