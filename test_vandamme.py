@@ -792,8 +792,8 @@ def test_largest_fixture_converts_quickly() -> None:
         [{"type": "text", "text": "Let me"}, {"type": "tool_use", "id": "call_1", "name": "Bash",
                                              "input": {"command": "ls"}}], "tool_use", id="stop-with-tools"),
     pytest.param(completion(None, tool_calls=[{"id": "c", "type": "function", "function": {
-        "name": "F", "arguments": '{"a": 1,'}}], finish_reason="tool_calls"),
-        [{"type": "tool_use", "id": "c", "name": "F", "input": {"_raw_arguments": '{"a": 1,'}}], "tool_use",
+        "name": "F", "arguments": '{"a": 1 "b"}'}}], finish_reason="tool_calls"),
+        [{"type": "tool_use", "id": "c", "name": "F", "input": {"_raw_arguments": '{"a": 1 "b"}'}}], "tool_use",
         id="bad-json-kept-raw"),
     pytest.param(completion(None, refusal="no"), [{"type": "text", "text": "no"}], "refusal", id="refusal"),
 ])
@@ -811,6 +811,7 @@ def test_response_conversion(reply: dict, content: list, stop_reason: str) -> No
     pytest.param('{"a": [1, 2,],}', {"a": [1, 2]}, id="trailing-commas"),
     pytest.param('{"cmd": "echo \\"hi', {"cmd": 'echo "hi'}, id="truncated-string"),
     pytest.param('{"a": {"b": ', {"a": {"b": None}}, id="truncated-value"),
+    pytest.param('{"a": 1, ', {"a": 1}, id="truncated-after-comma"),
     pytest.param("not json at all", {"_raw_arguments": "not json at all"}, id="garbage"),
     pytest.param("[1, 2]", {"_raw_arguments": "[1, 2]"}, id="array"),
 ])
@@ -2219,26 +2220,30 @@ async def test_dashboard_served_self_contained(proxy: Any) -> None:
     assert not re.search(r"""(src|href)=["']https?://""", html)
 
 
-async def test_dashboard_in_real_chromium(proxy: Any, upstream: FakeUpstream, tmp_path: Path) -> None:
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1400,1000", "--virtual-time-budget=5000")
+
+
+async def run_chromium(profile: Path, *args: str) -> str:
+    """Headless Chromium (skips the test when absent); returns its stdout."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if not chromium:
         pytest.skip("chromium not installed (Debian: apt-get install chromium)")
+    proc = await asyncio.create_subprocess_exec(chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    return (await asyncio.wait_for(proc.communicate(), 60))[0].decode()
+
+
+async def test_dashboard_in_real_chromium(proxy: Any, upstream: FakeUpstream, tmp_path: Path) -> None:
     client = await proxy()
     for _ in range(3):
         await client.post("/v1/messages", json=BASIC)
     await post_stream(client, BASIC)
     url = str(client.make_url("/"))
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000", "--virtual-time-budget=5000"]
     shot = tmp_path / "dashboard.png"
-    runs = [await asyncio.create_subprocess_exec(chromium, *flags, f"--screenshot={shot}", url,
-                                                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)]
-    await asyncio.wait_for(runs[0].wait(), 60)
-    dump = await asyncio.create_subprocess_exec(chromium, *flags[:-3], f"--user-data-dir={tmp_path / 'p2'}",
-                                                "--virtual-time-budget=5000", "--dump-dom", url,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
-    dom = (await asyncio.wait_for(dump.communicate(), 60))[0].decode()
+    await run_chromium(tmp_path / "p1", f"--screenshot={shot}", url)
+    dom = await run_chromium(tmp_path / "p2", "--dump-dom", url)
     assert shot.stat().st_size > 10_000
     assert 'data-loaded="1"' in dom
     totals = await (await client.get("/metrics/running-totals")).json()
@@ -2485,18 +2490,10 @@ def test_cli_claude_runs_the_cli_through_a_fresh_proxy(tmp_path: Path) -> None:
 
 
 async def test_dashboard_asks_for_the_key_when_proxy_key_is_set(proxy: Any, tmp_path: Path) -> None:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not chromium:
-        pytest.skip("chromium not installed (Debian: apt-get install chromium)")
     client = await proxy({"PROXY_API_KEY": "dash-secret-123"})
     assert (await client.get("/")).status == 200                       # the page itself is public
     assert (await client.get("/metrics/running-totals")).status == 401
-    dump = await asyncio.create_subprocess_exec(
-        chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom", str(client.make_url("/")),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
-    dom = (await asyncio.wait_for(dump.communicate(), 60))[0].decode()
+    dom = await run_chromium(tmp_path / "profile", "--dump-dom", str(client.make_url("/")))
     auth = re.search(r'<div id="auth"[^>]*>', dom)
     assert auth and "hidden" not in auth.group(0) and 'type="password"' in dom
     assert 'data-loaded="1"' not in dom

@@ -1275,32 +1275,119 @@ def usage_to_anthropic(usage: Any) -> JSON:
             "cache_read_input_tokens": cached, "cache_creation_input_tokens": written}
 
 
-def _closing_suffix(text: str) -> str | None:
-    """What to append to truncated JSON to close it, or None if it is not a JSON prefix we can finish."""
-    stack: list[str] = []
-    in_string = escaped = False
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "{[":
-            stack.append("}" if ch == "{" else "]")
-        elif ch in "}]":
-            if not stack or stack.pop() != ch:
+class JsonPrefix:
+    """Incremental check that streamed text is still the beginning of one JSON object.
+
+    Tool arguments reach the client as `input_json_delta` fragments that it concatenates
+    and parses, so a fragment may only go out while the text stays a viable prefix, and at
+    the end `suffix()` closes whatever is open. A trailing comma is held back until the
+    next value starts (a closed `{"a": 1,` would not parse). Linear in the text; runs of
+    string content are skipped with a regex.
+    """
+
+    __slots__ = ("escape", "expect", "held", "in_string", "key", "literal", "stack")
+    _LITERALS: Final = ("true", "false", "null")
+    _STRING_RUN: Final = re.compile(r'[^"\\]*')
+    _PARTIAL_NUMBER: Final = re.compile(r"-?(\d+(\.\d*)?([eE][+-]?\d*)?)?")
+    _NUMBER: Final = re.compile(r"-?\d+(\.\d+)?([eE][+-]?\d+)?")
+
+    def __init__(self) -> None:
+        self.stack: list[str] = []
+        self.expect = "start"    # start key key_or_close colon value value_or_close comma done
+        self.in_string = self.key = self.escape = False
+        self.literal = ""
+        self.held = ""
+
+    def feed(self, text: str) -> str | None:
+        """The part of `text` safe to send now, or None (state unchanged) if `text` breaks the JSON."""
+        saved = (self.stack[:], self.expect, self.in_string, self.key, self.escape, self.literal, self.held)
+        out = self._feed(text)
+        if out is None:
+            (self.stack, self.expect, self.in_string, self.key, self.escape, self.literal, self.held) = saved
+        return out
+
+    def _feed(self, text: str) -> str | None:
+        out = self.held + text
+        i, n = len(self.held), len(out)
+        hold_from = 0 if self.held else -1
+        while i < n:
+            if self.in_string:
+                if self.escape:
+                    self.escape, i = False, i + 1
+                    continue
+                i = self._STRING_RUN.match(out, i).end()
+                if i < n:
+                    if out[i] == "\\":
+                        self.escape = True
+                    else:
+                        self.in_string = False
+                        self.expect = "colon" if self.key else "comma"
+                    i += 1
+                continue
+            ch = out[i]
+            if self.literal:
+                if ch.isalnum() or ch in "+-.":
+                    self.literal += ch
+                    if not self._literal_viable():
+                        return None
+                    i += 1
+                    continue
+                if not (self.literal in self._LITERALS or self._NUMBER.fullmatch(self.literal)):
+                    return None
+                self.literal, self.expect = "", "comma"
+            i += 1
+            if ch in " \t\r\n":
+                continue
+            expect = self.expect
+            if ch != ",":
+                hold_from = -1
+            if ch == '"' and expect in ("key", "key_or_close", "value", "value_or_close"):
+                self.in_string, self.key = True, expect in ("key", "key_or_close")
+            elif ch in "{[" and (expect in ("value", "value_or_close") or expect == "start" and ch == "{"):
+                self.stack.append(ch)
+                self.expect = "key_or_close" if ch == "{" else "value_or_close"
+            elif ch in "}]" and expect in ("comma", "key_or_close" if ch == "}" else "value_or_close"):
+                if self.stack.pop() != ("{" if ch == "}" else "["):
+                    return None
+                self.expect = "comma" if self.stack else "done"
+            elif ch == ":" and expect == "colon":
+                self.expect = "value"
+            elif ch == "," and expect == "comma" and self.stack:
+                self.expect = "key" if self.stack[-1] == "{" else "value"
+                hold_from = i - 1
+            elif expect in ("value", "value_or_close") and (ch.isdigit() or ch in "-tfn"):
+                self.literal = ch
+            else:
                 return None
-    suffix = ('\\"' if escaped else "") + ('"' if in_string else "")
-    tail = (text + suffix).rstrip()
-    if tail.endswith(","):
-        return None                      # a dangling comma cannot be fixed by appending
-    if tail.endswith(":"):
-        suffix += "null"
-    return suffix + "".join(reversed(stack))
+        if hold_from >= 0:
+            self.held, out = out[hold_from:], out[:hold_from]
+        else:
+            self.held = ""
+        return out
+
+    def _literal_viable(self) -> bool:
+        word = self.literal
+        if word[0] in "tfn":
+            return any(lit.startswith(word) for lit in self._LITERALS)
+        return self._PARTIAL_NUMBER.fullmatch(word) is not None
+
+    def suffix(self) -> str:
+        """Text that closes the object sent so far (a held comma is simply never sent)."""
+        if self.expect == "start":
+            return "{}"
+        out = ""
+        if self.in_string:
+            out = ('""' if self.escape else '"') + (":null" if self.key else "")
+        elif self.literal:
+            word = self.literal
+            out = next((lit[len(word):] for lit in self._LITERALS if lit.startswith(word)), "")
+            if word[0] not in "tfn" and word[-1] in "-+.eE":
+                out = "0"
+        elif self.expect == "colon":
+            out = ":null"
+        elif self.expect == "value" and not self.held:
+            out = "null"
+        return out + "".join("}" if c == "{" else "]" for c in reversed(self.stack))
 
 
 def parse_tool_arguments(raw: Any) -> JSON:
@@ -1317,9 +1404,10 @@ def parse_tool_arguments(raw: Any) -> JSON:
     if text.startswith("```"):
         text = re.sub(r"^```[a-zA-Z]*\s*|\s*```$", "", text)
     candidates = [text, re.sub(r",\s*([}\]])", r"\1", text)]
-    suffix = _closing_suffix(text)
-    if suffix:
-        candidates.append(text + suffix)
+    prefix = JsonPrefix()
+    viable = prefix.feed(text)
+    if viable is not None:                 # truncated: close what is open
+        candidates.append(viable + prefix.suffix())
     for candidate in candidates:
         try:
             value = json.loads(candidate)
@@ -1492,121 +1580,6 @@ def encode_events(events: Iterable[tuple[str, JSON]]) -> bytes:
                 continue
         out.append(b"event: %s\ndata: %s\n\n" % (name.encode(), JSON_ENCODE(data).encode()))
     return b"".join(out)
-
-
-class JsonPrefix:
-    """Incremental check that streamed text is still the beginning of one JSON object.
-
-    Tool arguments reach the client as `input_json_delta` fragments that it concatenates
-    and parses, so a fragment may only go out while the text stays a viable prefix, and at
-    the end `suffix()` closes whatever is open. A trailing comma is held back until the
-    next value starts (a closed `{"a": 1,` would not parse). Linear in the text; runs of
-    string content are skipped with a regex.
-    """
-
-    __slots__ = ("escape", "expect", "held", "in_string", "key", "literal", "stack")
-    _LITERALS: Final = ("true", "false", "null")
-    _STRING_RUN: Final = re.compile(r'[^"\\]*')
-    _PARTIAL_NUMBER: Final = re.compile(r"-?(\d+(\.\d*)?([eE][+-]?\d*)?)?")
-    _NUMBER: Final = re.compile(r"-?\d+(\.\d+)?([eE][+-]?\d+)?")
-
-    def __init__(self) -> None:
-        self.stack: list[str] = []
-        self.expect = "start"    # start key key_or_close colon value value_or_close comma done
-        self.in_string = self.key = self.escape = False
-        self.literal = ""
-        self.held = ""
-
-    def feed(self, text: str) -> str | None:
-        """The part of `text` safe to send now, or None (state unchanged) if `text` breaks the JSON."""
-        saved = (self.stack[:], self.expect, self.in_string, self.key, self.escape, self.literal, self.held)
-        out = self._feed(text)
-        if out is None:
-            (self.stack, self.expect, self.in_string, self.key, self.escape, self.literal, self.held) = saved
-        return out
-
-    def _feed(self, text: str) -> str | None:
-        out = self.held + text
-        i, n = len(self.held), len(out)
-        hold_from = 0 if self.held else -1
-        while i < n:
-            if self.in_string:
-                if self.escape:
-                    self.escape, i = False, i + 1
-                    continue
-                i = self._STRING_RUN.match(out, i).end()
-                if i < n:
-                    if out[i] == "\\":
-                        self.escape = True
-                    else:
-                        self.in_string = False
-                        self.expect = "colon" if self.key else "comma"
-                    i += 1
-                continue
-            ch = out[i]
-            if self.literal:
-                if ch.isalnum() or ch in "+-.":
-                    self.literal += ch
-                    if not self._literal_viable():
-                        return None
-                    i += 1
-                    continue
-                if not (self.literal in self._LITERALS or self._NUMBER.fullmatch(self.literal)):
-                    return None
-                self.literal, self.expect = "", "comma"
-            i += 1
-            if ch in " \t\r\n":
-                continue
-            expect = self.expect
-            if ch != ",":
-                hold_from = -1
-            if ch == '"' and expect in ("key", "key_or_close", "value", "value_or_close"):
-                self.in_string, self.key = True, expect in ("key", "key_or_close")
-            elif ch in "{[" and (expect in ("value", "value_or_close") or expect == "start" and ch == "{"):
-                self.stack.append(ch)
-                self.expect = "key_or_close" if ch == "{" else "value_or_close"
-            elif ch in "}]" and expect in ("comma", "key_or_close" if ch == "}" else "value_or_close"):
-                if self.stack.pop() != ("{" if ch == "}" else "["):
-                    return None
-                self.expect = "comma" if self.stack else "done"
-            elif ch == ":" and expect == "colon":
-                self.expect = "value"
-            elif ch == "," and expect == "comma" and self.stack:
-                self.expect = "key" if self.stack[-1] == "{" else "value"
-                hold_from = i - 1
-            elif expect in ("value", "value_or_close") and (ch.isdigit() or ch in "-tfn"):
-                self.literal = ch
-            else:
-                return None
-        if hold_from >= 0:
-            self.held, out = out[hold_from:], out[:hold_from]
-        else:
-            self.held = ""
-        return out
-
-    def _literal_viable(self) -> bool:
-        word = self.literal
-        if word[0] in "tfn":
-            return any(lit.startswith(word) for lit in self._LITERALS)
-        return self._PARTIAL_NUMBER.fullmatch(word) is not None
-
-    def suffix(self) -> str:
-        """Text that closes the object sent so far (a held comma is simply never sent)."""
-        if self.expect == "start":
-            return "{}"
-        out = ""
-        if self.in_string:
-            out = ('""' if self.escape else '"') + (":null" if self.key else "")
-        elif self.literal:
-            word = self.literal
-            out = next((lit[len(word):] for lit in self._LITERALS if lit.startswith(word)), "")
-            if word[0] not in "tfn" and word[-1] in "-+.eE":
-                out = "0"
-        elif self.expect == "colon":
-            out = ":null"
-        elif self.expect == "value" and not self.held:
-            out = "null"
-        return out + "".join("}" if c == "{" else "]" for c in reversed(self.stack))
 
 
 def message_events(message: JSON) -> list[tuple[str, JSON]]:
@@ -2117,7 +2090,7 @@ class MiddlewareChain:
             try:
                 applies = hook.applies(exchange) if hasattr(hook, "applies") else True
             except Exception as exc:
-                raise _hook_error(hook, exc) from None
+                raise _hook_error(getattr(hook, "name", type(hook).__name__), exc) from None
             if not applies:
                 continue
             for point in HOOK_POINTS:
@@ -2128,8 +2101,7 @@ class MiddlewareChain:
         return result
 
 
-def _hook_error(hook: Any, exc: BaseException) -> VandammeError:
-    name = getattr(hook, "name", type(hook).__name__)
+def _hook_error(name: str, exc: BaseException) -> VandammeError:
     return VandammeError(f"middleware {name!r} failed: {type(exc).__name__}: {exc}", status=500)
 
 
@@ -2139,7 +2111,7 @@ def run_hooks(hooks: list[tuple[str, Callable[..., Any]]], exchange: Exchange, v
         try:
             result = hook(exchange, value)
         except Exception as exc:
-            raise VandammeError(f"middleware {name!r} failed: {type(exc).__name__}: {exc}", status=500) from None
+            raise _hook_error(name, exc) from None
         if result is not None:
             value = result
     return value
@@ -2465,10 +2437,9 @@ class Metrics:
 class Runtime:
     """Mutable per-process state, owned by the app (no module-level state anywhere)."""
 
-    def __init__(self, config: Config, chain: MiddlewareChain, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: Config, chain: MiddlewareChain) -> None:
         self.config = config
         self.chain = chain
-        self.clock = clock
         self.metrics = Metrics()
         self.keyrings: dict[str, KeyRing] = {}
         self.session: aiohttp.ClientSession | None = None
