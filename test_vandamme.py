@@ -2166,7 +2166,7 @@ async def test_unchanged_tools_are_converted_once_and_spliced(proxy: Any, upstre
     assert [t["function"]["name"] for t in first["tools"]][0] == "Bash"
     assert len(first["tools"][1]["function"]["name"]) <= 64
     app_runtime = client.server.app[vd.RUNTIME]
-    assert len(app_runtime.tools_cache) == 1
+    assert len(app_runtime.converted_tools) == 1
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))

@@ -20,7 +20,7 @@ Contents (jump with: grep -n "^# §" vandamme.py)
     §2   Errors
     §3   Configuration
     §4   Routing and aliases
-    §5   API-key rotation
+    §5   API-key rotation and bounded caches
     §6   Request conversion: Anthropic -> OpenAI
     §7   Response conversion: OpenAI -> Anthropic
     §8   Streaming: SSE decoder and stream translator
@@ -58,12 +58,13 @@ import socket
 import sys
 import time
 import tomllib
+import urllib.parse
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -78,6 +79,8 @@ __all__ = [
 
 logger = logging.getLogger("vandamme")
 JSON = dict[str, Any]
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 
 # ---------------------------------------------------------------------------
 # §1  Constants and built-in defaults
@@ -92,7 +95,7 @@ RETRY_STATUSES: Final = frozenset({500, 502, 503, 504, 529})
 RETRY_AFTER_CAP: Final = 30.0
 # Client headers an anthropic-format provider receives. Nothing else of the client's is
 # forwarded (an allowlist, so hop-by-hop headers, cookies and client keys never leave).
-PASSTHROUGH_HEADERS: Final = ("anthropic-version", "anthropic-beta")
+RELAYED_REQUEST_HEADERS: Final = ("anthropic-version", "anthropic-beta")
 RELAYED_RESPONSE_HEADERS: Final = (
     "content-type", "retry-after", "request-id", "x-should-retry", "anthropic-ratelimit-requests-remaining",
     "anthropic-ratelimit-tokens-remaining",
@@ -287,53 +290,68 @@ opus = "Qwen/Qwen3-Coder-30B-A3B-Instruct"
 # ---------------------------------------------------------------------------
 
 class VandammeError(Exception):
-    """Base error: carries the HTTP status and Anthropic error type a client sees."""
+    """Base error: the HTTP status, Anthropic error type and retry advice a client sees.
+
+    `retryable` says whether the same request may succeed later; when it is False the
+    client gets `x-should-retry: false`, so SDKs (and Claude Code) stop at once.
+    """
 
     status: int = 500
     error_type: str = "api_error"
+    retryable: bool = True
 
     def __init__(self, message: str, *, status: int | None = None, error_type: str | None = None,
-                 retry_after: float | None = None) -> None:
+                 retry_after: float | None = None, retryable: bool | None = None) -> None:
         super().__init__(message)
         if status is not None:
             self.status = status
             self.error_type = error_type or ERROR_TYPE_BY_STATUS.get(
                 status, "invalid_request_error" if status < 500 else "api_error")
+            self.retryable = status in (408, 409, 429) or status >= 500
         elif error_type is not None:
             self.error_type = error_type
+        if retryable is not None:
+            self.retryable = retryable
         self.retry_after = retry_after
 
     def body(self) -> JSON:
-        return {"type": "error", "error": {"type": self.error_type, "message": str(self)}}
+        return error_body(self.error_type, str(self))
 
 
 class ConfigError(VandammeError, ValueError):
     """A configuration problem found at startup; the CLI prints it and exits 1."""
 
+    retryable = False
+
 
 class NotConfiguredError(VandammeError):
-    """The gateway itself lacks configuration; retrying cannot help (x-should-retry: false)."""
+    """The gateway itself lacks configuration; retrying cannot help."""
 
     status, error_type, retryable = 500, "api_error", False
 
 
 class InvalidRequestError(VandammeError):
-    status, error_type = 400, "invalid_request_error"
+    status, error_type, retryable = 400, "invalid_request_error", False
 
 
 class AuthenticationError(VandammeError):
-    status, error_type = 401, "authentication_error"
+    status, error_type, retryable = 401, "authentication_error", False
 
 
 class UpstreamError(VandammeError):
-    """The upstream failed. `retryable` marks failures worth another attempt or target."""
+    """The upstream failed; `retryable` also decides whether the gateway retries or falls back.
+
+    `reply` is the provider's own answer (status, body, content type); `verbatim` relays it
+    unchanged, which only an Anthropic-format provider's errors are.
+    """
 
     def __init__(self, message: str, *, status: int, retry_after: float | None = None,
-                 retryable: bool = False, error_type: str | None = None) -> None:
-        super().__init__(message, status=status, retry_after=retry_after, error_type=error_type)
-        self.retryable = retryable
-        self.relay: tuple[int, bytes, str] | None = None     # the provider's own status, body, type
-        self.passthrough = False                              # relay it as is (Anthropic-format provider)
+                 retryable: bool | None = None, error_type: str | None = None,
+                 reply: tuple[int, bytes, str] | None = None) -> None:
+        super().__init__(message, status=status, retry_after=retry_after, error_type=error_type,
+                         retryable=retryable)
+        self.reply = reply
+        self.verbatim = False
 
 
 def error_body(error_type: str, message: str) -> JSON:
@@ -807,7 +825,7 @@ def resolve_model(config: Config, requested: str) -> Route:
 
 
 # ---------------------------------------------------------------------------
-# §5  API-key rotation
+# §5  API-key rotation and bounded caches
 # ---------------------------------------------------------------------------
 
 class KeyRing:
@@ -842,6 +860,26 @@ class KeyRing:
         return sum(1 for until in self._until.values() if until > now)
 
 
+class BoundedCache(collections.OrderedDict[_K, _V]):
+    """A dict that forgets its least recently used entries beyond `limit`."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def lookup(self, key: _K) -> _V | None:
+        value = self.get(key)
+        if value is not None:
+            self.move_to_end(key)
+        return value
+
+    def put(self, key: _K, value: _V) -> _V:
+        self[key] = value
+        if len(self) > self.limit:
+            self.popitem(last=False)
+        return value
+
+
 # ---------------------------------------------------------------------------
 # §6  Request conversion: Anthropic -> OpenAI
 # ---------------------------------------------------------------------------
@@ -852,7 +890,6 @@ class Conversion:
 
     tool_names: dict[str, str] = field(default_factory=dict)   # upstream name -> client name
     reasoning_messages: list[tuple[JSON, str]] = field(default_factory=list)  # (assistant msg, thinking)
-    dropped_tools: list[str] = field(default_factory=list)
     images: int = 0
     attachment_chars: int = 0          # base64 of images and files, excluded from text estimates
 
@@ -1095,8 +1132,8 @@ def _repair_tool_pairs(messages: list[JSON]) -> list[JSON]:
     return fixed
 
 
-def convert_tools(tools: Any, provider: Provider) -> tuple[list[JSON], dict[str, str], list[str]]:
-    """Anthropic tools -> OpenAI functions, the upstream->client name map, and dropped server tools."""
+def convert_tools(tools: Any, provider: Provider) -> tuple[list[JSON], dict[str, str]]:
+    """Anthropic tools -> OpenAI functions and the upstream->client name map; server tools are dropped."""
     functions: list[JSON] = []
     names: dict[str, str] = {}
     dropped: list[str] = []
@@ -1120,14 +1157,13 @@ def convert_tools(tools: Any, provider: Provider) -> tuple[list[JSON], dict[str,
         functions.append({"type": "function", "function": function})
     if dropped:
         logger.warning("server tools not supported by %s, dropped: %s", provider.name, ", ".join(dropped))
-    return functions, names, dropped
+    return functions, names
 
 
 def _convert_tools(body: JSON, payload: JSON, conv: Conversion, provider: Provider,
-                   converted: tuple[list[JSON], dict[str, str], list[str]] | None) -> None:
-    functions, names, dropped = converted or convert_tools(body.get("tools"), provider)
+                   converted: tuple[list[JSON], dict[str, str]] | None) -> None:
+    functions, names = converted or convert_tools(body.get("tools"), provider)
     conv.tool_names.update(names)
-    conv.dropped_tools = list(dropped)
     choice = body.get("tool_choice")
     if not functions:
         return
@@ -1171,7 +1207,7 @@ def _reasoning_effort(body: JSON, provider: Provider, model: str) -> str | None:
 
 
 def anthropic_to_openai(body: JSON, provider: Provider, model: str, *, max_tokens_limit: int | None = None,
-                        tools: tuple[list[JSON], dict[str, str], list[str]] | None = None,
+                        tools: tuple[list[JSON], dict[str, str]] | None = None,
                         ) -> tuple[JSON, Conversion]:
     """Convert an Anthropic Messages request into an OpenAI chat-completions payload.
 
@@ -1238,13 +1274,19 @@ def anthropic_to_openai(body: JSON, provider: Provider, model: str, *, max_token
     return payload, conv
 
 
-def validate_messages_request(body: Any) -> JSON:
+_UNPRINTABLE: Final = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")     # controls and lone surrogates
+
+
+def validate_messages_request(body: Any, *, model_required: bool = True) -> JSON:
     """The checks Anthropic itself makes before anything else: body shape and required fields."""
     if not isinstance(body, dict):
         raise InvalidRequestError("request body must be a JSON object")
     model = body.get("model")
-    if not isinstance(model, str) or not model.strip():
-        raise InvalidRequestError("model: field required (a non-empty string)")
+    if model_required or model is not None:
+        if not isinstance(model, str) or not model.strip():
+            raise InvalidRequestError("model: field required (a non-empty string)")
+        if len(model) > 256 or _UNPRINTABLE.search(model):
+            raise InvalidRequestError("model: must be at most 256 printable characters")
     if not isinstance(body.get("messages"), list):
         raise InvalidRequestError("messages: field required (a list of messages)")
     if "max_tokens" in body and (not isinstance(body["max_tokens"], int) or isinstance(body["max_tokens"], bool)
@@ -1253,6 +1295,58 @@ def validate_messages_request(body: Any) -> JSON:
     if "stream" in body and not isinstance(body["stream"], bool):
         raise InvalidRequestError("stream: must be true or false")
     return body
+
+_JSON_SPACE: Final = re.compile(r"[ \t\n\r]*")
+_RAW_DECODE: Final = json.JSONDecoder().raw_decode
+
+
+REUSED_KEYS: Final = ("tools", "system")
+
+
+def decode_with_spans(text: str, known: dict[str, tuple[str, Any]] | None = None,
+                      ) -> tuple[Any, dict[str, tuple[int, int]]]:
+    """json.loads, plus where each top-level value of an object sits in `text`.
+
+    The same C decoder does the work value by value, so it costs what json.loads costs;
+    the spans let unchanged parts (Claude Code's 30 KB of tool schemas) be recognised
+    without hashing or encoding them again. With `known` (key -> (text, value) of the last
+    request), a `tools` or `system` value whose text is unchanged is not decoded again:
+    a complete JSON array, object or string is never a prefix of a different one.
+    """
+    spans: dict[str, tuple[int, int]] = {}
+    i = _JSON_SPACE.match(text).end()
+    if text[i:i + 1] != "{":
+        return JSON_DECODE(text), spans
+    result: JSON = {}
+    i = _JSON_SPACE.match(text, i + 1).end()
+    if text[i:i + 1] == "}":
+        i += 1
+    else:
+        while True:
+            key, i = _RAW_DECODE(text, i)
+            i = _JSON_SPACE.match(text, i).end()
+            if not isinstance(key, str) or text[i:i + 1] != ":":
+                return JSON_DECODE(text), {}          # let the decoder report the error
+            start = _JSON_SPACE.match(text, i + 1).end()
+            seen = known.get(key) if known is not None else None
+            if seen is not None and text.startswith(seen[0], start) and \
+                    text[_JSON_SPACE.match(text, start + len(seen[0])).end():][:1] in (",", "}"):
+                result[key], i = seen[1], start + len(seen[0])
+            else:
+                result[key], i = _RAW_DECODE(text, start)
+                if known is not None and key in REUSED_KEYS and i - start > 512:
+                    known[key] = (text[start:i], result[key])
+            spans[key] = (start, i)
+            i = _JSON_SPACE.match(text, i).end()
+            if text[i:i + 1] == "}":
+                i += 1
+                break
+            if text[i:i + 1] != ",":
+                return JSON_DECODE(text), {}
+            i = _JSON_SPACE.match(text, i + 1).end()
+    if text[_JSON_SPACE.match(text, i).end():]:
+        return JSON_DECODE(text), {}                  # trailing data: the decoder's error
+    return result, spans
 
 # ---------------------------------------------------------------------------
 # §7  Response conversion: OpenAI -> Anthropic
@@ -1853,7 +1947,8 @@ class Exchange:
     stream: bool
     conv: Conversion = field(default_factory=Conversion)
     config: Config | None = None
-    state: dict[str, Any] = field(default_factory=dict)
+    input_estimate: int = 0           # tokens, for message_start
+    state: dict[str, Any] = field(default_factory=dict)     # the user hooks' own; vandamme keeps nothing here
 
 
 class Middleware:
@@ -2077,15 +2172,18 @@ def load_middleware(path: str) -> list[Middleware]:
     return [_ModuleMiddleware(module, file.stem)]
 
 
+BoundHooks = dict[str, list[tuple[str, Callable[..., Any]]]]      # hook point -> (name, hook) in order
+
+
 class MiddlewareChain:
     """The ordered hooks of the built-in dialects followed by the user's."""
 
     def __init__(self, hooks: Sequence[Any]) -> None:
         self.hooks = tuple(hooks)
 
-    def bound(self, exchange: Exchange) -> dict[str, list[tuple[str, Callable[..., Any]]]]:
+    def bound(self, exchange: Exchange) -> BoundHooks:
         """The hooks that apply to this exchange, per hook point (computed once per request)."""
-        result: dict[str, list[tuple[str, Callable[..., Any]]]] = {p: [] for p in HOOK_POINTS}
+        result: BoundHooks = {p: [] for p in HOOK_POINTS}
         for hook in self.hooks:
             try:
                 applies = hook.applies(exchange) if hasattr(hook, "applies") else True
@@ -2102,7 +2200,7 @@ class MiddlewareChain:
 
 
 def _hook_error(name: str, exc: BaseException) -> VandammeError:
-    return VandammeError(f"middleware {name!r} failed: {type(exc).__name__}: {exc}", status=500)
+    return VandammeError(f"middleware {name!r} failed: {type(exc).__name__}: {exc}", status=500, retryable=False)
 
 
 def run_hooks(hooks: list[tuple[str, Callable[..., Any]]], exchange: Exchange, value: Any) -> Any:
@@ -2282,7 +2380,8 @@ class RequestRecord:
     model: str = "-"
     status: int = 0
     streamed: bool = False
-    started: float = field(default_factory=time.monotonic)
+    started: float = 0.0              # Runtime.clock() seconds
+    latency_ms: float = 0.0
     ttft_ms: float | None = None
     input_tokens: int = 0
     output_tokens: int = 0
@@ -2293,11 +2392,20 @@ class RequestRecord:
     key: str = "-"
     fallbacks: int = 0
 
-    def use_usage(self, usage: JSON) -> None:
-        self.input_tokens = _int(usage.get("input_tokens"))
-        self.output_tokens = _int(usage.get("output_tokens"))
-        self.cache_read_tokens = _int(usage.get("cache_read_input_tokens"))
-        self.cache_creation_tokens = _int(usage.get("cache_creation_input_tokens"))
+    def use_usage(self, usage: JSON, *, keep: bool = False) -> None:
+        """Take an Anthropic usage object; with `keep`, fields it lacks keep their value (stream events)."""
+        for attr, name in (("input_tokens", "input_tokens"), ("output_tokens", "output_tokens"),
+                           ("cache_read_tokens", "cache_read_input_tokens"),
+                           ("cache_creation_tokens", "cache_creation_input_tokens")):
+            value = _int(usage.get(name))
+            if value or not keep:
+                setattr(self, attr, value)
+
+    def fail(self, error_type: str, message: str, status: int | None = None) -> None:
+        """Record the first failure; a later one (a disconnect after an error) changes nothing."""
+        if self.error_type is None:
+            self.error_type, self.error_message = error_type, message
+            self.status = self.status or status or 0
 
 
 class Metrics:
@@ -2333,7 +2441,7 @@ class Metrics:
             stats.in_flight -= 1
 
     def record(self, rec: RequestRecord) -> None:
-        latency = (time.monotonic() - rec.started) * 1000
+        latency = rec.latency_ms
         now = self.clock()
         failed = rec.status >= 400 or rec.error_type is not None
         for stats in self._targets(rec.provider, rec.model):
@@ -2435,17 +2543,23 @@ class Metrics:
 # ---------------------------------------------------------------------------
 
 class Runtime:
-    """Mutable per-process state, owned by the app (no module-level state anywhere)."""
+    """Mutable per-process state, owned by the app (no module-level state anywhere).
 
-    def __init__(self, config: Config, chain: MiddlewareChain) -> None:
+    `clock` (monotonic seconds) and `sleep` are injected so retries and latencies can be
+    tested without waiting; `wall_clock` dates the metrics.
+    """
+
+    def __init__(self, config: Config, chain: MiddlewareChain, *, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Any] = asyncio.sleep, wall_clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.chain = chain
-        self.metrics = Metrics()
+        self.clock, self.sleep = clock, sleep
+        self.metrics = Metrics(clock=wall_clock)
         self.keyrings: dict[str, KeyRing] = {}
         self.session: aiohttp.ClientSession | None = None
-        self.models_cache: dict[str, tuple[float, list[JSON]]] = {}
-        self.token_cache: collections.OrderedDict[bytes, int] = collections.OrderedDict()
-        self.tools_cache: collections.OrderedDict[tuple[str, int, str], Any] = collections.OrderedDict()
+        self.model_lists: BoundedCache[tuple[str, bytes], tuple[float, list[JSON]]] = BoundedCache(256)
+        self.token_counts: BoundedCache[bytes, int] = BoundedCache(1024)
+        self.converted_tools: BoundedCache[tuple[str, int, str], Any] = BoundedCache(32)
         self.known_values: dict[str, tuple[str, Any]] = {}     # last tools/system text and value
         self.user_hooks = False
         self.aborts: dict[int, Callable[[], None]] = {}   # in-flight upstream requests, for shutdown
@@ -2454,38 +2568,40 @@ class Runtime:
 
     def route(self, model: str) -> Route:
         """resolve_model, remembered per model name until the configuration changes."""
-        route = resolve_model(self.config, model)
-        if len(self.routes) >= 4096:
-            self.routes.clear()
-        self.routes[model] = route
-        return route
+        route = self.routes.lookup(model)
+        return route if route is not None else self.routes.put(model, resolve_model(self.config, model))
 
     def apply(self, config: Config) -> None:
         """Switch to a new configuration; key cool-downs survive when the keys did not change."""
-        self.routes: dict[str, Route] = {}
+        self.routes: BoundedCache[str, Route] = BoundedCache(4096)
         old = self.keyrings
-        self.keyrings = {p.name: old[p.name] if p.name in old and old[p.name].keys == p.keys else KeyRing(p.keys)
-                         for p in config.providers if p.keys}
+        self.keyrings = {p.name: old[p.name] if p.name in old and old[p.name].keys == p.keys
+                         else KeyRing(p.keys, self.clock) for p in config.providers if p.keys}
         self.config = config
 
 
 RUNTIME: Final = web.AppKey("vandamme.runtime", Runtime)
 
 
-def chat_url(provider: Provider, model: str) -> str:
+def provider_url(provider: Provider, path: str, model: str | None = None) -> str:
+    """The URL of one of a provider's endpoints (`chat/completions`, `models`, `messages`, ...).
+
+    An Azure deployment name is one path segment, quoted so that `/`, `?` or `#` in a model
+    name cannot leave it.
+    """
     base = provider.base_url
+    if provider.api_format == "anthropic":
+        return f"{base.removesuffix('/v1')}/v1/{path}"
     if provider.azure and not base.endswith("/openai/v1"):
-        return f"{base}/openai/deployments/{model}/chat/completions?api-version={provider.api_version}"
-    return f"{base}/chat/completions"
-
-
-def anthropic_url(provider: Provider, path: str) -> str:
-    base = provider.base_url.removesuffix("/v1")
-    return f"{base}/v1/{path}"
+        deployment = f"deployments/{urllib.parse.quote(model, safe='')}/" if model else ""
+        return f"{base}/openai/{deployment}{path}?api-version={provider.api_version}"
+    return f"{base}/{path}"
 
 
 def upstream_headers(provider: Provider, key: str | None, request_id: str) -> dict[str, str]:
     headers = {"Content-Type": "application/json", "x-request-id": request_id, **dict(provider.headers)}
+    if provider.api_format == "anthropic":
+        headers["anthropic-version"] = ANTHROPIC_VERSION
     if key:
         style = provider.auth_header
         if style == "auto":
@@ -2497,19 +2613,26 @@ def upstream_headers(provider: Provider, key: str | None, request_id: str) -> di
     return headers
 
 
+def _offered_keys(request: web.Request) -> tuple[str | None, str | None]:
+    """The client's (x-api-key, Bearer token), as sent."""
+    auth = request.headers.get("Authorization", "")
+    bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+    return request.headers.get("x-api-key") or None, bearer or None
+
+
+def _is_proxy_key(value: str | None, proxy_key: str) -> bool:
+    return hmac.compare_digest((value or "").encode(), proxy_key.encode())
+
+
 def client_key(request: web.Request, proxy_key: str | None) -> str | None:
-    """The client's own upstream key for passthrough providers.
+    """The client's own upstream key for !PASSTHRU providers.
 
     With PROXY_API_KEY set, one header carries the proxy key and the other the upstream key
     (Claude Code sends ANTHROPIC_API_KEY as x-api-key and ANTHROPIC_AUTH_TOKEN as Bearer).
     """
-    x_api_key = request.headers.get("x-api-key") or None
-    auth = request.headers.get("Authorization", "")
-    bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else None
+    x_api_key, bearer = _offered_keys(request)
     if proxy_key:
-        if x_api_key and hmac.compare_digest(x_api_key.encode(), proxy_key.encode()):
-            return bearer
-        return x_api_key
+        return bearer if _is_proxy_key(x_api_key, proxy_key) else x_api_key
     return x_api_key or bearer
 
 
@@ -2532,10 +2655,20 @@ def _upstream_failure(provider: Provider, status: int, raw: bytes, headers: Mapp
         message = raw.decode("utf-8", "replace").strip()[:500] or f"HTTP {status}"
     client_status = 400 if status == 422 else status if status in ERROR_TYPE_BY_STATUS else (
         400 if status < 500 else 502)
-    error = UpstreamError(f"{provider.name}: {message}", status=client_status, retry_after=_retry_after(headers),
-                          retryable=status in RETRY_STATUSES)
-    error.relay = (status, raw, headers.get("content-type", "application/json"))
-    return error
+    return UpstreamError(f"{provider.name}: {message}", status=client_status, retry_after=_retry_after(headers),
+                         retryable=status in RETRY_STATUSES or status == 429,
+                         reply=(status, raw, headers.get("content-type", "application/json")))
+
+
+def _connection_failure(provider: Provider, config: Config, exc: BaseException) -> UpstreamError:
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return UpstreamError(f"{provider.name}: no connection within CONNECT_TIMEOUT={config.connect_timeout:g}s "
+                             f"(host slow, or all POOL_LIMIT={config.pool_limit} connections busy)", status=529)
+    if isinstance(exc, TimeoutError):
+        return UpstreamError(f"{provider.name}: no response within REQUEST_TIMEOUT={config.request_timeout:g}s",
+                             status=504, error_type="api_error")
+    return UpstreamError(f"{provider.name}: cannot reach {provider.base_url}: {type(exc).__name__}: {exc}",
+                         status=502)
 
 
 async def open_upstream(rt: Runtime, provider: Provider, url: str, data: bytes, *, request_id: str,
@@ -2563,9 +2696,7 @@ async def open_upstream(rt: Runtime, provider: Provider, url: str, data: bytes, 
     attempt = key_index = 0
     while True:
         key = keys[key_index]
-        headers = upstream_headers(provider, key, request_id)
-        if extra_headers:
-            headers.update(extra_headers)
+        headers = {**upstream_headers(provider, key, request_id), **(extra_headers or {})}
         response = None
         try:
             async with asyncio.timeout(config.request_timeout):
@@ -2574,19 +2705,9 @@ async def open_upstream(rt: Runtime, provider: Provider, url: str, data: bytes, 
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             if response is not None:
                 response.close()
-            if isinstance(exc, aiohttp.ConnectionTimeoutError):
-                error = UpstreamError(f"{provider.name}: no connection within CONNECT_TIMEOUT="
-                                      f"{config.connect_timeout:g}s (host slow, or all POOL_LIMIT="
-                                      f"{config.pool_limit} connections busy)", status=529, retryable=True)
-            elif isinstance(exc, TimeoutError):
-                error = UpstreamError(f"{provider.name}: no response within REQUEST_TIMEOUT="
-                                      f"{config.request_timeout:g}s", status=504, retryable=True,
-                                      error_type="api_error")
-            else:
-                error = UpstreamError(f"{provider.name}: cannot reach {provider.base_url}: "
-                                      f"{type(exc).__name__}: {exc}", status=502, retryable=True)
             if rt.draining:
                 raise UpstreamError("server is shutting down", status=503) from None
+            error = _connection_failure(provider, config, exc)
         else:
             if response.status < 400:
                 if read_body:
@@ -2602,13 +2723,14 @@ async def open_upstream(rt: Runtime, provider: Provider, url: str, data: bytes, 
                 if key_index + 1 < len(keys):
                     key_index += 1
                     continue
-        if error.retryable and attempt < config.max_retries:
+        # A 429 has been through every key already: a fallback target, not a wait, comes next.
+        if error.retryable and error.status != 429 and attempt < config.max_retries:
             attempt += 1
             delay = min(8.0, 0.25 * 2 ** attempt) * (0.5 + random.random() / 2)
             if error.retry_after is not None:
                 delay = min(error.retry_after, RETRY_AFTER_CAP)
             logger.info("%s: %s; retry %d/%d in %.2fs", provider.name, error, attempt, config.max_retries, delay)
-            await asyncio.sleep(delay)
+            await rt.sleep(delay)
             continue
         raise error
 
@@ -2632,23 +2754,22 @@ def replace_model(raw: bytes, body: JSON, model: str) -> bytes:
 
 
 async def fetch_models(rt: Runtime, provider: Provider, key: str | None) -> list[JSON]:
-    """A provider's model list (cached MODELS_CACHE_SECONDS); failures are logged and skipped."""
-    now = time.monotonic()
-    cached = rt.models_cache.get(provider.name)
+    """A provider's model list (cached MODELS_CACHE_SECONDS); failures are logged and skipped.
+
+    A list fetched with a client's own key (!PASSTHRU) is cached for that key only.
+    """
+    ring = rt.keyrings.get(provider.name)
+    key = key if provider.passthrough else (ring.order()[0] if ring else None)
+    cache_key = (provider.name, hashlib.sha256(key.encode()).digest() if provider.passthrough and key else b"")
+    now = rt.clock()
+    cached = rt.model_lists.lookup(cache_key)
     if cached and now - cached[0] < MODELS_CACHE_SECONDS:
         return cached[1]
     assert rt.session is not None
-    url = anthropic_url(provider, "models") if provider.api_format == "anthropic" else f"{provider.base_url}/models"
-    if provider.azure and not provider.base_url.endswith("/openai/v1"):
-        url = f"{provider.base_url}/openai/models?api-version={provider.api_version}"
-    ring = rt.keyrings.get(provider.name)
-    key = key if provider.passthrough else (ring.order()[0] if ring else None)
-    headers = upstream_headers(provider, key, "models")
-    if provider.api_format == "anthropic":
-        headers["anthropic-version"] = ANTHROPIC_VERSION
     try:
         async with asyncio.timeout(min(rt.config.request_timeout, 15.0)):
-            async with rt.session.get(url, headers=headers) as response:
+            async with rt.session.get(provider_url(provider, "models"),
+                                      headers=upstream_headers(provider, key, "models")) as response:
                 if response.status >= 400:
                     raise UpstreamError(f"HTTP {response.status}", status=response.status)
                 data = await response.json(content_type=None)
@@ -2657,14 +2778,14 @@ async def fetch_models(rt: Runtime, provider: Provider, key: str | None) -> list
         return []
     items = data.get("data") if isinstance(data, dict) else data
     models = [m for m in items if isinstance(m, dict) and isinstance(m.get("id"), str)] if isinstance(items, list) else []
-    rt.models_cache[provider.name] = (now, models)
+    rt.model_lists.put(cache_key, (now, models))
     return models
 
 # ---------------------------------------------------------------------------
 # §13  HTTP handlers
 # ---------------------------------------------------------------------------
 
-REQUEST_ID: Final = web.RequestKey("vandamme.request_id", str)
+RECORD: Final = web.RequestKey("vandamme.record", RequestRecord)
 PUBLIC_PATHS: Final = frozenset({"/", "/health", "/api/hello", "/api/event_logging/batch",
                                  "/api/event_logging/v2/batch"})
 
@@ -2675,110 +2796,82 @@ def _json_response(data: Any, status: int = 200, headers: Mapping[str, str] | No
 
 
 def _error_response(exc: VandammeError, request_id: str) -> web.Response:
+    """The one place an error becomes an HTTP answer."""
     headers = {"request-id": request_id}
     if exc.retry_after is not None:
         headers["retry-after"] = str(int(math.ceil(exc.retry_after)))
-    if exc.status >= 500 and not getattr(exc, "retryable", True):
+    if not exc.retryable:
         headers["x-should-retry"] = "false"
+    if isinstance(exc, UpstreamError) and exc.verbatim and exc.reply:
+        status, data, content_type = exc.reply
+        return web.Response(body=data, status=status, headers={**headers, "Content-Type": content_type})
     return _json_response(exc.body(), exc.status, headers)
+
+
+def _too_large(limit: int) -> VandammeError:
+    return VandammeError(f"request body too large: the limit is MAX_REQUEST_BYTES={limit}", status=413,
+                         error_type="request_too_large")
+
+
+def _as_error(exc: Exception, request: web.Request, config: Config) -> VandammeError:
+    """Any exception a handler raised, as the error the client sees."""
+    if isinstance(exc, VandammeError):
+        return exc
+    if isinstance(exc, web.HTTPException):
+        if exc.status == 413:
+            return _too_large(config.max_request_bytes)
+        message = {404: f"not found: {request.method} {request.path}",
+                   405: f"method {request.method} not allowed on {request.path}"}.get(exc.status, exc.reason)
+        return VandammeError(message, status=exc.status,
+                             error_type="not_found_error" if exc.status == 404 else None)
+    logger.error("request %s failed: %s", request[RECORD].request_id, exc, exc_info=exc)
+    return VandammeError("internal error in vandamme; see its log", status=500)
 
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Request ids, client authentication, and every error as Anthropic JSON (never a traceback)."""
-    request_id = request.headers.get("x-request-id", "")[:128] or "req_" + secrets.token_hex(12)
-    request[REQUEST_ID] = request_id
+    """Request ids, client authentication, the request's record, and every error as Anthropic JSON."""
     rt = request.app[RUNTIME]
+    rec = RequestRecord(request_id=request.headers.get("x-request-id", "")[:128] or "req_" + secrets.token_hex(12),
+                        started=rt.clock())
+    request[RECORD] = rec
+    response: web.StreamResponse | None = None
     try:
         proxy_key = rt.config.proxy_api_key
         if proxy_key and request.path not in PUBLIC_PATHS and request.method != "HEAD":
             _authenticate(request, proxy_key)
         response = await handler(request)
-    except VandammeError as exc:
-        return _error_response(exc, request_id)
-    except web.HTTPException as exc:
-        if exc.status < 400:
+    except asyncio.CancelledError:
+        rec.fail("client_closed", "client disconnected", status=499)
+        raise
+    except Exception as exc:
+        if isinstance(exc, web.HTTPException) and exc.status < 400:
             raise
-        kind = {404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large"}.get(
-            exc.status, ERROR_TYPE_BY_STATUS.get(exc.status, "invalid_request_error"))
-        message = {404: f"not found: {request.method} {request.path}",
-                   405: f"method {request.method} not allowed on {request.path}",
-                   413: f"request body too large: the limit is MAX_REQUEST_BYTES={rt.config.max_request_bytes}"}
-        return _error_response(VandammeError(message.get(exc.status, exc.reason), status=exc.status,
-                                             error_type=kind), request_id)
-    except Exception:
-        logger.exception("request %s failed", request_id)
-        return _error_response(VandammeError("internal error in vandamme; see its log", status=500), request_id)
+        error = _as_error(exc, request, rt.config)
+        rec.fail(error.error_type, str(error), status=error.status)
+        response = _error_response(error, rec.request_id)
+    finally:
+        _finish_record(rt, request.path, rec, response)
     if not response.prepared:
-        response.headers["request-id"] = request_id
+        response.headers["request-id"] = rec.request_id
     return response
 
 
+def _finish_record(rt: Runtime, path: str, rec: RequestRecord, response: web.StreamResponse | None) -> None:
+    """Count and log a request once it is answered: every /v1/messages call, and every refusal."""
+    rec.latency_ms = (rt.clock() - rec.started) * 1000
+    rec.status = rec.status or (response.status if response is not None else 499)
+    if path == "/v1/messages" or rec.status >= 400:
+        rt.metrics.record(rec)
+        log_access(rt, rec)
+
+
 def _authenticate(request: web.Request, proxy_key: str) -> None:
-    offered = [request.headers.get("x-api-key", "")]
-    auth = request.headers.get("Authorization", "")
-    if auth[:7].lower() == "bearer ":
-        offered.append(auth[7:].strip())
-    # Compare every offered value (constant time each) so timing tells nothing.
-    ok = False
-    for value in offered:
-        ok |= hmac.compare_digest(value.encode(), proxy_key.encode())
-    if not ok:
+    x_api_key, bearer = _offered_keys(request)
+    # Both are compared (constant time each), so timing tells nothing about either.
+    if not (_is_proxy_key(x_api_key, proxy_key) | _is_proxy_key(bearer, proxy_key)):
         raise AuthenticationError("invalid or missing API key: this vandamme requires PROXY_API_KEY "
                                   "in x-api-key or Authorization: Bearer")
-
-
-_JSON_SPACE: Final = re.compile(r"[ \t\n\r]*")
-_RAW_DECODE: Final = json.JSONDecoder().raw_decode
-
-
-REUSED_KEYS: Final = ("tools", "system")
-
-
-def decode_with_spans(text: str, known: dict[str, tuple[str, Any]] | None = None,
-                      ) -> tuple[Any, dict[str, tuple[int, int]]]:
-    """json.loads, plus where each top-level value of an object sits in `text`.
-
-    The same C decoder does the work value by value, so it costs what json.loads costs;
-    the spans let unchanged parts (Claude Code's 30 KB of tool schemas) be recognised
-    without hashing or encoding them again. With `known` (key -> (text, value) of the last
-    request), a `tools` or `system` value whose text is unchanged is not decoded again:
-    a complete JSON array, object or string is never a prefix of a different one.
-    """
-    spans: dict[str, tuple[int, int]] = {}
-    i = _JSON_SPACE.match(text).end()
-    if text[i:i + 1] != "{":
-        return JSON_DECODE(text), spans
-    result: JSON = {}
-    i = _JSON_SPACE.match(text, i + 1).end()
-    if text[i:i + 1] == "}":
-        i += 1
-    else:
-        while True:
-            key, i = _RAW_DECODE(text, i)
-            i = _JSON_SPACE.match(text, i).end()
-            if not isinstance(key, str) or text[i:i + 1] != ":":
-                return JSON_DECODE(text), {}          # let the decoder report the error
-            start = _JSON_SPACE.match(text, i + 1).end()
-            seen = known.get(key) if known is not None else None
-            if seen is not None and text.startswith(seen[0], start) and \
-                    text[_JSON_SPACE.match(text, start + len(seen[0])).end():][:1] in (",", "}"):
-                result[key], i = seen[1], start + len(seen[0])
-            else:
-                result[key], i = _RAW_DECODE(text, start)
-                if known is not None and key in REUSED_KEYS and i - start > 512:
-                    known[key] = (text[start:i], result[key])
-            spans[key] = (start, i)
-            i = _JSON_SPACE.match(text, i).end()
-            if text[i:i + 1] == "}":
-                i += 1
-                break
-            if text[i:i + 1] != ",":
-                return JSON_DECODE(text), {}
-            i = _JSON_SPACE.match(text, i + 1).end()
-    if text[_JSON_SPACE.match(text, i).end():]:
-        return JSON_DECODE(text), {}                  # trailing data: the decoder's error
-    return result, spans
 
 
 class Incoming:
@@ -2824,18 +2917,12 @@ async def _read_json(request: web.Request, limit: int,
     return Incoming(raw, text, body, spans)
 
 
-def _too_large(limit: int) -> VandammeError:
-    return VandammeError(f"request body too large: the limit is MAX_REQUEST_BYTES={limit}", status=413,
-                         error_type="request_too_large")
-
-
 def log_access(rt: Runtime, rec: RequestRecord) -> None:
     if not logger.isEnabledFor(logging.INFO):
         return
-    latency = (time.monotonic() - rec.started) * 1000
     fields = {"request_id": rec.request_id, "model": rec.client_model, "provider": rec.provider,
               "upstream_model": rec.model, "status": rec.status, "stream": rec.streamed,
-              "latency_ms": round(latency, 1), "ttft_ms": None if rec.ttft_ms is None else round(rec.ttft_ms, 1),
+              "latency_ms": round(rec.latency_ms, 1), "ttft_ms": None if rec.ttft_ms is None else round(rec.ttft_ms, 1),
               "input_tokens": rec.input_tokens, "output_tokens": rec.output_tokens, "key": rec.key,
               "fallbacks": rec.fallbacks, "error": rec.error_type}
     if rt.config.log_format == "json":
@@ -2843,7 +2930,7 @@ def log_access(rt: Runtime, rec: RequestRecord) -> None:
     else:
         ttft = "-" if rec.ttft_ms is None else f"{rec.ttft_ms:.0f}ms"
         logger.info("%s %s -> %s:%s %d %s %.0fms ttft=%s tokens=%d/%d key=%s%s", rec.request_id, rec.client_model,
-                    rec.provider, rec.model, rec.status, "stream" if rec.streamed else "json", latency, ttft,
+                    rec.provider, rec.model, rec.status, "stream" if rec.streamed else "json", rec.latency_ms, ttft,
                     rec.input_tokens, rec.output_tokens, rec.key,
                     (f" fallback={rec.fallbacks}" if rec.fallbacks else "")
                     + (f" error={rec.error_type}" if rec.error_type else ""))
@@ -2853,98 +2940,223 @@ async def handle_messages(request: web.Request) -> web.StreamResponse:
     """POST /v1/messages: route, convert or relay, with fallbacks before the first byte."""
     rt = request.app[RUNTIME]
     config = rt.config
-    rec = RequestRecord(request_id=request[REQUEST_ID])
-    try:
-        # Decoded values are shared between requests only while no user hook could change them.
-        incoming = await _read_json(request, config.max_request_bytes, None if rt.user_hooks else rt.known_values)
-        validate_messages_request(incoming.body)
-        rec.client_model, rec.streamed = incoming.body["model"], incoming.body.get("stream") is True
-        route = rt.routes.get(rec.client_model) or rt.route(rec.client_model)
-        for n, target in enumerate(route.targets):
-            provider = config.provider(target.provider)
-            assert provider is not None
-            rec.provider, rec.model, rec.fallbacks = provider.name, target.model, n
-            rt.metrics.begin(rec.provider, rec.model)
-            try:
-                if provider.api_format == "anthropic":
-                    return await _passthrough(request, rt, provider, target.model, incoming, rec, "messages")
-                return await _converted(request, rt, provider, target.model, incoming, rec)
-            except UpstreamError as exc:
-                last = n + 1 == len(route.targets)
-                if last or not (exc.retryable or exc.status == 429):
-                    raise
-                logger.warning("%s: %s failed (%s); falling back to %s", rec.request_id, provider.name, exc,
-                               route.targets[n + 1].provider)
-            finally:
-                rt.metrics.end(rec.provider, rec.model)
-        raise AssertionError("unreachable")  # pragma: no cover
-    except asyncio.CancelledError:
-        if not rec.error_type:                 # the client went away before the response
-            rec.status, rec.error_type, rec.error_message = 499, "client_closed", "client disconnected"
-        raise
-    except VandammeError as exc:
-        rec.status, rec.error_type, rec.error_message = exc.status, exc.error_type, str(exc)
-        relay = getattr(exc, "relay", None)
-        if relay and getattr(exc, "passthrough", False):
-            status, data, content_type = relay
-            return web.Response(body=data, status=status, headers={"Content-Type": content_type,
-                                                                   "request-id": rec.request_id})
-        raise
-    finally:
-        rt.metrics.record(rec)
-        log_access(rt, rec)
+    rec = request[RECORD]
+    # Decoded values are shared between requests only while no user hook could change them.
+    incoming = await _read_json(request, config.max_request_bytes, None if rt.user_hooks else rt.known_values)
+    validate_messages_request(incoming.body)
+    rec.client_model, rec.streamed = incoming.body["model"], incoming.body.get("stream") is True
+    route = rt.route(rec.client_model)
+    for n, target in enumerate(route.targets):
+        provider = config.provider(target.provider)
+        assert provider is not None
+        rec.provider, rec.model, rec.fallbacks = provider.name, target.model, n
+        rt.metrics.begin(rec.provider, rec.model)
+        try:
+            if provider.api_format == "anthropic":
+                return await _relay_anthropic(request, rt, provider, target.model, incoming, "messages")
+            return await _converted(request, rt, provider, target.model, incoming)
+        except UpstreamError as exc:
+            if n + 1 == len(route.targets) or not exc.retryable:
+                raise
+            logger.warning("%s: %s failed (%s); falling back to %s", rec.request_id, provider.name, exc,
+                           route.targets[n + 1].provider)
+        finally:
+            rt.metrics.end(rec.provider, rec.model)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def _converted(request: web.Request, rt: Runtime, provider: Provider, model: str, incoming: Incoming,
-                     rec: RequestRecord) -> web.StreamResponse:
-    config = rt.config
-    body, tools_text = incoming.body, incoming.part("tools")
+def _tools_for(rt: Runtime, provider: Provider, body: JSON, tools_text: str | None) -> Any:
+    """Claude Code sends the same tools on every turn: convert and encode them once."""
+    if tools_text is None:
+        return None
+    key = (provider.name, provider.tool_name_max, tools_text)
+    cached = rt.converted_tools.lookup(key)
+    if cached is None:
+        functions, names = convert_tools(body["tools"], provider)
+        cached = rt.converted_tools.put(key, (functions, names, ',"tools":' + JSON_ENCODE(functions) if functions
+                                              else ""))
+    return cached
+
+
+async def _converted(request: web.Request, rt: Runtime, provider: Provider, model: str,
+                     incoming: Incoming) -> web.StreamResponse:
+    config, rec = rt.config, request[RECORD]
+    body = incoming.body
     exchange = Exchange(request_id=rec.request_id, client_model=rec.client_model, provider=provider, model=model,
                         body=body, stream=rec.streamed, config=config)
     hooks = rt.chain.bound(exchange)
-    cached = None
-    if tools_text is not None and not hooks["on_request"]:
-        # Claude Code sends the same tools on every turn: convert and encode them once.
-        key = (provider.name, provider.tool_name_max, tools_text)
-        cached = rt.tools_cache.get(key)
-        if cached is None:
-            functions, names, dropped = convert_tools(body["tools"], provider)
-            cached = (functions, names, dropped, ',"tools":' + JSON_ENCODE(functions) if functions else "")
-            rt.tools_cache[key] = cached
-            if len(rt.tools_cache) > 32:
-                rt.tools_cache.popitem(last=False)
-        else:
-            rt.tools_cache.move_to_end(key)
-    payload, conv = anthropic_to_openai(body, provider, model, max_tokens_limit=config.max_tokens_limit,
-                                        tools=cached[:3] if cached else None)
-    exchange.conv = conv
+    cached = None if hooks["on_request"] else _tools_for(rt, provider, body, incoming.part("tools"))
+    payload, exchange.conv = anthropic_to_openai(body, provider, model, max_tokens_limit=config.max_tokens_limit,
+                                                 tools=cached[:2] if cached else None)
     payload = run_hooks(hooks["on_request"], exchange, payload)
-    if cached and cached[3] and payload.get("tools") is cached[0]:
+    if cached and cached[2] and payload.get("tools") is cached[0]:
         del payload["tools"]
-        data = (JSON_ENCODE(payload)[:-1] + cached[3] + "}").encode()
+        data = (JSON_ENCODE(payload)[:-1] + cached[2] + "}").encode()
     else:
         data = JSON_ENCODE(payload).encode()
     # message_start carries an input estimate (Claude Code shows it); ~4.3 bytes a token
     # for compact JSON, and free, unlike a tokenizer pass on every streamed request.
-    exchange.state["input_estimate"] = (len(data) - conv.attachment_chars) // 4 + conv.images * IMAGE_TOKENS
-    response, raw, key = await open_upstream(rt, provider, chat_url(provider, model), data,
+    conv = exchange.conv
+    exchange.input_estimate = (len(data) - conv.attachment_chars) // 4 + conv.images * IMAGE_TOKENS
+    response, raw, key = await open_upstream(rt, provider, provider_url(provider, "chat/completions", model), data,
                                              request_id=rec.request_id, read_body=not rec.streamed,
                                              key_override=client_key(request, config.proxy_api_key))
     rec.key = key_fingerprint(key)
     if rec.streamed:
-        del body, payload, data, cached, tools_text
+        del body, payload, data, cached
         exchange.body = incoming.release()
-        return await _relay_stream(request, rt, exchange, hooks, response, rec)
-    try:
-        completion = JSON_DECODE((raw or b"").decode())
-    except ValueError:
-        raise UpstreamError(f"{provider.name}: response is not JSON: {(raw or b'')[:200]!r}", status=502) from None
-    completion = run_hooks(hooks["on_upstream_response"], exchange, completion)
-    message = openai_to_anthropic(completion, conv, rec.client_model)
+        return await _StreamRelay(rt, exchange, hooks, response, rec).run(request)
+    message = _completion_message(exchange, hooks, raw or b"")
     message = run_hooks(hooks["on_response"], exchange, message)
-    rec.status = 200
-    rec.use_usage(message.get("usage") or {})
+    rec.use_usage(message["usage"])
     return _json_response(message)
+
+
+def _completion_message(exchange: Exchange, hooks: BoundHooks, raw: bytes) -> JSON:
+    """A whole (non-streamed) completion, through the hooks, as an Anthropic message."""
+    try:
+        completion = JSON_DECODE(raw.decode())
+    except ValueError:
+        raise UpstreamError(f"{exchange.provider.name}: answered with invalid JSON: {raw[:200]!r}", status=502) from None
+    completion = run_hooks(hooks["on_upstream_response"], exchange, completion)
+    return openai_to_anthropic(completion, exchange.conv, exchange.client_model)
+
+
+class _StreamRelay:
+    """One upstream OpenAI stream translated into Anthropic events as the bytes arrive.
+
+    The 200 and SSE headers go out only now, after the upstream answered 2xx. From here on
+    errors are in-band: an `error` event, then the end of the stream; never a fake
+    message_stop. A ping goes out after every PING_INTERVAL seconds of silence; an upstream
+    silent for STREAM_IDLE_TIMEOUT is closed.
+    """
+
+    def __init__(self, rt: Runtime, exchange: Exchange, hooks: BoundHooks, upstream: aiohttp.ClientResponse,
+                 rec: RequestRecord) -> None:
+        self.rt, self.exchange, self.hooks, self.upstream, self.rec = rt, exchange, hooks, upstream, rec
+        self.translator = StreamTranslator(rec.client_model, exchange.conv, input_tokens=exchange.input_estimate)
+        self.response = web.StreamResponse(status=200, headers={**SSE_HEADERS, "request-id": rec.request_id})
+        self.last_read = self.last_write = rt.clock()
+        self.closed_because = ""                  # "idle" or "shutdown" once we cut the upstream
+
+    async def run(self, request: web.Request) -> web.StreamResponse:
+        whole = None
+        if "json" in self.upstream.content_type:            # a server that ignored "stream": true
+            whole = await self._whole_message()
+        await self.response.prepare(request)
+        self.rec.status = 200
+        abort_id = id(self.response)
+        self.rt.aborts[abort_id] = self.close_upstream
+        pinger = asyncio.create_task(self._keepalive())
+        try:
+            if whole is not None:
+                self.translator.finished = True
+                await self._emit(message_events(whole))
+            else:
+                await self._emit(self.translator.start())
+                await self._pump()
+                await self._emit(self.translator.finish())
+            await self.response.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError) as exc:
+            self.rec.fail("client_closed", "client disconnected mid-stream")
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        except (VandammeError, aiohttp.ClientError, TimeoutError, OSError) as exc:
+            await self._fail(exc)
+        finally:
+            pinger.cancel()
+            self.rt.aborts.pop(abort_id, None)
+            self.upstream.close() if not self.translator.finished else self.upstream.release()
+            if whole is None:
+                self._count_usage()
+        return self.response
+
+    async def _whole_message(self) -> JSON:
+        try:
+            async with asyncio.timeout(self.rt.config.request_timeout):
+                raw = await self.upstream.read()
+        finally:
+            self.upstream.release()
+        message = _completion_message(self.exchange, self.hooks, raw)
+        self.rec.use_usage(message["usage"])
+        return message
+
+    async def _pump(self) -> None:
+        """The one loop: upstream bytes -> SSE events -> chunks through the hooks -> translator."""
+        decoder = SSEDecoder()
+        chunk_hooks, translator = self.hooks["on_upstream_chunk"], self.translator
+        received = self.upstream.content.iter_any().__aiter__()
+        while True:
+            data = await anext(received, None)
+            if data is None and self.closed_because:
+                raise aiohttp.ClientPayloadError(self.closed_because)
+            self.last_read = self.rt.clock()
+            events: list[tuple[str, JSON]] = []
+            for _name, payload in decoder.feed(data) if data is not None else decoder.close():
+                if payload == b"[DONE]":
+                    data = None
+                    break
+                for chunk in _decode_chunk(payload):
+                    if chunk_hooks and isinstance(chunk, dict):
+                        chunk = run_hooks(chunk_hooks, self.exchange, chunk)
+                    events.extend(translator.feed(chunk))
+            await self._emit(events)
+            if data is None:
+                return
+
+    async def _emit(self, events: list[tuple[str, JSON]]) -> None:
+        if self.hooks["on_event"]:
+            events = _run_event_hooks(self.hooks["on_event"], self.exchange, events)
+        if events:
+            rec = self.rec
+            if rec.ttft_ms is None and any(name == "content_block_delta" for name, _ in events):
+                rec.ttft_ms = (self.rt.clock() - rec.started) * 1000
+            self.last_write = self.rt.clock()
+            await self.response.write(encode_events(events))
+
+    def close_upstream(self, reason: str = "shutdown") -> None:
+        self.closed_because = reason
+        self.upstream.close()
+
+    async def _keepalive(self) -> None:
+        while True:
+            await asyncio.sleep(PING_INTERVAL / 3)
+            now = self.rt.clock()
+            if now - self.last_read >= self.rt.config.stream_idle_timeout:
+                self.close_upstream("idle")
+                return
+            if now - self.last_write >= PING_INTERVAL:
+                self.last_write = now
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await self.response.write(b'event: ping\ndata: {"type":"ping"}\n\n')
+
+    async def _fail(self, exc: BaseException) -> None:
+        name = self.exchange.provider.name
+        if isinstance(exc, VandammeError):
+            kind, message = exc.error_type, str(exc)
+        elif self.closed_because == "idle":
+            kind, message = "api_error", f"{name}: no data for STREAM_IDLE_TIMEOUT={self.rt.config.stream_idle_timeout:g}s"
+        elif self.closed_because == "shutdown":
+            kind, message = "overloaded_error", "vandamme is shutting down; retry the request"
+        else:
+            kind, message = "api_error", f"{name}: stream interrupted: {type(exc).__name__} {exc}"
+        await _end_stream_with_error(self.response, self.rec, kind, message)
+
+    def _count_usage(self) -> None:
+        translator, rec = self.translator, self.rec
+        if translator.usage is not None:
+            rec.use_usage(usage_to_anthropic(translator.usage))
+        else:
+            rec.input_tokens, rec.output_tokens = self.exchange.input_estimate, max(1, translator.output_chars // 4)
+
+
+async def _end_stream_with_error(response: web.StreamResponse, rec: RequestRecord, kind: str, message: str) -> None:
+    """After the 200 went out an error can only travel in-band: an SSE `error` event, then the end."""
+    rec.fail(kind, message)
+    logger.warning("%s: stream failed after start: %s", rec.request_id, message)
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await response.write(encode_events([("error", error_body(kind, message))]))
+        await response.write_eof()
 
 
 def _decode_chunk(data: bytes) -> list[Any]:
@@ -2966,131 +3178,6 @@ def _decode_chunk(data: bytes) -> list[Any]:
     return chunks
 
 
-async def _relay_stream(request: web.Request, rt: Runtime, exchange: Exchange,
-                        hooks: dict[str, list[tuple[str, Callable[..., Any]]]],
-                        upstream: aiohttp.ClientResponse, rec: RequestRecord) -> web.StreamResponse:
-    """Translate an OpenAI stream into Anthropic events as the bytes arrive.
-
-    The 200 and SSE headers go out only now, after the upstream answered 2xx. From here on
-    errors are in-band: an `error` event, then the end of the stream; never a fake
-    message_stop. A ping goes out after every PING_INTERVAL seconds of silence; an upstream
-    silent for STREAM_IDLE_TIMEOUT is closed.
-    """
-    config = rt.config
-    estimate = exchange.state.get("input_estimate", 0)
-    translator = StreamTranslator(rec.client_model, exchange.conv, input_tokens=estimate)
-    decoder = SSEDecoder()
-    chunk_hooks, event_hooks = hooks["on_upstream_chunk"], hooks["on_event"]
-    message = None
-    if "json" in upstream.content_type:           # a server that ignored "stream": true
-        try:
-            async with asyncio.timeout(config.request_timeout):
-                completion = JSON_DECODE((await upstream.read()).decode())
-        except ValueError:
-            raise UpstreamError(f"{exchange.provider.name}: stream answered with invalid JSON", status=502) from None
-        finally:
-            upstream.release()
-        completion = run_hooks(hooks["on_upstream_response"], exchange, completion)
-        message = openai_to_anthropic(completion, exchange.conv, rec.client_model)
-        translator.usage = completion.get("usage") or {}
-    response = web.StreamResponse(status=200, headers={**SSE_HEADERS, "request-id": rec.request_id})
-    await response.prepare(request)
-    rec.status = 200
-    clock = [time.monotonic(), time.monotonic(), ""]          # last upstream byte, last write, why closed
-    abort_id = id(response)
-
-    def abort(reason: str = "shutdown") -> None:
-        clock[2] = reason
-        upstream.close()
-
-    rt.aborts[abort_id] = abort
-
-    async def emit(events: list[tuple[str, JSON]]) -> None:
-        if event_hooks:
-            events = _run_event_hooks(event_hooks, exchange, events)
-        if events:
-            if rec.ttft_ms is None and any(name == "content_block_delta" for name, _ in events):
-                rec.ttft_ms = (time.monotonic() - rec.started) * 1000
-            clock[1] = time.monotonic()
-            await response.write(encode_events(events))
-
-    async def keepalive() -> None:
-        while True:
-            await asyncio.sleep(PING_INTERVAL / 3)
-            now = time.monotonic()
-            if now - clock[0] >= config.stream_idle_timeout:
-                abort("idle")
-                return
-            if now - clock[1] >= PING_INTERVAL:
-                clock[1] = now
-                with contextlib.suppress(ConnectionError, RuntimeError):
-                    await response.write(b'event: ping\ndata: {"type":"ping"}\n\n')
-
-    pinger = asyncio.create_task(keepalive())
-    try:
-        if message is not None:
-            translator.finished = True
-            await emit(message_events(message))
-            await response.write_eof()
-            return response
-        await emit(translator.start())
-        done = False
-        async for data in upstream.content.iter_any():
-            clock[0] = time.monotonic()
-            events: list[tuple[str, JSON]] = []
-            for _name, payload in decoder.feed(data):
-                if payload == b"[DONE]":
-                    done = True
-                    break
-                for chunk in _decode_chunk(payload):
-                    if chunk_hooks and isinstance(chunk, dict):
-                        chunk = run_hooks(chunk_hooks, exchange, chunk)
-                    events.extend(translator.feed(chunk))
-            await emit(events)
-            if done:
-                break
-        if clock[2]:
-            raise aiohttp.ClientPayloadError(clock[2])
-        if not done:
-            events = []
-            for _name, payload in decoder.close():
-                if payload != b"[DONE]":
-                    for chunk in _decode_chunk(payload):
-                        events.extend(translator.feed(chunk))
-            await emit(events)
-        await emit(translator.finish())
-        await response.write_eof()
-    except (ConnectionResetError, asyncio.CancelledError) as exc:
-        rec.error_type, rec.error_message = "client_closed", "client disconnected mid-stream"
-        if isinstance(exc, asyncio.CancelledError):
-            raise
-    except (VandammeError, aiohttp.ClientError, TimeoutError, OSError) as exc:
-        if isinstance(exc, VandammeError):
-            kind, message = exc.error_type, str(exc)
-        elif clock[2] == "idle":
-            kind, message = "api_error", (f"{exchange.provider.name}: no data for STREAM_IDLE_TIMEOUT="
-                                          f"{config.stream_idle_timeout:g}s")
-        elif clock[2] == "shutdown":
-            kind, message = "overloaded_error", "vandamme is shutting down; retry the request"
-        else:
-            kind, message = "api_error", f"{exchange.provider.name}: stream interrupted: {type(exc).__name__} {exc}"
-        rec.error_type, rec.error_message = kind, message
-        logger.warning("%s: stream failed after start: %s", rec.request_id, message)
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await response.write(encode_events([("error", error_body(kind, message))]))
-            await response.write_eof()
-    finally:
-        pinger.cancel()
-        rt.aborts.pop(abort_id, None)
-        upstream.close() if not translator.finished else upstream.release()
-        if translator.usage is not None:
-            rec.use_usage(usage_to_anthropic(translator.usage))
-        else:
-            rec.input_tokens, rec.output_tokens = estimate, max(1, translator.output_chars // 4)
-    return response
-
-
-
 def _run_event_hooks(hooks: list[tuple[str, Callable[..., Any]]], exchange: Exchange,
                      events: list[tuple[str, JSON]]) -> list[tuple[str, JSON]]:
     result: list[tuple[str, JSON]] = []
@@ -3102,87 +3189,71 @@ def _run_event_hooks(hooks: list[tuple[str, Callable[..., Any]]], exchange: Exch
     return result
 
 
-async def _passthrough(request: web.Request, rt: Runtime, provider: Provider, model: str, incoming: Incoming,
-                       rec: RequestRecord, path: str) -> web.StreamResponse:
+async def _relay_anthropic(request: web.Request, rt: Runtime, provider: Provider, model: str, incoming: Incoming,
+                           path: str) -> web.StreamResponse:
     """Anthropic-format provider: forward the body with only `model` replaced; relay the bytes back."""
+    rec = request[RECORD]
     data = replace_model(incoming.raw, incoming.body, model)
-    extra = {name: request.headers[name] for name in PASSTHROUGH_HEADERS if name in request.headers}
-    extra.setdefault("anthropic-version", ANTHROPIC_VERSION)
+    extra = {name: request.headers[name] for name in RELAYED_REQUEST_HEADERS if name in request.headers}
     streamed = path == "messages" and incoming.body.get("stream") is True
     try:
         upstream, raw_reply, key = await open_upstream(
-            rt, provider, anthropic_url(provider, path), data, request_id=rec.request_id, read_body=not streamed,
+            rt, provider, provider_url(provider, path), data, request_id=rec.request_id, read_body=not streamed,
             key_override=client_key(request, rt.config.proxy_api_key), extra_headers=extra)
     except UpstreamError as exc:
-        exc.passthrough = True            # relay the provider's own status and body
+        exc.verbatim = True            # the client gets the provider's own status and body
         raise
     rec.key = key_fingerprint(key)
     del data
     incoming.release()
     headers = {k: v for k in RELAYED_RESPONSE_HEADERS if (v := upstream.headers.get(k))}
     headers["request-id"] = rec.request_id
-    rec.status = upstream.status
     if not streamed:
         with contextlib.suppress(ValueError, AttributeError):
             rec.use_usage(json.loads(raw_reply or b"{}").get("usage") or {})
         return web.Response(body=raw_reply, status=upstream.status, headers=headers)
     response = web.StreamResponse(status=upstream.status, headers=headers)
     await response.prepare(request)
+    rec.status = upstream.status
     decoder = SSEDecoder()
     try:
         async for chunk in upstream.content.iter_any():
             if rec.ttft_ms is None:
-                rec.ttft_ms = (time.monotonic() - rec.started) * 1000
+                rec.ttft_ms = (rt.clock() - rec.started) * 1000
             await response.write(chunk)
             for name, payload in decoder.feed(chunk):     # usage for metrics only
                 if name in ("message_start", "message_delta"):
                     with contextlib.suppress(ValueError, AttributeError):
                         event = json.loads(payload)
-                        usage = (event.get("message") or event).get("usage") or {}
-                        rec.input_tokens = _int(usage.get("input_tokens")) or rec.input_tokens
-                        rec.output_tokens = _int(usage.get("output_tokens")) or rec.output_tokens
-                        rec.cache_read_tokens = _int(usage.get("cache_read_input_tokens")) or rec.cache_read_tokens
+                        rec.use_usage((event.get("message") or event).get("usage") or {}, keep=True)
         await response.write_eof()
     except ConnectionResetError:
-        rec.error_type = "client_closed"
+        rec.fail("client_closed", "client disconnected mid-stream")
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        rec.error_type, rec.error_message = "api_error", f"{provider.name}: stream interrupted: {exc}"
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await response.write(encode_events([("error", error_body("api_error", rec.error_message))]))
-            await response.write_eof()
+        await _end_stream_with_error(response, rec, "api_error", f"{provider.name}: stream interrupted: {exc}")
     finally:
         upstream.close()
     return response
 
 
 async def handle_count_tokens(request: web.Request) -> web.StreamResponse:
-    """POST /v1/messages/count_tokens: the provider's own count for passthrough, else an estimate."""
+    """POST /v1/messages/count_tokens: the provider's own count for Anthropic-format ones, else an estimate."""
     rt = request.app[RUNTIME]
     incoming = await _read_json(request, rt.config.max_request_bytes)
-    raw, body = incoming.raw, incoming.body
-    if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
-        raise InvalidRequestError("messages: field required (a list of messages)")
+    body = validate_messages_request(incoming.body, model_required=False)
     model = body.get("model")
     if isinstance(model, str) and model and rt.config.providers:
-        route = resolve_model(rt.config, model)
-        provider = rt.config.provider(route.targets[0].provider)
+        target = rt.route(model).targets[0]
+        provider = rt.config.provider(target.provider)
         if provider is not None and provider.api_format == "anthropic":
-            rec = RequestRecord(request_id=request[REQUEST_ID], client_model=model)
             try:
-                return await _passthrough(request, rt, provider, route.targets[0].model, incoming, rec,
-                                          "messages/count_tokens")
+                return await _relay_anthropic(request, rt, provider, target.model, incoming, "messages/count_tokens")
             except UpstreamError as exc:
                 logger.info("count_tokens upstream failed (%s); estimating instead", exc)
-    key = hashlib.sha256(raw).digest()
-    cache = rt.token_cache
-    count = cache.get(key)
+    key = hashlib.sha256(incoming.raw).digest()
+    count = rt.token_counts.lookup(key)
     if count is None:
-        count = count_request_tokens(body)
-        cache[key] = count
-        if len(cache) > 1024:
-            cache.popitem(last=False)
-    else:
-        cache.move_to_end(key)
+        count = rt.token_counts.put(key, count_request_tokens(body))
     return _json_response({"input_tokens": count})
 
 
@@ -3890,11 +3961,11 @@ async def cli_probe(config: Config, command: str, args: argparse.Namespace) -> i
                 try:
                     if provider.api_format == "anthropic":
                         data = json.dumps(body).encode()
-                        url = anthropic_url(provider, "messages")
+                        url = provider_url(provider, "messages")
                         extra = {"anthropic-version": ANTHROPIC_VERSION}
                     else:
                         payload, _ = anthropic_to_openai(body, provider, model)
-                        data, url, extra = json.dumps(payload).encode(), chat_url(provider, model), {}
+                        data, url, extra = json.dumps(payload).encode(), provider_url(provider, "chat/completions", model), {}
                     await open_upstream(rt, provider, url, data, request_id="check", read_body=True,
                                         extra_headers=extra)
                     live = f"ok ({model})"
