@@ -1415,6 +1415,20 @@ async def test_stream_without_done_or_finish_still_ends_cleanly(proxy: Any, upst
     assert final_message(frames)["content"] == [{"type": "text", "text": "ab"}]
 
 
+async def test_last_unterminated_event_still_runs_the_chunk_hooks(proxy: Any, upstream: FakeUpstream) -> None:
+    """A stream cut without a blank line or [DONE]: its last event goes through on_upstream_chunk too."""
+    class Upper(vd.Middleware):
+        def on_upstream_chunk(self, exchange: Any, chunk: dict) -> None:
+            for choice in chunk.get("choices") or ():
+                choice["delta"]["content"] = choice["delta"]["content"].upper()
+
+    client = await proxy(middleware=[Upper()])
+    upstream.add(Reply(stream=[b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n',
+                               b'data: {"choices":[{"delta":{"content":"b"}}]}']))
+    _response, frames = await post_stream(client, BASIC)
+    assert final_message(frames)["content"] == [{"type": "text", "text": "AB"}]
+
+
 async def test_stream_request_answered_with_json_is_still_a_stream(proxy: Any, upstream: FakeUpstream) -> None:
     client = await proxy()
     upstream.add(Reply(completion("Plain JSON", reasoning_content="thought", tool_calls=[
