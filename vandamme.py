@@ -1297,6 +1297,11 @@ def validate_messages_request(body: Any, *, model_required: bool = True) -> JSON
     return body
 
 _JSON_SPACE: Final = re.compile(r"[ \t\n\r]*")
+
+
+def _skip_space(text: str, i: int) -> int:
+    match = _JSON_SPACE.match(text, i)
+    return match.end() if match else i
 _RAW_DECODE: Final = json.JSONDecoder().raw_decode
 
 
@@ -1314,37 +1319,38 @@ def decode_with_spans(text: str, known: dict[str, tuple[str, Any]] | None = None
     a complete JSON array, object or string is never a prefix of a different one.
     """
     spans: dict[str, tuple[int, int]] = {}
-    i = _JSON_SPACE.match(text).end()
+    i = _skip_space(text, 0)
     if text[i:i + 1] != "{":
         return JSON_DECODE(text), spans
     result: JSON = {}
-    i = _JSON_SPACE.match(text, i + 1).end()
+    i = _skip_space(text, i + 1)
     if text[i:i + 1] == "}":
         i += 1
     else:
         while True:
             key, i = _RAW_DECODE(text, i)
-            i = _JSON_SPACE.match(text, i).end()
+            i = _skip_space(text, i)
             if not isinstance(key, str) or text[i:i + 1] != ":":
                 return JSON_DECODE(text), {}          # let the decoder report the error
-            start = _JSON_SPACE.match(text, i + 1).end()
+            start = _skip_space(text, i + 1)
             seen = known.get(key) if known is not None else None
-            if seen is not None and text.startswith(seen[0], start) and \
-                    text[_JSON_SPACE.match(text, start + len(seen[0])).end():][:1] in (",", "}"):
-                result[key], i = seen[1], start + len(seen[0])
+            end = start + len(seen[0]) if seen is not None and text.startswith(seen[0], start) else -1
+            after = _skip_space(text, end) if end >= 0 else 0
+            if seen is not None and end >= 0 and text[after:after + 1] in (",", "}"):
+                result[key], i = seen[1], end
             else:
                 result[key], i = _RAW_DECODE(text, start)
                 if known is not None and key in REUSED_KEYS and i - start > 512:
                     known[key] = (text[start:i], result[key])
             spans[key] = (start, i)
-            i = _JSON_SPACE.match(text, i).end()
+            i = _skip_space(text, i)
             if text[i:i + 1] == "}":
                 i += 1
                 break
             if text[i:i + 1] != ",":
                 return JSON_DECODE(text), {}
-            i = _JSON_SPACE.match(text, i + 1).end()
-    if text[_JSON_SPACE.match(text, i).end():]:
+            i = _skip_space(text, i + 1)
+    if _skip_space(text, i) < len(text):
         return JSON_DECODE(text), {}                  # trailing data: the decoder's error
     return result, spans
 
