@@ -1763,6 +1763,21 @@ def on_event(exchange, event):
 '''
 
 
+async def test_readme_middleware_example_works(proxy: Any, upstream: FakeUpstream, tmp_path: Path,
+                                               capsys: Any) -> None:
+    readme = (HERE / "README.md").read_text()
+    start = readme.index("# hooks.py: python vandamme.py --middleware hooks.py")
+    path = tmp_path / "hooks.py"
+    path.write_text(readme[start:readme.index("```", start)])
+    client = await proxy(middleware=vd.load_middleware(str(path)))
+    message = await (await client.post("/v1/messages", json=BASIC)).json()
+    served = upstream.last["body"]["model"]
+    assert message["content"][-1]["text"].endswith(f"(served by {served})")
+    assert upstream.last["body"]["messages"][0]["content"] == "Answer in British English."
+    response, _frames = await post_stream(client, BASIC)
+    assert f"{response.headers['request-id']}: 11 characters streamed" in capsys.readouterr().out
+
+
 async def test_user_middleware_file_edits_request_and_response(proxy: Any, upstream: FakeUpstream,
                                                                tmp_path: Path) -> None:
     path = tmp_path / "hooks.py"
