@@ -115,7 +115,15 @@ ERROR_TYPE_BY_STATUS: Final = MappingProxyType({
 })
 # Built once: json.dumps with options constructs a new encoder on every call.
 JSON_ENCODE: Final = json.JSONEncoder(separators=(",", ":")).encode
-JSON_DECODE: Final = json.JSONDecoder().decode
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+# Strict: NaN and Infinity are Python's extensions, not JSON, and no upstream accepts them.
+JSON_DECODER: Final = json.JSONDecoder(parse_constant=_not_json)
+JSON_DECODE: Final = JSON_DECODER.decode
 REASONING_MODEL: Final = re.compile(r"^(?:[\w.-]+/)?(?:o\d|gpt-5)", re.I)
 VALID_TOOL_NAME: Final = re.compile(r"^[a-zA-Z0-9_-]+$")
 EFFORT_BY_NAME: Final = MappingProxyType({
@@ -137,6 +145,8 @@ ENV_VARS: Final = MappingProxyType({
     "PROXY_API_KEY": ("proxy_api_key", str, "key clients must present (x-api-key or Bearer)"),
     "SHUTDOWN_GRACE": ("shutdown_grace", float, "seconds in-flight requests get on SIGTERM (30)"),
     "MAX_REQUEST_BYTES": ("max_request_bytes", int, "largest request body accepted (32 MiB)"),
+    "MAX_RESPONSE_BYTES": ("max_response_bytes", int, "largest upstream body or SSE event accepted (32 MiB)"),
+    "CLIENT_TIMEOUT": ("client_timeout", float, "seconds a client may take to send headers, or between body bytes (60)"),
     "POOL_LIMIT": ("pool_limit", int, "open upstream connections per provider (1024)"),
     "VDM_DEFAULT_PROVIDER": ("default_provider", str, "provider for unprefixed models (openai)"),
     "VDM_MIDDLEWARE": ("middleware", str, "Python file with request/response hooks"),
@@ -413,6 +423,8 @@ class Config:
     proxy_api_key: str | None = field(default=None, repr=False)
     shutdown_grace: float = 30.0
     max_request_bytes: int = 32 * 1024 * 1024
+    max_response_bytes: int = 32 * 1024 * 1024
+    client_timeout: float = 60.0
     pool_limit: int = 1024
     default_provider: str | None = None
     middleware: str | None = None
@@ -1302,7 +1314,7 @@ _JSON_SPACE: Final = re.compile(r"[ \t\n\r]*")
 def _skip_space(text: str, i: int) -> int:
     match = _JSON_SPACE.match(text, i)
     return match.end() if match else i
-_RAW_DECODE: Final = json.JSONDecoder().raw_decode
+_RAW_DECODE: Final = JSON_DECODER.raw_decode
 
 
 REUSED_KEYS: Final = ("tools", "system")
@@ -2653,6 +2665,10 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
 
 
 def _upstream_failure(provider: Provider, status: int, raw: bytes, headers: Mapping[str, str]) -> UpstreamError:
+    if 300 <= status < 400:         # following it would send the prompt and the key to another origin
+        target = urllib.parse.urlsplit(headers.get("location", "")).hostname or "another path"
+        return UpstreamError(f"{provider.name}: answered with a redirect (HTTP {status}) to {target}, which vandamme "
+                             f"never follows: check {provider.name.upper()}_BASE_URL", status=502, retryable=False)
     try:
         message = upstream_error_message(json.loads(raw))
     except ValueError:
@@ -2675,6 +2691,16 @@ def _connection_failure(provider: Provider, config: Config, exc: BaseException) 
                              status=504, error_type="api_error")
     return UpstreamError(f"{provider.name}: cannot reach {provider.base_url}: {type(exc).__name__}: {exc}",
                          status=502)
+
+
+async def _read_response(response: aiohttp.ClientResponse, provider: Provider, config: Config) -> bytes:
+    limit = config.max_response_bytes
+    try:
+        return await _read_limited(response.content, limit, lambda: UpstreamError(
+            f"{provider.name}: response larger than MAX_RESPONSE_BYTES={limit}", status=502, retryable=False))
+    except UpstreamError:
+        response.close()
+        raise
 
 
 async def open_upstream(rt: Runtime, provider: Provider, url: str, data: bytes, *, request_id: str,
@@ -2706,8 +2732,9 @@ async def open_upstream(rt: Runtime, provider: Provider, url: str, data: bytes, 
         response = None
         try:
             async with asyncio.timeout(config.request_timeout):
-                response = await rt.session.post(url, data=data, headers=headers)
-                body = await response.read() if read_body or response.status >= 400 else None
+                response = await rt.session.post(url, data=data, headers=headers, allow_redirects=False)
+                body = await _read_response(response, provider, config) if read_body or response.status >= 300 \
+                    else None
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             if response is not None:
                 response.close()
@@ -2715,7 +2742,7 @@ async def open_upstream(rt: Runtime, provider: Provider, url: str, data: bytes, 
                 raise UpstreamError("server is shutting down", status=503) from None
             error = _connection_failure(provider, config, exc)
         else:
-            if response.status < 400:
+            if response.status < 300:
                 if read_body:
                     response.release()
                 return response, body, key
@@ -2774,11 +2801,12 @@ async def fetch_models(rt: Runtime, provider: Provider, key: str | None) -> list
     assert rt.session is not None
     try:
         async with asyncio.timeout(min(rt.config.request_timeout, 15.0)):
-            async with rt.session.get(provider_url(provider, "models"),
+            async with rt.session.get(provider_url(provider, "models"), allow_redirects=False,
                                       headers=upstream_headers(provider, key, "models")) as response:
-                if response.status >= 400:
-                    raise UpstreamError(f"HTTP {response.status}", status=response.status)
-                data = await response.json(content_type=None)
+                raw = await _read_response(response, provider, rt.config)
+                if response.status >= 300:
+                    raise _upstream_failure(provider, response.status, raw, response.headers)
+                data = JSON_DECODE(raw.decode())
     except (aiohttp.ClientError, TimeoutError, OSError, ValueError, UpstreamError) as exc:
         logger.warning("model list of %s unavailable: %s", provider.name, exc)
         return []
@@ -2903,23 +2931,43 @@ class Incoming:
         return light
 
 
-async def _read_json(request: web.Request, limit: int,
-                     known: dict[str, tuple[str, Any]] | None = None) -> Incoming:
-    # Read from the stream ourselves: request.read() would keep a copy on the request object.
-    if request.content_length is not None and request.content_length > limit:
-        raise _too_large(limit)
+async def _read_limited(content: aiohttp.StreamReader, limit: int, too_large: Callable[[], Exception],
+                        timeout: float | None = None) -> bytes:
+    """A whole body, never more than `limit` bytes (counted after decompression), at most
+    `timeout` seconds between two reads."""
     chunks, size = [], 0
-    while chunk := await request.content.readany():
+    while True:
+        async with asyncio.timeout(timeout):
+            chunk = await content.readany()
+        if not chunk:
+            return b"".join(chunks)
         size += len(chunk)
         if size > limit:
-            raise _too_large(limit)
+            raise too_large()
         chunks.append(chunk)
-    raw = b"".join(chunks)
+
+
+async def _read_json(request: web.Request, config: Config,
+                     known: dict[str, tuple[str, Any]] | None = None) -> Incoming:
+    # Read from the stream ourselves: request.read() would keep a copy on the request object.
+    limit = config.max_request_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(limit)
+    try:
+        raw = await _read_limited(request.content, limit, lambda: _too_large(limit), config.client_timeout)
+    except TimeoutError:
+        raise VandammeError(f"request body not received within CLIENT_TIMEOUT={config.client_timeout:g}s",
+                            status=408, error_type="invalid_request_error") from None
     try:
         text = raw.decode()
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError(f"request body is not valid UTF-8: {exc}") from None
+    try:
         body, spans = decode_with_spans(text, known)
     except ValueError as exc:
         raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequestError("request body is nested too deeply to be decoded") from None
     return Incoming(raw, text, body, spans)
 
 
@@ -2948,7 +2996,7 @@ async def handle_messages(request: web.Request) -> web.StreamResponse:
     config = rt.config
     rec = request[RECORD]
     # Decoded values are shared between requests only while no user hook could change them.
-    incoming = await _read_json(request, config.max_request_bytes, None if rt.user_hooks else rt.known_values)
+    incoming = await _read_json(request, config, None if rt.user_hooks else rt.known_values)
     validate_messages_request(incoming.body)
     rec.client_model, rec.streamed = incoming.body["model"], incoming.body.get("stream") is True
     route = rt.route(rec.client_model)
@@ -3080,7 +3128,7 @@ class _StreamRelay:
     async def _whole_message(self) -> JSON:
         try:
             async with asyncio.timeout(self.rt.config.request_timeout):
-                raw = await self.upstream.read()
+                raw = await _read_response(self.upstream, self.exchange.provider, self.rt.config)
         finally:
             self.upstream.release()
         message = _completion_message(self.exchange, self.hooks, raw)
@@ -3245,7 +3293,7 @@ async def _relay_anthropic(request: web.Request, rt: Runtime, provider: Provider
 async def handle_count_tokens(request: web.Request) -> web.StreamResponse:
     """POST /v1/messages/count_tokens: the provider's own count for Anthropic-format ones, else an estimate."""
     rt = request.app[RUNTIME]
-    incoming = await _read_json(request, rt.config.max_request_bytes)
+    incoming = await _read_json(request, rt.config)
     body = validate_messages_request(incoming.body, model_required=False)
     model = body.get("model")
     if isinstance(model, str) and model and rt.config.providers:
