@@ -141,7 +141,45 @@ ENV_VARS: Final = MappingProxyType({
 })
 PROVIDER_SUFFIXES: Final = ("_API_KEY", "_BASE_URL", "_API_FORMAT", "_API_VERSION")
 
-DEFAULTS_TOML: Final = '''\
+# Built-in providers: (name, base URL, settings as in a TOML table, haiku/sonnet/opus aliases).
+# defaults_toml() renders them as the embedded defaults; defaults.toml is that text (a test checks).
+BUILTIN_PROVIDERS: Final = (
+    ("openai", "https://api.openai.com/v1", {"reasoning-effort": "reasoning-models"},
+     ("gpt-5-mini", "gpt-5.1", "gpt-5.1")),
+    ("anthropic", "https://api.anthropic.com", {"api-format": "anthropic"}, ()),
+    ("zai", "https://api.z.ai/api/anthropic", {"api-format": "anthropic"}, ("glm-4.5-air", "glm-4.6", "glm-4.6")),
+    ("gemini", "https://generativelanguage.googleapis.com/v1beta/openai",
+     {"gemini": True, "reasoning-effort": "always", "stream-usage": True},
+     ("gemini-2.5-flash", "gemini-2.5-pro", "gemini-2.5-pro")),
+    ("deepseek", "https://api.deepseek.com", {"reasoning-history": True},
+     ("deepseek-chat", "deepseek-chat", "deepseek-reasoner")),
+    ("openrouter", "https://openrouter.ai/api/v1", {},
+     ("anthropic/claude-haiku-4.5", "anthropic/claude-sonnet-4.5", "anthropic/claude-opus-4.1")),
+    ("poe", "https://api.poe.com/v1", {}, ("Claude-Haiku-4.5", "Claude-Sonnet-4.5", "Claude-Opus-4.1")),
+    ("groq", "https://api.groq.com/openai/v1", {},
+     ("llama-3.1-8b-instant", "moonshotai/kimi-k2-instruct-0905", "openai/gpt-oss-120b")),
+    ("mistral", "https://api.mistral.ai/v1", {"stream-usage": False, "tool-id-format": "mistral"},
+     ("mistral-small-latest", "devstral-medium-latest", "mistral-large-latest")),
+    ("xai", "https://api.x.ai/v1", {}, ("grok-code-fast-1", "grok-4", "grok-4")),
+    ("together", "https://api.together.xyz/v1", {}, ("Qwen/Qwen3-Coder-30B-A3B-Instruct",
+     "Qwen/Qwen3-Coder-480B-A35B-Instruct-FP8", "moonshotai/Kimi-K2-Instruct-0905")),
+    ("fireworks", "https://api.fireworks.ai/inference/v1", {},
+     tuple(f"accounts/fireworks/models/{m}" for m in ("qwen3-coder-30b-a3b-instruct",
+                                                     "qwen3-coder-480b-a35b-instruct", "kimi-k2-instruct-0905"))),
+    ("cerebras", "https://api.cerebras.ai/v1", {"parallel-tool-calls": False},
+     ("llama3.1-8b", "qwen-3-coder-480b", "gpt-oss-120b")),
+    ("ollama", "http://localhost:11434/v1", {"keyless": True, "stream-usage": False, "think-tags": True},
+     ("qwen2.5-coder:7b", "qwen3-coder:30b", "qwen3-coder:30b")),
+    ("lmstudio", "http://localhost:1234/v1", {"keyless": True, "stream-usage": False, "think-tags": True},
+     ("qwen2.5-coder-7b-instruct", "qwen3-coder-30b", "qwen3-coder-30b")),
+    ("vllm", "http://localhost:8000/v1", {"keyless": True, "think-tags": True},
+     ("Qwen/Qwen2.5-Coder-7B-Instruct", "Qwen/Qwen3-Coder-30B-A3B-Instruct", "Qwen/Qwen3-Coder-30B-A3B-Instruct")),
+)
+
+
+def defaults_toml() -> str:
+    """The built-in defaults as TOML text (JSON strings and booleans are valid TOML values)."""
+    lines = ["""\
 # vandamme built-in defaults. Your own vandamme-config.toml files and the environment
 # override every value here. Each [provider] table gives the base URL, the API format and
 # the capabilities of a known provider; [provider.aliases] maps Claude Code's model
@@ -152,135 +190,14 @@ DEFAULTS_TOML: Final = '''\
 [defaults]
 default-provider = "openai"
 
-[defaults.aliases]
-
-[openai]
-base-url = "https://api.openai.com/v1"
-reasoning-effort = "reasoning-models"
-[openai.aliases]
-haiku = "gpt-5-mini"
-sonnet = "gpt-5.1"
-opus = "gpt-5.1"
-
-[anthropic]
-# Passthrough: Claude model names go to Anthropic unchanged, so no aliases.
-base-url = "https://api.anthropic.com"
-api-format = "anthropic"
-
-[zai]
-base-url = "https://api.z.ai/api/anthropic"
-api-format = "anthropic"
-[zai.aliases]
-haiku = "glm-4.5-air"
-sonnet = "glm-4.6"
-opus = "glm-4.6"
-
-[gemini]
-base-url = "https://generativelanguage.googleapis.com/v1beta/openai"
-gemini = true
-reasoning-effort = "always"
-stream-usage = true
-[gemini.aliases]
-haiku = "gemini-2.5-flash"
-sonnet = "gemini-2.5-pro"
-opus = "gemini-2.5-pro"
-
-[deepseek]
-base-url = "https://api.deepseek.com"
-reasoning-history = true
-[deepseek.aliases]
-haiku = "deepseek-chat"
-sonnet = "deepseek-chat"
-opus = "deepseek-reasoner"
-
-[openrouter]
-base-url = "https://openrouter.ai/api/v1"
-[openrouter.aliases]
-haiku = "anthropic/claude-haiku-4.5"
-sonnet = "anthropic/claude-sonnet-4.5"
-opus = "anthropic/claude-opus-4.1"
-
-[poe]
-base-url = "https://api.poe.com/v1"
-[poe.aliases]
-haiku = "Claude-Haiku-4.5"
-sonnet = "Claude-Sonnet-4.5"
-opus = "Claude-Opus-4.1"
-
-[groq]
-base-url = "https://api.groq.com/openai/v1"
-[groq.aliases]
-haiku = "llama-3.1-8b-instant"
-sonnet = "moonshotai/kimi-k2-instruct-0905"
-opus = "openai/gpt-oss-120b"
-
-[mistral]
-base-url = "https://api.mistral.ai/v1"
-stream-usage = false
-tool-id-format = "mistral"
-[mistral.aliases]
-haiku = "mistral-small-latest"
-sonnet = "devstral-medium-latest"
-opus = "mistral-large-latest"
-
-[xai]
-base-url = "https://api.x.ai/v1"
-[xai.aliases]
-haiku = "grok-code-fast-1"
-sonnet = "grok-4"
-opus = "grok-4"
-
-[together]
-base-url = "https://api.together.xyz/v1"
-[together.aliases]
-haiku = "Qwen/Qwen3-Coder-30B-A3B-Instruct"
-sonnet = "Qwen/Qwen3-Coder-480B-A35B-Instruct-FP8"
-opus = "moonshotai/Kimi-K2-Instruct-0905"
-
-[fireworks]
-base-url = "https://api.fireworks.ai/inference/v1"
-[fireworks.aliases]
-haiku = "accounts/fireworks/models/qwen3-coder-30b-a3b-instruct"
-sonnet = "accounts/fireworks/models/qwen3-coder-480b-a35b-instruct"
-opus = "accounts/fireworks/models/kimi-k2-instruct-0905"
-
-[cerebras]
-base-url = "https://api.cerebras.ai/v1"
-parallel-tool-calls = false
-[cerebras.aliases]
-haiku = "llama3.1-8b"
-sonnet = "qwen-3-coder-480b"
-opus = "gpt-oss-120b"
-
-[ollama]
-base-url = "http://localhost:11434/v1"
-keyless = true
-stream-usage = false
-think-tags = true
-[ollama.aliases]
-haiku = "qwen2.5-coder:7b"
-sonnet = "qwen3-coder:30b"
-opus = "qwen3-coder:30b"
-
-[lmstudio]
-base-url = "http://localhost:1234/v1"
-keyless = true
-stream-usage = false
-think-tags = true
-[lmstudio.aliases]
-haiku = "qwen2.5-coder-7b-instruct"
-sonnet = "qwen3-coder-30b"
-opus = "qwen3-coder-30b"
-
-[vllm]
-base-url = "http://localhost:8000/v1"
-keyless = true
-think-tags = true
-[vllm.aliases]
-haiku = "Qwen/Qwen2.5-Coder-7B-Instruct"
-sonnet = "Qwen/Qwen3-Coder-30B-A3B-Instruct"
-opus = "Qwen/Qwen3-Coder-30B-A3B-Instruct"
-'''
+[defaults.aliases]"""]
+    for name, base_url, settings, aliases in BUILTIN_PROVIDERS:
+        lines += ["", f"[{name}]"] + ([] if aliases else ["# No aliases: model names go to this provider unchanged."])
+        lines += [f"{key} = {json.dumps(value)}" for key, value in {"base-url": base_url, **settings}.items()]
+        if aliases:
+            lines += [f"[{name}.aliases]"] + [f'{family} = "{model}"' for family, model in
+                                              zip(("haiku", "sonnet", "opus"), aliases, strict=True)]
+    return "\n".join(lines) + "\n"
 
 # ---------------------------------------------------------------------------
 # §2  Errors
@@ -491,7 +408,7 @@ def _default_toml_text() -> str:
     try:
         return beside.read_text(encoding="utf-8")
     except OSError:
-        return DEFAULTS_TOML
+        return defaults_toml()
 
 
 def _norm(name: str) -> str:
