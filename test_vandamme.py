@@ -384,6 +384,8 @@ def test_proxy_api_key_is_not_a_provider() -> None:
     pytest.param({"PORT": "70000"}, "PORT", id="port-range"),
     pytest.param({"REQUEST_TIMEOUT": "soon"}, "REQUEST_TIMEOUT", id="timeout"),
     pytest.param({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL", id="log-level"),
+    pytest.param({"LOG_FORMAT": "xml"}, "LOG_FORMAT", id="log-format"),
+    pytest.param({"MAX_RETRIES": "-1"}, "MAX_RETRIES", id="negative"),
     pytest.param({"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": "ftp://x"}, "OPENAI_BASE_URL", id="url"),
     pytest.param({"OPENAI_API_KEY": "k", "OPENAI_ALIAS_A": "b", "OPENAI_ALIAS_B": "a"}, "cycle", id="alias-cycle"),
 ])

@@ -588,6 +588,25 @@ def _provider_aliases(name: str, table: Mapping[str, tuple[Any, str]], default_a
               if var.upper().startswith(marker) and len(var) > len(marker) and value.strip()]
     return [Alias(provider=name, name=alias, target=target, source=source) for alias, (target, source) in found]
 
+
+def provider_summary(config: Config, cooling: Mapping[str, int] | None = None) -> list[JSON]:
+    """What /health, the startup banner, `config show` and `vandamme health` say about each provider (never a
+    key). `cooling`: provider name -> how many of its keys are cooling down."""
+    return [{"name": p.name, "format": p.api_format, "base_url": p.base_url, "keys": len(p.keys),
+             "passthrough": p.passthrough, "azure": p.azure, "default": p.name == config.default_provider,
+             "capabilities": [name for name, on in (("stream-usage", p.stream_usage), ("think-tags", p.think_tags),
+                                                    ("reasoning-history", p.reasoning_history), ("gemini", p.gemini))
+                              if on],
+             "cooling_keys": (cooling or {}).get(p.name, 0)} for p in config.providers]
+
+
+def summary_cells(row: Mapping[str, Any]) -> tuple[str, str, str, str]:
+    """A provider_summary row for terminals: provider (* = default), format, base URL, keys."""
+    count = row["keys"]
+    keys = "passthrough" if row["passthrough"] else f"{count} key{'' if count == 1 else 's'}"
+    return (row["name"] + (" *" if row.get("default") else ""), row["format"] + (" (azure)" if row["azure"] else ""),
+            row["base_url"], keys)
+
 # ---------------------------------------------------------------------------
 # §4  Routing and aliases
 # ---------------------------------------------------------------------------
@@ -3105,10 +3124,7 @@ def health(rt: Runtime) -> JSON:
     return {"status": "ok" if config.providers else "no_providers", "version": __version__,
             "default_provider": config.default_provider,
             "uptime_s": round(time.time() - rt.metrics.started, 1),
-            "providers": [{"name": p.name, "format": p.api_format, "base_url": p.base_url, "keys": len(p.keys),
-                           "passthrough": p.passthrough, "azure": p.azure,
-                           "cooling_keys": rt.keyrings[p.name].cooling() if p.name in rt.keyrings else 0}
-                          for p in config.providers],
+            "providers": provider_summary(config, {name: ring.cooling() for name, ring in rt.keyrings.items()}),
             **({"hint": "no provider configured: set OPENAI_API_KEY or another {PROVIDER}_API_KEY"}
                if not config.providers else {})}
 
@@ -3478,10 +3494,8 @@ def startup_banner(config: Config, port: int) -> str:
              f"  export ANTHROPIC_BASE_URL=http://{'localhost' if config.host in ('127.0.0.1', '0.0.0.0', '::') else config.host}:{port}"]
     if not config.providers:
         lines.append("  no provider configured: set OPENAI_API_KEY (or {PROVIDER}_API_KEY / {PROVIDER}_BASE_URL)")
-    for p in config.providers:
-        keys = "passthrough" if p.passthrough else f"{len(p.keys)} key{'s' if len(p.keys) != 1 else ''}"
-        mark = " (default)" if p.name == config.default_provider else ""
-        lines.append(f"  provider {p.name:<12} {p.api_format:<9} {p.base_url}  {keys}{' azure' if p.azure else ''}{mark}")
+    lines += [f"  provider {name:<14} {fmt:<14} {url}  {keys}" for name, fmt, url, keys
+              in map(summary_cells, provider_summary(config))]
     lines.append(f"  default provider: {config.default_provider or '-'}; {len(config.aliases)} aliases")
     lines.extend(f"  warning: {w}" for w in config.warnings)
     return "\n".join(lines)
@@ -3691,11 +3705,7 @@ def config_show(config: Config) -> int:
     print(format_table(("setting", "value", "source"), config.sources))
     print()
     print(format_table(("provider", "format", "base URL", "keys", "capabilities"), (
-        (p.name + (" *" if p.name == config.default_provider else ""), p.api_format + (" (azure)" if p.azure else ""),
-         p.base_url, "passthrough" if p.passthrough else ", ".join(mask(k) for k in p.keys) or "(none)",
-         " ".join(f"{k}" for k, on in (("stream-usage", p.stream_usage), ("think-tags", p.think_tags),
-                                        ("reasoning-history", p.reasoning_history), ("gemini", p.gemini)) if on))
-        for p in config.providers)))
+        (*summary_cells(row), " ".join(row["capabilities"])) for row in provider_summary(config))))
     print()
     print(format_table(("alias", "target", "source"), (
         (f"{a.provider}:{a.name}", a.target, a.source) for a in config.aliases)))
@@ -3792,8 +3802,7 @@ def cli_health(url: str) -> int:
     print(f"{_style('healthy' if ok else data.get('status', 'unknown'), '32' if ok else '31')}: vandamme "
           f"{data.get('version')} at {url}, up {data.get('uptime_s')}s, default provider {data.get('default_provider')}")
     print(format_table(("provider", "format", "base URL", "keys", "cooling"), (
-        (p["name"], p["format"], p["base_url"], "passthrough" if p["passthrough"] else p["keys"], p["cooling_keys"])
-        for p in data.get("providers", ()))))
+        (*summary_cells(row), row["cooling_keys"]) for row in data.get("providers", ()))))
     return 0 if ok else 1
 
 
