@@ -141,44 +141,44 @@ ENV_VARS: Final = MappingProxyType({
     "GEMINI_THOUGHT_SIGNATURES_ENABLED": ("gemini_signatures", bool, "carry Gemini thought signatures (true)"),
 })
 
-# Built-in providers: (name, base URL, settings as in a TOML table, haiku/sonnet/opus aliases).
+# Built-in providers: (name, base URL, TOML lines of settings, haiku/sonnet/opus aliases).
 # defaults_toml() renders them as the embedded defaults; defaults.toml is that text (a test checks).
-BUILTIN_PROVIDERS: Final = (
-    ("openai", "https://api.openai.com/v1", {"reasoning-effort": "reasoning-models"},
+BUILTIN_PROVIDERS: Final[tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...]] = (
+    ("openai", "https://api.openai.com/v1", ('reasoning-effort = "reasoning-models"',),
      ("gpt-5-mini", "gpt-5.1", "gpt-5.1")),
-    ("anthropic", "https://api.anthropic.com", {"api-format": "anthropic"}, ()),
-    ("zai", "https://api.z.ai/api/anthropic", {"api-format": "anthropic"}, ("glm-4.5-air", "glm-4.6", "glm-4.6")),
+    ("anthropic", "https://api.anthropic.com", ('api-format = "anthropic"',), ()),
+    ("zai", "https://api.z.ai/api/anthropic", ('api-format = "anthropic"',), ("glm-4.5-air", "glm-4.6", "glm-4.6")),
     ("gemini", "https://generativelanguage.googleapis.com/v1beta/openai",
-     {"gemini": True, "reasoning-effort": "always", "stream-usage": True},
+     ("gemini = true", 'reasoning-effort = "always"', "stream-usage = true"),
      ("gemini-2.5-flash", "gemini-2.5-pro", "gemini-2.5-pro")),
-    ("deepseek", "https://api.deepseek.com", {"reasoning-history": True},
+    ("deepseek", "https://api.deepseek.com", ("reasoning-history = true",),
      ("deepseek-chat", "deepseek-chat", "deepseek-reasoner")),
-    ("openrouter", "https://openrouter.ai/api/v1", {},
+    ("openrouter", "https://openrouter.ai/api/v1", (),
      ("anthropic/claude-haiku-4.5", "anthropic/claude-sonnet-4.5", "anthropic/claude-opus-4.1")),
-    ("poe", "https://api.poe.com/v1", {}, ("Claude-Haiku-4.5", "Claude-Sonnet-4.5", "Claude-Opus-4.1")),
-    ("groq", "https://api.groq.com/openai/v1", {},
+    ("poe", "https://api.poe.com/v1", (), ("Claude-Haiku-4.5", "Claude-Sonnet-4.5", "Claude-Opus-4.1")),
+    ("groq", "https://api.groq.com/openai/v1", (),
      ("llama-3.1-8b-instant", "moonshotai/kimi-k2-instruct-0905", "openai/gpt-oss-120b")),
-    ("mistral", "https://api.mistral.ai/v1", {"stream-usage": False, "tool-id-format": "mistral"},
+    ("mistral", "https://api.mistral.ai/v1", ("stream-usage = false", 'tool-id-format = "mistral"'),
      ("mistral-small-latest", "devstral-medium-latest", "mistral-large-latest")),
-    ("xai", "https://api.x.ai/v1", {}, ("grok-code-fast-1", "grok-4", "grok-4")),
-    ("together", "https://api.together.xyz/v1", {}, ("Qwen/Qwen3-Coder-30B-A3B-Instruct",
+    ("xai", "https://api.x.ai/v1", (), ("grok-code-fast-1", "grok-4", "grok-4")),
+    ("together", "https://api.together.xyz/v1", (), ("Qwen/Qwen3-Coder-30B-A3B-Instruct",
      "Qwen/Qwen3-Coder-480B-A35B-Instruct-FP8", "moonshotai/Kimi-K2-Instruct-0905")),
-    ("fireworks", "https://api.fireworks.ai/inference/v1", {},
+    ("fireworks", "https://api.fireworks.ai/inference/v1", (),
      tuple(f"accounts/fireworks/models/{m}" for m in ("qwen3-coder-30b-a3b-instruct",
                                                      "qwen3-coder-480b-a35b-instruct", "kimi-k2-instruct-0905"))),
-    ("cerebras", "https://api.cerebras.ai/v1", {"parallel-tool-calls": False},
+    ("cerebras", "https://api.cerebras.ai/v1", ("parallel-tool-calls = false",),
      ("llama3.1-8b", "qwen-3-coder-480b", "gpt-oss-120b")),
-    ("ollama", "http://localhost:11434/v1", {"keyless": True, "stream-usage": False, "think-tags": True},
+    ("ollama", "http://localhost:11434/v1", ("keyless = true", "stream-usage = false", "think-tags = true"),
      ("qwen2.5-coder:7b", "qwen3-coder:30b", "qwen3-coder:30b")),
-    ("lmstudio", "http://localhost:1234/v1", {"keyless": True, "stream-usage": False, "think-tags": True},
+    ("lmstudio", "http://localhost:1234/v1", ("keyless = true", "stream-usage = false", "think-tags = true"),
      ("qwen2.5-coder-7b-instruct", "qwen3-coder-30b", "qwen3-coder-30b")),
-    ("vllm", "http://localhost:8000/v1", {"keyless": True, "think-tags": True},
+    ("vllm", "http://localhost:8000/v1", ("keyless = true", "think-tags = true"),
      ("Qwen/Qwen2.5-Coder-7B-Instruct", "Qwen/Qwen3-Coder-30B-A3B-Instruct", "Qwen/Qwen3-Coder-30B-A3B-Instruct")),
 )
 
 
 def defaults_toml() -> str:
-    """The built-in defaults as TOML text (JSON strings and booleans are valid TOML values)."""
+    """The built-in defaults as TOML text (a JSON string is a valid TOML string)."""
     lines = ["""\
 # vandamme built-in defaults. Your own vandamme-config.toml files and the environment
 # override every value here. Each [provider] table gives the base URL, the API format and
@@ -193,7 +193,7 @@ default-provider = "openai"
 [defaults.aliases]"""]
     for name, base_url, settings, aliases in BUILTIN_PROVIDERS:
         lines += ["", f"[{name}]"] + ([] if aliases else ["# No aliases: model names go to this provider unchanged."])
-        lines += [f"{key} = {json.dumps(value)}" for key, value in {"base-url": base_url, **settings}.items()]
+        lines += [f"base-url = {json.dumps(base_url)}", *settings]
         if aliases:
             lines += [f"[{name}.aliases]"] + [f'{family} = "{model}"' for family, model in
                                               zip(("haiku", "sonnet", "opus"), aliases, strict=True)]
