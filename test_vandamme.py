@@ -459,6 +459,15 @@ def test_keyless_builtin_is_enabled_when_named() -> None:
     assert make_config({"VDM_DEFAULT_PROVIDER": "vllm"}).default_provider == "vllm"
 
 
+def test_parse_config_is_pure_given_dotenv_and_toml_layers() -> None:
+    layers = [("defaults", Path("defaults.toml"), tomllib.loads(vd.defaults_toml())),
+              ("local", Path("x.toml"), {"openai": {"aliases": {"sonnet": "mine"}}})]
+    config = vd.parse_config({"OPENAI_API_KEY": "k", "PORT": "9100"}, {"PORT": "9000", "LOG_LEVEL": "debug"}, layers)
+    assert (config.port, config.log_level) == (9100, "DEBUG")
+    assert ("LOG_LEVEL", "DEBUG", ".env") in config.sources and ("PORT", "9100", "env") in config.sources
+    assert vd.resolve_model(config, "sonnet").targets == (vd.Target("openai", "mine"),)
+
+
 def test_config_repr_never_shows_keys() -> None:
     config = make_config({"OPENAI_API_KEY": "sk-secret-value-123456", "PROXY_API_KEY": "proxy-secret-987654"})
     assert "sk-secret-value-123456" not in repr(config)
