@@ -3490,8 +3490,9 @@ def setup_logging(config: Config) -> None:
 
 
 def startup_banner(config: Config, port: int) -> str:
+    host = "localhost" if config.host in ("127.0.0.1", "0.0.0.0", "::") else config.host
     lines = [f"vandamme {__version__} listening on http://{config.host}:{port}",
-             f"  export ANTHROPIC_BASE_URL=http://{'localhost' if config.host in ('127.0.0.1', '0.0.0.0', '::') else config.host}:{port}"]
+             f"  export ANTHROPIC_BASE_URL=http://{host}:{port}"]
     if not config.providers:
         lines.append("  no provider configured: set OPENAI_API_KEY (or {PROVIDER}_API_KEY / {PROVIDER}_BASE_URL)")
     lines += [f"  provider {name:<14} {fmt:<14} {url}  {keys}" for name, fmt, url, keys
@@ -3800,7 +3801,8 @@ def cli_health(url: str) -> int:
         return 1
     ok = data.get("status") == "ok"
     print(f"{_style('healthy' if ok else data.get('status', 'unknown'), '32' if ok else '31')}: vandamme "
-          f"{data.get('version')} at {url}, up {data.get('uptime_s')}s, default provider {data.get('default_provider')}")
+          f"{data.get('version')} at {url}, up {data.get('uptime_s')}s, "
+          f"default provider {data.get('default_provider')}")
     print(format_table(("provider", "format", "base URL", "keys", "cooling"), (
         (*summary_cells(row), row["cooling_keys"]) for row in data.get("providers", ()))))
     return 0 if ok else 1
@@ -3812,7 +3814,8 @@ async def cli_probe(config: Config, command: str, args: argparse.Namespace) -> i
     rt = app[RUNTIME]
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10)) as session:
         rt.session = session
-        wanted = [p for p in config.providers if command == "check" or not args.provider or p.name == args.provider.lower()]
+        wanted = [p for p in config.providers
+                  if command == "check" or not args.provider or p.name == args.provider.lower()]
         if command == "models":
             if not wanted:
                 print(f"vandamme: error: no configured provider {args.provider!r}", file=sys.stderr)
@@ -3847,7 +3850,8 @@ async def cli_probe(config: Config, command: str, args: argparse.Namespace) -> i
                     live, failures = f"failed: {str(exc)[:60]}", failures + 1
             elif not models:
                 failures += 1
-            rows.append((provider.name, provider.api_format, status, live, f"{(time.monotonic() - started) * 1000:.0f}ms"))
+            latency = f"{(time.monotonic() - started) * 1000:.0f}ms"
+            rows.append((provider.name, provider.api_format, status, live, latency))
         print(format_table(("provider", "format", "models", "live request", "latency"), rows))
         rt.session = None
     return 1 if failures else 0
