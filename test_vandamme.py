@@ -306,8 +306,9 @@ def test_toc_matches_section_banners() -> None:
     assert len(banners) >= 10
 
 
-def test_embedded_defaults_equal_defaults_toml() -> None:
-    assert tomllib.loads(vd.DEFAULTS_TOML) == tomllib.loads((HERE / "defaults.toml").read_text())
+def test_defaults_toml_is_the_rendered_provider_table() -> None:
+    assert (HERE / "defaults.toml").read_text() == vd.defaults_toml(), (
+        "regenerate: python -c \"import vandamme; print(vandamme.defaults_toml(), end='')\" > defaults.toml")
 
 
 def test_pep723_block_declares_aiohttp() -> None:
@@ -316,7 +317,7 @@ def test_pep723_block_declares_aiohttp() -> None:
 
 
 def test_every_builtin_provider_is_in_defaults() -> None:
-    data = tomllib.loads(vd.DEFAULTS_TOML)
+    data = tomllib.loads(vd.defaults_toml())
     for name in ("openai", "anthropic", "gemini", "deepseek", "openrouter", "poe", "groq", "mistral", "xai",
                  "together", "fireworks", "cerebras", "zai", "ollama", "lmstudio", "vllm"):
         assert data[name]["base-url"].startswith("http"), name
@@ -383,6 +384,8 @@ def test_proxy_api_key_is_not_a_provider() -> None:
     pytest.param({"PORT": "70000"}, "PORT", id="port-range"),
     pytest.param({"REQUEST_TIMEOUT": "soon"}, "REQUEST_TIMEOUT", id="timeout"),
     pytest.param({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL", id="log-level"),
+    pytest.param({"LOG_FORMAT": "xml"}, "LOG_FORMAT", id="log-format"),
+    pytest.param({"MAX_RETRIES": "-1"}, "MAX_RETRIES", id="negative"),
     pytest.param({"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": "ftp://x"}, "OPENAI_BASE_URL", id="url"),
     pytest.param({"OPENAI_API_KEY": "k", "OPENAI_ALIAS_A": "b", "OPENAI_ALIAS_B": "a"}, "cycle", id="alias-cycle"),
 ])
@@ -454,6 +457,15 @@ def test_keyless_builtin_is_enabled_when_named() -> None:
     config = make_config({"OPENAI_API_KEY": "k", "OLLAMA_ALIAS_CODER": "qwen2.5-coder:7b"})
     assert config.provider("ollama").base_url == "http://localhost:11434/v1"
     assert make_config({"VDM_DEFAULT_PROVIDER": "vllm"}).default_provider == "vllm"
+
+
+def test_parse_config_is_pure_given_dotenv_and_toml_layers() -> None:
+    layers = [("defaults", Path("defaults.toml"), tomllib.loads(vd.defaults_toml())),
+              ("local", Path("x.toml"), {"openai": {"aliases": {"sonnet": "mine"}}})]
+    config = vd.parse_config({"OPENAI_API_KEY": "k", "PORT": "9100"}, {"PORT": "9000", "LOG_LEVEL": "debug"}, layers)
+    assert (config.port, config.log_level) == (9100, "DEBUG")
+    assert ("LOG_LEVEL", "DEBUG", ".env") in config.sources and ("PORT", "9100", "env") in config.sources
+    assert vd.resolve_model(config, "sonnet").targets == (vd.Target("openai", "mine"),)
 
 
 def test_config_repr_never_shows_keys() -> None:

@@ -73,7 +73,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Config", "Exchange", "JsonPrefix", "KeyRing", "Metrics", "Middleware", "Provider", "Route",
     "SSEDecoder", "StreamTranslator", "VandammeError", "anthropic_to_openai", "create_app",
-    "estimate_tokens", "gunicorn_app", "load_config", "main", "openai_to_anthropic", "parse_dotenv",
+    "estimate_tokens", "gunicorn_app", "load_config", "main", "openai_to_anthropic", "parse_config", "parse_dotenv",
     "resolve_model",
 ]
 
@@ -134,13 +134,14 @@ EFFORT_BY_NAME: Final = MappingProxyType({
 # and the --help epilog, so a variable cannot exist without being documented.
 ENV_VARS: Final = MappingProxyType({
     "HOST": ("host", str, "address to bind (default 127.0.0.1)"),
-    "PORT": ("port", int, "port to listen on (default 8082)"),
-    "LOG_LEVEL": ("log_level", str, "DEBUG, INFO, WARNING or ERROR (default INFO)"),
-    "LOG_FORMAT": ("log_format", str, "text or json (default text)"),
+    "PORT": ("port", range(65536), "port to listen on (default 8082)"),
     "REQUEST_TIMEOUT": ("request_timeout", float, "seconds to the upstream's first byte (600)"),
     "STREAM_IDLE_TIMEOUT": ("stream_idle_timeout", float, "seconds of upstream silence in a stream (300)"),
     "CONNECT_TIMEOUT": ("connect_timeout", float, "seconds to connect upstream (10)"),
     "MAX_RETRIES": ("max_retries", int, "retries on connection errors, timeouts and 5xx (2)"),
+    "LOG_LEVEL": ("log_level", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+                  "DEBUG, INFO, WARNING or ERROR (default INFO)"),
+    "LOG_FORMAT": ("log_format", ("text", "json"), "text or json (default text)"),
     "MAX_TOKENS_LIMIT": ("max_tokens_limit", int, "clamp max_tokens to this value (unset: no clamp)"),
     "PROXY_API_KEY": ("proxy_api_key", str, "key clients must present (x-api-key or Bearer)"),
     "SHUTDOWN_GRACE": ("shutdown_grace", float, "seconds in-flight requests get on SIGTERM (30)"),
@@ -152,9 +153,46 @@ ENV_VARS: Final = MappingProxyType({
     "VDM_MIDDLEWARE": ("middleware", str, "Python file with request/response hooks"),
     "GEMINI_THOUGHT_SIGNATURES_ENABLED": ("gemini_signatures", bool, "carry Gemini thought signatures (true)"),
 })
-PROVIDER_SUFFIXES: Final = ("_API_KEY", "_BASE_URL", "_API_FORMAT", "_API_VERSION")
 
-DEFAULTS_TOML: Final = '''\
+# Built-in providers: (name, base URL, TOML lines of settings, haiku/sonnet/opus aliases).
+# defaults_toml() renders them as the embedded defaults; defaults.toml is that text (a test checks).
+BUILTIN_PROVIDERS: Final[tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...]] = (
+    ("openai", "https://api.openai.com/v1", ('reasoning-effort = "reasoning-models"',),
+     ("gpt-5-mini", "gpt-5.1", "gpt-5.1")),
+    ("anthropic", "https://api.anthropic.com", ('api-format = "anthropic"',), ()),
+    ("zai", "https://api.z.ai/api/anthropic", ('api-format = "anthropic"',), ("glm-4.5-air", "glm-4.6", "glm-4.6")),
+    ("gemini", "https://generativelanguage.googleapis.com/v1beta/openai",
+     ("gemini = true", 'reasoning-effort = "always"', "stream-usage = true"),
+     ("gemini-2.5-flash", "gemini-2.5-pro", "gemini-2.5-pro")),
+    ("deepseek", "https://api.deepseek.com", ("reasoning-history = true",),
+     ("deepseek-chat", "deepseek-chat", "deepseek-reasoner")),
+    ("openrouter", "https://openrouter.ai/api/v1", (),
+     ("anthropic/claude-haiku-4.5", "anthropic/claude-sonnet-4.5", "anthropic/claude-opus-4.1")),
+    ("poe", "https://api.poe.com/v1", (), ("Claude-Haiku-4.5", "Claude-Sonnet-4.5", "Claude-Opus-4.1")),
+    ("groq", "https://api.groq.com/openai/v1", (),
+     ("llama-3.1-8b-instant", "moonshotai/kimi-k2-instruct-0905", "openai/gpt-oss-120b")),
+    ("mistral", "https://api.mistral.ai/v1", ("stream-usage = false", 'tool-id-format = "mistral"'),
+     ("mistral-small-latest", "devstral-medium-latest", "mistral-large-latest")),
+    ("xai", "https://api.x.ai/v1", (), ("grok-code-fast-1", "grok-4", "grok-4")),
+    ("together", "https://api.together.xyz/v1", (), ("Qwen/Qwen3-Coder-30B-A3B-Instruct",
+     "Qwen/Qwen3-Coder-480B-A35B-Instruct-FP8", "moonshotai/Kimi-K2-Instruct-0905")),
+    ("fireworks", "https://api.fireworks.ai/inference/v1", (),
+     tuple(f"accounts/fireworks/models/{m}" for m in ("qwen3-coder-30b-a3b-instruct",
+                                                     "qwen3-coder-480b-a35b-instruct", "kimi-k2-instruct-0905"))),
+    ("cerebras", "https://api.cerebras.ai/v1", ("parallel-tool-calls = false",),
+     ("llama3.1-8b", "qwen-3-coder-480b", "gpt-oss-120b")),
+    ("ollama", "http://localhost:11434/v1", ("keyless = true", "stream-usage = false", "think-tags = true"),
+     ("qwen2.5-coder:7b", "qwen3-coder:30b", "qwen3-coder:30b")),
+    ("lmstudio", "http://localhost:1234/v1", ("keyless = true", "stream-usage = false", "think-tags = true"),
+     ("qwen2.5-coder-7b-instruct", "qwen3-coder-30b", "qwen3-coder-30b")),
+    ("vllm", "http://localhost:8000/v1", ("keyless = true", "think-tags = true"),
+     ("Qwen/Qwen2.5-Coder-7B-Instruct", "Qwen/Qwen3-Coder-30B-A3B-Instruct", "Qwen/Qwen3-Coder-30B-A3B-Instruct")),
+)
+
+
+def defaults_toml() -> str:
+    """The built-in defaults as TOML text (a JSON string is a valid TOML string)."""
+    lines = ["""\
 # vandamme built-in defaults. Your own vandamme-config.toml files and the environment
 # override every value here. Each [provider] table gives the base URL, the API format and
 # the capabilities of a known provider; [provider.aliases] maps Claude Code's model
@@ -165,135 +203,14 @@ DEFAULTS_TOML: Final = '''\
 [defaults]
 default-provider = "openai"
 
-[defaults.aliases]
-
-[openai]
-base-url = "https://api.openai.com/v1"
-reasoning-effort = "reasoning-models"
-[openai.aliases]
-haiku = "gpt-5-mini"
-sonnet = "gpt-5.1"
-opus = "gpt-5.1"
-
-[anthropic]
-# Passthrough: Claude model names go to Anthropic unchanged, so no aliases.
-base-url = "https://api.anthropic.com"
-api-format = "anthropic"
-
-[zai]
-base-url = "https://api.z.ai/api/anthropic"
-api-format = "anthropic"
-[zai.aliases]
-haiku = "glm-4.5-air"
-sonnet = "glm-4.6"
-opus = "glm-4.6"
-
-[gemini]
-base-url = "https://generativelanguage.googleapis.com/v1beta/openai"
-gemini = true
-reasoning-effort = "always"
-stream-usage = true
-[gemini.aliases]
-haiku = "gemini-2.5-flash"
-sonnet = "gemini-2.5-pro"
-opus = "gemini-2.5-pro"
-
-[deepseek]
-base-url = "https://api.deepseek.com"
-reasoning-history = true
-[deepseek.aliases]
-haiku = "deepseek-chat"
-sonnet = "deepseek-chat"
-opus = "deepseek-reasoner"
-
-[openrouter]
-base-url = "https://openrouter.ai/api/v1"
-[openrouter.aliases]
-haiku = "anthropic/claude-haiku-4.5"
-sonnet = "anthropic/claude-sonnet-4.5"
-opus = "anthropic/claude-opus-4.1"
-
-[poe]
-base-url = "https://api.poe.com/v1"
-[poe.aliases]
-haiku = "Claude-Haiku-4.5"
-sonnet = "Claude-Sonnet-4.5"
-opus = "Claude-Opus-4.1"
-
-[groq]
-base-url = "https://api.groq.com/openai/v1"
-[groq.aliases]
-haiku = "llama-3.1-8b-instant"
-sonnet = "moonshotai/kimi-k2-instruct-0905"
-opus = "openai/gpt-oss-120b"
-
-[mistral]
-base-url = "https://api.mistral.ai/v1"
-stream-usage = false
-tool-id-format = "mistral"
-[mistral.aliases]
-haiku = "mistral-small-latest"
-sonnet = "devstral-medium-latest"
-opus = "mistral-large-latest"
-
-[xai]
-base-url = "https://api.x.ai/v1"
-[xai.aliases]
-haiku = "grok-code-fast-1"
-sonnet = "grok-4"
-opus = "grok-4"
-
-[together]
-base-url = "https://api.together.xyz/v1"
-[together.aliases]
-haiku = "Qwen/Qwen3-Coder-30B-A3B-Instruct"
-sonnet = "Qwen/Qwen3-Coder-480B-A35B-Instruct-FP8"
-opus = "moonshotai/Kimi-K2-Instruct-0905"
-
-[fireworks]
-base-url = "https://api.fireworks.ai/inference/v1"
-[fireworks.aliases]
-haiku = "accounts/fireworks/models/qwen3-coder-30b-a3b-instruct"
-sonnet = "accounts/fireworks/models/qwen3-coder-480b-a35b-instruct"
-opus = "accounts/fireworks/models/kimi-k2-instruct-0905"
-
-[cerebras]
-base-url = "https://api.cerebras.ai/v1"
-parallel-tool-calls = false
-[cerebras.aliases]
-haiku = "llama3.1-8b"
-sonnet = "qwen-3-coder-480b"
-opus = "gpt-oss-120b"
-
-[ollama]
-base-url = "http://localhost:11434/v1"
-keyless = true
-stream-usage = false
-think-tags = true
-[ollama.aliases]
-haiku = "qwen2.5-coder:7b"
-sonnet = "qwen3-coder:30b"
-opus = "qwen3-coder:30b"
-
-[lmstudio]
-base-url = "http://localhost:1234/v1"
-keyless = true
-stream-usage = false
-think-tags = true
-[lmstudio.aliases]
-haiku = "qwen2.5-coder-7b-instruct"
-sonnet = "qwen3-coder-30b"
-opus = "qwen3-coder-30b"
-
-[vllm]
-base-url = "http://localhost:8000/v1"
-keyless = true
-think-tags = true
-[vllm.aliases]
-haiku = "Qwen/Qwen2.5-Coder-7B-Instruct"
-sonnet = "Qwen/Qwen3-Coder-30B-A3B-Instruct"
-opus = "Qwen/Qwen3-Coder-30B-A3B-Instruct"
-'''
+[defaults.aliases]"""]
+    for name, base_url, settings, aliases in BUILTIN_PROVIDERS:
+        lines += ["", f"[{name}]"] + ([] if aliases else ["# No aliases: model names go to this provider unchanged."])
+        lines += [f"base-url = {json.dumps(base_url)}", *settings]
+        if aliases:
+            lines += [f"[{name}.aliases]"] + [f'{family} = "{model}"' for family, model in
+                                              zip(("haiku", "sonnet", "opus"), aliases, strict=True)]
+    return "\n".join(lines) + "\n"
 
 # ---------------------------------------------------------------------------
 # §2  Errors
@@ -486,42 +403,29 @@ def _parse_bool(text: str) -> bool:
     return text.strip().lower() in ("1", "true", "yes", "on")
 
 
-def _parse_setting(name: str, kind: Any, value: Any, where: str) -> Any:
-    """Check one setting's type; `kind` is a type or a tuple of allowed strings."""
+def _parse_setting(kind: Any, value: Any, where: str) -> Any:
+    """Check one TOML value or environment string. `kind` is a type, a range of integers, or a tuple of
+    allowed words (matched ignoring case, returned as the tuple spells them). Numbers are never negative."""
     if isinstance(kind, tuple):
-        if isinstance(value, bool) and name == "reasoning-effort":
-            return "always" if value else "never"
-        if not isinstance(value, str) or value.lower() not in kind:
-            raise ConfigError(f"{where}: {name} must be one of {', '.join(kind)} (got {value!r})")
-        return value.lower()
-    if kind is bool and isinstance(value, str):
+        word = next((k for k in kind if isinstance(value, str) and k.lower() == value.lower()), None)
+        if word is None:
+            raise ConfigError(f"{where} must be one of {', '.join(kind)} (got {value!r})")
+        return word
+    number = float if kind is float else int if kind is int or isinstance(kind, range) else None
+    if isinstance(value, str) and kind is bool:
         return _parse_bool(value)
-    if kind is int and isinstance(value, str):
+    if isinstance(value, str) and number:
         try:
-            return int(value)
+            value = number(value)
         except ValueError:
-            raise ConfigError(f"{where}: {name} must be an integer (got {value!r})") from None
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{where}: {name} must be a {kind.__name__} (got {value!r})")
-    return value
-
-
-def _read_toml(path: Path, text: str | None = None) -> dict[str, Any]:
-    try:
-        return tomllib.loads(text if text is not None else path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
-
-
-def _default_toml_text() -> str:
-    """defaults.toml beside this file when present, else the embedded copy."""
-    beside = Path(__file__).with_name("defaults.toml")
-    try:
-        return beside.read_text(encoding="utf-8")
-    except OSError:
-        return DEFAULTS_TOML
+            what = "a number" if number is float else "an integer"
+            raise ConfigError(f"{where} must be {what} (got {value!r})") from None
+    if not isinstance(value, (int, float) if number is float else number or kind) or (
+            isinstance(value, bool) and kind is not bool):
+        raise ConfigError(f"{where} must be a {getattr(kind, '__name__', 'int')} (got {value!r})")
+    if number and (value < 0 or isinstance(kind, range) and value not in kind):
+        raise ConfigError(f"{where} out of range (got {value!r})")
+    return float(value) if number is float else value
 
 
 def _norm(name: str) -> str:
@@ -541,85 +445,81 @@ def key_fingerprint(key: str | None) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:8] if key else "-"
 
 
-def toml_layers(environ: Mapping[str, str], *, cwd: Path, home: Path,
-                config_path: str | None) -> list[tuple[str, Path, dict[str, Any]]]:
-    """The TOML files in effect, lowest priority first, as (source, path, data)."""
-    layers = [("defaults", Path("defaults.toml"), _read_toml(Path("defaults.toml"), _default_toml_text()))]
-    if config_path:
-        path = Path(config_path).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"--config {config_path}: no such file")
-        layers.append(("config", path, _read_toml(path)))
-        return layers
-    for source, path in (("user", home / ".config" / "vandamme-proxy" / "vandamme-config.toml"),
-                         ("local", cwd / "vandamme-config.toml")):
-        if path.is_file():
-            layers.append((source, path, _read_toml(path)))
-    return layers
+TomlLayers = Sequence[tuple[str, Path, Mapping[str, Any]]]     # (source, path, data), lowest priority first
 
 
-def load_config(environ: Mapping[str, str], *, cwd: Path | str | None = None,
-                home: Path | str | None = None, config_path: str | None = None,
-                overrides: Mapping[str, Any] | None = None) -> Config:
-    """Build the Config from command-line overrides, environment, .env, TOML files, defaults.
+def parse_config(environ: Mapping[str, str], dotenv: Mapping[str, str], toml_layers: TomlLayers, *,
+                 overrides: Mapping[str, Any] | None = None) -> Config:
+    """Build the Config from command-line overrides, environment, .env, TOML layers (defaults included).
 
-    `environ` is passed in (never read from os.environ here) so tests control it fully.
-    Raises ConfigError with one line naming the variable or file at fault.
+    Pure: load_config (§15) reads the files. Raises ConfigError with one line naming the variable or file.
     """
-    cwd = Path(cwd) if cwd else Path.cwd()
-    home = Path(home) if home else Path(environ.get("HOME") or Path.home())
-    env: dict[str, str] = {}
-    dotenv = cwd / ".env"
-    if dotenv.is_file():
-        try:
-            env.update(parse_dotenv(dotenv.read_text(encoding="utf-8")))
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{dotenv}: cannot read: {exc}") from None
-    env_source = {k: ".env" for k in env}
-    env.update(environ)
-    env_source.update({k: "env" for k in environ})
-    layers = toml_layers(env, cwd=cwd, home=home, config_path=config_path)
+    env = {**dotenv, **environ}
+    env_source = {**dict.fromkeys(dotenv, ".env"), **dict.fromkeys(environ, "env")}
     warnings: list[str] = []
-    sources: list[tuple[str, str, str]] = []
+    values, sources = _parse_globals(env, env_source, toml_layers, overrides or {})
+    tables, user_named, default_aliases = _provider_tables(toml_layers, warnings)
+    providers: list[Provider] = []
+    aliases: dict[tuple[str, str], Alias] = {}
+    for name in _named_providers(env, tables, user_named, values.get("default_provider")):
+        provider = _parse_provider(name, tables.get(name, {}), env, env_source, warnings, sources)
+        if provider is None:
+            continue
+        providers.append(provider)
+        aliases.update(((name, a.name), a) for a in _provider_aliases(name, tables.get(name, {}), default_aliases,
+                                                                      env, env_source))
+    names = [p.name for p in providers]
+    default = values.get("default_provider") or "openai"
+    if providers and default not in names:
+        if values.get("default_provider"):
+            warnings.append(f"default provider {default!r} is not configured; using {names[0]!r}")
+        default = names[0]
+    # Default provider first, then alphabetical: the "provider order" of alias ranking.
+    providers.sort(key=lambda p: (p.name != default, p.name))
+    values["default_provider"] = default if providers else None
+    config = Config(**values, providers=tuple(providers),
+                    aliases=tuple(sorted(aliases.values(), key=lambda a: (a.provider, a.name))),
+                    warnings=tuple(warnings), sources=tuple(sources))
+    for alias in config.aliases:          # a cycle is a startup error, never a request error
+        _follow_alias(config, alias)
+    return config
 
-    # Globals: environment over TOML [defaults] over built-in values.
+
+def _parse_globals(env: Mapping[str, str], env_source: Mapping[str, str], layers: TomlLayers,
+                   overrides: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
+    """Global settings: command line over environment over TOML [defaults] over built-in values."""
     values: dict[str, Any] = {}
-    toml_defaults: dict[str, tuple[Any, str]] = {}
+    sources: list[tuple[str, str, str]] = []
+    shown: tuple[str, str] | None = None
     for source, path, data in layers:
         section = data.get("defaults", {})
         if not isinstance(section, dict):
             raise ConfigError(f"{path}: [defaults] must be a table")
-        for key, value in section.items():
-            toml_defaults[key] = (value, f"{source}:{path}" if source != "defaults" else "defaults")
-    if "default-provider" in toml_defaults:
-        value, src = toml_defaults["default-provider"]
-        values["default_provider"] = str(value).lower()
-        sources.append(("VDM_DEFAULT_PROVIDER", str(value), src))
+        if "default-provider" in section:
+            values["default_provider"] = str(section["default-provider"]).lower()
+            shown = (str(section["default-provider"]), f"{source}:{path}" if source != "defaults" else "defaults")
+    if shown:
+        sources.append(("VDM_DEFAULT_PROVIDER", *shown))
     for var, (attr, kind, _help) in ENV_VARS.items():
-        raw = env.get(var)
-        if raw is None or raw.strip() == "":
+        raw = (env.get(var) or "").strip()
+        if not raw:
             continue
-        raw = raw.strip()
-        if var == "LOG_LEVEL":
+        if var == "LOG_LEVEL":          # the first word: an env file may keep `INFO  # comment`
             raw = raw.split()[0].upper()
-            if raw not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-                raise ConfigError(f"LOG_LEVEL={raw}: must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
-        try:
-            value = _parse_bool(raw) if kind is bool else kind(raw)
-        except ValueError:
-            raise ConfigError(f"{var}={raw!r}: must be {'an integer' if kind is int else 'a number'}") from None
-        if kind in (int, float) and value < 0 or (var == "PORT" and not 0 <= value <= 65535):
-            raise ConfigError(f"{var}={raw}: out of range")
-        if var == "LOG_FORMAT" and value not in ("text", "json"):
-            raise ConfigError(f"LOG_FORMAT={raw}: must be text or json")
+        value = _parse_setting(kind, raw, var)
         values[attr] = value.lower() if attr == "default_provider" else value
-        sources.append((var, mask(raw) if var == "PROXY_API_KEY" else raw, env_source.get(var, "env")))
-    for key, value in (overrides or {}).items():
+        sources.append((var, mask(raw) if var == "PROXY_API_KEY" else raw, env_source[var]))
+    for key, value in overrides.items():
         if value is not None:
             values[key] = value
             sources.append((key.upper(), str(value), "command line"))
+    return values, sources
 
-    # Provider tables merged across TOML layers.
+
+def _provider_tables(layers: TomlLayers, warnings: list[str]) -> tuple[
+        dict[str, dict[str, tuple[Any, str]]], set[str], dict[str, tuple[str, str]]]:
+    """Provider tables merged across TOML layers (name -> TOML key -> (value, source)), the providers a
+    user's TOML names with a key or URL, and the [defaults.aliases]."""
     tables: dict[str, dict[str, tuple[Any, str]]] = {}
     user_named: set[str] = set()
     default_aliases: dict[str, tuple[str, str]] = {}
@@ -636,104 +536,106 @@ def load_config(environ: Mapping[str, str], *, cwd: Path | str | None = None,
                 if key not in _PROVIDER_SETTINGS:
                     warnings.append(f"{path}: [{name}] unknown setting {key!r} ignored")
                     continue
-                where = f"{path} [{name}]"
-                kind = _PROVIDER_SETTINGS[key][1]
-                value = _parse_setting(key, kind, value, where)
+                if key == "reasoning-effort" and isinstance(value, bool):     # `= true` reads naturally
+                    value = "always" if value else "never"
+                value = _parse_setting(_PROVIDER_SETTINGS[key][1], value, f"{path} [{name}]: {key}")
                 if key in ("aliases", "headers"):
                     previous = merged.get(key, ({}, source))[0]
                     value = {**previous, **{k: (str(v), source) for k, v in value.items()}}
                 merged[key] = (value, source)
             if source != "defaults" and ("base-url" in table or "api-key" in table):
                 user_named.add(name.lower())
+    return tables, user_named, default_aliases
 
-    # Which providers exist: a key or base URL in the environment, a user TOML table with
-    # either, or a keyless built-in named anywhere (e.g. OLLAMA_ALIAS_X or the default).
+
+def _named_providers(env: Mapping[str, str], tables: Mapping[str, Mapping[str, tuple[Any, str]]],
+                     user_named: set[str], wanted_default: str | None) -> list[str]:
+    """Which providers exist: a key or base URL in the environment, a user TOML table with
+    either, or a keyless built-in named anywhere (e.g. OLLAMA_ALIAS_X or the default)."""
     named: dict[str, None] = {}
     for var in sorted(env):
-        upper = var.upper()
-        for suffix in PROVIDER_SUFFIXES:
-            if upper.endswith(suffix) and len(upper) > len(suffix):
-                prefix = upper[: -len(suffix)]
-                if prefix in ("PROXY", "VDM") or prefix.startswith("CUSTOM_"):
-                    continue
-                if suffix in ("_API_KEY", "_BASE_URL") and env[var].strip():
-                    named[prefix.lower()] = None
+        match = re.fullmatch(r"(.+)_(?:API_KEY|BASE_URL)", var.upper())
+        prefix = match.group(1) if match and env[var].strip() else "VDM"
+        if prefix not in ("PROXY", "VDM") and not prefix.startswith("CUSTOM_"):
+            named[prefix.lower()] = None
     named.update(dict.fromkeys(sorted(user_named)))
-    wanted_default = values.get("default_provider")
     for name, table in tables.items():
-        keyless = table.get("keyless", (False, ""))[0]
         mentioned = any(v.upper().startswith(name.upper() + "_") for v in env)
-        if keyless and (mentioned or name == wanted_default):
+        if table.get("keyless", (False, ""))[0] and (mentioned or name == wanted_default):
             named.setdefault(name, None)
+    return list(named)
 
-    providers: list[Provider] = []
-    aliases: dict[tuple[str, str], Alias] = {}
-    for name in named:
-        table = tables.get(name, {})
-        upper = name.upper()
-        setting = {k: v[0] for k, v in table.items()}
-        base_url = (env.get(f"{upper}_BASE_URL") or "").strip() or setting.get("base-url")
-        if not base_url:
-            warnings.append(f"provider {name!r} skipped: no known base URL; set {upper}_BASE_URL")
-            continue
-        if not re.match(r"^https?://[^/\s]+", base_url):
-            raise ConfigError(f"{upper}_BASE_URL={base_url!r}: must start with http:// or https://")
-        fmt = (env.get(f"{upper}_API_FORMAT") or "").strip().lower() or setting.get("api-format", "openai")
-        if fmt not in ("openai", "anthropic"):
-            raise ConfigError(f"{upper}_API_FORMAT={fmt!r}: must be 'openai' or 'anthropic'")
-        raw_keys = env.get(f"{upper}_API_KEY", "").strip() or setting.get("api-key", "")
-        keys = tuple(raw_keys.split())
-        passthrough = "!PASSTHRU" in keys
-        if passthrough and len(keys) > 1:
-            raise ConfigError(f"{upper}_API_KEY: '!PASSTHRU' cannot be mixed with static keys")
-        headers = {k: v[0] for k, v in setting.get("headers", {}).items()}
-        marker = f"{upper}_CUSTOM_HEADER_"
-        for var, value in env.items():
-            if var.upper().startswith(marker) and len(var) > len(marker):
-                headers[var[len(marker):].replace("_", "-")] = value
-        fields = {attr: setting[key] for key, (attr, _kind) in _PROVIDER_SETTINGS.items()
-                  if attr and attr not in ("base_url", "keys", "api_format") and key in setting}
-        version = (env.get(f"{upper}_API_VERSION") or "").strip() or fields.pop("api_version", None)
-        fields.pop("api_version", None)
-        provider = Provider(
-            name=name, base_url=base_url.rstrip("/"), api_format=fmt, api_version=version or None,
-            keys=() if passthrough else keys, passthrough=passthrough,
-            headers=tuple(sorted(headers.items())), **fields)
-        providers.append(provider)
-        src = env_source.get(f"{upper}_API_KEY") or table.get("api-key", (None, "toml"))[1]
-        shown = "!PASSTHRU" if passthrough else (", ".join(mask(k) for k in keys) or "(none)")
-        sources.append((f"{name}.keys", shown, src if raw_keys else "-"))
-        sources.append((f"{name}.base_url", provider.base_url,
-                        env_source.get(f"{upper}_BASE_URL") or table.get("base-url", (None, "-"))[1]))
-        # Aliases, lowest priority first so later sources overwrite earlier ones.
-        for alias, (target, source) in default_aliases.items():
-            aliases[(name, alias)] = Alias(provider=name, name=alias, target=target, source=source)
-        for alias, (target, source) in setting.get("aliases", {}).items():
-            if target.strip():
-                aliases[(name, _norm(alias))] = Alias(provider=name, name=_norm(alias), target=target.strip(),
-                                                      source=source)
-        marker = f"{upper}_ALIAS_"
-        for var, value in env.items():
-            if var.upper().startswith(marker) and len(var) > len(marker) and value.strip():
-                alias = _norm(var[len(marker):])
-                aliases[(name, alias)] = Alias(provider=name, name=alias, target=value.strip(),
-                                               source=env_source.get(var, "env"))
 
-    names = [p.name for p in providers]
-    default = values.get("default_provider") or "openai"
-    if providers and default not in names:
-        if values.get("default_provider"):
-            warnings.append(f"default provider {default!r} is not configured; using {names[0]!r}")
-        default = names[0]
-    # Default provider first, then alphabetical: the "provider order" of alias ranking.
-    providers.sort(key=lambda p: (p.name != default, p.name))
-    values["default_provider"] = default if providers else None
-    config = Config(**values, providers=tuple(providers),
-                    aliases=tuple(sorted(aliases.values(), key=lambda a: (a.provider, a.name))),
-                    warnings=tuple(warnings), sources=tuple(sources))
-    for alias in config.aliases:          # a cycle is a startup error, never a request error
-        _follow_alias(config, alias)
-    return config
+def _parse_provider(name: str, table: Mapping[str, tuple[Any, str]], env: Mapping[str, str],
+                    env_source: Mapping[str, str], warnings: list[str],
+                    sources: list[tuple[str, str, str]]) -> Provider | None:
+    """One provider from its merged TOML table and its {NAME}_* variables; None (warned) without a URL."""
+    upper = name.upper()
+    setting = {k: v[0] for k, v in table.items()}
+
+    def variable(suffix: str) -> str:
+        return (env.get(f"{upper}_{suffix}") or "").strip()
+
+    base_url = variable("BASE_URL") or setting.get("base-url")
+    if not base_url:
+        warnings.append(f"provider {name!r} skipped: no known base URL; set {upper}_BASE_URL")
+        return None
+    if not re.match(r"^https?://[^/\s]+", base_url):
+        raise ConfigError(f"{upper}_BASE_URL={base_url!r}: must start with http:// or https://")
+    fmt = variable("API_FORMAT") or setting.get("api-format", "openai")
+    fmt = _parse_setting(_PROVIDER_SETTINGS["api-format"][1], fmt, f"{upper}_API_FORMAT")
+    raw_keys = variable("API_KEY") or setting.get("api-key", "")
+    keys = tuple(raw_keys.split())
+    passthrough = "!PASSTHRU" in keys
+    if passthrough and len(keys) > 1:
+        raise ConfigError(f"{upper}_API_KEY: '!PASSTHRU' cannot be mixed with static keys")
+    headers = {k: v[0] for k, v in setting.get("headers", {}).items()}
+    marker = f"{upper}_CUSTOM_HEADER_"
+    headers.update({var[len(marker):].replace("_", "-"): value for var, value in env.items()
+                    if var.upper().startswith(marker) and len(var) > len(marker)})
+    fields = {attr: setting[key] for key, (attr, _kind) in _PROVIDER_SETTINGS.items()
+              if attr and attr not in ("base_url", "keys", "api_format", "api_version") and key in setting}
+    provider = Provider(
+        name=name, base_url=base_url.rstrip("/"), api_format=fmt,
+        api_version=variable("API_VERSION") or setting.get("api-version") or None,
+        keys=() if passthrough else keys, passthrough=passthrough, headers=tuple(sorted(headers.items())), **fields)
+    src = env_source.get(f"{upper}_API_KEY") or table.get("api-key", (None, "toml"))[1]
+    shown = "!PASSTHRU" if passthrough else (", ".join(mask(k) for k in keys) or "(none)")
+    sources.append((f"{name}.keys", shown, src if raw_keys else "-"))
+    sources.append((f"{name}.base_url", provider.base_url,
+                    env_source.get(f"{upper}_BASE_URL") or table.get("base-url", (None, "-"))[1]))
+    return provider
+
+
+def _provider_aliases(name: str, table: Mapping[str, tuple[Any, str]], default_aliases: Mapping[str, tuple[str, str]],
+                      env: Mapping[str, str], env_source: Mapping[str, str]) -> list[Alias]:
+    """A provider's aliases, lowest priority first so later sources overwrite earlier ones."""
+    marker = f"{name.upper()}_ALIAS_"
+    found = list(default_aliases.items())
+    found += [(_norm(alias), (target.strip(), source)) for alias, (target, source)
+              in table.get("aliases", ({}, ""))[0].items() if target.strip()]
+    found += [(_norm(var[len(marker):]), (value.strip(), env_source[var])) for var, value in env.items()
+              if var.upper().startswith(marker) and len(var) > len(marker) and value.strip()]
+    return [Alias(provider=name, name=alias, target=target, source=source) for alias, (target, source) in found]
+
+
+def provider_summary(config: Config, cooling: Mapping[str, int] | None = None) -> list[JSON]:
+    """What /health, the startup banner, `config show` and `vandamme health` say about each provider (never a
+    key). `cooling`: provider name -> how many of its keys are cooling down."""
+    return [{"name": p.name, "format": p.api_format, "base_url": p.base_url, "keys": len(p.keys),
+             "passthrough": p.passthrough, "azure": p.azure, "default": p.name == config.default_provider,
+             "capabilities": [name for name, on in (("stream-usage", p.stream_usage), ("think-tags", p.think_tags),
+                                                    ("reasoning-history", p.reasoning_history), ("gemini", p.gemini))
+                              if on],
+             "cooling_keys": (cooling or {}).get(p.name, 0)} for p in config.providers]
+
+
+def summary_cells(row: Mapping[str, Any]) -> tuple[str, str, str, str]:
+    """A provider_summary row for terminals: provider (* = default), format, base URL, keys."""
+    count = row["keys"]
+    keys = "passthrough" if row["passthrough"] else f"{count} key{'' if count == 1 else 's'}"
+    return (row["name"] + (" *" if row.get("default") else ""), row["format"] + (" (azure)" if row["azure"] else ""),
+            row["base_url"], keys)
 
 # ---------------------------------------------------------------------------
 # §4  Routing and aliases
@@ -3347,10 +3249,7 @@ def health(rt: Runtime) -> JSON:
     return {"status": "ok" if config.providers else "no_providers", "version": __version__,
             "default_provider": config.default_provider,
             "uptime_s": round(time.time() - rt.metrics.started, 1),
-            "providers": [{"name": p.name, "format": p.api_format, "base_url": p.base_url, "keys": len(p.keys),
-                           "passthrough": p.passthrough, "azure": p.azure,
-                           "cooling_keys": rt.keyrings[p.name].cooling() if p.name in rt.keyrings else 0}
-                          for p in config.providers],
+            "providers": provider_summary(config, {name: ring.cooling() for name, ring in rt.keyrings.items()}),
             **({"hint": "no provider configured: set OPENAI_API_KEY or another {PROVIDER}_API_KEY"}
                if not config.providers else {})}
 
@@ -3566,6 +3465,59 @@ chart($('chart-req'),[],[],$('leg-req'));chart($('chart-tok'),[],[],$('leg-tok')
 # §15  Application and server
 # ---------------------------------------------------------------------------
 
+def _read_toml(path: Path, text: str | None = None) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text if text is not None else path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+
+
+def _default_toml_text() -> str:
+    """defaults.toml beside this file when present, else the embedded copy."""
+    beside = Path(__file__).with_name("defaults.toml")
+    try:
+        return beside.read_text(encoding="utf-8")
+    except OSError:
+        return defaults_toml()
+
+
+def read_toml_layers(*, cwd: Path, home: Path, config_path: str | None) -> list[tuple[str, Path, dict[str, Any]]]:
+    """The TOML files in effect, lowest priority first, as (source, path, data)."""
+    layers = [("defaults", Path("defaults.toml"), _read_toml(Path("defaults.toml"), _default_toml_text()))]
+    if config_path:
+        path = Path(config_path).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"--config {config_path}: no such file")
+        layers.append(("config", path, _read_toml(path)))
+        return layers
+    for source, path in (("user", home / ".config" / "vandamme-proxy" / "vandamme-config.toml"),
+                         ("local", cwd / "vandamme-config.toml")):
+        if path.is_file():
+            layers.append((source, path, _read_toml(path)))
+    return layers
+
+
+def load_config(environ: Mapping[str, str], *, cwd: Path | str | None = None,
+                home: Path | str | None = None, config_path: str | None = None,
+                overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read ./.env and the TOML files, then build the Config with parse_config.
+
+    `environ` is passed in (never read from os.environ here) so tests control it fully.
+    """
+    cwd = Path(cwd) if cwd else Path.cwd()
+    home = Path(home) if home else Path(environ.get("HOME") or Path.home())
+    dotenv_path, dotenv = cwd / ".env", {}
+    if dotenv_path.is_file():
+        try:
+            dotenv = parse_dotenv(dotenv_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{dotenv_path}: cannot read: {exc}") from None
+    layers = read_toml_layers(cwd=cwd, home=home, config_path=config_path)
+    return parse_config(environ, dotenv, layers, overrides=overrides)
+
+
 def builtin_middleware(config: Config) -> list[Middleware]:
     """The provider dialects, written as ordinary middleware."""
     return [GeminiDialect(config.gemini_signatures), ReasoningHistoryDialect(), ThinkTagsDialect()]
@@ -3663,14 +3615,13 @@ def setup_logging(config: Config) -> None:
 
 
 def startup_banner(config: Config, port: int) -> str:
+    host = "localhost" if config.host in ("127.0.0.1", "0.0.0.0", "::") else config.host
     lines = [f"vandamme {__version__} listening on http://{config.host}:{port}",
-             f"  export ANTHROPIC_BASE_URL=http://{'localhost' if config.host in ('127.0.0.1', '0.0.0.0', '::') else config.host}:{port}"]
+             f"  export ANTHROPIC_BASE_URL=http://{host}:{port}"]
     if not config.providers:
         lines.append("  no provider configured: set OPENAI_API_KEY (or {PROVIDER}_API_KEY / {PROVIDER}_BASE_URL)")
-    for p in config.providers:
-        keys = "passthrough" if p.passthrough else f"{len(p.keys)} key{'s' if len(p.keys) != 1 else ''}"
-        mark = " (default)" if p.name == config.default_provider else ""
-        lines.append(f"  provider {p.name:<12} {p.api_format:<9} {p.base_url}  {keys}{' azure' if p.azure else ''}{mark}")
+    lines += [f"  provider {name:<14} {fmt:<14} {url}  {keys}" for name, fmt, url, keys
+              in map(summary_cells, provider_summary(config))]
     lines.append(f"  default provider: {config.default_provider or '-'}; {len(config.aliases)} aliases")
     lines.extend(f"  warning: {w}" for w in config.warnings)
     return "\n".join(lines)
@@ -3880,11 +3831,7 @@ def config_show(config: Config) -> int:
     print(format_table(("setting", "value", "source"), config.sources))
     print()
     print(format_table(("provider", "format", "base URL", "keys", "capabilities"), (
-        (p.name + (" *" if p.name == config.default_provider else ""), p.api_format + (" (azure)" if p.azure else ""),
-         p.base_url, "passthrough" if p.passthrough else ", ".join(mask(k) for k in p.keys) or "(none)",
-         " ".join(f"{k}" for k, on in (("stream-usage", p.stream_usage), ("think-tags", p.think_tags),
-                                        ("reasoning-history", p.reasoning_history), ("gemini", p.gemini)) if on))
-        for p in config.providers)))
+        (*summary_cells(row), " ".join(row["capabilities"])) for row in provider_summary(config))))
     print()
     print(format_table(("alias", "target", "source"), (
         (f"{a.provider}:{a.name}", a.target, a.source) for a in config.aliases)))
@@ -3979,10 +3926,10 @@ def cli_health(url: str) -> int:
         return 1
     ok = data.get("status") == "ok"
     print(f"{_style('healthy' if ok else data.get('status', 'unknown'), '32' if ok else '31')}: vandamme "
-          f"{data.get('version')} at {url}, up {data.get('uptime_s')}s, default provider {data.get('default_provider')}")
+          f"{data.get('version')} at {url}, up {data.get('uptime_s')}s, "
+          f"default provider {data.get('default_provider')}")
     print(format_table(("provider", "format", "base URL", "keys", "cooling"), (
-        (p["name"], p["format"], p["base_url"], "passthrough" if p["passthrough"] else p["keys"], p["cooling_keys"])
-        for p in data.get("providers", ()))))
+        (*summary_cells(row), row["cooling_keys"]) for row in data.get("providers", ()))))
     return 0 if ok else 1
 
 
@@ -3992,7 +3939,8 @@ async def cli_probe(config: Config, command: str, args: argparse.Namespace) -> i
     rt = app[RUNTIME]
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10)) as session:
         rt.session = session
-        wanted = [p for p in config.providers if command == "check" or not args.provider or p.name == args.provider.lower()]
+        wanted = [p for p in config.providers
+                  if command == "check" or not args.provider or p.name == args.provider.lower()]
         if command == "models":
             if not wanted:
                 print(f"vandamme: error: no configured provider {args.provider!r}", file=sys.stderr)
@@ -4027,7 +3975,8 @@ async def cli_probe(config: Config, command: str, args: argparse.Namespace) -> i
                     live, failures = f"failed: {str(exc)[:60]}", failures + 1
             elif not models:
                 failures += 1
-            rows.append((provider.name, provider.api_format, status, live, f"{(time.monotonic() - started) * 1000:.0f}ms"))
+            latency = f"{(time.monotonic() - started) * 1000:.0f}ms"
+            rows.append((provider.name, provider.api_format, status, live, latency))
         print(format_table(("provider", "format", "models", "live request", "latency"), rows))
         rt.session = None
     return 1 if failures else 0
