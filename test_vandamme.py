@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gzip
+import logging
 import collections
 import json
 import os
@@ -118,7 +120,8 @@ class FakeUpstream:
             body = json.loads(raw) if raw else None
         except ValueError:
             body = None
-        self.requests.append({"method": request.method, "path": request.path, "query": dict(request.query),
+        self.requests.append({"method": request.method, "path": request.path, "raw_path": request.raw_path,
+                              "query": dict(request.query),
                               "headers": {k.lower(): v for k, v in request.headers.items()}, "body": body, "raw": raw})
         self.active += 1
         try:
@@ -1516,6 +1519,183 @@ async def test_unreachable_upstream_is_502(proxy: Any) -> None:
     response = await client.post("/v1/messages", json=BASIC)
     body = await response.json()
     assert response.status == 502 and body["error"]["type"] == "api_error" and "cannot reach" in body["error"]["message"]
+
+
+# ---------------------------------------------------------------------------
+# §13 Security: secrets, redirects, limits, routes, hostile input
+# ---------------------------------------------------------------------------
+
+SECRET_CASES = [
+    pytest.param({"OPENAI_API_KEY": "sk-live-0123456789abcdef", "OPENAI_BASE_URL": "{upstream}/v1"}, "openai:gpt-4o", {}, ["sk-live-0123456789abcdef"],
+                 id="openai"),
+    pytest.param({"AZ_API_KEY": "az-secret-0123456789", "AZ_BASE_URL": "{upstream}", "AZ_API_VERSION": "2024-10-21"},
+                 "az:deploy", {}, ["az-secret-0123456789"], id="azure"),
+    pytest.param({"CH_API_KEY": "ch-key-0123456789ab", "CH_BASE_URL": "{upstream}/v1",
+                  "CH_CUSTOM_HEADER_X_TENANT": "tenant-secret-42424242"}, "ch:m", {},
+                 ["ch-key-0123456789ab", "tenant-secret-42424242"], id="custom-header"),
+    pytest.param({"PT_API_KEY": "!PASSTHRU", "PT_BASE_URL": "{upstream}/v1"}, "pt:m",
+                 {"x-api-key": "client-own-key-9876543210"}, ["client-own-key-9876543210"], id="passthru"),
+]
+
+
+def echo_upstream(mode: str) -> web.Application:
+    """An upstream that repeats every header it got in its error, as OpenAI does with a wrong key."""
+    async def handle(request: web.Request) -> web.StreamResponse:
+        echoed = " ".join(f"{k}={v}" for k, v in request.headers.items())
+        if mode == "inband":
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            await response.write(sse(delta(content="hi"), {"error": {"message": f"bad key: {echoed}"}}, done=False))
+            return response
+        return web.json_response({"error": {"message": f"Incorrect API key provided: {echoed}"}}, status=401)
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
+
+
+@pytest.mark.parametrize("mode", ["json", "stream", "inband"])
+@pytest.mark.parametrize(("env", "model", "headers", "secrets"), SECRET_CASES)
+async def test_an_echoed_key_never_leaves(aiohttp_server: Any, aiohttp_client: Any, tmp_path: Path, caplog: Any,
+                                          env: dict, model: str, headers: dict, secrets: list, mode: str) -> None:
+    echo = await aiohttp_server(echo_upstream(mode))
+    url = str(echo.make_url("")).rstrip("/")
+    config = make_config({"REQUEST_TIMEOUT": "5", "MAX_RETRIES": "0",
+                          **{k: v.replace("{upstream}", url) for k, v in env.items()}}, tmp_path)
+    client = await aiohttp_client(vd.create_app(config))
+    caplog.set_level(logging.INFO)
+    response = await client.post("/v1/messages", json={**BASIC, "model": model, "stream": mode != "json"},
+                                 headers=headers)
+    answer = await response.text()
+    assert ("bad key" if mode == "inband" else "Incorrect API key") in answer
+    outputs = [answer, caplog.text]
+    for path in ("/metrics/running-totals", "/metrics", "/health"):
+        outputs.append(await (await client.get(path, headers=headers)).text())
+    assert "Incorrect API key" in outputs[2] or "bad key" in outputs[2]       # the error is reported, masked
+    for secret in secrets:
+        assert all(secret not in text for text in outputs), secret
+
+
+async def test_base_url_user_info_and_query_are_masked(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy({"OPENAI_BASE_URL": "{upstream}/v1?token=query-secret-1234",
+                          "X_BASE_URL": "http://user:userinfo-pass-9876@127.0.0.1:9/v1"})
+    health = await (await client.get("/health")).text()
+    assert "query-secret-1234" not in health and "userinfo-pass-9876" not in health and "x" in health
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/models"])
+async def test_upstream_redirects_are_never_followed(proxy: Any, upstream: FakeUpstream, path: str) -> None:
+    client = await proxy()
+    upstream.add(Reply({"error": "moved"}, status=302, headers={"Location": "http://evil.example/v1/steal"}))
+    if path == "/v1/messages":
+        response = await client.post(path, json=BASIC)
+        body = await response.json()
+        assert response.status == 502 and "evil.example" in body["error"]["message"]
+        assert "openai" in body["error"]["message"] and response.headers["x-should-retry"] == "false"
+    else:
+        models = await (await client.get(path)).json()
+        assert not any(m["id"].startswith("openai:") for m in models["data"])
+    assert len(upstream.requests) == 1          # only the first hop: nothing went to the redirect's target
+
+
+async def test_gzip_bomb_stops_at_the_response_cap(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy({"MAX_RESPONSE_BYTES": str(1 << 20)})
+    bomb = gzip.compress(b'{"choices": [' + b" " * (200 << 20) + b"]}", compresslevel=9)
+    assert len(bomb) < 400_000
+    upstream.add(Reply(bomb, headers={"Content-Encoding": "gzip"}))
+    response = await client.post("/v1/messages", json=BASIC)
+    body = await response.json()
+    assert response.status == 502 and "MAX_RESPONSE_BYTES=1048576" in body["error"]["message"]
+
+
+GUARDED = [("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens"), ("GET", "/v1/models"),
+           ("HEAD", "/v1/models"), ("GET", "/v1/aliases"), ("GET", "/metrics"), ("GET", "/metrics/running-totals"),
+           ("POST", "/api/event_logging/batch"), ("DELETE", "/v1/messages"), ("GET", "/nowhere"),
+           ("PUT", "/health"), ("HEAD", "/metrics")]
+
+
+async def test_proxy_key_guards_every_route_but_the_public_ones(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy({"PROXY_API_KEY": "proxy-key-1234567890"})
+    for method, path in GUARDED:
+        response = await client.request(method, path, json=BASIC if method == "POST" else None)
+        assert response.status == 401, (method, path, response.status)
+    for method, path in [("HEAD", "/"), ("GET", "/"), ("HEAD", "/api/hello"), ("GET", "/api/hello")]:
+        assert (await client.request(method, path)).status == 200, (method, path)
+    assert await (await client.get("/health")).json() == {"status": "ok"}
+    detailed = await (await client.get("/health", headers={"x-api-key": "proxy-key-1234567890"})).json()
+    assert detailed["providers"][0]["name"] == "openai"
+    assert upstream.requests == []
+
+
+async def test_head_never_runs_a_get_handlers_work(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy()
+    assert (await client.head("/v1/models")).status == 405
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize(("data", "fragment"), [
+    pytest.param(b'{"model": "m", "max_tokens": NaN, "messages": []}', "NaN is not JSON", id="nan"),
+    pytest.param(b'{"model": "m", "temperature": -Infinity, "messages": []}', "Infinity is not JSON", id="infinity"),
+    pytest.param(b'{"model": "m\xff", "messages": []}', "not valid UTF-8", id="utf8"),
+    pytest.param(b'{"model": "m", "messages": [' + b"[" * 100_000 + b"]" * 100_000 + b"]}", "nested too deeply",
+                 id="deep"),
+    pytest.param(json.dumps({**BASIC, "model": "a\r\nb"}).encode(), "model: must be", id="control-chars"),
+    pytest.param(b'{"model": "\\ud800x", "messages": []}', "model: must be", id="lone-surrogate"),
+    pytest.param(json.dumps({**BASIC, "model": "m" * 257}).encode(), "model: must be", id="too-long"),
+])
+async def test_hostile_bodies_are_400_and_never_forwarded(proxy: Any, upstream: FakeUpstream, data: bytes,
+                                                           fragment: str) -> None:
+    client = await proxy()
+    response = await client.post("/v1/messages", data=data, headers={"Content-Type": "application/json"})
+    body = await response.json()
+    assert response.status == 400 and body["error"]["type"] == "invalid_request_error", body
+    assert fragment in body["error"]["message"] and response.headers["x-should-retry"] == "false"
+    assert upstream.requests == []
+
+
+async def test_azure_deployment_is_one_path_segment(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy({"AZ_API_KEY": "k" * 20, "AZ_BASE_URL": "{upstream}", "AZ_API_VERSION": "2024-10-21"})
+    await client.post("/v1/messages", json={**BASIC, "model": "az:../../admin?x=1#y"})
+    assert upstream.last["raw_path"] == "/openai/deployments/..%2F..%2Fadmin%3Fx=1%23y/chat/completions" \
+                                        "?api-version=2024-10-21"
+
+
+@pytest.mark.parametrize("variable", ["OPENAI_CUSTOM_HEADER_X_ORG", "OPENAI_CUSTOM_HEADER_X_O(RG"])
+def test_header_that_http_forbids_stops_startup(variable: str) -> None:
+    with pytest.raises(vd.ConfigError, match=re.escape(variable)):
+        make_config({"OPENAI_API_KEY": "sk-1", variable: "a\r\nInjected: yes" if variable.endswith("ORG") else "a"})
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_log_lines_cannot_be_forged_and_hide_secrets(log_format: str) -> None:
+    config = make_config({"OPENAI_API_KEY": "sk-log-secret-123456", "LOG_FORMAT": log_format})
+    formatter = logging.getLogger().handlers and None or vd.setup_logging(config) or logging.getLogger().handlers[0]
+    record = logging.LogRecord("vandamme", logging.WARNING, __file__, 1, "upstream said %s",
+                               ("sk-log-secret-123456\r\n12:00:00 INFO forged\x1b[2J",), None)
+    line = formatter.format(record)
+    assert "\n" not in line and "\r" not in line and "\x1b" not in line
+    assert "sk-log-secret-123456" not in line and "forged" in line
+
+
+async def test_slow_clients_are_cut_off(tmp_path: Path) -> None:
+    proc = ProxyProcess(HERE / "vandamme.py", {"OPENAI_API_KEY": "sk-slow-0000001", "CLIENT_TIMEOUT": "1"}, tmp_path)
+    try:
+        await proc.wait_ready()
+        reader, writer = await asyncio.open_connection("127.0.0.1", proc.port)
+        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n")         # headers never finished
+        await writer.drain()
+        async with asyncio.timeout(10):
+            assert await reader.read() == b""                                # the gateway hung up
+        writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", proc.port)
+        writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        await writer.drain()
+        async with asyncio.timeout(10):
+            answer = await reader.readuntil(b'"}}')                           # the whole JSON error
+        writer.close()
+        assert b" 408 " in answer.split(b"\r\n")[0] and b"CLIENT_TIMEOUT" in answer
+        assert (await proc.wait_ready())["status"] == "ok"
+    finally:
+        assert proc.stop() == 0
 
 
 # ---------------------------------------------------------------------------

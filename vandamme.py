@@ -241,9 +241,6 @@ class VandammeError(Exception):
             self.retryable = retryable
         self.retry_after = retry_after
 
-    def body(self) -> JSON:
-        return error_body(self.error_type, str(self))
-
 
 class ConfigError(VandammeError, ValueError):
     """A configuration problem found at startup; the CLI prints it and exits 1."""
@@ -445,6 +442,33 @@ def key_fingerprint(key: str | None) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:8] if key else "-"
 
 
+class Redactor:
+    """Masks secrets in text that leaves the process: the one redaction step.
+
+    It knows the configuration's secrets (provider keys, PROXY_API_KEY, custom header
+    values, the user-info and query string of base URLs); a request's own client key is
+    passed as `extra`. Values shorter than 6 characters are not treated as secrets.
+    """
+
+    def __init__(self, config: Config) -> None:
+        found = {config.proxy_api_key or ""}
+        for p in config.providers:
+            url = urllib.parse.urlsplit(p.base_url)
+            found.update(p.keys, (v for _n, v in p.headers), (url.netloc.rpartition("@")[0], url.query))
+        secrets = sorted((s for s in found if len(s) >= 6), key=len, reverse=True)
+        self._pattern = re.compile("|".join(map(re.escape, secrets))) if secrets else None
+
+    def __call__(self, text: str, *extra: str | None) -> str:
+        if self._pattern is not None:
+            text = self._pattern.sub(lambda match: mask(match.group()), text)
+        for secret in extra:
+            if secret and len(secret) >= 6 and secret in text:
+                text = text.replace(secret, mask(secret))
+        return text
+
+
+_HEADER_NAME: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HEADER_VALUE_BAD: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 TomlLayers = Sequence[tuple[str, Path, Mapping[str, Any]]]     # (source, path, data), lowest priority first
 
 
@@ -589,10 +613,15 @@ def _parse_provider(name: str, table: Mapping[str, tuple[Any, str]], env: Mappin
     passthrough = "!PASSTHRU" in keys
     if passthrough and len(keys) > 1:
         raise ConfigError(f"{upper}_API_KEY: '!PASSTHRU' cannot be mixed with static keys")
-    headers = {k: v[0] for k, v in setting.get("headers", {}).items()}
     marker = f"{upper}_CUSTOM_HEADER_"
-    headers.update({var[len(marker):].replace("_", "-"): value for var, value in env.items()
-                    if var.upper().startswith(marker) and len(var) > len(marker)})
+    origin = {k: f"[{name}.headers] {k!r}" for k in setting.get("headers", {})}
+    origin.update({var[len(marker):].replace("_", "-"): var for var in env
+                   if var.upper().startswith(marker) and len(var) > len(marker)})
+    headers = {k: v[0] for k, v in setting.get("headers", {}).items()}
+    headers.update({header: env[var] for header, var in origin.items() if var in env})
+    for header, value in headers.items():       # a CR/LF here would let one header smuggle in others
+        if not _HEADER_NAME.fullmatch(header) or _HEADER_VALUE_BAD.search(value):
+            raise ConfigError(f"{origin[header]}: a header name or value with a character HTTP does not allow")
     fields = {attr: setting[key] for key, (attr, _kind) in _PROVIDER_SETTINGS.items()
               if attr and attr not in ("base_url", "keys", "api_format", "api_version") and key in setting}
     provider = Provider(
@@ -2494,6 +2523,7 @@ class Runtime:
     def apply(self, config: Config) -> None:
         """Switch to a new configuration; key cool-downs survive when the keys did not change."""
         self.routes: BoundedCache[str, Route] = BoundedCache(4096)
+        self.redact = Redactor(config)
         old = self.keyrings
         self.keyrings = {p.name: old[p.name] if p.name in old and old[p.name].keys == p.keys
                          else KeyRing(p.keys, self.clock) for p in config.providers if p.keys}
@@ -2566,7 +2596,9 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
         return None
 
 
-def _upstream_failure(provider: Provider, status: int, raw: bytes, headers: Mapping[str, str]) -> UpstreamError:
+def _upstream_failure(provider: Provider, status: int, raw: bytes, headers: Mapping[str, str],
+                      key: str | None = None) -> UpstreamError:
+    """The provider's failure as an error; `key`, the one it was sent, is masked if the body echoes it."""
     if 300 <= status < 400:         # following it would send the prompt and the key to another origin
         target = urllib.parse.urlsplit(headers.get("location", "")).hostname or "another path"
         return UpstreamError(f"{provider.name}: answered with a redirect (HTTP {status}) to {target}, which vandamme "
@@ -2577,6 +2609,8 @@ def _upstream_failure(provider: Provider, status: int, raw: bytes, headers: Mapp
         message = None
     if not message:
         message = raw.decode("utf-8", "replace").strip()[:500] or f"HTTP {status}"
+    if key and key in message:
+        message = message.replace(key, mask(key))
     client_status = 400 if status == 422 else status if status in ERROR_TYPE_BY_STATUS else (
         400 if status < 500 else 502)
     return UpstreamError(f"{provider.name}: {message}", status=client_status, retry_after=_retry_after(headers),
@@ -2649,7 +2683,7 @@ async def open_upstream(rt: Runtime, provider: Provider, url: str, data: bytes, 
                     response.release()
                 return response, body, key
             response.release()
-            error = _upstream_failure(provider, response.status, body or b"", response.headers)
+            error = _upstream_failure(provider, response.status, body or b"", response.headers, key)
             cooldown = KEY_COOLDOWN.get(response.status)
             if cooldown is not None and ring is not None and key is not None:
                 ring.cool(key, error.retry_after if response.status == 429 and error.retry_after else cooldown)
@@ -2722,8 +2756,11 @@ async def fetch_models(rt: Runtime, provider: Provider, key: str | None) -> list
 # ---------------------------------------------------------------------------
 
 RECORD: Final = web.RequestKey("vandamme.record", RequestRecord)
-PUBLIC_PATHS: Final = frozenset({"/", "/health", "/api/hello", "/api/event_logging/batch",
-                                 "/api/event_logging/v2/batch"})
+REPORT_PATHS: Final = frozenset({"/health", "/metrics", "/metrics/running-totals", "/v1/models", "/v1/aliases"})
+# What answers without PROXY_API_KEY: Claude Code's probes, the dashboard's empty shell (it asks
+# for the key itself) and a /health that says only {"status": ...}. Everything else needs the key.
+PUBLIC_ROUTES: Final = frozenset({("HEAD", "/"), ("GET", "/"), ("HEAD", "/api/hello"), ("GET", "/api/hello"),
+                                  ("GET", "/health")})
 
 
 def _json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
@@ -2731,7 +2768,13 @@ def _json_response(data: Any, status: int = 200, headers: Mapping[str, str] | No
                         content_type="application/json")
 
 
-def _error_response(exc: VandammeError, request_id: str) -> web.Response:
+def _redaction(request: web.Request) -> Callable[[str], str]:
+    """Redaction for what this request's answer says: the configuration's secrets and the client's keys."""
+    redact, offered = request.app[RUNTIME].redact, _offered_keys(request)
+    return lambda text: redact(text, *offered)
+
+
+def _error_response(exc: VandammeError, request_id: str, redact: Callable[[str], str]) -> web.Response:
     """The one place an error becomes an HTTP answer."""
     headers = {"request-id": request_id}
     if exc.retry_after is not None:
@@ -2740,8 +2783,10 @@ def _error_response(exc: VandammeError, request_id: str) -> web.Response:
         headers["x-should-retry"] = "false"
     if isinstance(exc, UpstreamError) and exc.verbatim and exc.reply:
         status, data, content_type = exc.reply
+        text = data.decode("utf-8", "replace")
+        data = data if redact(text) == text else redact(text).encode()
         return web.Response(body=data, status=status, headers={**headers, "Content-Type": content_type})
-    return _json_response(exc.body(), exc.status, headers)
+    return _json_response(error_body(exc.error_type, redact(str(exc))), exc.status, headers)
 
 
 def _too_large(limit: int) -> VandammeError:
@@ -2773,9 +2818,9 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     request[RECORD] = rec
     response: web.StreamResponse | None = None
     try:
-        proxy_key = rt.config.proxy_api_key
-        if proxy_key and request.path not in PUBLIC_PATHS and request.method != "HEAD":
-            _authenticate(request, proxy_key)
+        if (request.method, request.path) not in PUBLIC_ROUTES and not _has_proxy_key(request):
+            raise AuthenticationError("invalid or missing API key: this vandamme requires PROXY_API_KEY "
+                                      "in x-api-key or Authorization: Bearer")
         response = await handler(request)
     except asyncio.CancelledError:
         rec.fail("client_closed", "client disconnected", status=499)
@@ -2784,12 +2829,15 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         if isinstance(exc, web.HTTPException) and exc.status < 400:
             raise
         error = _as_error(exc, request, rt.config)
-        rec.fail(error.error_type, str(error), status=error.status)
-        response = _error_response(error, rec.request_id)
+        redact = _redaction(request)
+        rec.fail(error.error_type, redact(str(error)), status=error.status)
+        response = _error_response(error, rec.request_id, redact)
     finally:
         _finish_record(rt, request.path, rec, response)
     if not response.prepared:
         response.headers["request-id"] = rec.request_id
+        if request.path in REPORT_PATHS and isinstance(response, web.Response) and response.text:
+            response.text = _redaction(request)(response.text)
     return response
 
 
@@ -2802,12 +2850,14 @@ def _finish_record(rt: Runtime, path: str, rec: RequestRecord, response: web.Str
         log_access(rt, rec)
 
 
-def _authenticate(request: web.Request, proxy_key: str) -> None:
+def _has_proxy_key(request: web.Request) -> bool:
+    """True when no PROXY_API_KEY is set, or the client presents it."""
+    proxy_key = request.app[RUNTIME].config.proxy_api_key
+    if not proxy_key:
+        return True
     x_api_key, bearer = _offered_keys(request)
     # Both are compared (constant time each), so timing tells nothing about either.
-    if not (_is_proxy_key(x_api_key, proxy_key) | _is_proxy_key(bearer, proxy_key)):
-        raise AuthenticationError("invalid or missing API key: this vandamme requires PROXY_API_KEY "
-                                  "in x-api-key or Authorization: Bearer")
+    return _is_proxy_key(x_api_key, proxy_key) | _is_proxy_key(bearer, proxy_key)
 
 
 class Incoming:
@@ -3001,6 +3051,7 @@ class _StreamRelay:
             whole = await self._whole_message()
         await self.response.prepare(request)
         self.rec.status = 200
+        self.redact = _redaction(request)
         abort_id = id(self.response)
         self.rt.aborts[abort_id] = self.close_upstream
         pinger = asyncio.create_task(self._keepalive())
@@ -3096,7 +3147,7 @@ class _StreamRelay:
             kind, message = "overloaded_error", "vandamme is shutting down; retry the request"
         else:
             kind, message = "api_error", f"{name}: stream interrupted: {type(exc).__name__} {exc}"
-        await _end_stream_with_error(self.response, self.rec, kind, message)
+        await _end_stream_with_error(self.response, self.rec, kind, self.redact(message))
 
     def _count_usage(self) -> None:
         translator, rec = self.translator, self.rec
@@ -3186,7 +3237,8 @@ async def _relay_anthropic(request: web.Request, rt: Runtime, provider: Provider
     except ConnectionResetError:
         rec.fail("client_closed", "client disconnected mid-stream")
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        await _end_stream_with_error(response, rec, "api_error", f"{provider.name}: stream interrupted: {exc}")
+        await _end_stream_with_error(response, rec, "api_error",
+                                     _redaction(request)(f"{provider.name}: stream interrupted: {exc}"))
     finally:
         upstream.close()
     return response
@@ -3255,7 +3307,9 @@ def health(rt: Runtime) -> JSON:
 
 
 async def handle_health(request: web.Request) -> web.StreamResponse:
-    return _json_response(health(request.app[RUNTIME]))
+    """The detailed view needs the proxy key; without it only the status is public."""
+    data = health(request.app[RUNTIME])
+    return _json_response(data if _has_proxy_key(request) else {"status": data["status"]})
 
 
 async def handle_running_totals(request: web.Request) -> web.StreamResponse:
@@ -3561,11 +3615,11 @@ def create_app(config: Config, *, middleware: Sequence[Any] | None = None) -> we
     router = app.router
     router.add_post("/v1/messages", handle_messages)
     router.add_post("/v1/messages/count_tokens", handle_count_tokens)
-    router.add_get("/v1/models", handle_models)
-    router.add_get("/v1/aliases", handle_aliases)
+    # A HEAD never runs a GET handler's work (a HEAD of /v1/models must not fetch model lists).
+    for path, handler in (("/v1/models", handle_models), ("/v1/aliases", handle_aliases),
+                          ("/metrics", handle_prometheus), ("/metrics/running-totals", handle_running_totals)):
+        router.add_get(path, handler, allow_head=False)
     router.add_get("/health", handle_health)
-    router.add_get("/metrics", handle_prometheus)
-    router.add_get("/metrics/running-totals", handle_running_totals)
     router.add_get("/", handle_dashboard)
     router.add_get("/api/hello", handle_ok)            # HEAD /api/hello too: Claude Code's probe
     router.add_post("/api/event_logging/batch", handle_ok)
@@ -3578,9 +3632,22 @@ async def gunicorn_app() -> web.Application:
     return create_app(load_config(os.environ, config_path=os.environ.get("VDM_CONFIG")))
 
 
-class _JsonFormatter(logging.Formatter):
+class _LogFormatter(logging.Formatter):
+    """Log lines, text or JSON: secrets redacted, control characters escaped so that nothing a
+    client or an upstream sent (a model name, a header, an error message) can forge a line."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+        self.json = config.log_format == "json"
+        self.redact = Redactor(config)
+
     def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
+        message = self.redact(record.getMessage())
+        if not self.json:
+            record.message = _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode(), message)
+            record.asctime = self.formatTime(record, self.datefmt)
+            exception = "\n" + self.formatException(record.exc_info) if record.exc_info else ""
+            return self.formatMessage(record) + exception
         if message.startswith('{"event": "request"'):
             return message
         data = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name, "message": message}
@@ -3604,10 +3671,7 @@ class _QuietParserErrors(logging.Filter):
 def setup_logging(config: Config) -> None:
     logging.getLogger("aiohttp.server").addFilter(_QuietParserErrors())
     handler = logging.StreamHandler()
-    if config.log_format == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    handler.setFormatter(_LogFormatter(config))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.log_level)
@@ -3634,7 +3698,9 @@ async def serve(config: Config, reload: Callable[[], Config] | None = None, *, r
     # Startup objects never die: keep them out of every future full collection. (Raising
     # the GC thresholds saved little CPU and let the soak test's memory grow by a third.)
     gc.freeze()
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
+    # keepalive_timeout also bounds how long a connection may take to send its headers.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0,
+                           keepalive_timeout=config.client_timeout)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, reuse_port=reuse_port or None, backlog=1024)
     await site.start()
