@@ -1275,6 +1275,211 @@ def usage_to_anthropic(usage: Any) -> JSON:
             "cache_read_input_tokens": cached, "cache_creation_input_tokens": written}
 
 
+def _message_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):            # some servers send content parts
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def thinking_signature(text: str) -> str:
+    """A stable opaque signature for thinking that did not come from Anthropic."""
+    return "vdm-" + hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def new_message_id() -> str:
+    return "msg_" + secrets.token_hex(12)
+
+
+def new_tool_id() -> str:
+    return "toolu_" + secrets.token_hex(12)
+
+
+def upstream_error_message(data: Any) -> str | None:
+    """The message inside an OpenAI/Azure/Gemini/Anthropic error body, if there is one."""
+    if isinstance(data, list) and data:
+        data = data[0]
+    if not isinstance(data, dict):
+        return None
+    error = data.get("error", data.get("detail"))
+    if isinstance(error, dict):
+        message = error.get("message") or error.get("msg") or error.get("code")
+        return str(message) if message else json.dumps(error)[:500]
+    if isinstance(error, str):
+        return error
+    return str(data["message"]) if isinstance(data.get("message"), str) else None
+
+
+def openai_to_anthropic(data: Any, conv: Conversion, client_model: str) -> JSON:
+    """Convert an OpenAI chat completion into an Anthropic Message.
+
+    Content order: thinking, text, tool_use; at least one block; stop_reason never null;
+    `model` is the client's requested model string.
+    """
+    if not isinstance(data, dict):
+        raise UpstreamError("upstream returned a body that is not a JSON object", status=502)
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        message = upstream_error_message(data) or "upstream response has no choices"
+        raise UpstreamError(message, status=502)
+    choice = choices[0]
+    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    content: list[JSON] = []
+    reasoning = message.get("reasoning_content") or message.get("reasoning")
+    if isinstance(reasoning, str) and reasoning:
+        content.append({"type": "thinking", "thinking": reasoning, "signature": thinking_signature(reasoning)})
+    text = _message_text(message.get("content"))
+    if text:
+        content.append({"type": "text", "text": text})
+    refusal = message.get("refusal")
+    if isinstance(refusal, str) and refusal:
+        content.append({"type": "text", "text": refusal})
+    calls = message.get("tool_calls")
+    for call in calls if isinstance(calls, list) else ():
+        if not isinstance(call, dict):
+            continue
+        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        name = function.get("name") if isinstance(function.get("name"), str) else "unknown_tool"
+        tool_id = call.get("id")
+        content.append({"type": "tool_use", "id": str(tool_id) if tool_id else new_tool_id(),
+                        "name": conv.tool_names.get(name, name),
+                        "input": parse_tool_arguments(function.get("arguments"))})
+    if not content:
+        content.append({"type": "text", "text": ""})
+    finish = choice.get("finish_reason")
+    if any(block["type"] == "tool_use" for block in content):
+        stop_reason = "tool_use"
+    elif isinstance(refusal, str) and refusal:
+        stop_reason = "refusal"
+    else:
+        stop_reason = STOP_REASON.get(finish, "end_turn") if isinstance(finish, str) else "end_turn"
+    return {"id": new_message_id(), "type": "message", "role": "assistant", "model": client_model,
+            "content": content, "stop_reason": stop_reason, "stop_sequence": None,
+            "usage": usage_to_anthropic(data.get("usage"))}
+
+
+# ---------------------------------------------------------------------------
+# §8  Streaming: SSE decoder and stream translator
+# ---------------------------------------------------------------------------
+
+class SSEDecoder:
+    """Incremental Server-Sent Events parser over bytes.
+
+    Lines are split on LF (a trailing CR is dropped) and text is decoded only per whole
+    event, so events and multi-byte characters may be split anywhere. Comment lines and
+    lines that are not fields are skipped. Yields (event name, data bytes).
+    """
+
+    __slots__ = ("_buffer", "_data", "_event")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._data: list[bytes] = []
+        self._event = ""
+
+    def feed(self, chunk: bytes) -> list[tuple[str, bytes]]:
+        if self._buffer:
+            chunk = self._buffer + chunk
+        lines = chunk.split(b"\n")
+        self._buffer = lines.pop()
+        return self._lines(lines)
+
+    def close(self) -> list[tuple[str, bytes]]:
+        """Flush at end of stream: an unterminated last event still counts."""
+        lines = [self._buffer, b""] if self._buffer else [b""]
+        self._buffer = b""
+        return self._lines(lines)
+
+    def _lines(self, lines: list[bytes]) -> list[tuple[str, bytes]]:
+        events = []
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line:
+                if self._data:
+                    events.append((self._event or "message", b"\n".join(self._data)))
+                    self._data = []
+                self._event = ""
+            elif line[0] != 58:                       # b":" starts a comment
+                name, _, value = line.partition(b":")
+                if value[:1] == b" ":
+                    value = value[1:]
+                if name == b"data":
+                    self._data.append(value)
+                elif name == b"event":
+                    self._event = value.decode("utf-8", "replace")
+        return events
+
+
+def _decode_chunk(data: bytes) -> list[Any]:
+    """One SSE data payload as chunks; servers that forget blank lines get their lines split."""
+    try:
+        return [JSON_DECODE(data.decode())]
+    except ValueError:
+        pass
+    chunks = []
+    for line in data.split(b"\n"):
+        line = line.strip()
+        if line.startswith(b"data:"):
+            line = line[5:].strip()
+        if line and line != b"[DONE]":
+            try:
+                chunks.append(json.loads(line))
+            except ValueError:
+                logger.debug("malformed upstream chunk skipped: %.200r", line)
+    return chunks
+
+
+_DELTA_FIELD: Final = MappingProxyType({"text_delta": "text", "thinking_delta": "thinking",
+                                        "input_json_delta": "partial_json"})
+
+
+def encode_events(events: Iterable[tuple[str, JSON]]) -> bytes:
+    """Anthropic SSE frames: every frame has its `event:` line (Claude Code needs it).
+
+    Deltas, nearly every frame of a stream, are formatted from a template: encoding only
+    the text is ten times cheaper than encoding the event dict.
+    """
+    out = []
+    for name, data in events:
+        if name == "content_block_delta":
+            delta = data["delta"]
+            key = _DELTA_FIELD.get(delta["type"])
+            if key is not None and len(delta) == 2:
+                out.append(b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+                           b'"delta":{"type":"%s","%s":%s}}\n\n'
+                           % (data["index"], delta["type"].encode(), key.encode(), JSON_ENCODE(delta[key]).encode()))
+                continue
+        out.append(b"event: %s\ndata: %s\n\n" % (name.encode(), JSON_ENCODE(data).encode()))
+    return b"".join(out)
+
+
+def message_events(message: JSON) -> list[tuple[str, JSON]]:
+    """A complete Anthropic message as a stream: for upstreams that answer a stream with JSON."""
+    start = {**message, "content": [], "stop_reason": None,
+             "usage": {**message["usage"], "output_tokens": 1}}
+    events: list[tuple[str, JSON]] = [("message_start", {"type": "message_start", "message": start}),
+                                      ("ping", {"type": "ping"})]
+    for index, block in enumerate(message["content"]):
+        kind = block["type"]
+        empty = {"tool_use": {**block, "input": {}}, "thinking": {**block, "thinking": "", "signature": ""}}
+        events.append(("content_block_start", {"type": "content_block_start", "index": index,
+                                               "content_block": empty.get(kind, {**block, "text": ""})}))
+        deltas = {"text": [{"type": "text_delta", "text": block.get("text", "")}],
+                  "thinking": [{"type": "thinking_delta", "thinking": block.get("thinking", "")},
+                               {"type": "signature_delta", "signature": block.get("signature", "")}],
+                  "tool_use": [{"type": "input_json_delta", "partial_json": JSON_ENCODE(block.get("input", {}))}]}
+        events.extend(("content_block_delta", {"type": "content_block_delta", "index": index, "delta": d})
+                      for d in deltas.get(kind, []))
+        events.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
+    events.append(("message_delta", {"type": "message_delta", "delta": {"stop_reason": message["stop_reason"],
+                                                                       "stop_sequence": None},
+                                     "usage": message["usage"]}))
+    events.append(("message_stop", {"type": "message_stop"}))
+    return events
+
+
 class JsonPrefix:
     """Incremental check that streamed text is still the beginning of one JSON object.
 
@@ -1419,192 +1624,6 @@ def parse_tool_arguments(raw: Any) -> JSON:
         if isinstance(value, dict):
             return value
     return {"_raw_arguments": raw}
-
-
-def _message_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):            # some servers send content parts
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return ""
-
-
-def thinking_signature(text: str) -> str:
-    """A stable opaque signature for thinking that did not come from Anthropic."""
-    return "vdm-" + hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-def new_message_id() -> str:
-    return "msg_" + secrets.token_hex(12)
-
-
-def new_tool_id() -> str:
-    return "toolu_" + secrets.token_hex(12)
-
-
-def upstream_error_message(data: Any) -> str | None:
-    """The message inside an OpenAI/Azure/Gemini/Anthropic error body, if there is one."""
-    if isinstance(data, list) and data:
-        data = data[0]
-    if not isinstance(data, dict):
-        return None
-    error = data.get("error", data.get("detail"))
-    if isinstance(error, dict):
-        message = error.get("message") or error.get("msg") or error.get("code")
-        return str(message) if message else json.dumps(error)[:500]
-    if isinstance(error, str):
-        return error
-    return str(data["message"]) if isinstance(data.get("message"), str) else None
-
-
-def openai_to_anthropic(data: Any, conv: Conversion, client_model: str) -> JSON:
-    """Convert an OpenAI chat completion into an Anthropic Message.
-
-    Content order: thinking, text, tool_use; at least one block; stop_reason never null;
-    `model` is the client's requested model string.
-    """
-    if not isinstance(data, dict):
-        raise UpstreamError("upstream returned a body that is not a JSON object", status=502)
-    choices = data.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        message = upstream_error_message(data) or "upstream response has no choices"
-        raise UpstreamError(message, status=502)
-    choice = choices[0]
-    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
-    content: list[JSON] = []
-    reasoning = message.get("reasoning_content") or message.get("reasoning")
-    if isinstance(reasoning, str) and reasoning:
-        content.append({"type": "thinking", "thinking": reasoning, "signature": thinking_signature(reasoning)})
-    text = _message_text(message.get("content"))
-    if text:
-        content.append({"type": "text", "text": text})
-    refusal = message.get("refusal")
-    if isinstance(refusal, str) and refusal:
-        content.append({"type": "text", "text": refusal})
-    calls = message.get("tool_calls")
-    for call in calls if isinstance(calls, list) else ():
-        if not isinstance(call, dict):
-            continue
-        function = call.get("function") if isinstance(call.get("function"), dict) else {}
-        name = function.get("name") if isinstance(function.get("name"), str) else "unknown_tool"
-        tool_id = call.get("id")
-        content.append({"type": "tool_use", "id": str(tool_id) if tool_id else new_tool_id(),
-                        "name": conv.tool_names.get(name, name),
-                        "input": parse_tool_arguments(function.get("arguments"))})
-    if not content:
-        content.append({"type": "text", "text": ""})
-    finish = choice.get("finish_reason")
-    if any(block["type"] == "tool_use" for block in content):
-        stop_reason = "tool_use"
-    elif isinstance(refusal, str) and refusal:
-        stop_reason = "refusal"
-    else:
-        stop_reason = STOP_REASON.get(finish, "end_turn") if isinstance(finish, str) else "end_turn"
-    return {"id": new_message_id(), "type": "message", "role": "assistant", "model": client_model,
-            "content": content, "stop_reason": stop_reason, "stop_sequence": None,
-            "usage": usage_to_anthropic(data.get("usage"))}
-
-
-# ---------------------------------------------------------------------------
-# §8  Streaming: SSE decoder and stream translator
-# ---------------------------------------------------------------------------
-
-class SSEDecoder:
-    """Incremental Server-Sent Events parser over bytes.
-
-    Lines are split on LF (a trailing CR is dropped) and text is decoded only per whole
-    event, so events and multi-byte characters may be split anywhere. Comment lines and
-    lines that are not fields are skipped. Yields (event name, data bytes).
-    """
-
-    __slots__ = ("_buffer", "_data", "_event")
-
-    def __init__(self) -> None:
-        self._buffer = b""
-        self._data: list[bytes] = []
-        self._event = ""
-
-    def feed(self, chunk: bytes) -> list[tuple[str, bytes]]:
-        if self._buffer:
-            chunk = self._buffer + chunk
-        lines = chunk.split(b"\n")
-        self._buffer = lines.pop()
-        return self._lines(lines)
-
-    def close(self) -> list[tuple[str, bytes]]:
-        """Flush at end of stream: an unterminated last event still counts."""
-        lines = [self._buffer, b""] if self._buffer else [b""]
-        self._buffer = b""
-        return self._lines(lines)
-
-    def _lines(self, lines: list[bytes]) -> list[tuple[str, bytes]]:
-        events = []
-        for line in lines:
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if not line:
-                if self._data:
-                    events.append((self._event or "message", b"\n".join(self._data)))
-                    self._data = []
-                self._event = ""
-            elif line[0] != 58:                       # b":" starts a comment
-                name, _, value = line.partition(b":")
-                if value[:1] == b" ":
-                    value = value[1:]
-                if name == b"data":
-                    self._data.append(value)
-                elif name == b"event":
-                    self._event = value.decode("utf-8", "replace")
-        return events
-
-
-_DELTA_FIELD: Final = MappingProxyType({"text_delta": "text", "thinking_delta": "thinking",
-                                        "input_json_delta": "partial_json"})
-
-
-def encode_events(events: Iterable[tuple[str, JSON]]) -> bytes:
-    """Anthropic SSE frames: every frame has its `event:` line (Claude Code needs it).
-
-    Deltas, nearly every frame of a stream, are formatted from a template: encoding only
-    the text is ten times cheaper than encoding the event dict.
-    """
-    out = []
-    for name, data in events:
-        if name == "content_block_delta":
-            delta = data["delta"]
-            key = _DELTA_FIELD.get(delta["type"])
-            if key is not None and len(delta) == 2:
-                out.append(b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
-                           b'"delta":{"type":"%s","%s":%s}}\n\n'
-                           % (data["index"], delta["type"].encode(), key.encode(), JSON_ENCODE(delta[key]).encode()))
-                continue
-        out.append(b"event: %s\ndata: %s\n\n" % (name.encode(), JSON_ENCODE(data).encode()))
-    return b"".join(out)
-
-
-def message_events(message: JSON) -> list[tuple[str, JSON]]:
-    """A complete Anthropic message as a stream: for upstreams that answer a stream with JSON."""
-    start = {**message, "content": [], "stop_reason": None,
-             "usage": {**message["usage"], "output_tokens": 1}}
-    events: list[tuple[str, JSON]] = [("message_start", {"type": "message_start", "message": start}),
-                                      ("ping", {"type": "ping"})]
-    for index, block in enumerate(message["content"]):
-        kind = block["type"]
-        empty = {"tool_use": {**block, "input": {}}, "thinking": {**block, "thinking": "", "signature": ""}}
-        events.append(("content_block_start", {"type": "content_block_start", "index": index,
-                                               "content_block": empty.get(kind, {**block, "text": ""})}))
-        deltas = {"text": [{"type": "text_delta", "text": block.get("text", "")}],
-                  "thinking": [{"type": "thinking_delta", "thinking": block.get("thinking", "")},
-                               {"type": "signature_delta", "signature": block.get("signature", "")}],
-                  "tool_use": [{"type": "input_json_delta", "partial_json": JSON_ENCODE(block.get("input", {}))}]}
-        events.extend(("content_block_delta", {"type": "content_block_delta", "index": index, "delta": d})
-                      for d in deltas.get(kind, []))
-        events.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
-    events.append(("message_delta", {"type": "message_delta", "delta": {"stop_reason": message["stop_reason"],
-                                                                       "stop_sequence": None},
-                                     "usage": message["usage"]}))
-    events.append(("message_stop", {"type": "message_stop"}))
-    return events
 
 
 class _ToolCall:
@@ -2115,6 +2134,17 @@ def run_hooks(hooks: list[tuple[str, Callable[..., Any]]], exchange: Exchange, v
         if result is not None:
             value = result
     return value
+
+
+def _run_event_hooks(hooks: list[tuple[str, Callable[..., Any]]], exchange: Exchange,
+                     events: list[tuple[str, JSON]]) -> list[tuple[str, JSON]]:
+    result: list[tuple[str, JSON]] = []
+    for name, data in events:
+        event = run_hooks(hooks, exchange, {"event": name, "data": data})
+        for item in event if isinstance(event, list) else [event]:
+            if isinstance(item, dict) and isinstance(item.get("event"), str) and isinstance(item.get("data"), dict):
+                result.append((item["event"], item["data"]))
+    return result
 
 
 # ---------------------------------------------------------------------------
@@ -2947,25 +2977,6 @@ async def _converted(request: web.Request, rt: Runtime, provider: Provider, mode
     return _json_response(message)
 
 
-def _decode_chunk(data: bytes) -> list[Any]:
-    """One SSE data payload as chunks; servers that forget blank lines get their lines split."""
-    try:
-        return [JSON_DECODE(data.decode())]
-    except ValueError:
-        pass
-    chunks = []
-    for line in data.split(b"\n"):
-        line = line.strip()
-        if line.startswith(b"data:"):
-            line = line[5:].strip()
-        if line and line != b"[DONE]":
-            try:
-                chunks.append(json.loads(line))
-            except ValueError:
-                logger.debug("malformed upstream chunk skipped: %.200r", line)
-    return chunks
-
-
 async def _relay_stream(request: web.Request, rt: Runtime, exchange: Exchange,
                         hooks: dict[str, list[tuple[str, Callable[..., Any]]]],
                         upstream: aiohttp.ClientResponse, rec: RequestRecord) -> web.StreamResponse:
@@ -3088,18 +3099,6 @@ async def _relay_stream(request: web.Request, rt: Runtime, exchange: Exchange,
         else:
             rec.input_tokens, rec.output_tokens = estimate, max(1, translator.output_chars // 4)
     return response
-
-
-
-def _run_event_hooks(hooks: list[tuple[str, Callable[..., Any]]], exchange: Exchange,
-                     events: list[tuple[str, JSON]]) -> list[tuple[str, JSON]]:
-    result: list[tuple[str, JSON]] = []
-    for name, data in events:
-        event = run_hooks(hooks, exchange, {"event": name, "data": data})
-        for item in event if isinstance(event, list) else [event]:
-            if isinstance(item, dict) and isinstance(item.get("event"), str) and isinstance(item.get("data"), dict):
-                result.append((item["event"], item["data"]))
-    return result
 
 
 async def _passthrough(request: web.Request, rt: Runtime, provider: Provider, model: str, incoming: Incoming,
