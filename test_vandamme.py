@@ -955,6 +955,8 @@ STREAM_CASES = [
                  [{"type": "text", "text": "ok"}], "end_turn", id="wrong-types-ignored"),
     pytest.param([delta(content="x"), {"choices": [{"index": 1, "delta": {"content": "other choice"}}]}],
                  [{"type": "text", "text": "x"}], "end_turn", id="second-choice-ignored"),
+    pytest.param([delta(role="assistant", content=None, refusal="I can't"), delta(refusal=" help."), finish("stop")],
+                 [{"type": "text", "text": "I can't help."}], "refusal", id="refusal"),
 ]
 
 

@@ -1455,31 +1455,6 @@ def encode_events(events: Iterable[tuple[str, JSON]]) -> bytes:
     return b"".join(out)
 
 
-def message_events(message: JSON) -> list[tuple[str, JSON]]:
-    """A complete Anthropic message as a stream: for upstreams that answer a stream with JSON."""
-    start = {**message, "content": [], "stop_reason": None,
-             "usage": {**message["usage"], "output_tokens": 1}}
-    events: list[tuple[str, JSON]] = [("message_start", {"type": "message_start", "message": start}),
-                                      ("ping", {"type": "ping"})]
-    for index, block in enumerate(message["content"]):
-        kind = block["type"]
-        empty = {"tool_use": {**block, "input": {}}, "thinking": {**block, "thinking": "", "signature": ""}}
-        events.append(("content_block_start", {"type": "content_block_start", "index": index,
-                                               "content_block": empty.get(kind, {**block, "text": ""})}))
-        deltas = {"text": [{"type": "text_delta", "text": block.get("text", "")}],
-                  "thinking": [{"type": "thinking_delta", "thinking": block.get("thinking", "")},
-                               {"type": "signature_delta", "signature": block.get("signature", "")}],
-                  "tool_use": [{"type": "input_json_delta", "partial_json": JSON_ENCODE(block.get("input", {}))}]}
-        events.extend(("content_block_delta", {"type": "content_block_delta", "index": index, "delta": d})
-                      for d in deltas.get(kind, []))
-        events.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
-    events.append(("message_delta", {"type": "message_delta", "delta": {"stop_reason": message["stop_reason"],
-                                                                       "stop_sequence": None},
-                                     "usage": message["usage"]}))
-    events.append(("message_stop", {"type": "message_stop"}))
-    return events
-
-
 class JsonPrefix:
     """Incremental check that streamed text is still the beginning of one JSON object.
 
@@ -1635,47 +1610,203 @@ class _ToolCall:
         self.live = True          # fragments still go out as they come
 
 
-class StreamTranslator:
-    """OpenAI chat-completion chunks in, Anthropic stream events out; never an invalid stream.
+class _BlockWriter:
+    """The Anthropic stream grammar, driven in Anthropic terms by a format's decoder.
 
-    Blocks are strictly sequential (start, deltas, stop, then the next, indexes 0, 1, 2 ...).
-    A tool call is streamed live while it is the open block; a call that starts while the
-    open one's arguments are still incomplete is buffered and sent whole when the open one
-    closes, so interleaved parallel calls still come out as valid blocks. Tolerates chunks
-    without `index`, repeated indexes, cumulative argument snapshots, several calls per
-    chunk, no `role`, `choices: []`, and usage in any chunk. Pure and synchronous.
+    A decoder calls `text`, `thinking`, `tool_call`, `close` and at the end `finish`; the
+    events collect in `events` and `take()` hands them over. Blocks are strictly sequential
+    (start, deltas, stop, then the next, indexes 0, 1, 2 ...). A tool call is streamed live
+    while it is the open block; a call that starts while the open one's arguments are still
+    incomplete is buffered and sent whole when the open one closes, so interleaved parallel
+    calls still come out as valid blocks. Argument fragments pass through JsonPrefix, so
+    they always concatenate to one JSON object. Pure and synchronous.
+    """
+
+    def __init__(self, model: str, tool_names: Mapping[str, str] = MappingProxyType({}), *,
+                 input_tokens: int = 0, message_id: str | None = None) -> None:
+        self.model, self.tool_names, self.input_tokens = model, tool_names, input_tokens
+        self.message_id = message_id or new_message_id()
+        self.events: list[tuple[str, JSON]] = []
+        self.next_index = 0
+        self.open_kind: str | None = None
+        self.open_call: _ToolCall | None = None
+        self.thought: list[str] = []
+        self.signature: str | None = None
+        self.calls: dict[Any, _ToolCall] = {}
+        self.output_chars = 0
+        self.tool_used = False
+
+    def start(self, usage: JSON | None = None) -> list[tuple[str, JSON]]:
+        """message_start, with `usage` or else the input estimate, and a first ping."""
+        usage = usage or {"input_tokens": self.input_tokens, "cache_creation_input_tokens": 0,
+                          "cache_read_input_tokens": 0}
+        message = {"id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
+                   "content": [], "stop_reason": None, "stop_sequence": None, "usage": {**usage, "output_tokens": 1}}
+        return [("message_start", {"type": "message_start", "message": message}), ("ping", {"type": "ping"})]
+
+    def text(self, text: str) -> None:
+        self._content("text", text)
+
+    def thinking(self, text: str, signature: str | None = None) -> None:
+        """Thinking text; a `signature` (the upstream's own) replaces the one computed at the block's end."""
+        self._content("thinking", text)
+        self.signature = signature or self.signature
+
+    def tool_call(self, key: Any, tool_id: str | None, name: str | None, args: str) -> None:
+        """News of call `key`: id and name once known; `args` the next fragment or a cumulative snapshot."""
+        call = self.calls.get(key)
+        if call is None:
+            call = self.calls[key] = _ToolCall(tool_id, name)
+        else:
+            call.id, call.name = call.id or tool_id, call.name or name
+        if args:
+            if call.args and args.startswith(call.args):
+                args = args[len(call.args):]
+            call.args += args
+            self.output_chars += len(args)
+            if call.state == "open" and args:
+                self._send_args(call, args)
+            elif call.state == "closed" and args:
+                logger.warning("tool call %s: arguments arrived after its block closed; dropped", call.id)
+        open_call = self.open_call
+        if call.state == "pending" and call.name and (open_call is None or open_call.json.expect == "done"
+                                                      or not open_call.live):
+            self._start_call(call)
+
+    def close(self) -> None:
+        """End the open block, then send the buffered calls, each as a whole block."""
+        self._close_open()
+        for call in self.calls.values():
+            if call.state == "pending":
+                if call.name is None and not call.args:
+                    call.state = "closed"
+                    continue
+                self._start_call(call)
+                self._close_open()
+
+    def finish(self, stop_reason: str, usage: JSON | None = None) -> list[tuple[str, JSON]]:
+        """Close all blocks and end the message; `usage` in Anthropic terms, else an estimate."""
+        self.close()
+        if self.next_index == 0:                  # an empty reply still has one block
+            self.text("")
+            self._close_open()
+        if usage is None:
+            usage = {"input_tokens": self.input_tokens, "output_tokens": max(1, self.output_chars // 4),
+                     "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
+        stop_reason = "tool_use" if self.tool_used else stop_reason
+        self.events.append(("message_delta", {"type": "message_delta", "usage": usage,
+                                              "delta": {"stop_reason": stop_reason, "stop_sequence": None}}))
+        self.events.append(("message_stop", {"type": "message_stop"}))
+        return self.take()
+
+    def take(self) -> list[tuple[str, JSON]]:
+        events, self.events = self.events, []
+        return events
+
+    def _delta(self, delta: JSON) -> None:
+        self.events.append(("content_block_delta", {"type": "content_block_delta", "index": self.next_index - 1,
+                                                    "delta": delta}))
+
+    def _open(self, block: JSON, kind: str) -> None:
+        self.events.append(("content_block_start", {"type": "content_block_start", "index": self.next_index,
+                                                    "content_block": block}))
+        self.open_kind = kind
+        self.next_index += 1
+
+    def _close_open(self) -> None:
+        kind, call = self.open_kind, self.open_call
+        if kind == "thinking":
+            self._delta({"type": "signature_delta",
+                         "signature": self.signature or thinking_signature("".join(self.thought))})
+            self.thought, self.signature = [], None
+        elif call is not None:
+            # The client parses the concatenated fragments: they must close into an object.
+            if call.json.expect == "start" and call.args.strip():
+                closing = json.dumps(parse_tool_arguments(call.args))     # never streamed: repair whole
+            else:
+                closing = call.json.suffix()
+                if not call.live:
+                    logger.warning("tool call %s: arguments are not valid JSON; sent the valid part: %.200s",
+                                   call.id, call.args)
+            if closing:
+                self._delta({"type": "input_json_delta", "partial_json": closing})
+            call.state, self.open_call = "closed", None
+        if kind is not None:
+            self.events.append(("content_block_stop", {"type": "content_block_stop", "index": self.next_index - 1}))
+            self.open_kind = None
+
+    def _content(self, kind: str, text: str) -> None:
+        if self.open_kind != kind:
+            self.close()
+            self._open({"type": "thinking", "thinking": "", "signature": ""} if kind == "thinking"
+                       else {"type": "text", "text": ""}, kind)
+        if text:
+            self.output_chars += len(text)
+            if kind == "thinking":
+                self.thought.append(text)
+            self._delta({"type": kind + "_delta", kind: text})
+
+    def _start_call(self, call: _ToolCall) -> None:
+        self._close_open()
+        name = call.name or "unknown_tool"
+        call.id = call.id or new_tool_id()
+        self._open({"type": "tool_use", "id": call.id, "name": self.tool_names.get(name, name), "input": {}}, "tool")
+        self.open_call, call.state, self.tool_used = call, "open", True
+        if call.args:
+            self._send_args(call, call.args)
+
+    def _send_args(self, call: _ToolCall, args: str) -> None:
+        piece = call.json.feed(args) if call.live else None
+        if piece is None:
+            call.live = False
+        elif piece:
+            self._delta({"type": "input_json_delta", "partial_json": piece})
+
+
+def message_events(message: JSON) -> list[tuple[str, JSON]]:
+    """A complete Anthropic message as a stream: for upstreams that answer a stream with JSON."""
+    writer = _BlockWriter(message["model"], message_id=message["id"])
+    events = writer.start(message["usage"])
+    for key, block in enumerate(message["content"]):
+        if block["type"] == "tool_use":
+            writer.tool_call(key, block["id"], block["name"], JSON_ENCODE(block["input"]))
+        elif block["type"] == "thinking":
+            writer.thinking(block["thinking"], block.get("signature"))
+        else:
+            writer.text(block.get("text", ""))
+        writer.close()
+    return events + writer.finish(message["stop_reason"], message["usage"])
+
+
+class StreamTranslator:
+    """OpenAI chat-completion chunks in, Anthropic stream events out, through a _BlockWriter.
+
+    Tolerates chunks without `index`, repeated indexes, cumulative argument snapshots, several
+    calls per chunk, no `role`, `choices: []`, and usage in any chunk. `usage` holds the
+    upstream's usage (OpenAI terms); once `finished`, nothing more goes out.
     """
 
     def __init__(self, client_model: str, conv: Conversion | None = None, *, input_tokens: int = 0,
                  message_id: str | None = None) -> None:
-        self.model = client_model
-        self.conv = conv or Conversion()
-        self.message_id = message_id or new_message_id()
-        self.input_tokens = input_tokens
-        self.next_index = 0
-        self.open_kind: str | None = None
-        self.open_call: _ToolCall | None = None
-        self.thinking: list[str] = []
-        self.calls: list[_ToolCall] = []
-        self.by_index: dict[int, _ToolCall] = {}
+        self.writer = _BlockWriter(client_model, (conv or Conversion()).tool_names, input_tokens=input_tokens,
+                                   message_id=message_id)
+        self.by_index: dict[int, int] = {}        # the upstream's call index -> the writer's call key
         self.finish_reason: str | None = None
+        self.refused = False
         self.usage: JSON | None = None
-        self.output_chars = 0
-        self.tool_used = False
         self.finished = False
 
+    @property
+    def output_chars(self) -> int:
+        return self.writer.output_chars
+
     def start(self) -> list[tuple[str, JSON]]:
-        message = {"id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
-                   "content": [], "stop_reason": None, "stop_sequence": None,
-                   "usage": {"input_tokens": self.input_tokens, "output_tokens": 1,
-                             "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}
-        return [("message_start", {"type": "message_start", "message": message}), ("ping", {"type": "ping"})]
+        return self.writer.start()
 
     def feed(self, chunk: Any) -> list[tuple[str, JSON]]:
         """Translate one decoded chunk. Raises UpstreamError for an in-band upstream error."""
-        events: list[tuple[str, JSON]] = []
         if not isinstance(chunk, dict) or self.finished:
-            return events
+            return []
         if chunk.get("error"):
             raise UpstreamError(upstream_error_message(chunk) or "upstream stream error", status=502)
         if isinstance(chunk.get("usage"), dict):
@@ -1689,131 +1820,34 @@ class StreamTranslator:
                 delta = choice.get("message") if isinstance(choice.get("message"), dict) else {}
             reasoning = delta.get("reasoning_content") or delta.get("reasoning")
             if isinstance(reasoning, str) and reasoning:
-                self._content("thinking", reasoning, events)
-            content = delta.get("content")
-            if isinstance(content, str) and content:
-                self._content("text", content, events)
+                self.writer.thinking(reasoning)
+            for field_name in ("content", "refusal"):
+                text = delta.get(field_name)
+                if isinstance(text, str) and text:
+                    self.writer.text(text)
+                    self.refused = self.refused or field_name == "refusal"
             calls = delta.get("tool_calls")
             for call in calls if isinstance(calls, list) else ():
                 if isinstance(call, dict):
-                    self._tool_delta(call, events)
+                    self._tool_delta(call)
             finish = choice.get("finish_reason")
             if isinstance(finish, str) and finish:
                 if finish == "error":
                     error = choice.get("error")
                     raise UpstreamError(upstream_error_message({"error": error}) or "upstream error", status=502)
                 self.finish_reason = finish
-                self._close_all(events)
-        return events
+                self.writer.close()
+        return self.writer.take()
 
     def finish(self) -> list[tuple[str, JSON]]:
         """Close open blocks and end the message: one message_delta, then message_stop."""
-        events: list[tuple[str, JSON]] = []
         if self.finished:
-            return events
-        self._close_all(events)
-        if self.next_index == 0:                  # an empty reply still has one block
-            events.append(("content_block_start", {"type": "content_block_start", "index": 0,
-                                                   "content_block": {"type": "text", "text": ""}}))
-            events.append(("content_block_stop", {"type": "content_block_stop", "index": 0}))
-            self.next_index = 1
-        if self.tool_used:
-            stop_reason = "tool_use"
-        else:
-            stop_reason = STOP_REASON.get(self.finish_reason or "stop", "end_turn")
-        if self.usage is not None:
-            usage = usage_to_anthropic(self.usage)
-        else:
-            usage = {"input_tokens": self.input_tokens, "output_tokens": max(1, self.output_chars // 4),
-                     "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
-        events.append(("message_delta", {"type": "message_delta",
-                                         "delta": {"stop_reason": stop_reason, "stop_sequence": None},
-                                         "usage": usage}))
-        events.append(("message_stop", {"type": "message_stop"}))
+            return []
         self.finished = True
-        return events
+        stop_reason = "refusal" if self.refused else STOP_REASON.get(self.finish_reason or "stop", "end_turn")
+        return self.writer.finish(stop_reason, None if self.usage is None else usage_to_anthropic(self.usage))
 
-    # -- blocks ------------------------------------------------------------
-
-    def _open(self, block: JSON, kind: str, events: list[tuple[str, JSON]]) -> None:
-        events.append(("content_block_start", {"type": "content_block_start", "index": self.next_index,
-                                               "content_block": block}))
-        self.open_kind = kind
-        self.next_index += 1
-
-    def _close_open(self, events: list[tuple[str, JSON]]) -> None:
-        kind, index = self.open_kind, self.next_index - 1
-        if kind is None:
-            return
-        if kind == "thinking":
-            signature = thinking_signature("".join(self.thinking))
-            events.append(("content_block_delta", {"type": "content_block_delta", "index": index,
-                                                   "delta": {"type": "signature_delta", "signature": signature}}))
-            self.thinking = []
-        elif kind == "tool" and self.open_call is not None:
-            call = self.open_call
-            # The client parses the concatenated fragments: they must close into an object.
-            if call.json.expect == "start" and call.args.strip():
-                closing = json.dumps(parse_tool_arguments(call.args))     # never streamed: repair whole
-            else:
-                closing = call.json.suffix()
-                if not call.live:
-                    logger.warning("tool call %s: arguments are not valid JSON; sent the valid part: %.200s",
-                                   call.id, call.args)
-            if closing:
-                events.append(self._args_event(index, closing))
-            call.state, self.open_call = "closed", None
-        events.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
-        self.open_kind = None
-
-    def _close_all(self, events: list[tuple[str, JSON]]) -> None:
-        self._close_open(events)
-        for call in self.calls:
-            if call.state == "pending":
-                if call.name is None and not call.args:
-                    call.state = "closed"
-                    continue
-                self._start_call(call, events)
-                self._close_open(events)
-
-    def _content(self, kind: str, text: str, events: list[tuple[str, JSON]]) -> None:
-        if self.open_kind != kind:
-            self._close_all(events)
-            self._open({"type": "thinking", "thinking": "", "signature": ""} if kind == "thinking"
-                       else {"type": "text", "text": ""}, kind, events)
-        self.output_chars += len(text)
-        if kind == "thinking":
-            self.thinking.append(text)
-            delta = {"type": "thinking_delta", "thinking": text}
-        else:
-            delta = {"type": "text_delta", "text": text}
-        events.append(("content_block_delta", {"type": "content_block_delta", "index": self.next_index - 1,
-                                               "delta": delta}))
-
-    # -- tool calls --------------------------------------------------------
-
-    def _args_event(self, index: int, fragment: str) -> tuple[str, JSON]:
-        return ("content_block_delta", {"type": "content_block_delta", "index": index,
-                                        "delta": {"type": "input_json_delta", "partial_json": fragment}})
-
-    def _start_call(self, call: _ToolCall, events: list[tuple[str, JSON]]) -> None:
-        self._close_open(events)
-        name = call.name or "unknown_tool"
-        call.id = call.id or new_tool_id()
-        self._open({"type": "tool_use", "id": call.id, "name": self.conv.tool_names.get(name, name), "input": {}},
-                   "tool", events)
-        self.open_call, call.state, self.tool_used = call, "open", True
-        if call.args:
-            self._send_args(call, call.args, events)
-
-    def _send_args(self, call: _ToolCall, args: str, events: list[tuple[str, JSON]]) -> None:
-        piece = call.json.feed(args) if call.live else None
-        if piece is None:
-            call.live = False
-        elif piece:
-            events.append(self._args_event(self.next_index - 1, piece))
-
-    def _tool_delta(self, delta: JSON, events: list[tuple[str, JSON]]) -> None:
+    def _tool_delta(self, delta: JSON) -> None:
         index = delta.get("index")
         index = index if isinstance(index, int) and not isinstance(index, bool) else None
         tool_id = delta.get("id")
@@ -1823,37 +1857,22 @@ class StreamTranslator:
         args = function.get("arguments")
         if isinstance(args, dict):
             args = json.dumps(args)
-        args = args if isinstance(args, str) else ""
-        call = None
+        calls = self.writer.calls
+        key = None
         if index is not None:
-            call = self.by_index.get(index)
+            key = self.by_index.get(index)
+            call = calls.get(key)
             if call is not None and tool_id and call.id and tool_id != call.id:
-                call = None                       # an index reused for a new call (Gemini)
+                key = None                        # an index reused for a new call (Gemini)
         elif tool_id:
-            call = next((c for c in self.calls if c.id == tool_id), None)
-        elif self.calls:
-            call = self.calls[-1]                 # no index, no id: continues the last call
-        if call is None:
-            call = _ToolCall(tool_id, name)
-            self.calls.append(call)
+            key = next((k for k, c in calls.items() if c.id == tool_id), None)
+        elif calls:
+            key = next(reversed(calls))           # no index, no id: continues the last call
+        if key is None:
+            key = len(calls)
             if index is not None:
-                self.by_index[index] = call
-        else:
-            call.id = call.id or tool_id
-            call.name = call.name or name
-        if args:
-            if call.args and args.startswith(call.args):
-                args = args[len(call.args):]      # a cumulative snapshot: only the new suffix
-            call.args += args
-            self.output_chars += len(args)
-            if call.state == "open" and args:
-                self._send_args(call, args, events)
-            elif call.state == "closed" and args:
-                logger.warning("tool call %s: arguments arrived after its block closed; dropped", call.id)
-        if call.state == "pending" and call.name:
-            open_call = self.open_call
-            if self.open_kind != "tool" or open_call is None or open_call.json.expect == "done" or not open_call.live:
-                self._start_call(call, events)
+                self.by_index[index] = key
+        self.writer.tool_call(key, tool_id, name, args if isinstance(args, str) else "")
 
 
 # ---------------------------------------------------------------------------
