@@ -1015,6 +1015,21 @@ def test_think_splitter_handles_tags_split_anywhere() -> None:
         assert "".join(p[1] for p in parts) == "The answer.", i
 
 
+@pytest.mark.parametrize(("parts", "reasoning", "visible"), [
+    pytest.param(["Result <", "thi"], "", "Result <thi", id="partial-open-tag"),
+    pytest.param(["<think>plan</thi"], "plan</thi", "", id="partial-close-tag"),
+    pytest.param(["done"], "", "done", id="nothing-held"),
+])
+def test_think_splitter_flush_releases_held_back_text(parts: list, reasoning: str, visible: str) -> None:
+    splitter = vd.ThinkSplitter()
+    fed = [splitter.feed(part) for part in parts]
+    flushed = splitter.flush()
+    delta = flushed["choices"][0]["delta"] if flushed else {"reasoning_content": "", "content": ""}
+    assert "".join(r for r, _ in fed) + delta["reasoning_content"] == reasoning
+    assert "".join(v for _, v in fed) + delta["content"] == visible
+    assert splitter.flush() is None
+
+
 def test_gemini_schema_cleaning() -> None:
     schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "additionalProperties": False,
               "properties": {"url": {"type": "string", "format": "uri"}, "n": {"type": ["integer", "null"],
@@ -1735,6 +1750,13 @@ async def test_think_tags_become_thinking_blocks(proxy: Any, upstream: FakeUpstr
     upstream.add(Reply(completion("<think>plan</think>\n\nDone")))
     message = await (await client.post("/v1/messages", json={**BASIC, "model": "ollama:qwen3"})).json()
     assert message["content"][0]["thinking"] == "plan" and message["content"][1]["text"] == "Done"
+
+
+async def test_think_tags_partial_tag_at_stream_end_stays_visible(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy({"OLLAMA_BASE_URL": "{upstream}/v1"})
+    upstream.add(Reply(stream=sse(delta(content="<think>a</think>Use a <"), delta(content="thi"), finish())))
+    _r, frames = await post_stream(client, {**BASIC, "model": "ollama:qwen3"})
+    assert [b.get("text") for b in final_message(frames)["content"]] == [None, "Use a <thi"]
 
 
 MIDDLEWARE_FILE = '''

@@ -1892,6 +1892,7 @@ class Exchange:
     conv: Conversion = field(default_factory=Conversion)
     config: Config | None = None
     state: dict[str, Any] = field(default_factory=dict)
+    think: ThinkSplitter | None = None        # the think-tags dialect's state across a stream's chunks
 
 
 class Middleware:
@@ -2036,8 +2037,8 @@ class ThinkSplitter:
         self.inside = False
         self.pending = ""
 
-    def feed(self, text: str) -> tuple[str, str]:
-        """Return (reasoning, visible text) for the next piece of content."""
+    def feed(self, text: str, end: bool = False) -> tuple[str, str]:
+        """Return (reasoning, visible text) for the next piece of content; at the `end` nothing is held back."""
         text, self.pending = self.pending + text, ""
         reasoning: list[str] = []
         visible: list[str] = []
@@ -2050,11 +2051,19 @@ class ThinkSplitter:
                 text = text[position + len(tag):]
                 self.inside = not self.inside
                 continue
-            keep = next((n for n in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-n:])), 0)
+            keep = 0 if end else next((n for n in range(min(len(tag) - 1, len(text)), 0, -1)
+                                       if tag.startswith(text[-n:])), 0)
             sink.append(text[: len(text) - keep])
             self.pending = text[len(text) - keep:]
             break
         return "".join(reasoning), "".join(visible)
+
+    def flush(self) -> JSON | None:
+        """The held-back text as a last chunk, for a stream that ended without a finish_reason."""
+        reasoning, visible = self.feed("", end=True)
+        if not (reasoning or visible):
+            return None
+        return {"choices": [{"index": 0, "delta": {"reasoning_content": reasoning, "content": visible}}]}
 
 
 class ThinkTagsDialect(Middleware):
@@ -2065,26 +2074,29 @@ class ThinkTagsDialect(Middleware):
     def applies(self, exchange: Exchange) -> bool:
         return exchange.provider.think_tags
 
-    def _split(self, exchange: Exchange, holder: Any, fresh: bool) -> None:
-        if not isinstance(holder, dict) or not isinstance(holder.get("content"), str):
+    def _split(self, holder: Any, splitter: ThinkSplitter, end: bool, whole: bool = False) -> None:
+        if not isinstance(holder, dict):
             return
-        splitter = ThinkSplitter() if fresh else exchange.state.setdefault("think", ThinkSplitter())
-        reasoning, visible = splitter.feed(holder["content"])
-        if fresh and splitter.pending:
-            visible += splitter.pending
-        holder["content"] = visible.lstrip("\n") if reasoning and fresh else visible
+        content = holder.get("content")
+        if not isinstance(content, str):
+            if not (end and splitter.pending):
+                return
+            content = ""
+        reasoning, visible = splitter.feed(content, end)
+        holder["content"] = visible.lstrip("\n") if reasoning and whole else visible
         if reasoning:
             holder["reasoning_content"] = (holder.get("reasoning_content") or "") + reasoning
 
     def on_upstream_response(self, exchange: Exchange, data: JSON) -> None:
         for choice in data.get("choices") or ():
             if isinstance(choice, dict):
-                self._split(exchange, choice.get("message"), True)
+                self._split(choice.get("message"), ThinkSplitter(), True, whole=True)
 
     def on_upstream_chunk(self, exchange: Exchange, chunk: JSON) -> None:
         for choice in chunk.get("choices") or ():
             if isinstance(choice, dict):
-                self._split(exchange, choice.get("delta"), False)
+                exchange.think = exchange.think or ThinkSplitter()
+                self._split(choice.get("delta"), exchange.think, bool(choice.get("finish_reason")))
 
 
 class _ModuleMiddleware(Middleware):
