@@ -1002,6 +1002,36 @@ def test_stream_tool_names_mapped_back() -> None:
     assert blocks(frames)[0]["name"] == "get weather"
 
 
+def test_sse_decoder_keeps_a_long_line_as_pieces_until_its_newline() -> None:
+    piece, count = b"x" * 65536, 640                      # a 40 MiB line without a newline
+    decoder = vd.SSEDecoder()
+    assert decoder.feed(b"data: ") == []
+    for _ in range(count):
+        assert decoder.feed(piece) == []
+    assert len(decoder._pending) == count + 1             # held as fed: nothing re-joined per chunk
+    assert sum(len(p) for p in decoder._pending) == 6 + count * len(piece)
+    [(name, data)] = decoder.feed(b"\n\n")
+    assert name == "message" and len(data) == count * len(piece) and decoder._pending == []
+
+
+@pytest.mark.parametrize(("parts", "fails_at"), [
+    pytest.param([b"data: " + b"x" * 994, b"\n\n"], None, id="line-at-limit"),
+    pytest.param([b"data: " + b"x" * 994, b"y"], 1, id="line-over-limit-in-pieces"),
+    pytest.param([b"data: " + b"x" * 1001 + b"\n"], 0, id="data-over-limit-in-one-chunk"),
+    pytest.param([b"data: " + b"x" * 600 + b"\n\n", b"data: " + b"x" * 600 + b"\n\n"], None, id="events-under-limit"),
+    pytest.param([b"data: " + b"x" * 600 + b"\n", b"data: " + b"x" * 600 + b"\n"], 1, id="event-over-limit"),
+])
+def test_sse_decoder_limits_line_and_event_size(parts: list, fails_at: int | None) -> None:
+    decoder = vd.SSEDecoder(max_event_bytes=1000)
+    for i, part in enumerate(parts):
+        if i == fails_at:
+            with pytest.raises(vd.SSETooLarge):
+                decoder.feed(part)
+            return
+        decoder.feed(part)
+    assert fails_at is None and decoder.close() == []
+
+
 # ---------------------------------------------------------------------------
 # §9 Dialects and middleware (pure parts)
 # ---------------------------------------------------------------------------

@@ -1363,33 +1363,50 @@ def openai_to_anthropic(data: Any, conv: Conversion, client_model: str) -> JSON:
 # §8  Streaming: SSE decoder and stream translator
 # ---------------------------------------------------------------------------
 
+class SSETooLarge(ValueError):
+    """An SSE line, or an event's data, longer than the decoder's `max_event_bytes`."""
+
+
 class SSEDecoder:
     """Incremental Server-Sent Events parser over bytes.
 
     Lines are split on LF (a trailing CR is dropped) and text is decoded only per whole
     event, so events and multi-byte characters may be split anywhere. Comment lines and
-    lines that are not fields are skipped. Yields (event name, data bytes).
+    lines that are not fields are skipped. Yields (event name, data bytes). The work is
+    linear: an unfinished line is kept as the pieces fed and joined once, when its newline
+    arrives. A line or an event's data over `max_event_bytes` raises SSETooLarge.
     """
 
-    __slots__ = ("_buffer", "_data", "_event")
+    __slots__ = ("_data", "_data_size", "_event", "_pending", "_pending_size", "max_event_bytes")
 
-    def __init__(self) -> None:
-        self._buffer = b""
+    def __init__(self, max_event_bytes: int | None = None) -> None:
+        self.max_event_bytes = max_event_bytes
+        self._pending: list[bytes] = []
+        self._pending_size = self._data_size = 0
         self._data: list[bytes] = []
         self._event = ""
 
     def feed(self, chunk: bytes) -> list[tuple[str, bytes]]:
-        if self._buffer:
-            chunk = self._buffer + chunk
-        lines = chunk.split(b"\n")
-        self._buffer = lines.pop()
+        self._pending.append(chunk)
+        self._pending_size += len(chunk)
+        if b"\n" not in chunk:
+            self._check(self._pending_size, "line")
+            return []
+        lines = b"".join(self._pending).split(b"\n")
+        tail = lines.pop()
+        self._pending, self._pending_size = [tail] if tail else [], len(tail)
+        self._check(len(tail), "line")
         return self._lines(lines)
 
     def close(self) -> list[tuple[str, bytes]]:
         """Flush at end of stream: an unterminated last event still counts."""
-        lines = [self._buffer, b""] if self._buffer else [b""]
-        self._buffer = b""
+        lines = [b"".join(self._pending), b""] if self._pending else [b""]
+        self._pending, self._pending_size = [], 0
         return self._lines(lines)
+
+    def _check(self, size: int, what: str) -> None:
+        if self.max_event_bytes is not None and size > self.max_event_bytes:
+            raise SSETooLarge(f"upstream sent an SSE {what} over {self.max_event_bytes} bytes")
 
     def _lines(self, lines: list[bytes]) -> list[tuple[str, bytes]]:
         events = []
@@ -1399,7 +1416,7 @@ class SSEDecoder:
             if not line:
                 if self._data:
                     events.append((self._event or "message", b"\n".join(self._data)))
-                    self._data = []
+                    self._data, self._data_size = [], 0
                 self._event = ""
             elif line[0] != 58:                       # b":" starts a comment
                 name, _, value = line.partition(b":")
@@ -1407,6 +1424,8 @@ class SSEDecoder:
                     value = value[1:]
                 if name == b"data":
                     self._data.append(value)
+                    self._data_size += len(value)
+                    self._check(self._data_size, "event")
                 elif name == b"event":
                     self._event = value.decode("utf-8", "replace")
         return events
@@ -1627,13 +1646,12 @@ class _BlockWriter:
         self.model, self.tool_names, self.input_tokens = model, tool_names, input_tokens
         self.message_id = message_id or new_message_id()
         self.events: list[tuple[str, JSON]] = []
-        self.next_index = 0
+        self.next_index = self.output_chars = 0
         self.open_kind: str | None = None
         self.open_call: _ToolCall | None = None
         self.thought: list[str] = []
         self.signature: str | None = None
         self.calls: dict[Any, _ToolCall] = {}
-        self.output_chars = 0
         self.tool_used = False
 
     def start(self, usage: JSON | None = None) -> list[tuple[str, JSON]]:
@@ -1782,8 +1800,7 @@ class StreamTranslator:
     """OpenAI chat-completion chunks in, Anthropic stream events out, through a _BlockWriter.
 
     Tolerates chunks without `index`, repeated indexes, cumulative argument snapshots, several
-    calls per chunk, no `role`, `choices: []`, and usage in any chunk. `usage` holds the
-    upstream's usage (OpenAI terms); once `finished`, nothing more goes out.
+    calls per chunk, no `role`, `choices: []`, and usage (kept in OpenAI terms) in any chunk.
     """
 
     def __init__(self, client_model: str, conv: Conversion | None = None, *, input_tokens: int = 0,
