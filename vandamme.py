@@ -1372,30 +1372,34 @@ class SSEDecoder:
 
     Lines are split on LF (a trailing CR is dropped) and text is decoded only per whole
     event, so events and multi-byte characters may be split anywhere. Comment lines and
-    lines that are not fields are skipped. Yields (event name, data bytes). The work is
-    linear: an unfinished line is kept as the pieces fed and joined once, when its newline
-    arrives. A line or an event's data over `max_event_bytes` raises SSETooLarge.
+    lines that are not fields are skipped. Yields (event name, data bytes). Linear work: an
+    unfinished line is kept as the pieces fed and joined once, when its newline arrives.
     """
 
     __slots__ = ("_data", "_data_size", "_event", "_pending", "_pending_size", "max_event_bytes")
 
     def __init__(self, max_event_bytes: int | None = None) -> None:
-        self.max_event_bytes = max_event_bytes
+        self.max_event_bytes = sys.maxsize if max_event_bytes is None else max_event_bytes
         self._pending: list[bytes] = []
         self._pending_size = self._data_size = 0
         self._data: list[bytes] = []
         self._event = ""
 
     def feed(self, chunk: bytes) -> list[tuple[str, bytes]]:
-        self._pending.append(chunk)
-        self._pending_size += len(chunk)
         if b"\n" not in chunk:
-            self._check(self._pending_size, "line")
+            self._pending.append(chunk)
+            self._pending_size += len(chunk)
+            if self._pending_size > self.max_event_bytes:
+                raise self._too_large("line")
             return []
-        lines = b"".join(self._pending).split(b"\n")
+        if self._pending:
+            self._pending.append(chunk)
+            chunk = b"".join(self._pending)
+        lines = chunk.split(b"\n")
         tail = lines.pop()
         self._pending, self._pending_size = [tail] if tail else [], len(tail)
-        self._check(len(tail), "line")
+        if self._pending_size > self.max_event_bytes:
+            raise self._too_large("line")
         return self._lines(lines)
 
     def close(self) -> list[tuple[str, bytes]]:
@@ -1404,9 +1408,8 @@ class SSEDecoder:
         self._pending, self._pending_size = [], 0
         return self._lines(lines)
 
-    def _check(self, size: int, what: str) -> None:
-        if self.max_event_bytes is not None and size > self.max_event_bytes:
-            raise SSETooLarge(f"upstream sent an SSE {what} over {self.max_event_bytes} bytes")
+    def _too_large(self, what: str) -> SSETooLarge:
+        return SSETooLarge(f"upstream sent an SSE {what} over {self.max_event_bytes} bytes")
 
     def _lines(self, lines: list[bytes]) -> list[tuple[str, bytes]]:
         events = []
@@ -1425,7 +1428,8 @@ class SSEDecoder:
                 if name == b"data":
                     self._data.append(value)
                     self._data_size += len(value)
-                    self._check(self._data_size, "event")
+                    if self._data_size > self.max_event_bytes:
+                        raise self._too_large("event")
                 elif name == b"event":
                     self._event = value.decode("utf-8", "replace")
         return events
@@ -1630,15 +1634,12 @@ class _ToolCall:
 
 
 class _BlockWriter:
-    """The Anthropic stream grammar, driven in Anthropic terms by a format's decoder.
+    """The Anthropic stream grammar, driven in Anthropic terms by a format's decoder; never an invalid stream.
 
-    A decoder calls `text`, `thinking`, `tool_call`, `close` and at the end `finish`; the
-    events collect in `events` and `take()` hands them over. Blocks are strictly sequential
-    (start, deltas, stop, then the next, indexes 0, 1, 2 ...). A tool call is streamed live
-    while it is the open block; a call that starts while the open one's arguments are still
-    incomplete is buffered and sent whole when the open one closes, so interleaved parallel
-    calls still come out as valid blocks. Argument fragments pass through JsonPrefix, so
-    they always concatenate to one JSON object. Pure and synchronous.
+    Events collect in `events` until `take()`. Blocks are strictly sequential (start, deltas, stop, then the
+    next; indexes 0, 1, 2 ...). A tool call streams live while it is the open block; a call that starts while
+    the open one's arguments are incomplete is buffered and sent whole when that one closes. Argument fragments
+    pass through JsonPrefix, so they always concatenate to one JSON object.
     """
 
     def __init__(self, model: str, tool_names: Mapping[str, str] = MappingProxyType({}), *,
@@ -1828,7 +1829,7 @@ class StreamTranslator:
             raise UpstreamError(upstream_error_message(chunk) or "upstream stream error", status=502)
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
-        choices = chunk.get("choices")
+        writer, choices = self.writer, chunk.get("choices")
         for choice in choices if isinstance(choices, list) else ():
             if not isinstance(choice, dict) or choice.get("index", 0) not in (0, None):
                 continue
@@ -1836,13 +1837,15 @@ class StreamTranslator:
             if not isinstance(delta, dict):
                 delta = choice.get("message") if isinstance(choice.get("message"), dict) else {}
             reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-            if isinstance(reasoning, str) and reasoning:
-                self.writer.thinking(reasoning)
-            for field_name in ("content", "refusal"):
-                text = delta.get(field_name)
-                if isinstance(text, str) and text:
-                    self.writer.text(text)
-                    self.refused = self.refused or field_name == "refusal"
+            if reasoning and isinstance(reasoning, str):
+                writer.thinking(reasoning)
+            content = delta.get("content")
+            if content and isinstance(content, str):
+                writer.text(content)
+            refusal = delta.get("refusal")
+            if refusal and isinstance(refusal, str):
+                writer.text(refusal)
+                self.refused = True
             calls = delta.get("tool_calls")
             for call in calls if isinstance(calls, list) else ():
                 if isinstance(call, dict):
@@ -1853,8 +1856,8 @@ class StreamTranslator:
                     error = choice.get("error")
                     raise UpstreamError(upstream_error_message({"error": error}) or "upstream error", status=502)
                 self.finish_reason = finish
-                self.writer.close()
-        return self.writer.take()
+                writer.close()
+        return writer.take()
 
     def finish(self) -> list[tuple[str, JSON]]:
         """Close open blocks and end the message: one message_delta, then message_stop."""
