@@ -1002,6 +1002,15 @@ def test_stream_tool_names_mapped_back() -> None:
     assert blocks(frames)[0]["name"] == "get weather"
 
 
+def test_message_events_replay_a_whole_message() -> None:
+    reply = completion("Hi", reasoning_content="r", refusal="no", tool_calls=[
+        {"id": "c1", "type": "function", "function": {"name": "Bash", "arguments": '{"command": "ls"}'}}])
+    message = vd.openai_to_anthropic(reply, vd.Conversion(), "claude-x")
+    replayed = final_message(validate_stream(vd.encode_events(vd.message_events(message)).decode()))
+    assert replayed["content"] == message["content"] and len(message["content"]) == 4
+    assert replayed["stop_reason"] == "tool_use" and replayed["usage"] == message["usage"]
+
+
 def test_sse_decoder_keeps_a_long_line_as_pieces_until_its_newline() -> None:
     piece, count = b"x" * 65536, 640                      # a 40 MiB line without a newline
     decoder = vd.SSEDecoder()
