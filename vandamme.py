@@ -1833,7 +1833,7 @@ class StreamTranslator:
         for choice in choices if isinstance(choices, list) else ():
             if not isinstance(choice, dict) or choice.get("index", 0) not in (0, None):
                 continue
-            delta = choice.get("delta")
+            delta: Any = choice.get("delta")
             if not isinstance(delta, dict):
                 delta = choice.get("message") if isinstance(choice.get("message"), dict) else {}
             reasoning = delta.get("reasoning_content") or delta.get("reasoning")
