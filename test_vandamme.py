@@ -970,6 +970,8 @@ STREAM_CASES = [
                  [{"type": "text", "text": "ok"}], "end_turn", id="wrong-types-ignored"),
     pytest.param([delta(content="x"), {"choices": [{"index": 1, "delta": {"content": "other choice"}}]}],
                  [{"type": "text", "text": "x"}], "end_turn", id="second-choice-ignored"),
+    pytest.param([delta(role="assistant", content=None, refusal="I can't"), delta(refusal=" help."), finish("stop")],
+                 [{"type": "text", "text": "I can't help."}], "refusal", id="refusal"),
 ]
 
 
@@ -1015,6 +1017,45 @@ def test_stream_tool_names_mapped_back() -> None:
     assert blocks(frames)[0]["name"] == "get weather"
 
 
+def test_message_events_replay_a_whole_message() -> None:
+    reply = completion("Hi", reasoning_content="r", refusal="no", tool_calls=[
+        {"id": "c1", "type": "function", "function": {"name": "Bash", "arguments": '{"command": "ls"}'}}])
+    message = vd.openai_to_anthropic(reply, vd.Conversion(), "claude-x")
+    replayed = final_message(validate_stream(vd.encode_events(vd.message_events(message)).decode()))
+    assert replayed["content"] == message["content"] and len(message["content"]) == 4
+    assert replayed["stop_reason"] == "tool_use" and replayed["usage"] == message["usage"]
+
+
+def test_sse_decoder_keeps_a_long_line_as_pieces_until_its_newline() -> None:
+    piece, count = b"x" * 65536, 640                      # a 40 MiB line without a newline
+    decoder = vd.SSEDecoder()
+    assert decoder.feed(b"data: ") == []
+    for _ in range(count):
+        assert decoder.feed(piece) == []
+    assert len(decoder._pending) == count + 1             # held as fed: nothing re-joined per chunk
+    assert sum(len(p) for p in decoder._pending) == 6 + count * len(piece)
+    [(name, data)] = decoder.feed(b"\n\n")
+    assert name == "message" and len(data) == count * len(piece) and decoder._pending == []
+
+
+@pytest.mark.parametrize(("parts", "fails_at"), [
+    pytest.param([b"data: " + b"x" * 994, b"\n\n"], None, id="line-at-limit"),
+    pytest.param([b"data: " + b"x" * 994, b"y"], 1, id="line-over-limit-in-pieces"),
+    pytest.param([b"data: " + b"x" * 1001 + b"\n"], 0, id="data-over-limit-in-one-chunk"),
+    pytest.param([b"data: " + b"x" * 600 + b"\n\n", b"data: " + b"x" * 600 + b"\n\n"], None, id="events-under-limit"),
+    pytest.param([b"data: " + b"x" * 600 + b"\n", b"data: " + b"x" * 600 + b"\n"], 1, id="event-over-limit"),
+])
+def test_sse_decoder_limits_line_and_event_size(parts: list, fails_at: int | None) -> None:
+    decoder = vd.SSEDecoder(max_event_bytes=1000)
+    for i, part in enumerate(parts):
+        if i == fails_at:
+            with pytest.raises(vd.SSETooLarge):
+                decoder.feed(part)
+            return
+        decoder.feed(part)
+    assert fails_at is None and decoder.close() == []
+
+
 # ---------------------------------------------------------------------------
 # §9 Dialects and middleware (pure parts)
 # ---------------------------------------------------------------------------
@@ -1026,6 +1067,21 @@ def test_think_splitter_handles_tags_split_anywhere() -> None:
         parts = [splitter.feed(text[:i]), splitter.feed(text[i:])]
         assert "".join(p[0] for p in parts) == "plan the work", i
         assert "".join(p[1] for p in parts) == "The answer.", i
+
+
+@pytest.mark.parametrize(("parts", "reasoning", "visible"), [
+    pytest.param(["Result <", "thi"], "", "Result <thi", id="partial-open-tag"),
+    pytest.param(["<think>plan</thi"], "plan</thi", "", id="partial-close-tag"),
+    pytest.param(["done"], "", "done", id="nothing-held"),
+])
+def test_think_splitter_flush_releases_held_back_text(parts: list, reasoning: str, visible: str) -> None:
+    splitter = vd.ThinkSplitter()
+    fed = [splitter.feed(part) for part in parts]
+    flushed = splitter.flush()
+    delta = flushed["choices"][0]["delta"] if flushed else {"reasoning_content": "", "content": ""}
+    assert "".join(r for r, _ in fed) + delta["reasoning_content"] == reasoning
+    assert "".join(v for _, v in fed) + delta["content"] == visible
+    assert splitter.flush() is None
 
 
 def test_gemini_schema_cleaning() -> None:
@@ -1607,6 +1663,16 @@ async def test_gzip_bomb_stops_at_the_response_cap(proxy: Any, upstream: FakeUps
     assert response.status == 502 and "MAX_RESPONSE_BYTES=1048576" in body["error"]["message"]
 
 
+async def test_a_huge_sse_line_ends_at_the_cap_while_health_answers(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy({"MAX_RESPONSE_BYTES": str(4 << 20)})
+    upstream.add(Reply(stream=[b'data: {"choices":[{"delta":{"content":"'] + [b"x" * 65536] * 640))   # 40 MiB line
+    streaming = asyncio.create_task(client.post("/v1/messages", json={**BASIC, "stream": True}))
+    assert (await client.get("/health")).status == 200
+    response = await streaming
+    frames = validate_stream(await response.text())
+    assert frames[-1][0] == "error" and "MAX_RESPONSE_BYTES=4194304" in frames[-1][1]["error"]["message"]
+
+
 GUARDED = [("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens"), ("GET", "/v1/models"),
            ("HEAD", "/v1/models"), ("GET", "/v1/aliases"), ("GET", "/metrics"), ("GET", "/metrics/running-totals"),
            ("POST", "/api/event_logging/batch"), ("DELETE", "/v1/messages"), ("GET", "/nowhere"),
@@ -1939,6 +2005,13 @@ async def test_think_tags_become_thinking_blocks(proxy: Any, upstream: FakeUpstr
     upstream.add(Reply(completion("<think>plan</think>\n\nDone")))
     message = await (await client.post("/v1/messages", json={**BASIC, "model": "ollama:qwen3"})).json()
     assert message["content"][0]["thinking"] == "plan" and message["content"][1]["text"] == "Done"
+
+
+async def test_think_tags_partial_tag_at_stream_end_stays_visible(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy({"OLLAMA_BASE_URL": "{upstream}/v1"})
+    upstream.add(Reply(stream=sse(delta(content="<think>a</think>Use a <"), delta(content="thi"), finish())))
+    _r, frames = await post_stream(client, {**BASIC, "model": "ollama:qwen3"})
+    assert [b.get("text") for b in final_message(frames)["content"]] == [None, "Use a <thi"]
 
 
 MIDDLEWARE_FILE = '''

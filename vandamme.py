@@ -1318,6 +1318,209 @@ def usage_to_anthropic(usage: Any) -> JSON:
             "cache_read_input_tokens": cached, "cache_creation_input_tokens": written}
 
 
+def _message_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):            # some servers send content parts
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def thinking_signature(text: str) -> str:
+    """A stable opaque signature for thinking that did not come from Anthropic."""
+    return "vdm-" + hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def new_message_id() -> str:
+    return "msg_" + secrets.token_hex(12)
+
+
+def new_tool_id() -> str:
+    return "toolu_" + secrets.token_hex(12)
+
+
+def upstream_error_message(data: Any) -> str | None:
+    """The message inside an OpenAI/Azure/Gemini/Anthropic error body, if there is one."""
+    if isinstance(data, list) and data:
+        data = data[0]
+    if not isinstance(data, dict):
+        return None
+    error = data.get("error", data.get("detail"))
+    if isinstance(error, dict):
+        message = error.get("message") or error.get("msg") or error.get("code")
+        return str(message) if message else json.dumps(error)[:500]
+    if isinstance(error, str):
+        return error
+    return str(data["message"]) if isinstance(data.get("message"), str) else None
+
+
+def openai_to_anthropic(data: Any, conv: Conversion, client_model: str) -> JSON:
+    """Convert an OpenAI chat completion into an Anthropic Message.
+
+    Content order: thinking, text, tool_use; at least one block; stop_reason never null;
+    `model` is the client's requested model string.
+    """
+    if not isinstance(data, dict):
+        raise UpstreamError("upstream returned a body that is not a JSON object", status=502)
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        message = upstream_error_message(data) or "upstream response has no choices"
+        raise UpstreamError(message, status=502)
+    choice = choices[0]
+    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    content: list[JSON] = []
+    reasoning = message.get("reasoning_content") or message.get("reasoning")
+    if isinstance(reasoning, str) and reasoning:
+        content.append({"type": "thinking", "thinking": reasoning, "signature": thinking_signature(reasoning)})
+    text = _message_text(message.get("content"))
+    if text:
+        content.append({"type": "text", "text": text})
+    refusal = message.get("refusal")
+    if isinstance(refusal, str) and refusal:
+        content.append({"type": "text", "text": refusal})
+    calls = message.get("tool_calls")
+    for call in calls if isinstance(calls, list) else ():
+        if not isinstance(call, dict):
+            continue
+        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        name = function.get("name") if isinstance(function.get("name"), str) else "unknown_tool"
+        tool_id = call.get("id")
+        content.append({"type": "tool_use", "id": str(tool_id) if tool_id else new_tool_id(),
+                        "name": conv.tool_names.get(name, name),
+                        "input": parse_tool_arguments(function.get("arguments"))})
+    if not content:
+        content.append({"type": "text", "text": ""})
+    finish = choice.get("finish_reason")
+    if any(block["type"] == "tool_use" for block in content):
+        stop_reason = "tool_use"
+    elif isinstance(refusal, str) and refusal:
+        stop_reason = "refusal"
+    else:
+        stop_reason = STOP_REASON.get(finish, "end_turn") if isinstance(finish, str) else "end_turn"
+    return {"id": new_message_id(), "type": "message", "role": "assistant", "model": client_model,
+            "content": content, "stop_reason": stop_reason, "stop_sequence": None,
+            "usage": usage_to_anthropic(data.get("usage"))}
+
+
+# ---------------------------------------------------------------------------
+# §8  Streaming: SSE decoder and stream translator
+# ---------------------------------------------------------------------------
+
+class SSETooLarge(ValueError):
+    """An SSE line, or an event's data, longer than the decoder's `max_event_bytes`."""
+
+
+class SSEDecoder:
+    """Incremental Server-Sent Events parser over bytes.
+
+    Lines are split on LF (a trailing CR is dropped) and text is decoded only per whole
+    event, so events and multi-byte characters may be split anywhere. Comment lines and
+    lines that are not fields are skipped. Yields (event name, data bytes). Linear work: an
+    unfinished line is kept as the pieces fed and joined once, when its newline arrives.
+    """
+
+    __slots__ = ("_data", "_data_size", "_event", "_pending", "_pending_size", "max_event_bytes")
+
+    def __init__(self, max_event_bytes: int | None = None) -> None:
+        self.max_event_bytes = sys.maxsize if max_event_bytes is None else max_event_bytes
+        self._pending: list[bytes] = []
+        self._pending_size = self._data_size = 0
+        self._data: list[bytes] = []
+        self._event = ""
+
+    def feed(self, chunk: bytes) -> list[tuple[str, bytes]]:
+        if b"\n" not in chunk:
+            self._pending.append(chunk)
+            self._pending_size += len(chunk)
+            if self._pending_size > self.max_event_bytes:
+                raise self._too_large("line")
+            return []
+        if self._pending:
+            self._pending.append(chunk)
+            chunk = b"".join(self._pending)
+        lines = chunk.split(b"\n")
+        tail = lines.pop()
+        self._pending, self._pending_size = [tail] if tail else [], len(tail)
+        if self._pending_size > self.max_event_bytes:
+            raise self._too_large("line")
+        return self._lines(lines)
+
+    def close(self) -> list[tuple[str, bytes]]:
+        """Flush at end of stream: an unterminated last event still counts."""
+        lines = [b"".join(self._pending), b""] if self._pending else [b""]
+        self._pending, self._pending_size = [], 0
+        return self._lines(lines)
+
+    def _too_large(self, what: str) -> SSETooLarge:
+        return SSETooLarge(f"upstream sent an SSE {what} over {self.max_event_bytes} bytes")
+
+    def _lines(self, lines: list[bytes]) -> list[tuple[str, bytes]]:
+        events = []
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line:
+                if self._data:
+                    events.append((self._event or "message", b"\n".join(self._data)))
+                    self._data, self._data_size = [], 0
+                self._event = ""
+            elif line[0] != 58:                       # b":" starts a comment
+                name, _, value = line.partition(b":")
+                if value[:1] == b" ":
+                    value = value[1:]
+                if name == b"data":
+                    self._data.append(value)
+                    self._data_size += len(value)
+                    if self._data_size > self.max_event_bytes:
+                        raise self._too_large("event")
+                elif name == b"event":
+                    self._event = value.decode("utf-8", "replace")
+        return events
+
+
+def _decode_chunk(data: bytes) -> list[Any]:
+    """One SSE data payload as chunks; servers that forget blank lines get their lines split."""
+    try:
+        return [JSON_DECODE(data.decode())]
+    except ValueError:
+        pass
+    chunks = []
+    for line in data.split(b"\n"):
+        line = line.strip()
+        if line.startswith(b"data:"):
+            line = line[5:].strip()
+        if line and line != b"[DONE]":
+            try:
+                chunks.append(json.loads(line))
+            except ValueError:
+                logger.debug("malformed upstream chunk skipped: %.200r", line)
+    return chunks
+
+
+_DELTA_FIELD: Final = MappingProxyType({"text_delta": "text", "thinking_delta": "thinking",
+                                        "input_json_delta": "partial_json"})
+
+
+def encode_events(events: Iterable[tuple[str, JSON]]) -> bytes:
+    """Anthropic SSE frames: every frame has its `event:` line (Claude Code needs it).
+
+    Deltas, nearly every frame of a stream, are formatted from a template: encoding only
+    the text is ten times cheaper than encoding the event dict.
+    """
+    out = []
+    for name, data in events:
+        if name == "content_block_delta":
+            delta = data["delta"]
+            key = _DELTA_FIELD.get(delta["type"])
+            if key is not None and len(delta) == 2:
+                out.append(b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+                           b'"delta":{"type":"%s","%s":%s}}\n\n'
+                           % (data["index"], delta["type"].encode(), key.encode(), JSON_ENCODE(delta[key]).encode()))
+                continue
+        out.append(b"event: %s\ndata: %s\n\n" % (name.encode(), JSON_ENCODE(data).encode()))
+    return b"".join(out)
+
+
 class JsonPrefix:
     """Incremental check that streamed text is still the beginning of one JSON object.
 
@@ -1464,192 +1667,6 @@ def parse_tool_arguments(raw: Any) -> JSON:
     return {"_raw_arguments": raw}
 
 
-def _message_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):            # some servers send content parts
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return ""
-
-
-def thinking_signature(text: str) -> str:
-    """A stable opaque signature for thinking that did not come from Anthropic."""
-    return "vdm-" + hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-def new_message_id() -> str:
-    return "msg_" + secrets.token_hex(12)
-
-
-def new_tool_id() -> str:
-    return "toolu_" + secrets.token_hex(12)
-
-
-def upstream_error_message(data: Any) -> str | None:
-    """The message inside an OpenAI/Azure/Gemini/Anthropic error body, if there is one."""
-    if isinstance(data, list) and data:
-        data = data[0]
-    if not isinstance(data, dict):
-        return None
-    error = data.get("error", data.get("detail"))
-    if isinstance(error, dict):
-        message = error.get("message") or error.get("msg") or error.get("code")
-        return str(message) if message else json.dumps(error)[:500]
-    if isinstance(error, str):
-        return error
-    return str(data["message"]) if isinstance(data.get("message"), str) else None
-
-
-def openai_to_anthropic(data: Any, conv: Conversion, client_model: str) -> JSON:
-    """Convert an OpenAI chat completion into an Anthropic Message.
-
-    Content order: thinking, text, tool_use; at least one block; stop_reason never null;
-    `model` is the client's requested model string.
-    """
-    if not isinstance(data, dict):
-        raise UpstreamError("upstream returned a body that is not a JSON object", status=502)
-    choices = data.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        message = upstream_error_message(data) or "upstream response has no choices"
-        raise UpstreamError(message, status=502)
-    choice = choices[0]
-    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
-    content: list[JSON] = []
-    reasoning = message.get("reasoning_content") or message.get("reasoning")
-    if isinstance(reasoning, str) and reasoning:
-        content.append({"type": "thinking", "thinking": reasoning, "signature": thinking_signature(reasoning)})
-    text = _message_text(message.get("content"))
-    if text:
-        content.append({"type": "text", "text": text})
-    refusal = message.get("refusal")
-    if isinstance(refusal, str) and refusal:
-        content.append({"type": "text", "text": refusal})
-    calls = message.get("tool_calls")
-    for call in calls if isinstance(calls, list) else ():
-        if not isinstance(call, dict):
-            continue
-        function = call.get("function") if isinstance(call.get("function"), dict) else {}
-        name = function.get("name") if isinstance(function.get("name"), str) else "unknown_tool"
-        tool_id = call.get("id")
-        content.append({"type": "tool_use", "id": str(tool_id) if tool_id else new_tool_id(),
-                        "name": conv.tool_names.get(name, name),
-                        "input": parse_tool_arguments(function.get("arguments"))})
-    if not content:
-        content.append({"type": "text", "text": ""})
-    finish = choice.get("finish_reason")
-    if any(block["type"] == "tool_use" for block in content):
-        stop_reason = "tool_use"
-    elif isinstance(refusal, str) and refusal:
-        stop_reason = "refusal"
-    else:
-        stop_reason = STOP_REASON.get(finish, "end_turn") if isinstance(finish, str) else "end_turn"
-    return {"id": new_message_id(), "type": "message", "role": "assistant", "model": client_model,
-            "content": content, "stop_reason": stop_reason, "stop_sequence": None,
-            "usage": usage_to_anthropic(data.get("usage"))}
-
-
-# ---------------------------------------------------------------------------
-# §8  Streaming: SSE decoder and stream translator
-# ---------------------------------------------------------------------------
-
-class SSEDecoder:
-    """Incremental Server-Sent Events parser over bytes.
-
-    Lines are split on LF (a trailing CR is dropped) and text is decoded only per whole
-    event, so events and multi-byte characters may be split anywhere. Comment lines and
-    lines that are not fields are skipped. Yields (event name, data bytes).
-    """
-
-    __slots__ = ("_buffer", "_data", "_event")
-
-    def __init__(self) -> None:
-        self._buffer = b""
-        self._data: list[bytes] = []
-        self._event = ""
-
-    def feed(self, chunk: bytes) -> list[tuple[str, bytes]]:
-        if self._buffer:
-            chunk = self._buffer + chunk
-        lines = chunk.split(b"\n")
-        self._buffer = lines.pop()
-        return self._lines(lines)
-
-    def close(self) -> list[tuple[str, bytes]]:
-        """Flush at end of stream: an unterminated last event still counts."""
-        lines = [self._buffer, b""] if self._buffer else [b""]
-        self._buffer = b""
-        return self._lines(lines)
-
-    def _lines(self, lines: list[bytes]) -> list[tuple[str, bytes]]:
-        events = []
-        for line in lines:
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if not line:
-                if self._data:
-                    events.append((self._event or "message", b"\n".join(self._data)))
-                    self._data = []
-                self._event = ""
-            elif line[0] != 58:                       # b":" starts a comment
-                name, _, value = line.partition(b":")
-                if value[:1] == b" ":
-                    value = value[1:]
-                if name == b"data":
-                    self._data.append(value)
-                elif name == b"event":
-                    self._event = value.decode("utf-8", "replace")
-        return events
-
-
-_DELTA_FIELD: Final = MappingProxyType({"text_delta": "text", "thinking_delta": "thinking",
-                                        "input_json_delta": "partial_json"})
-
-
-def encode_events(events: Iterable[tuple[str, JSON]]) -> bytes:
-    """Anthropic SSE frames: every frame has its `event:` line (Claude Code needs it).
-
-    Deltas, nearly every frame of a stream, are formatted from a template: encoding only
-    the text is ten times cheaper than encoding the event dict.
-    """
-    out = []
-    for name, data in events:
-        if name == "content_block_delta":
-            delta = data["delta"]
-            key = _DELTA_FIELD.get(delta["type"])
-            if key is not None and len(delta) == 2:
-                out.append(b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
-                           b'"delta":{"type":"%s","%s":%s}}\n\n'
-                           % (data["index"], delta["type"].encode(), key.encode(), JSON_ENCODE(delta[key]).encode()))
-                continue
-        out.append(b"event: %s\ndata: %s\n\n" % (name.encode(), JSON_ENCODE(data).encode()))
-    return b"".join(out)
-
-
-def message_events(message: JSON) -> list[tuple[str, JSON]]:
-    """A complete Anthropic message as a stream: for upstreams that answer a stream with JSON."""
-    start = {**message, "content": [], "stop_reason": None,
-             "usage": {**message["usage"], "output_tokens": 1}}
-    events: list[tuple[str, JSON]] = [("message_start", {"type": "message_start", "message": start}),
-                                      ("ping", {"type": "ping"})]
-    for index, block in enumerate(message["content"]):
-        kind = block["type"]
-        empty = {"tool_use": {**block, "input": {}}, "thinking": {**block, "thinking": "", "signature": ""}}
-        events.append(("content_block_start", {"type": "content_block_start", "index": index,
-                                               "content_block": empty.get(kind, {**block, "text": ""})}))
-        deltas = {"text": [{"type": "text_delta", "text": block.get("text", "")}],
-                  "thinking": [{"type": "thinking_delta", "thinking": block.get("thinking", "")},
-                               {"type": "signature_delta", "signature": block.get("signature", "")}],
-                  "tool_use": [{"type": "input_json_delta", "partial_json": JSON_ENCODE(block.get("input", {}))}]}
-        events.extend(("content_block_delta", {"type": "content_block_delta", "index": index, "delta": d})
-                      for d in deltas.get(kind, []))
-        events.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
-    events.append(("message_delta", {"type": "message_delta", "delta": {"stop_reason": message["stop_reason"],
-                                                                       "stop_sequence": None},
-                                     "usage": message["usage"]}))
-    events.append(("message_stop", {"type": "message_stop"}))
-    return events
-
-
 class _ToolCall:
     __slots__ = ("args", "id", "json", "live", "name", "state")
 
@@ -1659,123 +1676,112 @@ class _ToolCall:
         self.live = True          # fragments still go out as they come
 
 
-class StreamTranslator:
-    """OpenAI chat-completion chunks in, Anthropic stream events out; never an invalid stream.
+class _BlockWriter:
+    """The Anthropic stream grammar, driven in Anthropic terms by a format's decoder; never an invalid stream.
 
-    Blocks are strictly sequential (start, deltas, stop, then the next, indexes 0, 1, 2 ...).
-    A tool call is streamed live while it is the open block; a call that starts while the
-    open one's arguments are still incomplete is buffered and sent whole when the open one
-    closes, so interleaved parallel calls still come out as valid blocks. Tolerates chunks
-    without `index`, repeated indexes, cumulative argument snapshots, several calls per
-    chunk, no `role`, `choices: []`, and usage in any chunk. Pure and synchronous.
+    Events collect in `events` until `take()`. Blocks are strictly sequential (start, deltas, stop, then the
+    next; indexes 0, 1, 2 ...). A tool call streams live while it is the open block; a call that starts while
+    the open one's arguments are incomplete is buffered and sent whole when that one closes. Argument fragments
+    pass through JsonPrefix, so they always concatenate to one JSON object.
     """
 
-    def __init__(self, client_model: str, conv: Conversion | None = None, *, input_tokens: int = 0,
-                 message_id: str | None = None) -> None:
-        self.model = client_model
-        self.conv = conv or Conversion()
+    def __init__(self, model: str, tool_names: Mapping[str, str] = MappingProxyType({}), *,
+                 input_tokens: int = 0, message_id: str | None = None) -> None:
+        self.model, self.tool_names, self.input_tokens = model, tool_names, input_tokens
         self.message_id = message_id or new_message_id()
-        self.input_tokens = input_tokens
-        self.next_index = 0
+        self.events: list[tuple[str, JSON]] = []
+        self.next_index = self.output_chars = 0
         self.open_kind: str | None = None
         self.open_call: _ToolCall | None = None
-        self.thinking: list[str] = []
-        self.calls: list[_ToolCall] = []
-        self.by_index: dict[int, _ToolCall] = {}
-        self.finish_reason: str | None = None
-        self.usage: JSON | None = None
-        self.output_chars = 0
+        self.thought: list[str] = []
+        self.signature: str | None = None
+        self.calls: dict[Any, _ToolCall] = {}
         self.tool_used = False
-        self.finished = False
 
-    def start(self) -> list[tuple[str, JSON]]:
+    def start(self, usage: JSON | None = None) -> list[tuple[str, JSON]]:
+        """message_start, with `usage` or else the input estimate, and a first ping."""
+        usage = usage or {"input_tokens": self.input_tokens, "cache_creation_input_tokens": 0,
+                          "cache_read_input_tokens": 0}
         message = {"id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
-                   "content": [], "stop_reason": None, "stop_sequence": None,
-                   "usage": {"input_tokens": self.input_tokens, "output_tokens": 1,
-                             "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}
+                   "content": [], "stop_reason": None, "stop_sequence": None, "usage": {**usage, "output_tokens": 1}}
         return [("message_start", {"type": "message_start", "message": message}), ("ping", {"type": "ping"})]
 
-    def feed(self, chunk: Any) -> list[tuple[str, JSON]]:
-        """Translate one decoded chunk. Raises UpstreamError for an in-band upstream error."""
-        events: list[tuple[str, JSON]] = []
-        if not isinstance(chunk, dict) or self.finished:
-            return events
-        if chunk.get("error"):
-            raise UpstreamError(upstream_error_message(chunk) or "upstream stream error", status=502)
-        if isinstance(chunk.get("usage"), dict):
-            self.usage = chunk["usage"]
-        choices = chunk.get("choices")
-        for choice in choices if isinstance(choices, list) else ():
-            if not isinstance(choice, dict) or choice.get("index", 0) not in (0, None):
-                continue
-            delta = choice.get("delta")
-            if not isinstance(delta, dict):
-                delta = choice.get("message") if isinstance(choice.get("message"), dict) else {}
-            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-            if isinstance(reasoning, str) and reasoning:
-                self._content("thinking", reasoning, events)
-            content = delta.get("content")
-            if isinstance(content, str) and content:
-                self._content("text", content, events)
-            calls = delta.get("tool_calls")
-            for call in calls if isinstance(calls, list) else ():
-                if isinstance(call, dict):
-                    self._tool_delta(call, events)
-            finish = choice.get("finish_reason")
-            if isinstance(finish, str) and finish:
-                if finish == "error":
-                    error = choice.get("error")
-                    raise UpstreamError(upstream_error_message({"error": error}) or "upstream error", status=502)
-                self.finish_reason = finish
-                self._close_all(events)
-        return events
+    def text(self, text: str) -> None:
+        self._content("text", text)
 
-    def finish(self) -> list[tuple[str, JSON]]:
-        """Close open blocks and end the message: one message_delta, then message_stop."""
-        events: list[tuple[str, JSON]] = []
-        if self.finished:
-            return events
-        self._close_all(events)
+    def thinking(self, text: str, signature: str | None = None) -> None:
+        """Thinking text; a `signature` (the upstream's own) replaces the one computed at the block's end."""
+        self._content("thinking", text)
+        self.signature = signature or self.signature
+
+    def tool_call(self, key: Any, tool_id: str | None, name: str | None, args: str) -> None:
+        """News of call `key`: id and name once known; `args` the next fragment or a cumulative snapshot."""
+        call = self.calls.get(key)
+        if call is None:
+            call = self.calls[key] = _ToolCall(tool_id, name)
+        else:
+            call.id, call.name = call.id or tool_id, call.name or name
+        if args:
+            if call.args and args.startswith(call.args):
+                args = args[len(call.args):]
+            call.args += args
+            self.output_chars += len(args)
+            if call.state == "open" and args:
+                self._send_args(call, args)
+            elif call.state == "closed" and args:
+                logger.warning("tool call %s: arguments arrived after its block closed; dropped", call.id)
+        open_call = self.open_call
+        if call.state == "pending" and call.name and (open_call is None or open_call.json.expect == "done"
+                                                      or not open_call.live):
+            self._start_call(call)
+
+    def close(self) -> None:
+        """End the open block, then send the buffered calls, each as a whole block."""
+        self._close_open()
+        for call in self.calls.values():
+            if call.state == "pending":
+                if call.name is None and not call.args:
+                    call.state = "closed"
+                    continue
+                self._start_call(call)
+                self._close_open()
+
+    def finish(self, stop_reason: str, usage: JSON | None = None) -> list[tuple[str, JSON]]:
+        """Close all blocks and end the message; `usage` in Anthropic terms, else an estimate."""
+        self.close()
         if self.next_index == 0:                  # an empty reply still has one block
-            events.append(("content_block_start", {"type": "content_block_start", "index": 0,
-                                                   "content_block": {"type": "text", "text": ""}}))
-            events.append(("content_block_stop", {"type": "content_block_stop", "index": 0}))
-            self.next_index = 1
-        if self.tool_used:
-            stop_reason = "tool_use"
-        else:
-            stop_reason = STOP_REASON.get(self.finish_reason or "stop", "end_turn")
-        if self.usage is not None:
-            usage = usage_to_anthropic(self.usage)
-        else:
+            self.text("")
+            self._close_open()
+        if usage is None:
             usage = {"input_tokens": self.input_tokens, "output_tokens": max(1, self.output_chars // 4),
                      "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
-        events.append(("message_delta", {"type": "message_delta",
-                                         "delta": {"stop_reason": stop_reason, "stop_sequence": None},
-                                         "usage": usage}))
-        events.append(("message_stop", {"type": "message_stop"}))
-        self.finished = True
+        stop_reason = "tool_use" if self.tool_used else stop_reason
+        self.events.append(("message_delta", {"type": "message_delta", "usage": usage,
+                                              "delta": {"stop_reason": stop_reason, "stop_sequence": None}}))
+        self.events.append(("message_stop", {"type": "message_stop"}))
+        return self.take()
+
+    def take(self) -> list[tuple[str, JSON]]:
+        events, self.events = self.events, []
         return events
 
-    # -- blocks ------------------------------------------------------------
+    def _delta(self, delta: JSON) -> None:
+        self.events.append(("content_block_delta", {"type": "content_block_delta", "index": self.next_index - 1,
+                                                    "delta": delta}))
 
-    def _open(self, block: JSON, kind: str, events: list[tuple[str, JSON]]) -> None:
-        events.append(("content_block_start", {"type": "content_block_start", "index": self.next_index,
-                                               "content_block": block}))
+    def _open(self, block: JSON, kind: str) -> None:
+        self.events.append(("content_block_start", {"type": "content_block_start", "index": self.next_index,
+                                                    "content_block": block}))
         self.open_kind = kind
         self.next_index += 1
 
-    def _close_open(self, events: list[tuple[str, JSON]]) -> None:
-        kind, index = self.open_kind, self.next_index - 1
-        if kind is None:
-            return
+    def _close_open(self) -> None:
+        kind, call = self.open_kind, self.open_call
         if kind == "thinking":
-            signature = thinking_signature("".join(self.thinking))
-            events.append(("content_block_delta", {"type": "content_block_delta", "index": index,
-                                                   "delta": {"type": "signature_delta", "signature": signature}}))
-            self.thinking = []
-        elif kind == "tool" and self.open_call is not None:
-            call = self.open_call
+            self._delta({"type": "signature_delta",
+                         "signature": self.signature or thinking_signature("".join(self.thought))})
+            self.thought, self.signature = [], None
+        elif call is not None:
             # The client parses the concatenated fragments: they must close into an object.
             if call.json.expect == "start" and call.args.strip():
                 closing = json.dumps(parse_tool_arguments(call.args))     # never streamed: repair whole
@@ -1785,59 +1791,126 @@ class StreamTranslator:
                     logger.warning("tool call %s: arguments are not valid JSON; sent the valid part: %.200s",
                                    call.id, call.args)
             if closing:
-                events.append(self._args_event(index, closing))
+                self._delta({"type": "input_json_delta", "partial_json": closing})
             call.state, self.open_call = "closed", None
-        events.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
-        self.open_kind = None
+        if kind is not None:
+            self.events.append(("content_block_stop", {"type": "content_block_stop", "index": self.next_index - 1}))
+            self.open_kind = None
 
-    def _close_all(self, events: list[tuple[str, JSON]]) -> None:
-        self._close_open(events)
-        for call in self.calls:
-            if call.state == "pending":
-                if call.name is None and not call.args:
-                    call.state = "closed"
-                    continue
-                self._start_call(call, events)
-                self._close_open(events)
-
-    def _content(self, kind: str, text: str, events: list[tuple[str, JSON]]) -> None:
+    def _content(self, kind: str, text: str) -> None:
         if self.open_kind != kind:
-            self._close_all(events)
+            self.close()
             self._open({"type": "thinking", "thinking": "", "signature": ""} if kind == "thinking"
-                       else {"type": "text", "text": ""}, kind, events)
-        self.output_chars += len(text)
-        if kind == "thinking":
-            self.thinking.append(text)
-            delta = {"type": "thinking_delta", "thinking": text}
-        else:
-            delta = {"type": "text_delta", "text": text}
-        events.append(("content_block_delta", {"type": "content_block_delta", "index": self.next_index - 1,
-                                               "delta": delta}))
+                       else {"type": "text", "text": ""}, kind)
+        if text:
+            self.output_chars += len(text)
+            if kind == "thinking":
+                self.thought.append(text)
+            self._delta({"type": kind + "_delta", kind: text})
 
-    # -- tool calls --------------------------------------------------------
-
-    def _args_event(self, index: int, fragment: str) -> tuple[str, JSON]:
-        return ("content_block_delta", {"type": "content_block_delta", "index": index,
-                                        "delta": {"type": "input_json_delta", "partial_json": fragment}})
-
-    def _start_call(self, call: _ToolCall, events: list[tuple[str, JSON]]) -> None:
-        self._close_open(events)
+    def _start_call(self, call: _ToolCall) -> None:
+        self._close_open()
         name = call.name or "unknown_tool"
         call.id = call.id or new_tool_id()
-        self._open({"type": "tool_use", "id": call.id, "name": self.conv.tool_names.get(name, name), "input": {}},
-                   "tool", events)
+        self._open({"type": "tool_use", "id": call.id, "name": self.tool_names.get(name, name), "input": {}}, "tool")
         self.open_call, call.state, self.tool_used = call, "open", True
         if call.args:
-            self._send_args(call, call.args, events)
+            self._send_args(call, call.args)
 
-    def _send_args(self, call: _ToolCall, args: str, events: list[tuple[str, JSON]]) -> None:
+    def _send_args(self, call: _ToolCall, args: str) -> None:
         piece = call.json.feed(args) if call.live else None
         if piece is None:
             call.live = False
         elif piece:
-            events.append(self._args_event(self.next_index - 1, piece))
+            self._delta({"type": "input_json_delta", "partial_json": piece})
 
-    def _tool_delta(self, delta: JSON, events: list[tuple[str, JSON]]) -> None:
+
+def message_events(message: JSON) -> list[tuple[str, JSON]]:
+    """A complete Anthropic message as a stream: for upstreams that answer a stream with JSON."""
+    writer = _BlockWriter(message["model"], message_id=message["id"])
+    events = writer.start(message["usage"])
+    for key, block in enumerate(message["content"]):
+        if block["type"] == "tool_use":
+            writer.tool_call(key, block["id"], block["name"], JSON_ENCODE(block["input"]))
+        elif block["type"] == "thinking":
+            writer.thinking(block["thinking"], block.get("signature"))
+        else:
+            writer.text(block.get("text", ""))
+        writer.close()
+    return events + writer.finish(message["stop_reason"], message["usage"])
+
+
+class StreamTranslator:
+    """OpenAI chat-completion chunks in, Anthropic stream events out, through a _BlockWriter.
+
+    Tolerates chunks without `index`, repeated indexes, cumulative argument snapshots, several
+    calls per chunk, no `role`, `choices: []`, and usage (kept in OpenAI terms) in any chunk.
+    """
+
+    def __init__(self, client_model: str, conv: Conversion | None = None, *, input_tokens: int = 0,
+                 message_id: str | None = None) -> None:
+        self.writer = _BlockWriter(client_model, (conv or Conversion()).tool_names, input_tokens=input_tokens,
+                                   message_id=message_id)
+        self.by_index: dict[int, int] = {}        # the upstream's call index -> the writer's call key
+        self.finish_reason: str | None = None
+        self.refused = False
+        self.usage: JSON | None = None
+        self.finished = False
+
+    @property
+    def output_chars(self) -> int:
+        return self.writer.output_chars
+
+    def start(self) -> list[tuple[str, JSON]]:
+        return self.writer.start()
+
+    def feed(self, chunk: Any) -> list[tuple[str, JSON]]:
+        """Translate one decoded chunk. Raises UpstreamError for an in-band upstream error."""
+        if not isinstance(chunk, dict) or self.finished:
+            return []
+        if chunk.get("error"):
+            raise UpstreamError(upstream_error_message(chunk) or "upstream stream error", status=502)
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        writer, choices = self.writer, chunk.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
+            if not isinstance(choice, dict) or choice.get("index", 0) not in (0, None):
+                continue
+            delta: Any = choice.get("delta")
+            if not isinstance(delta, dict):
+                delta = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if reasoning and isinstance(reasoning, str):
+                writer.thinking(reasoning)
+            content = delta.get("content")
+            if content and isinstance(content, str):
+                writer.text(content)
+            refusal = delta.get("refusal")
+            if refusal and isinstance(refusal, str):
+                writer.text(refusal)
+                self.refused = True
+            calls = delta.get("tool_calls")
+            for call in calls if isinstance(calls, list) else ():
+                if isinstance(call, dict):
+                    self._tool_delta(call)
+            finish = choice.get("finish_reason")
+            if isinstance(finish, str) and finish:
+                if finish == "error":
+                    error = choice.get("error")
+                    raise UpstreamError(upstream_error_message({"error": error}) or "upstream error", status=502)
+                self.finish_reason = finish
+                writer.close()
+        return writer.take()
+
+    def finish(self) -> list[tuple[str, JSON]]:
+        """Close open blocks and end the message: one message_delta, then message_stop."""
+        if self.finished:
+            return []
+        self.finished = True
+        stop_reason = "refusal" if self.refused else STOP_REASON.get(self.finish_reason or "stop", "end_turn")
+        return self.writer.finish(stop_reason, None if self.usage is None else usage_to_anthropic(self.usage))
+
+    def _tool_delta(self, delta: JSON) -> None:
         index = delta.get("index")
         index = index if isinstance(index, int) and not isinstance(index, bool) else None
         tool_id = delta.get("id")
@@ -1847,37 +1920,22 @@ class StreamTranslator:
         args = function.get("arguments")
         if isinstance(args, dict):
             args = json.dumps(args)
-        args = args if isinstance(args, str) else ""
-        call = None
+        calls = self.writer.calls
+        key = None
         if index is not None:
-            call = self.by_index.get(index)
+            key = self.by_index.get(index)
+            call = calls.get(key)
             if call is not None and tool_id and call.id and tool_id != call.id:
-                call = None                       # an index reused for a new call (Gemini)
+                key = None                        # an index reused for a new call (Gemini)
         elif tool_id:
-            call = next((c for c in self.calls if c.id == tool_id), None)
-        elif self.calls:
-            call = self.calls[-1]                 # no index, no id: continues the last call
-        if call is None:
-            call = _ToolCall(tool_id, name)
-            self.calls.append(call)
+            key = next((k for k, c in calls.items() if c.id == tool_id), None)
+        elif calls:
+            key = next(reversed(calls))           # no index, no id: continues the last call
+        if key is None:
+            key = len(calls)
             if index is not None:
-                self.by_index[index] = call
-        else:
-            call.id = call.id or tool_id
-            call.name = call.name or name
-        if args:
-            if call.args and args.startswith(call.args):
-                args = args[len(call.args):]      # a cumulative snapshot: only the new suffix
-            call.args += args
-            self.output_chars += len(args)
-            if call.state == "open" and args:
-                self._send_args(call, args, events)
-            elif call.state == "closed" and args:
-                logger.warning("tool call %s: arguments arrived after its block closed; dropped", call.id)
-        if call.state == "pending" and call.name:
-            open_call = self.open_call
-            if self.open_kind != "tool" or open_call is None or open_call.json.expect == "done" or not open_call.live:
-                self._start_call(call, events)
+                self.by_index[index] = key
+        self.writer.tool_call(key, tool_id, name, args if isinstance(args, str) else "")
 
 
 # ---------------------------------------------------------------------------
@@ -1898,6 +1956,7 @@ class Exchange:
     config: Config | None = None
     input_estimate: int = 0           # tokens, for message_start
     state: dict[str, Any] = field(default_factory=dict)     # the user hooks' own; vandamme keeps nothing here
+    think: ThinkSplitter | None = None        # the think-tags dialect's state across a stream's chunks
 
 
 class Middleware:
@@ -2042,8 +2101,8 @@ class ThinkSplitter:
         self.inside = False
         self.pending = ""
 
-    def feed(self, text: str) -> tuple[str, str]:
-        """Return (reasoning, visible text) for the next piece of content."""
+    def feed(self, text: str, end: bool = False) -> tuple[str, str]:
+        """Return (reasoning, visible text) for the next piece of content; at the `end` nothing is held back."""
         text, self.pending = self.pending + text, ""
         reasoning: list[str] = []
         visible: list[str] = []
@@ -2056,11 +2115,19 @@ class ThinkSplitter:
                 text = text[position + len(tag):]
                 self.inside = not self.inside
                 continue
-            keep = next((n for n in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-n:])), 0)
+            keep = 0 if end else next((n for n in range(min(len(tag) - 1, len(text)), 0, -1)
+                                       if tag.startswith(text[-n:])), 0)
             sink.append(text[: len(text) - keep])
             self.pending = text[len(text) - keep:]
             break
         return "".join(reasoning), "".join(visible)
+
+    def flush(self) -> JSON | None:
+        """The held-back text as a last chunk, for a stream that ended without a finish_reason."""
+        reasoning, visible = self.feed("", end=True)
+        if not (reasoning or visible):
+            return None
+        return {"choices": [{"index": 0, "delta": {"reasoning_content": reasoning, "content": visible}}]}
 
 
 class ThinkTagsDialect(Middleware):
@@ -2071,26 +2138,29 @@ class ThinkTagsDialect(Middleware):
     def applies(self, exchange: Exchange) -> bool:
         return exchange.provider.think_tags
 
-    def _split(self, exchange: Exchange, holder: Any, fresh: bool) -> None:
-        if not isinstance(holder, dict) or not isinstance(holder.get("content"), str):
+    def _split(self, holder: Any, splitter: ThinkSplitter, end: bool, whole: bool = False) -> None:
+        if not isinstance(holder, dict):
             return
-        splitter = ThinkSplitter() if fresh else exchange.state.setdefault("think", ThinkSplitter())
-        reasoning, visible = splitter.feed(holder["content"])
-        if fresh and splitter.pending:
-            visible += splitter.pending
-        holder["content"] = visible.lstrip("\n") if reasoning and fresh else visible
+        content = holder.get("content")
+        if not isinstance(content, str):
+            if not (end and splitter.pending):
+                return
+            content = ""
+        reasoning, visible = splitter.feed(content, end)
+        holder["content"] = visible.lstrip("\n") if reasoning and whole else visible
         if reasoning:
             holder["reasoning_content"] = (holder.get("reasoning_content") or "") + reasoning
 
     def on_upstream_response(self, exchange: Exchange, data: JSON) -> None:
         for choice in data.get("choices") or ():
             if isinstance(choice, dict):
-                self._split(exchange, choice.get("message"), True)
+                self._split(choice.get("message"), ThinkSplitter(), True, whole=True)
 
     def on_upstream_chunk(self, exchange: Exchange, chunk: JSON) -> None:
         for choice in chunk.get("choices") or ():
             if isinstance(choice, dict):
-                self._split(exchange, choice.get("delta"), False)
+                exchange.think = exchange.think or ThinkSplitter()
+                self._split(choice.get("delta"), exchange.think, bool(choice.get("finish_reason")))
 
 
 class _ModuleMiddleware(Middleware):
@@ -2162,6 +2232,17 @@ def run_hooks(hooks: list[tuple[str, Callable[..., Any]]], exchange: Exchange, v
         if result is not None:
             value = result
     return value
+
+
+def _run_event_hooks(hooks: list[tuple[str, Callable[..., Any]]], exchange: Exchange,
+                     events: list[tuple[str, JSON]]) -> list[tuple[str, JSON]]:
+    result: list[tuple[str, JSON]] = []
+    for name, data in events:
+        event = run_hooks(hooks, exchange, {"event": name, "data": data})
+        for item in event if isinstance(event, list) else [event]:
+            if isinstance(item, dict) and isinstance(item.get("event"), str) and isinstance(item.get("data"), dict):
+                result.append((item["event"], item["data"]))
+    return result
 
 
 # ---------------------------------------------------------------------------
@@ -3068,7 +3149,7 @@ class _StreamRelay:
             self.rec.fail("client_closed", "client disconnected mid-stream")
             if isinstance(exc, asyncio.CancelledError):
                 raise
-        except (VandammeError, aiohttp.ClientError, TimeoutError, OSError) as exc:
+        except (VandammeError, SSETooLarge, aiohttp.ClientError, TimeoutError, OSError) as exc:
             await self._fail(exc)
         finally:
             pinger.cancel()
@@ -3090,7 +3171,7 @@ class _StreamRelay:
 
     async def _pump(self) -> None:
         """The one loop: upstream bytes -> SSE events -> chunks through the hooks -> translator."""
-        decoder = SSEDecoder()
+        decoder = SSEDecoder(self.rt.config.max_response_bytes)
         chunk_hooks, translator = self.hooks["on_upstream_chunk"], self.translator
         received = self.upstream.content.iter_any().__aiter__()
         while True:
@@ -3109,7 +3190,10 @@ class _StreamRelay:
                     events.extend(translator.feed(chunk))
             await self._emit(events)
             if data is None:
-                return
+                break
+        think = self.exchange.think          # text a split tag held back is still the reply's
+        if think is not None and (chunk := think.flush()) is not None:
+            await self._emit(translator.feed(chunk))
 
     async def _emit(self, events: list[tuple[str, JSON]]) -> None:
         if self.hooks["on_event"]:
@@ -3146,7 +3230,7 @@ class _StreamRelay:
         elif self.closed_because == "shutdown":
             kind, message = "overloaded_error", "vandamme is shutting down; retry the request"
         else:
-            kind, message = "api_error", f"{name}: stream interrupted: {type(exc).__name__} {exc}"
+            kind, message = "api_error", f"{name}: stream interrupted: {_stream_failure(exc, self.rt.config)}"
         await _end_stream_with_error(self.response, self.rec, kind, self.redact(message))
 
     def _count_usage(self) -> None:
@@ -3157,6 +3241,12 @@ class _StreamRelay:
             rec.input_tokens, rec.output_tokens = self.exchange.input_estimate, max(1, translator.output_chars // 4)
 
 
+def _stream_failure(exc: BaseException, config: Config) -> str:
+    if isinstance(exc, SSETooLarge):
+        return f"an event larger than MAX_RESPONSE_BYTES={config.max_response_bytes}"
+    return f"{type(exc).__name__} {exc}"
+
+
 async def _end_stream_with_error(response: web.StreamResponse, rec: RequestRecord, kind: str, message: str) -> None:
     """After the 200 went out an error can only travel in-band: an SSE `error` event, then the end."""
     rec.fail(kind, message)
@@ -3164,36 +3254,6 @@ async def _end_stream_with_error(response: web.StreamResponse, rec: RequestRecor
     with contextlib.suppress(ConnectionError, RuntimeError):
         await response.write(encode_events([("error", error_body(kind, message))]))
         await response.write_eof()
-
-
-def _decode_chunk(data: bytes) -> list[Any]:
-    """One SSE data payload as chunks; servers that forget blank lines get their lines split."""
-    try:
-        return [JSON_DECODE(data.decode())]
-    except ValueError:
-        pass
-    chunks = []
-    for line in data.split(b"\n"):
-        line = line.strip()
-        if line.startswith(b"data:"):
-            line = line[5:].strip()
-        if line and line != b"[DONE]":
-            try:
-                chunks.append(json.loads(line))
-            except ValueError:
-                logger.debug("malformed upstream chunk skipped: %.200r", line)
-    return chunks
-
-
-def _run_event_hooks(hooks: list[tuple[str, Callable[..., Any]]], exchange: Exchange,
-                     events: list[tuple[str, JSON]]) -> list[tuple[str, JSON]]:
-    result: list[tuple[str, JSON]] = []
-    for name, data in events:
-        event = run_hooks(hooks, exchange, {"event": name, "data": data})
-        for item in event if isinstance(event, list) else [event]:
-            if isinstance(item, dict) and isinstance(item.get("event"), str) and isinstance(item.get("data"), dict):
-                result.append((item["event"], item["data"]))
-    return result
 
 
 async def _relay_anthropic(request: web.Request, rt: Runtime, provider: Provider, model: str, incoming: Incoming,
@@ -3222,7 +3282,7 @@ async def _relay_anthropic(request: web.Request, rt: Runtime, provider: Provider
     response = web.StreamResponse(status=upstream.status, headers=headers)
     await response.prepare(request)
     rec.status = upstream.status
-    decoder = SSEDecoder()
+    decoder = SSEDecoder(rt.config.max_response_bytes)
     try:
         async for chunk in upstream.content.iter_any():
             if rec.ttft_ms is None:
@@ -3236,9 +3296,9 @@ async def _relay_anthropic(request: web.Request, rt: Runtime, provider: Provider
         await response.write_eof()
     except ConnectionResetError:
         rec.fail("client_closed", "client disconnected mid-stream")
-    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        await _end_stream_with_error(response, rec, "api_error",
-                                     _redaction(request)(f"{provider.name}: stream interrupted: {exc}"))
+    except (SSETooLarge, aiohttp.ClientError, TimeoutError, OSError) as exc:
+        message = f"{provider.name}: stream interrupted: {_stream_failure(exc, rt.config)}"
+        await _end_stream_with_error(response, rec, "api_error", _redaction(request)(message))
     finally:
         upstream.close()
     return response
