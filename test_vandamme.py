@@ -140,9 +140,10 @@ class Reply:
 
     def __init__(self, body: Any = None, *, status: int = 200, headers: dict | None = None,
                  stream: bytes | list[bytes] | None = None, delay: float = 0.0, chunk_delay: float = 0.0,
-                 reset: bool = False, hang: float = 0.0) -> None:
+                 reset: bool = False, hang: float = 0.0, gate: asyncio.Event | None = None) -> None:
         self.body, self.status, self.headers = body, status, headers or {}
         self.stream, self.delay, self.chunk_delay, self.reset, self.hang = stream, delay, chunk_delay, reset, hang
+        self.gate = gate            # set: the answer waits until the test opens it
 
 
 class FakeUpstream:
@@ -198,6 +199,8 @@ class FakeUpstream:
                                      finish(), usage_chunk())) if streamed else Reply(completion("Hello there"))
         if reply.delay:
             await asyncio.sleep(reply.delay)
+        if reply.gate is not None:
+            await reply.gate.wait()
         if reply.reset:
             assert request.transport is not None
             request.transport.abort()
@@ -1531,14 +1534,18 @@ async def test_first_byte_timeout_is_504(proxy: Any, upstream: FakeUpstream) -> 
 
 async def test_pool_exhaustion_is_a_prompt_overloaded_error(proxy: Any, upstream: FakeUpstream) -> None:
     client = await proxy(pool_limit=1, connect_timeout=0.5)
-    upstream.add(Reply(completion("slow"), delay=3))
+    gate = asyncio.Event()
+    upstream.add(Reply(completion("slow"), gate=gate))
     first = asyncio.create_task(client.post("/v1/messages", json=BASIC))
-    await asyncio.sleep(0.2)
-    started = time.monotonic()
-    response = await client.post("/v1/messages", json=BASIC)
-    body = await response.json()
-    assert response.status == 529 and body["error"]["type"] == "overloaded_error" and "POOL_LIMIT" in body["error"]["message"]
-    assert time.monotonic() - started < 2.5
+    try:
+        await until(lambda: upstream.active == 1)           # the only pooled connection is taken
+        started = time.monotonic()
+        response = await client.post("/v1/messages", json=BASIC)
+        body = await response.json()
+        assert response.status == 529 and body["error"]["type"] == "overloaded_error"
+        assert "POOL_LIMIT" in body["error"]["message"] and time.monotonic() - started < 2.5
+    finally:
+        gate.set()
     assert (await first).status == 200
 
 
@@ -1860,6 +1867,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def accepts_connections(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
 class ProxyProcess:
     """`python vandamme.py --port N` as a real process; always stopped by the caller."""
 
@@ -1952,7 +1967,7 @@ async def test_graceful_shutdown_finishes_in_flight_stream(upstream: FakeUpstrea
             async with session.post(f"{proc.url}/v1/messages", json={**BASIC, "stream": True}) as response:
                 first = await response.content.readline()
                 proc.proc.send_signal(signal.SIGTERM)
-                await asyncio.sleep(0.3)
+                await until(lambda: not accepts_connections(proc.port))
                 with pytest.raises(aiohttp.ClientError):       # no new connections while draining
                     async with session.post(f"{proc.url}/v1/messages", json=BASIC) as late:
                         await late.read()
@@ -1998,15 +2013,14 @@ async def test_sighup_reloads_and_refuses_a_bad_file(upstream: FakeUpstream, tmp
             assert await upstream_model() == "first-model"
             env_file.write_text("OPENAI_ALIAS_SONNET=second-model\n")
             proc.proc.send_signal(signal.SIGHUP)
-            await asyncio.sleep(0.5)
+            await until(lambda: "configuration reloaded" in proc.log())
             assert await upstream_model() == "second-model"
             (tmp_path / "vandamme-config.toml").write_text("[broken\n")
             proc.proc.send_signal(signal.SIGHUP)
-            await asyncio.sleep(0.5)
+            await until(lambda: "configuration refused" in proc.log())
             assert await upstream_model() == "second-model"
     finally:
         proc.stop()
-    assert "configuration refused" in proc.log()
 
 
 # ---------------------------------------------------------------------------
@@ -2066,11 +2080,8 @@ async def test_client_disconnects_close_upstream_and_leave_nothing_behind(proxy:
 
     async with aiohttp.ClientSession() as session:
         await asyncio.gather(*(one(session) for _ in range(200)))
-    deadline = time.monotonic() + 5
-    while (upstream.active or len(asyncio.all_tasks()) > baseline + 1) and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert upstream.active == 0 and upstream.ended >= 201
-    assert len(asyncio.all_tasks()) <= baseline + 1
+    await until(lambda: upstream.active == 0 and len(asyncio.all_tasks()) <= baseline + 1)
+    assert upstream.ended >= 201
     totals = await (await client.get("/metrics/running-totals")).json()
     assert totals["totals"]["in_flight"] == 0
     assert totals["totals"]["errors_by_type"].get("client_closed", 0) >= 150
@@ -2078,17 +2089,13 @@ async def test_client_disconnects_close_upstream_and_leave_nothing_behind(proxy:
 
 async def test_disconnect_before_first_byte_cancels_upstream(proxy: Any, upstream: FakeUpstream) -> None:
     client = await proxy()
-    upstream.add(Reply(completion("late"), delay=3))
+    upstream.add(Reply(completion("late"), delay=3))      # answers only after the assertion below
     task = asyncio.create_task(client.post("/v1/messages", json=BASIC))
-    await asyncio.sleep(0.3)
-    assert upstream.active == 1
+    await until(lambda: upstream.active == 1)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    deadline = time.monotonic() + 1.5
-    while upstream.active and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert upstream.active == 0
+    await until(lambda: upstream.active == 0, timeout=1.5)   # well before the upstream would have answered
 
 
 JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-5, 10 ** 6) | st.floats(allow_nan=False)
