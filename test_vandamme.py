@@ -493,8 +493,8 @@ def test_config_flag_replaces_both_toml_locations(tmp_path: Path) -> None:
 
 
 def test_provider_settings_custom_headers_and_api_version() -> None:
-    config = make_config({"AZ_API_KEY": "k", "AZ_BASE_URL": "https://r.openai.azure.com", "AZ_API_VERSION": "2024-10-21",
-                          "AZ_CUSTOM_HEADER_X_USER_ID": "u1", "ZAI_API_KEY": "z"})
+    config = make_config({"AZ_API_KEY": "k", "AZ_BASE_URL": "https://r.openai.azure.com",
+                          "AZ_API_VERSION": "2024-10-21", "AZ_CUSTOM_HEADER_X_USER_ID": "u1", "ZAI_API_KEY": "z"})
     az = config.provider("az")
     assert az.azure and az.api_version == "2024-10-21" and dict(az.headers) == {"X-USER-ID": "u1"}
     assert config.provider("zai").api_format == "anthropic"
@@ -635,6 +635,10 @@ def assistant(content: Any) -> dict:
 TOOL_USE = {"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {"command": "ls"}}
 TOOL_USE_2 = {"type": "tool_use", "id": "toolu_2", "name": "Read", "input": {"file_path": "/x"}}
 IMAGE = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBOR"}}
+# the same three as the OpenAI side sends them
+BASH_CALL = {"id": "toolu_1", "type": "function", "function": {"name": "Bash", "arguments": '{"command": "ls"}'}}
+READ_CALL = {"id": "toolu_2", "type": "function", "function": {"name": "Read", "arguments": '{"file_path": "/x"}'}}
+IMAGE_URL = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBOR"}}
 
 
 @pytest.mark.parametrize(("body", "expected_messages"), [
@@ -645,46 +649,45 @@ IMAGE = {"type": "image", "source": {"type": "base64", "media_type": "image/png"
                  [{"role": "system", "content": "A\n\nB"}, {"role": "user", "content": "Hi"}], id="system-blocks"),
     pytest.param(msgs(user("Hi"), {"role": "system", "content": [{"type": "text", "text": "Env"}]},
                       {"role": "system", "content": []}, {"role": "system", "content": ""}),
-                 [{"role": "user", "content": "Hi"}, {"role": "system", "content": "Env"}], id="system-role-in-messages"),
+                 [{"role": "user", "content": "Hi"}, {"role": "system", "content": "Env"}],
+                 id="system-role-in-messages"),
     pytest.param(msgs(user([{"type": "text", "text": "a", "cache_control": {"type": "ephemeral"}},
                             {"type": "text", "text": ""}])),
                  [{"role": "user", "content": "a"}], id="empty-text-dropped-single-text-flattened"),
     pytest.param(msgs(user([{"type": "text", "text": "look"}, IMAGE,
                             {"type": "image", "source": {"type": "url", "url": "https://x/i.png"}}])),
-                 [{"role": "user", "content": [{"type": "text", "text": "look"},
-                                               {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBOR"}},
+                 [{"role": "user", "content": [{"type": "text", "text": "look"}, IMAGE_URL,
                                                {"type": "image_url", "image_url": {"url": "https://x/i.png"}}]}],
                  id="images"),
     pytest.param(msgs(user([{"type": "document", "title": "spec.pdf",
                              "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBE"}},
-                            {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "plain"}}])),
-                 [{"role": "user", "content": [{"type": "file", "file": {"filename": "spec.pdf",
-                                                                         "file_data": "data:application/pdf;base64,JVBE"}},
-                                               {"type": "text", "text": "plain"}]}], id="documents"),
+                            {"type": "document",
+                             "source": {"type": "text", "media_type": "text/plain", "data": "plain"}}])),
+                 [{"role": "user", "content": [
+                     {"type": "file",
+                      "file": {"filename": "spec.pdf", "file_data": "data:application/pdf;base64,JVBE"}},
+                     {"type": "text", "text": "plain"}]}], id="documents"),
     pytest.param(msgs(user("run"), assistant([{"type": "text", "text": "ok"}, TOOL_USE]),
                       user([{"type": "tool_result", "tool_use_id": "toolu_1", "content": "file.txt"}])),
                  [{"role": "user", "content": "run"},
-                  {"role": "assistant", "content": "ok", "tool_calls": [
-                      {"id": "toolu_1", "type": "function", "function": {"name": "Bash", "arguments": '{"command": "ls"}'}}]},
+                  {"role": "assistant", "content": "ok", "tool_calls": [BASH_CALL]},
                   {"role": "tool", "tool_call_id": "toolu_1", "content": "file.txt"}], id="tool-round-trip"),
     pytest.param(msgs(assistant([TOOL_USE, TOOL_USE_2]),
-                      user([{"type": "tool_result", "tool_use_id": "toolu_2", "content": [{"type": "text", "text": "r2"}]},
+                      user([{"type": "tool_result", "tool_use_id": "toolu_2",
+                             "content": [{"type": "text", "text": "r2"}]},
                             {"type": "tool_result", "tool_use_id": "toolu_1", "content": "r1", "is_error": True},
                             {"type": "text", "text": "<system-reminder>x</system-reminder>"}])),
-                 [{"role": "assistant", "content": None, "tool_calls": [
-                     {"id": "toolu_1", "type": "function", "function": {"name": "Bash", "arguments": '{"command": "ls"}'}},
-                     {"id": "toolu_2", "type": "function", "function": {"name": "Read", "arguments": '{"file_path": "/x"}'}}]},
+                 [{"role": "assistant", "content": None, "tool_calls": [BASH_CALL, READ_CALL]},
                   {"role": "tool", "tool_call_id": "toolu_1", "content": "Error: r1"},
                   {"role": "tool", "tool_call_id": "toolu_2", "content": "r2"},
                   {"role": "user", "content": "<system-reminder>x</system-reminder>"}],
                  id="results-reordered-error-visible-text-after"),
     pytest.param(msgs(assistant([TOOL_USE]), user([{"type": "tool_result", "tool_use_id": "toolu_1",
                                                      "content": [{"type": "text", "text": "shot"}, IMAGE]}])),
-                 [{"role": "assistant", "content": None, "tool_calls": [
-                     {"id": "toolu_1", "type": "function", "function": {"name": "Bash", "arguments": '{"command": "ls"}'}}]},
+                 [{"role": "assistant", "content": None, "tool_calls": [BASH_CALL]},
                   {"role": "tool", "tool_call_id": "toolu_1", "content": "shot\n[image attached below]"},
                   {"role": "user", "content": [{"type": "text", "text": "Attachments from the tool results above:"},
-                                               {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBOR"}}]}],
+                                               IMAGE_URL]}],
                  id="tool-result-image-follows"),
     pytest.param(msgs(assistant([{"type": "thinking", "thinking": "hmm", "signature": "s"},
                                  {"type": "redacted_thinking", "data": "x"}, {"type": "text", "text": "done"}])),
@@ -692,8 +695,7 @@ IMAGE = {"type": "image", "source": {"type": "base64", "media_type": "image/png"
     pytest.param(msgs(user([{"type": "weird_future_block", "x": 1}, {"type": "text", "text": "hi"}])),
                  [{"role": "user", "content": "hi"}], id="unknown-block-dropped"),
     pytest.param(msgs(assistant([TOOL_USE]), user("next")),
-                 [{"role": "assistant", "content": None, "tool_calls": [
-                     {"id": "toolu_1", "type": "function", "function": {"name": "Bash", "arguments": '{"command": "ls"}'}}]},
+                 [{"role": "assistant", "content": None, "tool_calls": [BASH_CALL]},
                   {"role": "tool", "tool_call_id": "toolu_1", "content": "Tool call was interrupted; no result."},
                   {"role": "user", "content": "next"}], id="unanswered-call-repaired"),
     pytest.param(msgs(user([{"type": "tool_result", "tool_use_id": "ghost", "content": "late"}])),
@@ -727,7 +729,8 @@ def test_max_tokens_clamped_and_field_from_provider() -> None:
     assert payload["max_completion_tokens"] == 50 and "stream_options" not in payload
 
 
-BASH_TOOL = {"name": "Bash", "description": "Run", "input_schema": {"type": "object", "properties": {"command": {"type": "string"}}}}
+BASH_TOOL = {"name": "Bash", "description": "Run",
+             "input_schema": {"type": "object", "properties": {"command": {"type": "string"}}}}
 
 
 @pytest.mark.parametrize(("tools", "choice", "expected_choice", "parallel"), [
@@ -760,7 +763,8 @@ def test_long_and_invalid_tool_names_are_shortened_and_mapped_back() -> None:
     assert all(len(n) <= 64 and re.fullmatch(r"[a-zA-Z0-9_-]+", n) for n in names)
     assert names[0] == vd.tool_name_for_upstream(long_name)        # deterministic
     reply = completion(None, tool_calls=[{"id": "c1", "type": "function",
-                                          "function": {"name": names[1], "arguments": "{}"}}], finish_reason="tool_calls")
+                                          "function": {"name": names[1], "arguments": "{}"}}],
+                       finish_reason="tool_calls")
     assert vd.openai_to_anthropic(reply, conv, "m")["content"][0]["name"] == odd
 
 
@@ -802,7 +806,7 @@ def test_client_mistakes_are_400_naming_the_field(body: dict, fragment: str) -> 
 @pytest.mark.parametrize("path", FIXTURE_PARAMS)
 def test_claude_code_fixtures_convert(path: Path) -> None:
     body = json.loads(path.read_text())
-    payload, conv = vd.anthropic_to_openai(body, OPENAI, "gpt-4o")
+    payload, _conv = vd.anthropic_to_openai(body, OPENAI, "gpt-4o")
     text = json.dumps(payload)
     assert "cache_control" not in text and "context_management" not in text and "output_config" not in text
     roles = [m["role"] for m in payload["messages"]]
@@ -842,7 +846,8 @@ def test_largest_fixture_converts_quickly() -> None:
 
 @pytest.mark.parametrize(("reply", "content", "stop_reason"), [
     pytest.param(completion("Hi"), [{"type": "text", "text": "Hi"}], "end_turn", id="text"),
-    pytest.param(completion("cut", finish_reason="length"), [{"type": "text", "text": "cut"}], "max_tokens", id="length"),
+    pytest.param(completion("cut", finish_reason="length"), [{"type": "text", "text": "cut"}], "max_tokens",
+                 id="length"),
     pytest.param(completion(None, finish_reason="content_filter"), [{"type": "text", "text": ""}], "refusal",
                  id="content-filter-empty"),
     pytest.param(completion("ok", reasoning_content="think"), [
@@ -972,11 +977,13 @@ STREAM_CASES = [
                  [{"type": "text", "text": "Hello"}], "end_turn", id="text"),
     pytest.param([delta(content="no role first"), finish()], [{"type": "text", "text": "no role first"}], "end_turn",
                  id="first-chunk-without-role"),
-    pytest.param([delta(reasoning_content="think "), delta(reasoning_content="more"), delta(content="answer"), finish()],
+    pytest.param([delta(reasoning_content="think "), delta(reasoning_content="more"), delta(content="answer"),
+                  finish()],
                  [{"type": "thinking", "thinking": "think more"}, {"type": "text", "text": "answer"}], "end_turn",
                  id="reasoning-then-text"),
     pytest.param([delta(reasoning="vllm"), delta(content="x"), finish()],
-                 [{"type": "thinking", "thinking": "vllm"}, {"type": "text", "text": "x"}], "end_turn", id="reasoning-field"),
+                 [{"type": "thinking", "thinking": "vllm"}, {"type": "text", "text": "x"}], "end_turn",
+                 id="reasoning-field"),
     pytest.param([delta(content="Run"), delta(tool_calls=[tc(0, "c1", "Bash", "")]),
                   delta(tool_calls=[tc(0, args='{"comm')]), delta(tool_calls=[tc(0, args='and": "ls"}')]),
                   finish("tool_calls")],
@@ -995,15 +1002,17 @@ STREAM_CASES = [
                   delta(tool_calls=[tc(None, "c2", "B", "{}")]), finish("tool_calls")],
                  [{"type": "tool_use", "id": "c1", "name": "A", "input": {"x": 1}},
                   {"type": "tool_use", "id": "c2", "name": "B", "input": {}}], "tool_use", id="no-index"),
-    pytest.param([delta(tool_calls=[tc(0, "c1", "A", '{"q": "a"')]), delta(tool_calls=[tc(0, "c1", "A", '{"q": "a", "r": 1}')]),
-                  finish("tool_calls")],
+    pytest.param([delta(tool_calls=[tc(0, "c1", "A", '{"q": "a"')]),
+                  delta(tool_calls=[tc(0, "c1", "A", '{"q": "a", "r": 1}')]), finish("tool_calls")],
                  [{"type": "tool_use", "id": "c1", "name": "A", "input": {"q": "a", "r": 1}}], "tool_use",
                  id="cumulative-snapshots-and-repeated-id"),
-    pytest.param([delta(tool_calls=[tc(0, "g1", "A", "{}")]), delta(tool_calls=[tc(0, "g2", "B", "{}")]), finish("stop")],
+    pytest.param([delta(tool_calls=[tc(0, "g1", "A", "{}")]), delta(tool_calls=[tc(0, "g2", "B", "{}")]),
+                  finish("stop")],
                  [{"type": "tool_use", "id": "g1", "name": "A", "input": {}},
                   {"type": "tool_use", "id": "g2", "name": "B", "input": {}}], "tool_use",
                  id="index-reused-stop-means-tool-use"),
-    pytest.param([delta(tool_calls=[tc(0, args='{"a": 1}')]), delta(tool_calls=[tc(0, "late", "L")]), finish("tool_calls")],
+    pytest.param([delta(tool_calls=[tc(0, args='{"a": 1}')]), delta(tool_calls=[tc(0, "late", "L")]),
+                  finish("tool_calls")],
                  [{"type": "tool_use", "id": "late", "name": "L", "input": {"a": 1}}], "tool_use",
                  id="arguments-before-name"),
     pytest.param([delta(tool_calls=[tc(0, "c1", "A", '{"cmd": "echo')]), finish("length")],
@@ -1078,7 +1087,8 @@ def test_think_splitter_handles_tags_split_anywhere() -> None:
 
 
 def test_gemini_schema_cleaning() -> None:
-    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "additionalProperties": False,
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
+              "additionalProperties": False,
               "properties": {"url": {"type": "string", "format": "uri"}, "n": {"type": ["integer", "null"],
                                                                              "exclusiveMinimum": 0},
                              "tags": {"type": "array"}, "mode": {"const": "x", "type": "string", "enum": ["x"]}},
@@ -1086,7 +1096,8 @@ def test_gemini_schema_cleaning() -> None:
     assert vd.clean_schema_for_gemini(schema) == {
         "type": "object", "required": ["url"],
         "properties": {"url": {"type": "string"}, "n": {"type": "integer", "nullable": True},
-                       "tags": {"type": "array", "items": {"type": "string"}}, "mode": {"type": "string", "enum": ["x"]}}}
+                       "tags": {"type": "array", "items": {"type": "string"}},
+                       "mode": {"type": "string", "enum": ["x"]}}}
 
 
 # ---------------------------------------------------------------------------
@@ -1224,7 +1235,7 @@ async def test_text_conversation_json(proxy: Any, upstream: FakeUpstream) -> Non
 
 async def test_text_conversation_stream(proxy: Any, upstream: FakeUpstream) -> None:
     client = await proxy()
-    response, frames = await post_stream(client, BASIC)
+    _response, frames = await post_stream(client, BASIC)
     message = final_message(frames)
     assert message["content"] == [{"type": "text", "text": "Hello there"}]
     assert message["stop_reason"] == "end_turn" and message["usage"]["output_tokens"] == 7
@@ -1235,7 +1246,8 @@ async def test_text_conversation_stream(proxy: Any, upstream: FakeUpstream) -> N
 async def test_message_start_estimate_counts_images_not_their_bytes(proxy: Any) -> None:
     client = await proxy()
     big = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "A" * 400_000}}
-    _r, frames = await post_stream(client, {**BASIC, "messages": [user([big, {"type": "text", "text": "what is it?"}])]})
+    question = user([big, {"type": "text", "text": "what is it?"}])
+    _r, frames = await post_stream(client, {**BASIC, "messages": [question]})
     estimate = frames[0][1]["message"]["usage"]["input_tokens"]
     assert vd.IMAGE_TOKENS <= estimate < vd.IMAGE_TOKENS + 500
 
@@ -1247,10 +1259,12 @@ async def test_request_id_from_client_is_kept(proxy: Any, upstream: FakeUpstream
 
 
 @pytest.mark.parametrize(("status", "body", "expected_status", "expected_type"), [
-    pytest.param(400, {"error": {"message": "bad thing", "type": "invalid_request_error"}}, 400, "invalid_request_error", id="400"),
+    pytest.param(400, {"error": {"message": "bad thing", "type": "invalid_request_error"}}, 400,
+                 "invalid_request_error", id="400"),
     pytest.param(401, {"error": {"message": "bad key"}}, 401, "authentication_error", id="401"),
     pytest.param(403, {"error": {"message": "region"}}, 403, "permission_error", id="403"),
-    pytest.param(404, {"error": {"code": "404", "message": "Resource not found"}}, 404, "not_found_error", id="404-azure"),
+    pytest.param(404, {"error": {"code": "404", "message": "Resource not found"}}, 404, "not_found_error",
+                 id="404-azure"),
     pytest.param(413, {"error": {"message": "too big"}}, 413, "request_too_large", id="413"),
     pytest.param(422, {"detail": "unprocessable"}, 400, "invalid_request_error", id="422"),
     pytest.param(429, {"error": {"message": "slow down"}}, 429, "rate_limit_error", id="429"),
@@ -1435,8 +1449,8 @@ async def test_tool_round_trip_through_proxy(proxy: Any, upstream: FakeUpstream)
     client = await proxy()
     upstream.add(Reply(stream=sse(delta(role="assistant", content="Running"),
                                   delta(tool_calls=[tc(0, "call_9", "Bash", "")]),
-                                  delta(tool_calls=[tc(0, args='{"command":')]), delta(tool_calls=[tc(0, args=' "ls"}')]),
-                                  finish("tool_calls"), usage_chunk())))
+                                  delta(tool_calls=[tc(0, args='{"command":')]),
+                                  delta(tool_calls=[tc(0, args=' "ls"}')]), finish("tool_calls"), usage_chunk())))
     _response, frames = await post_stream(client, {**BASIC, "tools": [BASH_TOOL]})
     message = final_message(frames)
     assert message["stop_reason"] == "tool_use"
@@ -1444,7 +1458,8 @@ async def test_tool_round_trip_through_proxy(proxy: Any, upstream: FakeUpstream)
     assert tool == {"type": "tool_use", "id": "call_9", "name": "Bash", "input": {"command": "ls"}}
     turn2 = {**BASIC, "tools": [BASH_TOOL], "messages": [
         user("list"), assistant(message["content"]),
-        user([{"type": "tool_result", "tool_use_id": "call_9", "content": "a.txt", "cache_control": {"type": "ephemeral"}}])]}
+        user([{"type": "tool_result", "tool_use_id": "call_9", "content": "a.txt",
+               "cache_control": {"type": "ephemeral"}}])]}
     response = await client.post("/v1/messages", json=turn2)
     assert response.status == 200
     sent = upstream.last["body"]["messages"]
@@ -1494,7 +1509,8 @@ async def test_stream_request_answered_with_json_is_still_a_stream(proxy: Any, u
 
 
 async def test_stream_garbage_lines_and_split_bytes(proxy: Any, upstream: FakeUpstream) -> None:
-    body = sse(delta(content="héllo "), b"data: {broken json\n\n", b"nonsense line\n\n", delta(content="wörld"), finish())
+    body = sse(delta(content="héllo "), b"data: {broken json\n\n", b"nonsense line\n\n", delta(content="wörld"),
+               finish())
     upstream.add(Reply(stream=[body[i:i + 3] for i in range(0, len(body), 3)]))
     client = await proxy()
     _response, frames = await post_stream(client, BASIC)
@@ -1556,7 +1572,8 @@ async def test_unreachable_upstream_is_502(proxy: Any) -> None:
     client = await proxy({"OPENAI_BASE_URL": f"http://127.0.0.1:{port}/v1"})
     response = await client.post("/v1/messages", json=BASIC)
     body = await response.json()
-    assert response.status == 502 and body["error"]["type"] == "api_error" and "cannot reach" in body["error"]["message"]
+    assert response.status == 502 and body["error"]["type"] == "api_error"
+    assert "cannot reach" in body["error"]["message"]
 
 
 # ---------------------------------------------------------------------------
@@ -1567,16 +1584,18 @@ SDK_SHAPES = {
     "text": (sse(delta(role="assistant", content="Hi "), delta(content="there"), finish(), usage_chunk()),
              completion("Hi there"),
              [{"type": "text", "text": "Hi there"}], "end_turn"),
-    "tool-split-args": (sse(delta(tool_calls=[tc(0, "call_1", "Bash", "")]), delta(tool_calls=[tc(0, args='{"command"')]),
-                            delta(tool_calls=[tc(0, args=': "ls"}')]), finish("tool_calls"), usage_chunk()),
+    "tool-split-args": (sse(delta(tool_calls=[tc(0, "call_1", "Bash", "")]),
+                            delta(tool_calls=[tc(0, args='{"command"')]), delta(tool_calls=[tc(0, args=': "ls"}')]),
+                            finish("tool_calls"), usage_chunk()),
                         completion(None, tool_calls=[{"id": "call_1", "type": "function", "function": {
                             "name": "Bash", "arguments": '{"command": "ls"}'}}], finish_reason="tool_calls"),
                         [{"type": "tool_use", "id": "call_1", "name": "Bash", "input": {"command": "ls"}}], "tool_use"),
     "parallel-tools-one-chunk": (
         sse(delta(tool_calls=[tc(0, "a", "Read", '{"file_path": "/a"}'), tc(1, "b", "Read", '{"file_path": "/b"}')]),
             finish("tool_calls")),
-        completion(None, tool_calls=[{"id": "a", "type": "function", "function": {"name": "Read", "arguments": '{"file_path": "/a"}'}},
-                                     {"id": "b", "type": "function", "function": {"name": "Read", "arguments": '{"file_path": "/b"}'}}],
+        completion(None, tool_calls=[
+            {"id": "a", "type": "function", "function": {"name": "Read", "arguments": '{"file_path": "/a"}'}},
+            {"id": "b", "type": "function", "function": {"name": "Read", "arguments": '{"file_path": "/b"}'}}],
                    finish_reason="tool_calls"),
         [{"type": "tool_use", "id": "a", "name": "Read", "input": {"file_path": "/a"}},
          {"type": "tool_use", "id": "b", "name": "Read", "input": {"file_path": "/b"}}], "tool_use"),
@@ -1584,11 +1603,11 @@ SDK_SHAPES = {
                             completion("Answer.", reasoning_content="Let me think."),
                             [{"type": "thinking", "thinking": "Let me think."}, {"type": "text", "text": "Answer."}],
                             "end_turn"),
-    "no-index-stop-with-tool": (sse(delta(content="ok"), delta(tool_calls=[{"id": "g", "function": {"name": "Glob", "arguments": "{}"}}]),
-                                    finish("stop")),
-                                completion("ok", tool_calls=[{"id": "g", "type": "function", "function": {"name": "Glob", "arguments": "{}"}}]),
-                                [{"type": "text", "text": "ok"}, {"type": "tool_use", "id": "g", "name": "Glob", "input": {}}],
-                                "tool_use"),
+    "no-index-stop-with-tool": (
+        sse(delta(content="ok"), delta(tool_calls=[{"id": "g", "function": {"name": "Glob", "arguments": "{}"}}]),
+            finish("stop")),
+        completion("ok", tool_calls=[{"id": "g", "type": "function", "function": {"name": "Glob", "arguments": "{}"}}]),
+        [{"type": "text", "text": "ok"}, {"type": "tool_use", "id": "g", "name": "Glob", "input": {}}], "tool_use"),
     "length": (sse(delta(content="trunc"), finish("length"), done=False), completion("trunc", finish_reason="length"),
                [{"type": "text", "text": "trunc"}], "max_tokens"),
 }
@@ -1774,8 +1793,8 @@ async def test_gemini_signatures_can_be_disabled(proxy: Any, upstream: FakeUpstr
 
 async def test_deepseek_reasoning_content_round_trip(proxy: Any, upstream: FakeUpstream) -> None:
     client = await proxy({"DEEPSEEK_API_KEY": "ds", "DEEPSEEK_BASE_URL": "{upstream}"})
-    upstream.add(Reply(stream=sse(delta(reasoning_content="I should list."), delta(tool_calls=[tc(0, "c1", "Bash", "{}")]),
-                                  finish("tool_calls"))))
+    upstream.add(Reply(stream=sse(delta(reasoning_content="I should list."),
+                                  delta(tool_calls=[tc(0, "c1", "Bash", "{}")]), finish("tool_calls"))))
     _r, frames = await post_stream(client, {**BASIC, "model": "deepseek:deepseek-reasoner", "tools": [BASH_TOOL]})
     content = final_message(frames)["content"]
     assert content[0]["type"] == "thinking" and content[0]["signature"]
@@ -1916,8 +1935,9 @@ async def test_lone_copy_runs_in_an_empty_folder(tmp_path: Path) -> None:
     alone = tmp_path / "empty"
     alone.mkdir()
     shutil.copy(HERE / "vandamme.py", alone / "vandamme.py")
-    help_run = subprocess.run([sys.executable, "vandamme.py", "--help"], cwd=alone, capture_output=True, text=True,
-                              env={"PATH": os.environ.get("PATH", ""), "HOME": str(alone)}, timeout=30)
+    help_run = await asyncio.to_thread(subprocess.run, [sys.executable, "vandamme.py", "--help"], cwd=alone,
+                                       capture_output=True, text=True, timeout=30,
+                                       env={"PATH": os.environ.get("PATH", ""), "HOME": str(alone)})
     assert help_run.returncode == 0 and "PROXY_API_KEY" in help_run.stdout
     proc = ProxyProcess(alone / "vandamme.py", {"OPENAI_API_KEY": "sk-lone"}, alone)
     try:
@@ -1963,15 +1983,15 @@ async def test_graceful_shutdown_finishes_in_flight_stream(upstream: FakeUpstrea
                                                "SHUTDOWN_GRACE": "10"}, tmp_path)
     try:
         await proc.wait_ready()
-        async with aiohttp.ClientSession() as session:
-            async with session.post(f"{proc.url}/v1/messages", json={**BASIC, "stream": True}) as response:
-                first = await response.content.readline()
-                proc.proc.send_signal(signal.SIGTERM)
-                await until(lambda: not accepts_connections(proc.port))
-                with pytest.raises(aiohttp.ClientError):       # no new connections while draining
-                    async with session.post(f"{proc.url}/v1/messages", json=BASIC) as late:
-                        await late.read()
-                rest = await response.read()
+        async with (aiohttp.ClientSession() as session,
+                    session.post(f"{proc.url}/v1/messages", json={**BASIC, "stream": True}) as response):
+            first = await response.content.readline()
+            proc.proc.send_signal(signal.SIGTERM)
+            await until(lambda: not accepts_connections(proc.port))
+            with pytest.raises(aiohttp.ClientError):       # no new connections while draining
+                async with session.post(f"{proc.url}/v1/messages", json=BASIC) as late:
+                    await late.read()
+            rest = await response.read()
         frames = validate_stream((first + rest).decode())
         assert final_message(frames)["content"][0]["text"] == "0 1 2 3 4 5 "
     finally:
@@ -1985,11 +2005,11 @@ async def test_shutdown_grace_expiry_ends_streams_with_error(upstream: FakeUpstr
                                                "SHUTDOWN_GRACE": "0.5"}, tmp_path)
     try:
         await proc.wait_ready()
-        async with aiohttp.ClientSession() as session:
-            async with session.post(f"{proc.url}/v1/messages", json={**BASIC, "stream": True}) as response:
-                await response.content.readline()
-                proc.proc.send_signal(signal.SIGTERM)
-                text = (await response.read()).decode()
+        async with (aiohttp.ClientSession() as session,
+                    session.post(f"{proc.url}/v1/messages", json={**BASIC, "stream": True}) as response):
+            await response.content.readline()
+            proc.proc.send_signal(signal.SIGTERM)
+            text = (await response.read()).decode()
         frames = parse_sse("event: message_start\n" + text.split("event: message_start\n", 1)[-1])
         assert frames[-1][0] == "error" and frames[-1][1]["error"]["type"] == "overloaded_error"
         assert proc.proc.wait(10) == 0
@@ -2100,7 +2120,8 @@ async def test_disconnect_before_first_byte_cancels_upstream(proxy: Any, upstrea
 
 JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-5, 10 ** 6) | st.floats(allow_nan=False)
                            | st.text(max_size=20),
-                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+                           lambda inner: st.lists(inner, max_size=4)
+                           | st.dictionaries(st.text(max_size=10), inner, max_size=4),
                            max_leaves=20)
 FIELDS = ("model", "messages", "max_tokens", "system", "tools", "tool_choice", "stream", "thinking", "temperature",
           "stop_sequences", "metadata")
@@ -2112,7 +2133,7 @@ MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "
                                  "content": st.one_of(st.text(max_size=10), st.lists(BLOCK, max_size=3), JSON_VALUES)})
 BODY = st.one_of(JSON_VALUES, st.fixed_dictionaries({"model": st.sampled_from(["claude-sonnet-5-5", "gpt-x"]),
                                                      "messages": st.lists(MESSAGE, max_size=3)},
-                                                    optional={f: JSON_VALUES for f in FIELDS[2:]}))
+                                                    optional=dict.fromkeys(FIELDS[2:], JSON_VALUES)))
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
@@ -2232,7 +2253,7 @@ def test_decode_with_spans_reuses_unchanged_values_only() -> None:
     first, _ = vd.decode_with_spans(json.dumps({"model": "m", "tools": tools}), known)
     again, _ = vd.decode_with_spans(json.dumps({"tools": tools, "model": "n"}), known)
     assert again["tools"] is first["tools"] and again["model"] == "n"
-    longer = tools + [{"name": "u"}]
+    longer = [*tools, {"name": "u"}]
     changed, _ = vd.decode_with_spans(json.dumps({"tools": longer}), known)
     assert changed["tools"] == longer
     prefix_text = json.dumps({"tools": longer})[:-1] + ', "x": 1}'
@@ -2248,7 +2269,7 @@ async def test_unchanged_tools_are_converted_once_and_spliced(proxy: Any, upstre
         assert (await client.post("/v1/messages", json=body)).status == 200
     first, second = (r["body"] for r in upstream.requests[-2:])
     assert first == second and first["tool_choice"] == "required"
-    assert [t["function"]["name"] for t in first["tools"]][0] == "Bash"
+    assert first["tools"][0]["function"]["name"] == "Bash"
     assert len(first["tools"][1]["function"]["name"]) <= 64
     app_runtime = client.server.app[vd.RUNTIME]
     assert len(app_runtime.tools_cache) == 1
@@ -2360,7 +2381,8 @@ def find_claude() -> str | None:
 def claude_bin() -> str:
     path = find_claude()
     if path is None:
-        pytest.skip(f"Claude Code CLI not installed: npm install --prefix /tmp/cc @anthropic-ai/claude-code@{CLAUDE_VERSION}")
+        pytest.skip("Claude Code CLI not installed: "
+                    f"npm install --prefix /tmp/cc @anthropic-ai/claude-code@{CLAUDE_VERSION}")
     return path
 
 
@@ -2399,7 +2421,8 @@ def streamed_tool_call(call_id: str, name: str, arguments: dict, *, text: str = 
 
 
 def streamed_text(text: str) -> Reply:
-    return Reply(stream=sse(delta(role="assistant", content=text[:5]), delta(content=text[5:]), finish(), usage_chunk()))
+    return Reply(stream=sse(delta(role="assistant", content=text[:5]), delta(content=text[5:]), finish(),
+                            usage_chunk()))
 
 
 def tool_answer(body: dict) -> tuple[list, list]:
@@ -2444,7 +2467,8 @@ async def test_claude_code_bash_round_trip(claude_bin: str, cc_proxy: Any, upstr
     code, result, output = await run_claude(claude_bin, cc_proxy.url, "run echo hi", tmp_path / "work", "Bash")
     assert code == 0 and "done-5150" in result.get("result", ""), output + cc_proxy.log()
     calls, answers = tool_answer(upstream.requests[-1]["body"])
-    assert calls[0]["function"]["name"] == "Bash" and json.loads(calls[0]["function"]["arguments"])["command"] == "echo hi"
+    assert calls[0]["function"]["name"] == "Bash"
+    assert json.loads(calls[0]["function"]["arguments"])["command"] == "echo hi"
     assert answers[0]["tool_call_id"] == calls[0]["id"] == "call_bash_1" and "hi" in answers[0]["content"]
 
 
@@ -2498,8 +2522,8 @@ def test_cli_config_validate(capsys: Any, monkeypatch: Any, tmp_path: Path) -> N
 
 
 def test_cli_resolve_explains_the_rule(capsys: Any, monkeypatch: Any, tmp_path: Path) -> None:
-    code, out, _ = run_main(["resolve", "claude-opus-4-1"], {"OPENAI_API_KEY": "k", "OPENAI_ALIAS_OPUS": "gpt-big,groq:x"},
-                            tmp_path, capsys, monkeypatch)
+    env = {"OPENAI_API_KEY": "k", "OPENAI_ALIAS_OPUS": "gpt-big,groq:x"}
+    code, out, _ = run_main(["resolve", "claude-opus-4-1"], env, tmp_path, capsys, monkeypatch)
     assert code == 0 and "openai:gpt-big, then openai:groq:x" in out and "alias openai:opus" in out
 
 
@@ -2517,7 +2541,8 @@ def test_cli_config_init_with_piped_answers(tmp_path: Path) -> None:
                                                                              "HOME": str(tmp_path)})
     assert run.returncode == 0, run.stderr
     written = tomllib.loads((tmp_path / "vandamme-config.toml").read_text())
-    assert written["defaults"]["default-provider"] == "openai" and written["openai"]["api-key"] == "sk-piped-1 sk-piped-2"
+    assert written["defaults"]["default-provider"] == "openai"
+    assert written["openai"]["api-key"] == "sk-piped-1 sk-piped-2"
     config = make_config({}, tmp_path, cwd=tmp_path)
     assert config.provider("openai").keys == ("sk-piped-1", "sk-piped-2")
     assert vd.resolve_model(config, "claude-sonnet-5").targets[0] == vd.Target("openai", "gpt-5.1")
@@ -2533,7 +2558,8 @@ def test_cli_config_init_with_flags_writes_env(capsys: Any, monkeypatch: Any, tm
 
 
 async def test_cli_health_check_and_models(upstream: FakeUpstream, tmp_path: Path) -> None:
-    proc = ProxyProcess(HERE / "vandamme.py", {"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": f"{upstream.url}/v1"}, tmp_path)
+    proc = ProxyProcess(HERE / "vandamme.py", {"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": f"{upstream.url}/v1"},
+                        tmp_path)
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "OPENAI_API_KEY": "k",
            "OPENAI_BASE_URL": f"{upstream.url}/v1"}
 
@@ -2569,7 +2595,8 @@ def test_cli_claude_runs_the_cli_through_a_fresh_proxy(tmp_path: Path) -> None:
     fake.chmod(0o755)
     run = subprocess.run([sys.executable, str(HERE / "vandamme.py"), "claude", "-p", "hello"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=60,
-                         env={"PATH": f"{fake.parent}:{os.environ['PATH']}", "HOME": str(tmp_path), "OPENAI_API_KEY": "k"})
+                         env={"PATH": f"{fake.parent}:{os.environ['PATH']}", "HOME": str(tmp_path),
+                              "OPENAI_API_KEY": "k"})
     assert run.returncode == 7 and "args: -p hello" in run.stdout, run.stderr
     assert json.loads((tmp_path / "health.json").read_text())["status"] == "ok"
 
