@@ -91,7 +91,11 @@ async def until(condition: Callable[[], Any], timeout: float = 5.0) -> None:
         if result:
             return
         if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {timeout}s: {inspect.getsource(condition).strip()}")
+            try:
+                what = inspect.getsource(condition).strip()
+            except (OSError, TypeError):
+                what = repr(condition)
+            raise AssertionError(f"not true within {timeout}s: {what}")
         await asyncio.sleep(0.02)
 
 
