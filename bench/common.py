@@ -108,7 +108,7 @@ def request_bytes(method, path, port, body=b"", extra=()):
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
-async def http_json(port, method, path, body=b"", timeout=5.0):  # noqa: ASYNC109
+async def http_json(port, method, path, body=b"", timeout=5.0):
     """One-off request on a fresh connection; return (status, parsed JSON or raw bytes)."""
     r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
     try:
