@@ -147,7 +147,7 @@ ENV_VARS: Final = MappingProxyType({
     "SHUTDOWN_GRACE": ("shutdown_grace", float, "seconds in-flight requests get on SIGTERM (30)"),
     "MAX_REQUEST_BYTES": ("max_request_bytes", int, "largest request body accepted (32 MiB)"),
     "MAX_RESPONSE_BYTES": ("max_response_bytes", int, "largest upstream body or SSE event accepted (32 MiB)"),
-    "CLIENT_TIMEOUT": ("client_timeout", float, "seconds a client may take to send headers, or between body bytes (60)"),
+    "CLIENT_TIMEOUT": ("client_timeout", float, "seconds for a client's headers, or between body bytes (60)"),
     "POOL_LIMIT": ("pool_limit", int, "open upstream connections per provider (1024)"),
     "VDM_DEFAULT_PROVIDER": ("default_provider", str, "provider for unprefixed models (openai)"),
     "VDM_MIDDLEWARE": ("middleware", str, "Python file with request/response hooks"),
@@ -420,7 +420,7 @@ def _parse_setting(kind: Any, value: Any, where: str) -> Any:
     if not isinstance(value, (int, float) if number is float else number or kind) or (
             isinstance(value, bool) and kind is not bool):
         raise ConfigError(f"{where} must be a {getattr(kind, '__name__', 'int')} (got {value!r})")
-    if number and (value < 0 or isinstance(kind, range) and value not in kind):
+    if number and (value < 0 or (isinstance(kind, range) and value not in kind)):
         raise ConfigError(f"{where} out of range (got {value!r})")
     return float(value) if number is float else value
 
@@ -1533,7 +1533,7 @@ class JsonPrefix:
 
     __slots__ = ("escape", "expect", "held", "in_string", "key", "literal", "stack")
     _LITERALS: Final = ("true", "false", "null")
-    _STRING_RUN: Final = re.compile(r'[^"\\]*')
+    _STRING_END: Final = re.compile(r'["\\]')
     _PARTIAL_NUMBER: Final = re.compile(r"-?(\d+(\.\d*)?([eE][+-]?\d*)?)?")
     _NUMBER: Final = re.compile(r"-?\d+(\.\d+)?([eE][+-]?\d+)?")
 
@@ -1561,7 +1561,8 @@ class JsonPrefix:
                 if self.escape:
                     self.escape, i = False, i + 1
                     continue
-                i = self._STRING_RUN.match(out, i).end()
+                end = self._STRING_END.search(out, i)
+                i = end.start() if end else n
                 if i < n:
                     if out[i] == "\\":
                         self.escape = True
@@ -1589,7 +1590,7 @@ class JsonPrefix:
                 hold_from = -1
             if ch == '"' and expect in ("key", "key_or_close", "value", "value_or_close"):
                 self.in_string, self.key = True, expect in ("key", "key_or_close")
-            elif ch in "{[" and (expect in ("value", "value_or_close") or expect == "start" and ch == "{"):
+            elif ch in "{[" and (expect in ("value", "value_or_close") or (expect == "start" and ch == "{")):
                 self.stack.append(ch)
                 self.expect = "key_or_close" if ch == "{" else "value_or_close"
             elif ch in "}]" and expect in ("comma", "key_or_close" if ch == "}" else "value_or_close"):
@@ -1702,8 +1703,9 @@ class _BlockWriter:
         """message_start, with `usage` or else the input estimate, and a first ping."""
         usage = usage or {"input_tokens": self.input_tokens, "cache_creation_input_tokens": 0,
                           "cache_read_input_tokens": 0}
-        message = {"id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
-                   "content": [], "stop_reason": None, "stop_sequence": None, "usage": {**usage, "output_tokens": 1}}
+        message: JSON = {"id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
+                         "content": [], "stop_reason": None, "stop_sequence": None,
+                         "usage": {**usage, "output_tokens": 1}}
         return [("message_start", {"type": "message_start", "message": message}), ("ping", {"type": "ping"})]
 
     def text(self, text: str) -> None:
@@ -2351,7 +2353,7 @@ RECENT_LENGTH: Final = 50
 class Histogram:
     """Fixed buckets, so memory stays bounded however many requests are observed."""
 
-    __slots__ = ("counts", "count", "sum")
+    __slots__ = ("count", "counts", "sum")
 
     def __init__(self) -> None:
         self.counts = [0] * (len(LATENCY_BUCKETS_MS) + 1)
@@ -2594,6 +2596,7 @@ class Runtime:
         self.user_hooks = False
         self.aborts: dict[int, Callable[[], None]] = {}   # in-flight upstream requests, for shutdown
         self.draining = False
+        self.idle = asyncio.Event()                       # set whenever the last in-flight request ends
         self.apply(config)
 
     def route(self, model: str) -> Route:
@@ -2828,7 +2831,8 @@ async def fetch_models(rt: Runtime, provider: Provider, key: str | None) -> list
         logger.warning("model list of %s unavailable: %s", provider.name, exc)
         return []
     items = data.get("data") if isinstance(data, dict) else data
-    models = [m for m in items if isinstance(m, dict) and isinstance(m.get("id"), str)] if isinstance(items, list) else []
+    models = [m for m in items if isinstance(m, dict) and isinstance(m.get("id"), str)] \
+        if isinstance(items, list) else []
     rt.model_lists.put(cache_key, (now, models))
     return models
 
@@ -2859,7 +2863,7 @@ def _error_response(exc: VandammeError, request_id: str, redact: Callable[[str],
     """The one place an error becomes an HTTP answer."""
     headers = {"request-id": request_id}
     if exc.retry_after is not None:
-        headers["retry-after"] = str(int(math.ceil(exc.retry_after)))
+        headers["retry-after"] = str(math.ceil(exc.retry_after))
     if not exc.retryable:
         headers["x-should-retry"] = "false"
     if isinstance(exc, UpstreamError) and exc.verbatim and exc.reply:
@@ -2968,7 +2972,8 @@ async def _read_limited(content: aiohttp.StreamReader, limit: int, too_large: Ca
                         timeout: float | None = None) -> bytes:
     """A whole body, never more than `limit` bytes (counted after decompression), at most
     `timeout` seconds between two reads."""
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size = 0
     while True:
         async with asyncio.timeout(timeout):
             chunk = await content.readany()
@@ -3049,6 +3054,8 @@ async def handle_messages(request: web.Request) -> web.StreamResponse:
                            route.targets[n + 1].provider)
         finally:
             rt.metrics.end(rec.provider, rec.model)
+            if not rt.metrics.totals.in_flight:
+                rt.idle.set()
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -3104,7 +3111,8 @@ def _completion_message(exchange: Exchange, hooks: BoundHooks, raw: bytes) -> JS
     try:
         completion = JSON_DECODE(raw.decode())
     except ValueError:
-        raise UpstreamError(f"{exchange.provider.name}: answered with invalid JSON: {raw[:200]!r}", status=502) from None
+        raise UpstreamError(f"{exchange.provider.name}: answered with invalid JSON: {raw[:200]!r}",
+                            status=502) from None
     completion = run_hooks(hooks["on_upstream_response"], exchange, completion)
     return openai_to_anthropic(completion, exchange.conv, exchange.client_model)
 
@@ -3226,7 +3234,8 @@ class _StreamRelay:
         if isinstance(exc, VandammeError):
             kind, message = exc.error_type, str(exc)
         elif self.closed_because == "idle":
-            kind, message = "api_error", f"{name}: no data for STREAM_IDLE_TIMEOUT={self.rt.config.stream_idle_timeout:g}s"
+            idle = self.rt.config.stream_idle_timeout
+            kind, message = "api_error", f"{name}: no data for STREAM_IDLE_TIMEOUT={idle:g}s"
         elif self.closed_because == "shutdown":
             kind, message = "overloaded_error", "vandamme is shutting down; retry the request"
         else:
@@ -3400,24 +3409,37 @@ DASHBOARD_HTML: Final = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
 <title>vandamme</title>
 <style>
-:root{color-scheme:light dark;--bg:#f5f6f8;--card:#fff;--fg:#1b1f24;--mut:#6b7380;--bd:#e3e6eb;--grid:#eceef2;--acc:#2563eb;--acc2:#7c3aed;--ok:#15803d;--warn:#b45309;--bad:#dc2626;--okb:#dcfce7;--warnb:#fef3c7;--badb:#fee2e2;--hov:#f8f9fb}
-@media (prefers-color-scheme:dark){:root{--bg:#0e1115;--card:#161a20;--fg:#e5e7eb;--mut:#8d96a3;--bd:#262b33;--grid:#1f242b;--acc:#60a5fa;--acc2:#a78bfa;--ok:#4ade80;--warn:#fbbf24;--bad:#f87171;--okb:#14301f;--warnb:#3a2c0c;--badb:#3b1518;--hov:#1b2027}}
+:root{color-scheme:light dark;--bg:#f5f6f8;--card:#fff;--fg:#1b1f24;--mut:#6b7380;--bd:#e3e6eb;--grid:#eceef2;
+  --acc:#2563eb;--acc2:#7c3aed;--ok:#15803d;--warn:#b45309;--bad:#dc2626;--okb:#dcfce7;--warnb:#fef3c7;--badb:#fee2e2;
+  --hov:#f8f9fb}
+@media (prefers-color-scheme:dark){:root{--bg:#0e1115;--card:#161a20;--fg:#e5e7eb;--mut:#8d96a3;--bd:#262b33;
+  --grid:#1f242b;--acc:#60a5fa;--acc2:#a78bfa;--ok:#4ade80;--warn:#fbbf24;--bad:#f87171;--okb:#14301f;--warnb:#3a2c0c;
+  --badb:#3b1518;--hov:#1b2027}}
 *{box-sizing:border-box}[hidden]{display:none!important}
-body{margin:0;background:var(--bg);color:var(--fg);font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif}
+body{margin:0;background:var(--bg);color:var(--fg);font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,
+  Arial,sans-serif}
 .num,td.n,.val{font-variant-numeric:tabular-nums}
-header{display:flex;align-items:center;gap:14px;flex-wrap:wrap;padding:12px 24px;background:var(--card);border-bottom:1px solid var(--bd)}
+header{display:flex;align-items:center;gap:14px;flex-wrap:wrap;padding:12px 24px;background:var(--card);
+  border-bottom:1px solid var(--bd)}
 .brand{display:flex;align-items:center;gap:8px;font-weight:700;font-size:18px;letter-spacing:.2px}
 .ver{color:var(--mut);font-size:12px;border:1px solid var(--bd);border-radius:10px;padding:1px 8px}
-.meta{margin-left:auto;color:var(--mut);font-size:13px;display:flex;gap:14px;align-items:center;flex-wrap:wrap}.meta b{color:var(--fg);font-weight:600}
-.pill{display:inline-block;border-radius:10px;padding:1px 9px;font-size:12px;font-weight:600;background:var(--grid);color:var(--mut)}
-.ok{background:var(--okb);color:var(--ok)}.warn{background:var(--warnb);color:var(--warn)}.bad{background:var(--badb);color:var(--bad)}
-.dot{display:inline-block;width:8px;height:8px;border-radius:50%;background:var(--mut);margin-right:5px}.dot.ok{background:var(--ok)}.dot.bad{background:var(--bad)}
+.meta{margin-left:auto;color:var(--mut);font-size:13px;display:flex;gap:14px;align-items:center;flex-wrap:wrap}
+  .meta b{color:var(--fg);font-weight:600}
+.pill{display:inline-block;border-radius:10px;padding:1px 9px;font-size:12px;font-weight:600;background:var(--grid);
+  color:var(--mut)}
+.ok{background:var(--okb);color:var(--ok)}.warn{background:var(--warnb);color:var(--warn)}.bad{background:var(--badb);
+  color:var(--bad)}
+.dot{display:inline-block;width:8px;height:8px;border-radius:50%;background:var(--mut);margin-right:5px}.dot.ok{
+  background:var(--ok)}.dot.bad{background:var(--bad)}
 main{max-width:1440px;margin:0 auto;padding:18px 24px 40px;display:grid;gap:16px}
 .tiles{display:grid;gap:12px;grid-template-columns:repeat(2,1fr)}
-@media (max-width:639px){.tile.two{grid-column:span 2}}@media (min-width:640px){.tiles{grid-template-columns:repeat(4,1fr)}}@media (min-width:1200px){.tiles{grid-template-columns:repeat(6,1fr) 1.6fr 1.6fr}}
+@media (max-width:639px){.tile.two{grid-column:span 2}}@media (min-width:640px){.tiles{grid-template-columns:repeat(4,
+  1fr)}}@media (min-width:1200px){.tiles{grid-template-columns:repeat(6,1fr) 1.6fr 1.6fr}}
 .card,.tile{background:var(--card);border:1px solid var(--bd);border-radius:10px}
-.tile{padding:12px 14px;min-width:0}.lbl{color:var(--mut);font-size:12px;text-transform:uppercase;letter-spacing:.4px;white-space:nowrap}
-.val{font-size:20px;font-weight:650;margin-top:2px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}.val .sep{color:var(--mut);font-weight:400;margin:0 4px}
+.tile{padding:12px 14px;min-width:0}.lbl{color:var(--mut);font-size:12px;text-transform:uppercase;letter-spacing:.4px;
+  white-space:nowrap}
+.val{font-size:20px;font-weight:650;margin-top:2px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
+  .val .sep{color:var(--mut);font-weight:400;margin:0 4px}
 .sub{color:var(--mut);font-size:12px;margin-top:2px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
 .tile.err .val{color:var(--bad)}.tile.two .val{font-size:18px}
 .row3{display:grid;gap:16px;grid-template-columns:repeat(auto-fit,minmax(340px,1fr))}
@@ -3426,82 +3448,129 @@ h2{font-size:14px;margin:0;font-weight:650}.leg{margin-left:auto;color:var(--mut
 .sw{display:inline-block;width:10px;height:3px;border-radius:2px;vertical-align:middle;margin-right:4px}
 svg.chart{width:100%;height:180px;display:block}.foot{margin:6px 0 0;justify-content:flex-start;flex-wrap:wrap}
 svg text{fill:var(--mut);font-size:11px}.g{stroke:var(--grid);stroke-width:1}.ax{stroke:var(--bd)}
-.l0{stroke:var(--acc)}.l1{stroke:var(--bad)}.l2{stroke:var(--acc2)}.s0{background:var(--acc)}.s1{background:var(--bad)}.s2{background:var(--acc2)}
+.l0{stroke:var(--acc)}.l1{stroke:var(--bad)}.l2{stroke:var(--acc2)}.s0{background:var(--acc)}.s1{
+  background:var(--bad)}.s2{background:var(--acc2)}
 polyline{fill:none;stroke-width:2;stroke-linejoin:round}.area{fill:var(--acc);opacity:.12}
 .tw{overflow-x:auto}table{width:100%;border-collapse:collapse;font-size:13px}
-th{text-align:left;color:var(--mut);font-weight:600;font-size:12px;padding:6px 8px;border-bottom:1px solid var(--bd);white-space:nowrap}
-td{padding:6px 8px;border-bottom:1px solid var(--grid);white-space:nowrap;vertical-align:top}tr:hover td{background:var(--hov)}
+th{text-align:left;color:var(--mut);font-weight:600;font-size:12px;padding:6px 8px;border-bottom:1px solid var(--bd);
+  white-space:nowrap}
+td{padding:6px 8px;border-bottom:1px solid var(--grid);white-space:nowrap;vertical-align:top}tr:hover td{
+  background:var(--hov)}
 th.n,td.n{text-align:right}.mut{color:var(--mut)}.url{max-width:260px;overflow:hidden;text-overflow:ellipsis}
-.le{max-width:300px;overflow:hidden;text-overflow:ellipsis;color:var(--bad)}.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12px}
+.le{max-width:300px;overflow:hidden;text-overflow:ellipsis;color:var(--bad)}.mono{font-family:ui-monospace,
+  SFMono-Regular,Menlo,Consolas,monospace;font-size:12px}
 tr.sub td{font-size:12px;color:var(--mut);border-bottom-style:dashed}tr.sub td:first-child{padding-left:24px}
 .tag{font-size:11px;border:1px solid var(--bd);border-radius:8px;padding:0 6px;margin-left:6px;color:var(--mut)}
 .empty{color:var(--mut);text-align:center;padding:18px}
 .eb{display:grid;grid-template-columns:minmax(0,1fr) auto;gap:3px 10px;align-items:center;margin-top:4px}
-.bar{grid-column:1/3;height:5px;border-radius:3px;background:var(--grid);overflow:hidden}.bar i{display:block;height:100%;background:var(--bad)}
+.bar{grid-column:1/3;height:5px;border-radius:3px;background:var(--grid);overflow:hidden}.bar i{display:block;
+  height:100%;background:var(--bad)}
 .last{margin-top:14px;padding-top:10px;border-top:1px solid var(--bd);font-size:12px;word-break:break-word}
-#auth{position:fixed;inset:0;background:rgba(0,0,0,.45);display:flex;align-items:center;justify-content:center;z-index:9}
-#auth form{background:var(--card);border:1px solid var(--bd);border-radius:12px;padding:22px;width:340px;display:grid;gap:10px}
-#auth input,#auth button{font:inherit;padding:8px 10px;border-radius:8px;border:1px solid var(--bd);background:var(--bg);color:var(--fg)}
+#auth{position:fixed;inset:0;background:rgba(0,0,0,.45);display:flex;align-items:center;justify-content:center;
+  z-index:9}
+#auth form{background:var(--card);border:1px solid var(--bd);border-radius:12px;padding:22px;width:340px;display:grid;
+  gap:10px}
+#auth input,#auth button{font:inherit;padding:8px 10px;border-radius:8px;border:1px solid var(--bd);
+  background:var(--bg);color:var(--fg)}
 #auth button{background:var(--acc);border-color:var(--acc);color:#fff;font-weight:600;cursor:pointer}
 </style></head>
 <body>
 <header>
-  <div class="brand"><svg width="22" height="22" viewBox="0 0 22 22" aria-hidden="true"><rect width="22" height="22" rx="6" fill="#2563eb"/><path d="M5 6l6 11 6-11" fill="none" stroke="#fff" stroke-width="2.4" stroke-linejoin="round"/></svg>vandamme</div>
+  <div class="brand"><svg width="22" height="22" viewBox="0 0 22 22" aria-hidden="true">
+    <rect width="22" height="22" rx="6" fill="#2563eb"/>
+    <path d="M5 6l6 11 6-11" fill="none" stroke="#fff" stroke-width="2.4" stroke-linejoin="round"/>
+    </svg>vandamme</div>
   <span class="ver" id="version" data-value="">v?</span>
   <span class="pill" id="status" data-value="">unknown</span>
-  <div class="meta"><span>uptime <b id="uptime" data-value="">-</b></span><span>default <b id="default-provider" data-value="">-</b></span><span id="conn"><span class="dot"></span>connecting</span></div>
+  <div class="meta"><span>uptime <b id="uptime" data-value="">-</b></span>
+    <span>default <b id="default-provider" data-value="">-</b></span><span id="conn"><span class="dot">
+    </span>connecting</span></div>
 </header>
 <main>
   <section class="tiles" id="tiles"></section>
   <section class="row3">
-    <div class="card"><div class="ch"><h2>Requests / s</h2><span class="leg">last 10 min</span></div><svg class="chart" id="chart-req"></svg><div class="leg foot" id="leg-req"></div></div>
-    <div class="card"><div class="ch"><h2>Tokens / s</h2><span class="leg">last 10 min</span></div><svg class="chart" id="chart-tok"></svg><div class="leg foot" id="leg-tok"></div></div>
-    <div class="card"><div class="ch"><h2>Errors by type</h2><span class="leg" id="err-total"></span></div><div id="errors"></div><div class="last" id="last-error" hidden></div></div>
+    <div class="card"><div class="ch"><h2>Requests / s</h2><span class="leg">last 10 min</span></div>
+      <svg class="chart" id="chart-req"></svg><div class="leg foot" id="leg-req"></div></div>
+    <div class="card"><div class="ch"><h2>Tokens / s</h2><span class="leg">last 10 min</span></div>
+      <svg class="chart" id="chart-tok"></svg><div class="leg foot" id="leg-tok"></div></div>
+    <div class="card"><div class="ch"><h2>Errors by type</h2><span class="leg" id="err-total"></span></div>
+      <div id="errors"></div><div class="last" id="last-error" hidden></div></div>
   </section>
-  <section class="card"><div class="ch"><h2>Providers</h2><span class="leg" id="prov-count"></span></div><div class="tw"><table id="providers">
-    <thead><tr><th>Provider</th><th>Format</th><th>Base URL</th><th class="n">Keys</th><th class="n">Requests</th><th class="n">Errors</th><th class="n">In flight</th><th class="n">Tokens in</th><th class="n">Tokens out</th><th class="n">p50 / p95</th><th>Last error</th></tr></thead><tbody></tbody></table></div></section>
-  <section class="card"><div class="ch"><h2>Recent requests</h2><span class="leg" id="recent-count"></span></div><div class="tw"><table id="recent">
-    <thead><tr><th>Time</th><th>Request ID</th><th>Route</th><th>Status</th><th>Stream</th><th class="n">Latency</th><th class="n">TTFT</th><th class="n">In</th><th class="n">Out</th></tr></thead><tbody></tbody></table></div></section>
+  <section class="card"><div class="ch"><h2>Providers</h2><span class="leg" id="prov-count"></span></div>
+    <div class="tw"><table id="providers">
+    <thead><tr><th>Provider</th><th>Format</th><th>Base URL</th><th class="n">Keys</th><th class="n">Requests</th>
+      <th class="n">Errors</th><th class="n">In flight</th><th class="n">Tokens in</th><th class="n">Tokens out</th>
+      <th class="n">p50 / p95</th><th>Last error</th></tr></thead><tbody></tbody></table></div></section>
+  <section class="card"><div class="ch"><h2>Recent requests</h2><span class="leg" id="recent-count"></span></div>
+    <div class="tw"><table id="recent">
+    <thead><tr><th>Time</th><th>Request ID</th><th>Route</th><th>Status</th><th>Stream</th><th class="n">Latency</th>
+      <th class="n">TTFT</th><th class="n">In</th><th class="n">Out</th></tr></thead><tbody></tbody></table></div>
+      </section>
 </main>
-<div id="auth" hidden><form id="authform"><h2>Proxy API key required</h2><div class="mut" style="font-size:13px">The gateway answered 401. The key is kept in this tab only (sessionStorage) and sent as the x-api-key header.</div>
-  <input type="password" id="authkey" placeholder="API key" autocomplete="off"><button type="submit">Connect</button><div class="bad" id="autherr" style="background:none;font-size:12px"></div></form></div>
+<div id="auth" hidden><form id="authform"><h2>Proxy API key required</h2>
+  <div class="mut" style="font-size:13px">The gateway answered 401. The key is kept in this tab only
+  (sessionStorage) and sent as the x-api-key header.</div>
+  <input type="password" id="authkey" placeholder="API key" autocomplete="off"><button type="submit">Connect</button>
+    <div class="bad" id="autherr" style="background:none;font-size:12px"></div></form></div>
 <script type="application/json" id="last-totals"></script>
 <script>
 (function(){
 'use strict';
-var KEY='vandamme_api_key',NS='http://www.w3.org/2000/svg',D=String.fromCharCode(8212),AR=' '+String.fromCharCode(8594)+' ',DOT=' '+String.fromCharCode(183)+' ';
+var KEY='vandamme_api_key',NS='http://www.w3.org/2000/svg',D=String.fromCharCode(8212),
+  AR=' '+String.fromCharCode(8594)+' ',DOT=' '+String.fromCharCode(183)+' ';
 var nf=new Intl.NumberFormat('en-US'),timer=null,busy=false,again=false,authShown=false,health=null;
 function $(id){return document.getElementById(id)}
 function isN(v){return typeof v==='number'&&isFinite(v)}
 function fint(v){return isN(v)?nf.format(Math.round(v)):D}
 function fms(v){return !isN(v)?D:v<999.5?(v<10?v.toFixed(1):Math.round(v))+' ms':(v/1000).toFixed(v<10000?2:1)+' s'}
-function frate(v){return !isN(v)?D:v===0?'0':v<10?v.toFixed(2).replace(/0+$/,'').replace(/[.]$/,''):nf.format(Math.round(v))}
+function frate(v){return !isN(v)?D:v===0?'0':v<10?v.toFixed(2).replace(/0+$/,'').replace(/[.]$/,
+  ''):nf.format(Math.round(v))}
 function fbig(v){return !isN(v)||Math.abs(v)<1e6?fint(v):Math.abs(v)<1e9?(v/1e6).toFixed(2)+'M':(v/1e9).toFixed(2)+'B'}
-function fdur(s){s=Math.floor(s||0);var d=Math.floor(s/86400),h=Math.floor(s%86400/3600),m=Math.floor(s%3600/60),x=s%60;return d?d+'d '+h+'h '+m+'m':h?h+'h '+m+'m '+x+'s':m?m+'m '+x+'s':x+'s'}
+function fdur(s){s=Math.floor(s||0);var d=Math.floor(s/86400),h=Math.floor(s%86400/3600),m=Math.floor(s%3600/60),
+  x=s%60;return d?d+'d '+h+'h '+m+'m':h?h+'h '+m+'m '+x+'s':m?m+'m '+x+'s':x+'s'}
 function p2(n){return n<10?'0'+n:''+n}
-function ftime(t,sec){var d=new Date(t*1000);return p2(d.getHours())+':'+p2(d.getMinutes())+(sec?':'+p2(d.getSeconds()):'')}
+function ftime(t,sec){var d=new Date(t*1000);
+  return p2(d.getHours())+':'+p2(d.getMinutes())+(sec?':'+p2(d.getSeconds()):'')}
 function ago(t){var s=Date.now()/1000-t;return s<5?'just now':fdur(s)+' ago'}
 function raw(v){return v==null?'':typeof v==='object'?JSON.stringify(v):String(v)}
-function el(tag,a,kids){var e=document.createElement(tag),k;for(k in a||{})if(a[k]!=null){if(k==='text')e.textContent=a[k];else if(k==='cls')e.className=a[k];else e.setAttribute(k,a[k])}(kids||[]).forEach(function(c){if(c!=null)e.append(c)});return e}
-function sv(tag,a,text){var e=document.createElementNS(NS,tag),k;for(k in a)e.setAttribute(k,a[k]);if(text!=null)e.textContent=text;return e}
-function td(field,v,text,cls){return el('td',{'data-field':field,'data-value':raw(v),cls:cls},[text===undefined?fint(v):text])}
-function setv(id,v,text){var e=$(id);e.setAttribute('data-value',raw(v));e.textContent=text===undefined?fint(v):text;return e}
+function el(tag,a,kids){var e=document.createElement(tag),k;for(k in a||{})if(a[k]!=null){
+  if(k==='text')e.textContent=a[k];else if(k==='cls')e.className=a[k];else e.setAttribute(k,a[k])}
+  (kids||[]).forEach(function(c){if(c!=null)e.append(c)});return e}
+function sv(tag,a,text){var e=document.createElementNS(NS,tag),k;for(k in a)e.setAttribute(k,a[k]);
+  if(text!=null)e.textContent=text;return e}
+function td(field,v,text,cls){return el('td',{'data-field':field,'data-value':raw(v),cls:cls},
+  [text===undefined?fint(v):text])}
+function setv(id,v,text){var e=$(id);e.setAttribute('data-value',raw(v));e.textContent=text===undefined?fint(v):text;
+  return e}
 function st(s){s=s||{};return s}
-var TILES=[['requests','Requests'],['in_flight','In flight'],['errors','Errors'],['input_tokens','Input tokens'],['output_tokens','Output tokens'],['cache_read_tokens','Cache read'],['latency','Latency p50 / p95',1],['ttft','TTFT p50 / p95',1]];
-TILES.forEach(function(t){var v=t[2]?[el('span',{id:'total-'+t[0]+'_p50','data-field':t[0]+'_p50','data-value':''},[D]),el('span',{cls:'sep',text:'/'}),el('span',{id:'total-'+t[0]+'_p95','data-field':t[0]+'_p95','data-value':''},[D])]:[el('span',{id:'total-'+t[0],'data-field':t[0],'data-value':'0'},['0'])];
-  var sub=t[0]==='cache_read_tokens'?['write ',el('span',{id:'total-cache_creation_tokens','data-field':'cache_creation_tokens','data-value':'0'},['0'])]:[el('span',{id:'sub-'+t[0]},[String.fromCharCode(160)])];
-  $('tiles').append(el('div',{cls:'tile'+(t[2]?' two':''),id:'tile-'+t[0]},[el('div',{cls:'lbl',text:t[1]}),el('div',{cls:'val'},v),el('div',{cls:'sub'},sub)]))});
-function niceMax(m){if(!(m>0))return 1;var e=Math.pow(10,Math.floor(Math.log10(m))),f=m/e;return (f<=1?1:f<=2?2:f<=2.5?2.5:f<=5?5:10)*e}
-function buckets(series){if(!series||!series.length)return [];var end=series[series.length-1].t,n=60,start=end-(n-1)*10,out=[],i;
+var TILES=[['requests','Requests'],['in_flight','In flight'],['errors','Errors'],['input_tokens','Input tokens'],
+  ['output_tokens','Output tokens'],['cache_read_tokens','Cache read'],['latency','Latency p50 / p95',1],['ttft',
+  'TTFT p50 / p95',1]];
+TILES.forEach(function(t){var v=t[2]?[el('span',{id:'total-'+t[0]+'_p50','data-field':t[0]+'_p50','data-value':''},
+  [D]),el('span',{cls:'sep',text:'/'}),el('span',{id:'total-'+t[0]+'_p95','data-field':t[0]+'_p95','data-value':''},
+  [D])]:[el('span',{id:'total-'+t[0],'data-field':t[0],'data-value':'0'},['0'])];
+  var sub=t[0]==='cache_read_tokens'?['write ',el('span',{id:'total-cache_creation_tokens',
+    'data-field':'cache_creation_tokens','data-value':'0'},['0'])]:[el('span',{id:'sub-'+t[0]},
+    [String.fromCharCode(160)])];
+  $('tiles').append(el('div',{cls:'tile'+(t[2]?' two':''),id:'tile-'+t[0]},[el('div',{cls:'lbl',text:t[1]}),el('div',{
+    cls:'val'},v),el('div',{cls:'sub'},sub)]))});
+function niceMax(m){if(!(m>0))return 1;var e=Math.pow(10,Math.floor(Math.log10(m))),f=m/e;
+  return (f<=1?1:f<=2?2:f<=2.5?2.5:f<=5?5:10)*e}
+function buckets(series){if(!series||!series.length)return [];var end=series[series.length-1].t,n=60,
+  start=end-(n-1)*10,out=[],i;
   for(i=0;i<n;i++)out.push({t:start+i*10,requests:0,errors:0,input_tokens:0,output_tokens:0});
   series.forEach(function(s){var j=Math.round((s.t-start)/10);if(j>=0&&j<n)out[j]=s});return out}
 function chart(svg,b,lines,legend){
-  var W=Math.max(280,Math.round(svg.clientWidth||600)),H=180,L=46,R=10,T=8,B=22,pw=W-L-R,ph=H-T-B,mx=0,n=b.length;svg.replaceChildren();svg.setAttribute('viewBox','0 0 '+W+' '+H);
+  var W=Math.max(280,Math.round(svg.clientWidth||600)),H=180,L=46,R=10,T=8,B=22,pw=W-L-R,ph=H-T-B,mx=0,n=b.length;
+    svg.replaceChildren();svg.setAttribute('viewBox','0 0 '+W+' '+H);
   lines.forEach(function(l){l.v=b.map(l.f);l.v.forEach(function(v){if(v>mx)mx=v})});
   var top=niceMax(mx),i;function X(i){return L+(n>1?pw*i/(n-1):0)}function Y(v){return T+ph-ph*(v/top)}
-  for(i=0;i<=4;i++){var y=T+ph-ph*i/4;svg.append(sv('line',{x1:L,x2:W-R,y1:y,y2:y,'class':i?'g':'ax'}));svg.append(sv('text',{x:L-6,y:y+4,'text-anchor':'end'},frate(top*i/4)))}
-  if(!n){svg.append(sv('text',{x:L+pw/2,y:T+ph*0.375+4,'text-anchor':'middle'},'No data yet'));legend.replaceChildren();return}
-  [0,12,24,36,48,59].forEach(function(k){if(k<n)svg.append(sv('text',{x:X(k),y:H-5,'text-anchor':k===0?'start':k===n-1?'end':'middle'},ftime(b[k].t)))});
+  for(i=0;i<=4;i++){var y=T+ph-ph*i/4;svg.append(sv('line',{x1:L,x2:W-R,y1:y,y2:y,'class':i?'g':'ax'}));
+    svg.append(sv('text',{x:L-6,y:y+4,'text-anchor':'end'},frate(top*i/4)))}
+  if(!n){svg.append(sv('text',{x:L+pw/2,y:T+ph*0.375+4,'text-anchor':'middle'},'No data yet'));
+    legend.replaceChildren();return}
+  [0,12,24,36,48,59].forEach(function(k){if(k<n)svg.append(sv('text',{x:X(k),y:H-5,
+    'text-anchor':k===0?'start':k===n-1?'end':'middle'},ftime(b[k].t)))});
   legend.replaceChildren();
   lines.forEach(function(l,li){var pts=l.v.map(function(v,k){return X(k).toFixed(1)+','+Y(v).toFixed(1)}).join(' ');
     if(li===0)svg.append(sv('polygon',{'class':'area',points:X(0)+','+(T+ph)+' '+pts+' '+X(n-1)+','+(T+ph)}));
@@ -3509,66 +3578,109 @@ function chart(svg,b,lines,legend){
     var avg=l.v.reduce(function(a,c){return a+c},0)/n,pk=Math.max.apply(null,l.v);
     legend.append(el('span',{},[el('i',{cls:'sw s'+l.c}),l.name+': avg '+frate(avg)+DOT+'peak '+frate(pk)]))})}
 function renderHealth(h){health=h;setv('version',h.version,'v'+(h.version||'?'));
-  var s=$('status');s.setAttribute('data-value',raw(h.status));s.textContent=h.status||'unknown';s.className='pill '+(h.status==='ok'?'ok':h.status==='degraded'?'warn':'bad');
-  setv('default-provider',h.default_provider,h.default_provider||D);if(isN(h.uptime_s))setv('uptime',h.uptime_s,fdur(h.uptime_s))}
+  var s=$('status');s.setAttribute('data-value',raw(h.status));s.textContent=h.status||'unknown';
+    s.className='pill '+(h.status==='ok'?'ok':h.status==='degraded'?'warn':'bad');
+  setv('default-provider',h.default_provider,h.default_provider||D);if(isN(h.uptime_s))setv('uptime',h.uptime_s,
+    fdur(h.uptime_s))}
 function provRow(name,hp,ps,isDef){
   var keys=hp?(hp.passthrough?'passthrough':hp.keys):null,le=ps.last_error,lat=ps.latency_ms||{};
-  var nameC=el('td',{'data-field':'name','data-value':name},[el('b',{text:name}),isDef?el('span',{cls:'tag',text:'default'}):null,hp&&hp.azure?el('span',{cls:'tag',text:'azure'}):null]);
+  var nameC=el('td',{'data-field':'name','data-value':name},[el('b',{text:name}),isDef?el('span',{cls:'tag',
+    text:'default'}):null,hp&&hp.azure?el('span',{cls:'tag',text:'azure'}):null]);
   var keysC=td('keys',keys,keys==null?D:keys==='passthrough'?'passthrough':fint(keys),'n');
-  if(hp&&hp.cooling_keys)keysC.append(el('span',{cls:'pill warn','data-field':'cooling_keys','data-value':hp.cooling_keys,title:'keys cooling down',style:'margin-left:6px',text:hp.cooling_keys+' cooling'}));
-  var lc=td('last_error',le?le.type:'',le?(le.type||'error')+': '+(le.message||'')+DOT+ago(le.time):D,le?'le':'mut');if(le)lc.title=(le.type||'')+': '+(le.message||'');
-  return el('tr',{'data-provider':name},[nameC,td('format',hp&&hp.format,hp&&hp.format||D,'mut'),el('td',{'data-field':'base_url','data-value':raw(hp&&hp.base_url),cls:'url mono',title:hp&&hp.base_url||''},[hp&&hp.base_url||D]),keysC,
-    td('requests',ps.requests||0,undefined,'n'),td('errors',ps.errors||0,undefined,'n'+(ps.errors?' le':'')),td('in_flight',ps.in_flight||0,undefined,'n'),td('input_tokens',ps.input_tokens||0,undefined,'n'),td('output_tokens',ps.output_tokens||0,undefined,'n'),
-    el('td',{cls:'n'},[el('span',{'data-field':'latency_p50','data-value':raw(lat.p50)},[fms(lat.p50)]),' / ',el('span',{'data-field':'latency_p95','data-value':raw(lat.p95)},[fms(lat.p95)])]),lc])}
-function modelRow(pname,m,ms){var lat=ms.latency_ms||{};return el('tr',{cls:'sub','data-model':m,'data-parent':pname},[el('td',{colspan:4,cls:'mono',text:m}),
-  td('requests',ms.requests||0,undefined,'n'),td('errors',ms.errors||0,undefined,'n'),td('in_flight',ms.in_flight||0,undefined,'n'),td('input_tokens',ms.input_tokens||0,undefined,'n'),td('output_tokens',ms.output_tokens||0,undefined,'n'),el('td',{cls:'n',text:fms(lat.p50)+' / '+fms(lat.p95)}),el('td')])}
-function renderProviders(tp){var hp={},names=[],rows=[];((health&&health.providers)||[]).forEach(function(p){hp[p.name]=p;names.push(p.name)});
+  if(hp&&hp.cooling_keys)keysC.append(el('span',{cls:'pill warn','data-field':'cooling_keys',
+    'data-value':hp.cooling_keys,title:'keys cooling down',style:'margin-left:6px',text:hp.cooling_keys+' cooling'}));
+  var lc=td('last_error',le?le.type:'',le?(le.type||'error')+': '+(le.message||'')+DOT+ago(le.time):D,le?'le':'mut');
+    if(le)lc.title=(le.type||'')+': '+(le.message||'');
+  return el('tr',{'data-provider':name},[nameC,td('format',hp&&hp.format,hp&&hp.format||D,'mut'),el('td',{
+    'data-field':'base_url','data-value':raw(hp&&hp.base_url),cls:'url mono',title:hp&&hp.base_url||''},
+    [hp&&hp.base_url||D]),keysC,
+    td('requests',ps.requests||0,undefined,'n'),td('errors',ps.errors||0,undefined,'n'+(ps.errors?' le':'')),
+      td('in_flight',ps.in_flight||0,undefined,'n'),td('input_tokens',ps.input_tokens||0,undefined,'n'),
+      td('output_tokens',ps.output_tokens||0,undefined,'n'),
+    el('td',{cls:'n'},[el('span',{'data-field':'latency_p50','data-value':raw(lat.p50)},[fms(lat.p50)]),' / ',
+      el('span',{'data-field':'latency_p95','data-value':raw(lat.p95)},[fms(lat.p95)])]),lc])}
+function modelRow(pname,m,ms){var lat=ms.latency_ms||{};return el('tr',{cls:'sub','data-model':m,'data-parent':pname},
+  [el('td',{colspan:4,cls:'mono',text:m}),
+  td('requests',ms.requests||0,undefined,'n'),td('errors',ms.errors||0,undefined,'n'),td('in_flight',ms.in_flight||0,
+    undefined,'n'),td('input_tokens',ms.input_tokens||0,undefined,'n'),td('output_tokens',ms.output_tokens||0,
+    undefined,'n'),el('td',{cls:'n',text:fms(lat.p50)+' / '+fms(lat.p95)}),el('td')])}
+function renderProviders(tp){var hp={},names=[],rows=[];((health&&health.providers)||[]).forEach(function(p){
+  hp[p.name]=p;names.push(p.name)});
   Object.keys(tp||{}).forEach(function(n){if(names.indexOf(n)<0)names.push(n)});
   names.forEach(function(n){var ps=st(tp&&tp[n]);rows.push(provRow(n,hp[n],ps,health&&health.default_provider===n));
-    var ms=ps.models||{};Object.keys(ms).sort(function(a,b){return (ms[b].requests||0)-(ms[a].requests||0)}).forEach(function(m){rows.push(modelRow(n,m,st(ms[m])))})});
+    var ms=ps.models||{};Object.keys(ms).sort(function(a,b){return (ms[b].requests||0)-(ms[a].requests||0)}
+      ).forEach(function(m){rows.push(modelRow(n,m,st(ms[m])))})});
   if(!names.length)rows.push(el('tr',{},[el('td',{colspan:11,cls:'empty',text:'No providers configured'})]));
-  $('providers').tBodies[0].replaceChildren.apply($('providers').tBodies[0],rows);$('prov-count').textContent=names.length+' provider'+(names.length===1?'':'s')}
-function renderErrors(t){var eb=t.errors_by_type||{},ks=Object.keys(eb).sort(function(a,b){return eb[b]-eb[a]}),box=$('errors'),mx=0;box.replaceChildren();
+  $('providers').tBodies[0].replaceChildren.apply($('providers').tBodies[0],rows);
+    $('prov-count').textContent=names.length+' provider'+(names.length===1?'':'s')}
+function renderErrors(t){var eb=t.errors_by_type||{},ks=Object.keys(eb).sort(function(a,b){return eb[b]-eb[a]}),
+  box=$('errors'),mx=0;box.replaceChildren();
   ks.forEach(function(k){if(eb[k]>mx)mx=eb[k]});
-  ks.forEach(function(k){box.append(el('div',{cls:'eb','data-type':k},[el('span',{cls:'mono',text:k}),el('span',{cls:'num','data-field':'errors_by_type','data-value':eb[k],text:fint(eb[k])}),el('div',{cls:'bar'},[el('i',{style:'width:'+(100*eb[k]/mx).toFixed(1)+'%'})])]))});
-  if(!ks.length)box.append(el('div',{cls:'empty',text:'No errors'}));$('err-total').textContent=fint(t.errors||0)+' total';
-  var le=t.last_error,lb=$('last-error');lb.hidden=!le;if(le)lb.replaceChildren(el('div',{cls:'mut',text:'Last error'+DOT+ago(le.time)+' ('+ftime(le.time,1)+')'}),el('div',{},[el('b',{cls:'mono',text:le.type||'error'}),' ',le.message||'']))}
-function renderRecent(rs){var rows=(rs||[]).map(function(r){var c=r.status>=500||r.status===0?'bad':r.status>=400?'warn':'ok';
-  var sc=el('td',{'data-field':'status','data-value':raw(r.status)},[el('span',{cls:'pill '+c,text:String(r.status==null?D:r.status)}),r.error_type?el('span',{cls:'mut',style:'margin-left:6px',text:r.error_type}):null]);
-  return el('tr',{'data-request-id':r.request_id},[el('td',{cls:'mut','data-field':'time','data-value':raw(r.time),text:isN(r.time)?ftime(r.time,1):D}),el('td',{cls:'mono',title:r.request_id||'',text:String(r.request_id||D).slice(0,14)}),
-    el('td',{},[el('span',{text:r.client_model||D}),el('span',{cls:'mut',text:AR}),el('span',{cls:'mono',text:(r.provider||'?')+':'+(r.model||'?')})]),sc,
-    td('streamed',r.streamed,r.streamed?'stream':'-','mut'),td('latency_ms',r.latency_ms,fms(r.latency_ms),'n'),td('ttft_ms',r.ttft_ms,fms(r.ttft_ms),'n'),td('input_tokens',r.input_tokens,undefined,'n'),td('output_tokens',r.output_tokens,undefined,'n')])});
+  ks.forEach(function(k){box.append(el('div',{cls:'eb','data-type':k},[el('span',{cls:'mono',text:k}),el('span',{
+    cls:'num','data-field':'errors_by_type','data-value':eb[k],text:fint(eb[k])}),el('div',{cls:'bar'},[el('i',{
+    style:'width:'+(100*eb[k]/mx).toFixed(1)+'%'})])]))});
+  if(!ks.length)box.append(el('div',{cls:'empty',text:'No errors'}));
+    $('err-total').textContent=fint(t.errors||0)+' total';
+  var le=t.last_error,lb=$('last-error');lb.hidden=!le;if(le)lb.replaceChildren(el('div',{cls:'mut',
+    text:'Last error'+DOT+ago(le.time)+' ('+ftime(le.time,1)+')'}),el('div',{},[el('b',{cls:'mono',
+    text:le.type||'error'}),' ',le.message||'']))}
+function renderRecent(rs){var rows=(rs||[]).map(function(r){
+  var c=r.status>=500||r.status===0?'bad':r.status>=400?'warn':'ok';
+  var sc=el('td',{'data-field':'status','data-value':raw(r.status)},[el('span',{cls:'pill '+c,
+    text:String(r.status==null?D:r.status)}),r.error_type?el('span',{cls:'mut',style:'margin-left:6px',
+    text:r.error_type}):null]);
+  return el('tr',{'data-request-id':r.request_id},[el('td',{cls:'mut','data-field':'time','data-value':raw(r.time),
+    text:isN(r.time)?ftime(r.time,1):D}),el('td',{cls:'mono',title:r.request_id||'',
+    text:String(r.request_id||D).slice(0,14)}),
+    el('td',{},[el('span',{text:r.client_model||D}),el('span',{cls:'mut',text:AR}),el('span',{cls:'mono',
+      text:(r.provider||'?')+':'+(r.model||'?')})]),sc,
+    td('streamed',r.streamed,r.streamed?'stream':'-','mut'),td('latency_ms',r.latency_ms,fms(r.latency_ms),'n'),
+      td('ttft_ms',r.ttft_ms,fms(r.ttft_ms),'n'),td('input_tokens',r.input_tokens,undefined,'n'),td('output_tokens',
+      r.output_tokens,undefined,'n')])});
   if(!rows.length)rows.push(el('tr',{},[el('td',{colspan:9,cls:'empty',text:'No requests yet'})]));
-  var tb=$('recent').tBodies[0];tb.replaceChildren.apply(tb,rows);$('recent-count').textContent=(rs||[]).length?'newest first'+DOT+'last '+rs.length:''}
+  var tb=$('recent').tBodies[0];tb.replaceChildren.apply(tb,rows);
+    $('recent-count').textContent=(rs||[]).length?'newest first'+DOT+'last '+rs.length:''}
 function renderTotals(j,text){var t=st(j.totals),b=buckets(j.series),last=b.slice(-7,-1);
-  ['requests','in_flight','errors','input_tokens','output_tokens','cache_read_tokens','cache_creation_tokens'].forEach(function(k){setv('total-'+k,t[k]||0,fbig(t[k]||0)).title=fint(t[k]||0)});
-  ['latency','ttft'].forEach(function(k){var p=t[k+'_ms']||{};setv('total-'+k+'_p50',p.p50,fms(p.p50));setv('total-'+k+'_p95',p.p95,fms(p.p95))});
+  ['requests','in_flight','errors','input_tokens','output_tokens','cache_read_tokens',
+    'cache_creation_tokens'].forEach(function(k){setv('total-'+k,t[k]||0,fbig(t[k]||0)).title=fint(t[k]||0)});
+  ['latency','ttft'].forEach(function(k){var p=t[k+'_ms']||{};setv('total-'+k+'_p50',p.p50,fms(p.p50));
+    setv('total-'+k+'_p95',p.p95,fms(p.p95))});
   $('tile-errors').classList.toggle('err',(t.errors||0)>0);
   function rate(f){return last.length?last.reduce(function(a,x){return a+f(x)},0)/(last.length*10):null}
   $('sub-requests').textContent=last.length?frate(rate(function(x){return x.requests}))+' req/s (1m)':'no traffic yet';
   $('sub-errors').textContent=t.requests?(100*(t.errors||0)/t.requests).toFixed(1)+'% error rate':'no requests';
   $('sub-in_flight').textContent=Object.keys(j.providers||{}).length+' provider(s)';
   $('sub-input_tokens').textContent=t.requests?fint((t.input_tokens||0)/t.requests)+' / request':String.fromCharCode(160);
-  $('sub-output_tokens').textContent=last.length?frate(rate(function(x){return x.output_tokens}))+' tok/s (1m)':String.fromCharCode(160);
+  $('sub-output_tokens').textContent=last.length?frate(rate(function(x){return x.output_tokens}
+    ))+' tok/s (1m)':String.fromCharCode(160);
   $('sub-latency').textContent='end to end';$('sub-ttft').textContent='time to first token';
   if(isN(j.uptime_s))setv('uptime',j.uptime_s,fdur(j.uptime_s));
-  chart($('chart-req'),b,[{name:'requests',c:0,f:function(x){return (x.requests||0)/10}},{name:'errors',c:1,f:function(x){return (x.errors||0)/10}}],$('leg-req'));
-  chart($('chart-tok'),b,[{name:'in+out',c:0,f:function(x){return ((x.input_tokens||0)+(x.output_tokens||0))/10}},{name:'out',c:2,f:function(x){return (x.output_tokens||0)/10}}],$('leg-tok'));
+  chart($('chart-req'),b,[{name:'requests',c:0,f:function(x){return (x.requests||0)/10}},{name:'errors',c:1,
+    f:function(x){return (x.errors||0)/10}}],$('leg-req'));
+  chart($('chart-tok'),b,[{name:'in+out',c:0,f:function(x){return ((x.input_tokens||0)+(x.output_tokens||0))/10}},{
+    name:'out',c:2,f:function(x){return (x.output_tokens||0)/10}}],$('leg-tok'));
   renderProviders(j.providers);renderErrors(t);renderRecent(j.recent);
   $('last-totals').textContent=text.split('</').join('<'+String.fromCharCode(92)+'/');document.body.dataset.loaded='1'}
 function get(path){var k=sessionStorage.getItem(KEY),h={Accept:'application/json'};if(k)h['x-api-key']=k;
-  return fetch(path,{headers:h,cache:'no-store'}).then(function(r){if(r.status===401){var e=new Error('401');e.auth=true;throw e}if(!r.ok)throw new Error('HTTP '+r.status);
+  return fetch(path,{headers:h,cache:'no-store'}).then(function(r){if(r.status===401){var e=new Error('401');
+    e.auth=true;throw e}if(!r.ok)throw new Error('HTTP '+r.status);
     return r.text().then(function(tx){return {json:JSON.parse(tx),text:tx}})})}
 function conn(ok,msg){$('conn').replaceChildren(el('span',{cls:'dot '+(ok?'ok':'bad')}),msg)}
-function showAuth(){var a=$('auth');$('autherr').textContent=sessionStorage.getItem(KEY)?'That key was rejected (401). Try again.':'';if(a.hidden){a.hidden=false;$('authkey').focus()}}
+function showAuth(){var a=$('auth');
+  $('autherr').textContent=sessionStorage.getItem(KEY)?'That key was rejected (401). Try again.':'';if(a.hidden){
+  a.hidden=false;$('authkey').focus()}}
 function tick(){if(busy)return;busy=true;clearTimeout(timer);
-  Promise.allSettled([get('/health'),get('/metrics/running-totals')]).then(function(r){var h=r[0],t=r[1],auth=false,err=null;
+  Promise.allSettled([get('/health'),get('/metrics/running-totals')]).then(function(r){var h=r[0],t=r[1],auth=false,
+    err=null;
     try{if(h.status==='fulfilled')renderHealth(h.value.json);else if(h.reason.auth)auth=true;else err=h.reason.message;
-      if(t.status==='fulfilled')renderTotals(t.value.json,t.value.text);else if(t.reason.auth)auth=true;else err=err||t.reason.message;}catch(e){err=String(e)}
+      if(t.status==='fulfilled')renderTotals(t.value.json,t.value.text);else if(t.reason.auth)auth=true;
+        else err=err||t.reason.message;}catch(e){err=String(e)}
     if(auth)showAuth();else $('auth').hidden=true;
     conn(!auth&&!err,auth?'API key required':err?'error: '+err:'live'+DOT+ftime(Date.now()/1000,1))})
   .finally(function(){busy=false;timer=setTimeout(tick,again?0:2000);again=false})}
-$('authform').addEventListener('submit',function(e){e.preventDefault();var v=$('authkey').value.trim();if(v)sessionStorage.setItem(KEY,v);else sessionStorage.removeItem(KEY);$('authkey').value='';$('auth').hidden=true;if(busy)again=true;else tick()});
+$('authform').addEventListener('submit',function(e){e.preventDefault();var v=$('authkey').value.trim();
+  if(v)sessionStorage.setItem(KEY,v);else sessionStorage.removeItem(KEY);$('authkey').value='';$('auth').hidden=true;
+  if(busy)again=true;else tick()});
 chart($('chart-req'),[],[],$('leg-req'));chart($('chart-tok'),[],[],$('leg-tok'));tick();
 })();
 </script>
@@ -3664,9 +3776,10 @@ def create_app(config: Config, *, middleware: Sequence[Any] | None = None) -> we
     async def drain(app: web.Application) -> None:
         """On SIGTERM/SIGINT: let in-flight requests finish for SHUTDOWN_GRACE, then end streams."""
         rt.draining = True
-        deadline = time.monotonic() + rt.config.shutdown_grace
-        while rt.metrics.totals.in_flight > 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        if rt.metrics.totals.in_flight > 0:
+            rt.idle.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(rt.idle.wait(), rt.config.shutdown_grace)
         for abort in list(rt.aborts.values()):
             abort()
 
