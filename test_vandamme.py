@@ -1512,6 +1512,114 @@ async def test_models_and_aliases_endpoints(proxy: Any, upstream: FakeUpstream) 
     assert fast == {"provider": "openai", "name": "fast", "target": "gpt-fast", "source": "env"}
 
 
+ROUTING_SCENARIOS = [
+    pytest.param({"DEEPSEEK_API_KEY": "sk-ds-000000000001"}, id="default-with-aliases-and-another"),
+    pytest.param({"VDM_DEFAULT_PROVIDER": "local", "LOCAL_BASE_URL": "{upstream}/local/v1",
+                  "DEEPSEEK_API_KEY": "sk-ds-000000000001"}, id="default-without-aliases"),
+    pytest.param({"DEEPSEEK_API_KEY": "sk-ds-000000000001", "GROQ_API_KEY": "gsk-000000000001",
+                  "GROQ_ALIAS_SONNET": "llama-big", "DEEPSEEK_ALIAS_OPUS": "deepseek-reasoner"},
+                 id="same-alias-several-providers"),
+    pytest.param({"DEEPSEEK_API_KEY": "sk-ds-000000000001", "OPENAI_ALIAS_FAST": "deepseek:deepseek-chat",
+                  "DEEPSEEK_ALIAS_SONNET": "openai:gpt-4o-mini"}, id="prefixed-aliases"),
+    pytest.param({"DEEPSEEK_API_KEY": "sk-ds-000000000001", "OPENAI_ALIAS_BIG": "gpt-5.1, deepseek:deepseek-chat",
+                  "OPENAI_ALIAS_CHAIN": "big"}, id="fallback-chains"),
+    pytest.param({"OLLAMA_BASE_URL": "{upstream}/ollama/v1", "OLLAMA_ALIAS_CODER": "qwen2.5-coder:7b",
+                  "VDM_DEFAULT_PROVIDER": "ollama"}, id="ollama-names"),
+]
+
+
+@pytest.mark.parametrize("env", ROUTING_SCENARIOS)
+async def test_every_listed_name_routes_where_the_listing_says(proxy: Any, upstream: FakeUpstream, env: dict) -> None:
+    """/v1/models and /v1/aliases come from the router itself: a request for a listed name lands on the listed
+    provider and model (the first of a fallback chain), for every name, in every configuration."""
+    client = await proxy({"OPENAI_BASE_URL": "{upstream}/openai/v1", "DEEPSEEK_BASE_URL": "{upstream}/deepseek/v1",
+                          "GROQ_BASE_URL": "{upstream}/groq/v1", **env})
+    listed = {m["id"]: m["display_name"] for m in (await (await client.get("/v1/models")).json())["data"]}
+    routes = {r["name"]: r["targets"][0] for r in (await (await client.get("/v1/aliases")).json())["routes"]}
+    assert routes and set(routes) <= set(listed)
+    for name, shown in listed.items():
+        if " -> " in shown:
+            provider, _, model = shown.split(" -> ")[1].split(", then ")[0].partition(":")
+        else:                                               # a provider's own model, listed as provider:model
+            provider, _, model = name.partition(":")
+        if name in routes:
+            assert routes[name] == {"provider": provider, "model": model}, name
+        response = await client.post("/v1/messages", json={**BASIC, "model": name})
+        assert response.status == 200, (name, await response.text())
+        assert upstream.last["path"] == f"/{provider}/v1/chat/completions", (name, shown)
+        assert upstream.last["body"]["model"] == model, (name, shown)
+
+
+async def test_sdk_model_list_ids_route_as_listed(proxy: Any, upstream: FakeUpstream) -> None:
+    if anthropic is None:
+        pytest.skip("the anthropic SDK is not installed (pip install anthropic)")
+    client = await proxy({"DEEPSEEK_API_KEY": "sk-ds-000000000001", "DEEPSEEK_BASE_URL": "{upstream}/deepseek/v1",
+                          "OPENAI_BASE_URL": "{upstream}/openai/v1"})
+    sdk = anthropic.AsyncAnthropic(base_url=str(client.make_url("")), api_key="any", max_retries=0)
+    models = [m async for m in sdk.models.list()]
+    assert {"sonnet", "openai:sonnet", "deepseek:sonnet"} <= {m.id for m in models}
+    for model in models:
+        message = await sdk.messages.create(model=model.id, max_tokens=10, messages=[{"role": "user", "content": "hi"}])
+        target = model.display_name.split(" -> ")[-1].split(", then ")[0] if " -> " in model.display_name \
+            else model.id
+        assert f"/{target.partition(':')[0]}/v1/" in upstream.last["path"] and message.model == model.id
+        assert upstream.last["body"]["model"] == target.partition(":")[2]
+
+
+LIMIT_MESSAGES = [
+    pytest.param("max_tokens is too large: 32000. This model supports at most 16384 completion tokens, whereas you "
+                 "provided 32000.", 16384, True, id="openai"),
+    pytest.param("Invalid max_tokens value, the valid range of max_tokens is [1, 8192]", 8192, True, id="deepseek"),
+    pytest.param("`max_tokens` must be less than or equal to `16384`, the maximum value for `max_tokens` is less than "
+                 "the `context_window` for this model", 16384, True, id="groq"),
+    pytest.param("max_tokens for `llama-3.1-8b-instant` must be less than or equal to 8000", 8000, True, id="groq-old"),
+    pytest.param("The parameter `max_completion_tokens` specified in the request are not valid: integer above maximum "
+                 "value, expected a value <= 12288, but got 32000 instead.", 12288, True, id="volcengine"),
+    pytest.param("'max_tokens' or 'max_completion_tokens' is too large: 32000. This model's maximum context length is "
+                 "32768 tokens and your request has 1000 input tokens (32000 > 32768 - 1000).", 31768, False,
+                 id="vllm-context"),
+    pytest.param("This model's maximum context length is 8192 tokens. However, you requested 8256 tokens (64 in the "
+                 "messages, 8192 in the completion).", 8128, False, id="openai-context"),
+]
+
+
+@pytest.mark.parametrize(("message", "limit", "per_model"), LIMIT_MESSAGES)
+def test_stated_output_limits(message: str, limit: int, per_model: bool) -> None:
+    assert vd.stated_output_limit(message) == (limit, per_model)
+    assert vd.stated_output_limit("Incorrect API key provided") is None
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("message", "limit", "per_model"), LIMIT_MESSAGES)
+async def test_over_limit_max_tokens_is_retried_once_then_capped(proxy: Any, upstream: FakeUpstream, message: str,
+                                                                 limit: int, per_model: bool, stream: bool) -> None:
+    client = await proxy()
+    body = {**BASIC, "model": "openai:gpt-4o", "max_tokens": 32000, "stream": stream}
+    for _ in range(2):
+        upstream.add(Reply({"error": {"message": message, "type": "invalid_request_error"}}, status=400))
+        response = await client.post("/v1/messages", json=body)
+        assert response.status == 200, await response.text()
+        assert "Hello" in await response.text()
+        assert [r["body"]["max_tokens"] for r in upstream.requests[-2:]] == [32000, limit]
+        if per_model:
+            break
+        upstream.requests.clear()
+    if per_model:                                        # learned: the next request goes out capped at once
+        upstream.requests.clear()
+        assert (await client.post("/v1/messages", json=body)).status == 200
+        assert [r["body"]["max_tokens"] for r in upstream.requests] == [limit]
+    health = await (await client.get("/health")).json()
+    assert health["output_limits"] == ({"openai:gpt-4o": limit} if per_model else {})
+
+
+async def test_configured_output_limits_win(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy({"OPENAI_MAX_TOKENS": "gpt-4o*=1000, o3=2000", "MAX_TOKENS_LIMIT": "5000"})
+    for model, sent in (("openai:gpt-4o-mini", 1000), ("openai:o3", 2000), ("openai:other", 5000)):
+        await client.post("/v1/messages", json={**BASIC, "model": model, "max_tokens": 32000})
+        body = upstream.last["body"]
+        assert body.get("max_tokens", body.get("max_completion_tokens")) == sent, model
+
+
 async def test_health_shape(proxy: Any) -> None:
     client = await proxy()
     health = await (await client.get("/health")).json()
@@ -1737,7 +1845,7 @@ async def test_upstream_redirects_are_never_followed(proxy: Any, upstream: FakeU
         assert "openai" in body["error"]["message"] and response.headers["x-should-retry"] == "false"
     else:
         models = await (await client.get(path)).json()
-        assert not any(m["id"].startswith("openai:") for m in models["data"])
+        assert models["data"] and not any(m["id"].startswith("openai:model-") for m in models["data"])
     assert len(upstream.requests) == 1          # only the first hop: nothing went to the redirect's target
 
 
@@ -2303,8 +2411,9 @@ async def test_graceful_shutdown_finishes_in_flight_stream(upstream: FakeUpstrea
             rest = await response.read()
         frames = validate_stream((first + rest).decode())
         assert final_message(frames)["content"][0]["text"] == "0 1 2 3 4 5 "
+        code = await asyncio.to_thread(proc.proc.wait, 15)       # it exits by itself once drained
     finally:
-        code = proc.stop()
+        proc.stop()
     assert code == 0
 
 

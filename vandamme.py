@@ -41,6 +41,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import fnmatch
 import gc
 import hashlib
 import hmac
@@ -307,6 +308,7 @@ class Provider:
     reasoning_history: bool = False         # thinking goes back as reasoning_content (DeepSeek)
     gemini: bool = False                    # schema cleaning and thought signatures
     auth_header: str = "auto"               # auto | bearer | x-api-key | api-key
+    max_tokens: tuple[tuple[str, int], ...] = ()    # (model glob, most output tokens), configured
 
     @property
     def azure(self) -> bool:
@@ -366,7 +368,7 @@ _PROVIDER_SETTINGS: Final = MappingProxyType({
     "tool-name-max": ("tool_name_max", int), "tool-id-format": ("tool_id_format", ("any", "mistral")),
     "think-tags": ("think_tags", bool), "reasoning-history": ("reasoning_history", bool),
     "gemini": ("gemini", bool), "auth-header": ("auth_header", ("auto", "bearer", "x-api-key", "api-key")),
-    "keyless": (None, bool), "aliases": (None, dict), "headers": (None, dict),
+    "keyless": (None, bool), "aliases": (None, dict), "headers": (None, dict), "max-tokens": (None, dict),
 })
 
 
@@ -563,7 +565,7 @@ def _provider_tables(layers: TomlLayers, warnings: list[str]) -> tuple[
                 if key == "reasoning-effort" and isinstance(value, bool):     # `= true` reads naturally
                     value = "always" if value else "never"
                 value = _parse_setting(_PROVIDER_SETTINGS[key][1], value, f"{path} [{name}]: {key}")
-                if key in ("aliases", "headers"):
+                if key in ("aliases", "headers", "max-tokens"):
                     previous = merged.get(key, ({}, source))[0]
                     value = {**previous, **{k: (str(v), source) for k, v in value.items()}}
                 merged[key] = (value, source)
@@ -624,10 +626,17 @@ def _parse_provider(name: str, table: Mapping[str, tuple[Any, str]], env: Mappin
             raise ConfigError(f"{origin[header]}: a header name or value with a character HTTP does not allow")
     fields = {attr: setting[key] for key, (attr, _kind) in _PROVIDER_SETTINGS.items()
               if attr and attr not in ("base_url", "keys", "api_format", "api_version") and key in setting}
+    limits = {glob: value for glob, (value, _source) in setting.get("max-tokens", {}).items()}
+    for part in filter(None, (p.strip() for p in variable("MAX_TOKENS").split(","))):
+        glob, _sep, number = part.rpartition("=")          # "glob=N", or a bare N for every model
+        limits[glob.strip() or "*"] = number
+    max_tokens = tuple((glob, _parse_setting(int, number, f"{upper}_MAX_TOKENS / [{name}.max-tokens] {glob!r}"))
+                       for glob, number in limits.items())
     provider = Provider(
         name=name, base_url=base_url.rstrip("/"), api_format=fmt,
         api_version=variable("API_VERSION") or setting.get("api-version") or None,
-        keys=() if passthrough else keys, passthrough=passthrough, headers=tuple(sorted(headers.items())), **fields)
+        keys=() if passthrough else keys, passthrough=passthrough, headers=tuple(sorted(headers.items())),
+        max_tokens=max_tokens, **fields)
     src = env_source.get(f"{upper}_API_KEY") or table.get("api-key", (None, "toml"))[1]
     shown = "!PASSTHRU" if passthrough else (", ".join(mask(k) for k in keys) or "(none)")
     sources.append((f"{name}.keys", shown, src if raw_keys else "-"))
@@ -656,7 +665,8 @@ def provider_summary(config: Config, cooling: Mapping[str, int] | None = None) -
              "capabilities": [name for name, on in (("stream-usage", p.stream_usage), ("think-tags", p.think_tags),
                                                     ("reasoning-history", p.reasoning_history), ("gemini", p.gemini))
                               if on],
-             "cooling_keys": (cooling or {}).get(p.name, 0)} for p in config.providers]
+             "cooling_keys": (cooling or {}).get(p.name, 0), "max_tokens": dict(p.max_tokens)}
+            for p in config.providers]
 
 
 def summary_cells(row: Mapping[str, Any]) -> tuple[str, str, str, str]:
@@ -765,6 +775,31 @@ def resolve_model(config: Config, requested: str) -> Route:
     how = "exact" if best.name == wanted else "substring"
     return Route(requested=requested, targets=tuple(_follow_alias(config, best)),
                  rule=f"alias {best.provider}:{best.name} ({how} match, {best.source})")
+
+
+def route_text(route: Route) -> str:
+    return ", then ".join(f"{t.provider}:{t.model}" for t in route.targets)
+
+
+def listed_routes(config: Config) -> list[tuple[str, Route]]:
+    """Every alias name the listings show, with the route resolve_model gives it.
+
+    /v1/models, /v1/aliases, `config show` and the dashboard all print these, so no listing
+    carries routing logic of its own. An unprefixed name goes wherever ranking sends it; each
+    alias is also listed in its prefixed form (`deepseek:sonnet`), which keeps its own target.
+    """
+    if not config.providers:
+        return []
+    names = sorted({a.name for a in config.aliases}) + [f"{a.provider}:{a.name}" for a in config.aliases]
+    return [(name, resolve_model(config, name)) for name in names]
+
+
+def configured_output_limit(config: Config, provider: Provider, model: str) -> tuple[int | None, str]:
+    """The configured cap on a model's max_tokens, and where it is set."""
+    for glob, limit in provider.max_tokens:
+        if fnmatch.fnmatchcase(model, glob):
+            return limit, f"{provider.name.upper()}_MAX_TOKENS / [{provider.name}.max-tokens] {glob!r}"
+    return config.max_tokens_limit, "MAX_TOKENS_LIMIT" if config.max_tokens_limit is not None else ""
 
 
 # ---------------------------------------------------------------------------
@@ -1352,6 +1387,30 @@ def upstream_error_message(data: Any) -> str | None:
     if isinstance(error, str):
         return error
     return str(data["message"]) if isinstance(data.get("message"), str) else None
+
+
+_STATED_LIMITS: Final = (        # how providers word "max_tokens is above this model's limit" (the limit is group 1)
+    re.compile(r"supports at most (\d+) (?:completion|output) tokens"),                      # OpenAI
+    re.compile(r"valid range of max_(?:completion_)?tokens is \[\d+, *(\d+)\]"),              # DeepSeek
+    re.compile(r"max_(?:completion_|output_)?tokens`?(?: for `[^`]*`)? must be less than or equal to `?(\d+)"),
+    re.compile(r"max_(?:completion_|output_)?tokens.{0,120}?expected a value <= ?(\d+)"),  # Volcengine
+)
+_CONTEXT_LIMITS: Final = (      # limits that depend on the prompt: (context window, prompt tokens)
+    re.compile(r"maximum context length is (\d+) tokens\. However, you requested \d+ tokens \((\d+) in the messages"),
+    re.compile(r"maximum context length is (\d+) tokens and your request has (\d+) input tokens"),   # vLLM
+)
+
+
+def stated_output_limit(message: str) -> tuple[int, bool] | None:
+    """The output limit an upstream's error states, and whether it holds for the model (rather than
+    for this prompt only); None when the error is about something else."""
+    for pattern in _STATED_LIMITS:
+        if found := pattern.search(message):
+            return int(found.group(1)), True
+    for pattern in _CONTEXT_LIMITS:
+        if (found := pattern.search(message)) and int(found.group(1)) > int(found.group(2)):
+            return int(found.group(1)) - int(found.group(2)), False
+    return None
 
 
 def openai_to_anthropic(data: Any, conv: Conversion, client_model: str) -> JSON:
@@ -2592,12 +2651,18 @@ class Runtime:
         self.model_lists: BoundedCache[tuple[str, bytes], tuple[float, list[JSON]]] = BoundedCache(256)
         self.token_counts: BoundedCache[bytes, int] = BoundedCache(1024)
         self.converted_tools: BoundedCache[tuple[str, int, str], Any] = BoundedCache(32)
+        self.learned_limits: BoundedCache[tuple[str, str], int] = BoundedCache(1024)
         self.known_values: dict[str, tuple[str, Any]] = {}     # last tools/system text and value
         self.user_hooks = False
         self.aborts: dict[int, Callable[[], None]] = {}   # in-flight upstream requests, for shutdown
         self.draining = False
         self.idle = asyncio.Event()                       # set whenever the last in-flight request ends
         self.apply(config)
+
+    def output_limit(self, provider: Provider, model: str) -> int | None:
+        """The cap on a model's max_tokens: the configured one, else one learned from the upstream."""
+        configured, _where = configured_output_limit(self.config, provider, model)
+        return configured if configured is not None else self.learned_limits.lookup((provider.name, model))
 
     def route(self, model: str) -> Route:
         """resolve_model, remembered per model name until the configuration changes."""
@@ -3080,21 +3145,23 @@ async def _converted(request: web.Request, rt: Runtime, provider: Provider, mode
                         body=body, stream=rec.streamed, config=config)
     hooks = rt.chain.bound(exchange)
     cached = None if hooks["on_request"] else _tools_for(rt, provider, body, incoming.part("tools"))
-    payload, exchange.conv = anthropic_to_openai(body, provider, model, max_tokens_limit=config.max_tokens_limit,
-                                                 tools=cached[:2] if cached else None)
+    payload, exchange.conv = anthropic_to_openai(body, provider, model, tools=cached[:2] if cached else None,
+                                                 max_tokens_limit=rt.output_limit(provider, model))
     payload = run_hooks(hooks["on_request"], exchange, payload)
-    if cached and cached[2] and payload.get("tools") is cached[0]:
-        del payload["tools"]
-        data = (JSON_ENCODE(payload)[:-1] + cached[2] + "}").encode()
-    else:
-        data = JSON_ENCODE(payload).encode()
+    data = _encode_payload(payload, cached)
     # message_start carries an input estimate (Claude Code shows it); ~4.3 bytes a token
     # for compact JSON, and free, unlike a tokenizer pass on every streamed request.
     conv = exchange.conv
     exchange.input_estimate = (len(data) - conv.attachment_chars) // 4 + conv.images * IMAGE_TOKENS
-    response, raw, key = await open_upstream(rt, provider, provider_url(provider, "chat/completions", model), data,
-                                             request_id=rec.request_id, read_body=not rec.streamed,
-                                             key_override=client_key(request, config.proxy_api_key))
+    send = {"request_id": rec.request_id, "read_body": not rec.streamed,
+            "key_override": client_key(request, config.proxy_api_key)}
+    url = provider_url(provider, "chat/completions", model)
+    try:
+        response, raw, key = await open_upstream(rt, provider, url, data, **send)
+    except UpstreamError as exc:
+        if not _lower_output_limit(rt, provider, model, payload, exc):
+            raise
+        response, raw, key = await open_upstream(rt, provider, url, _encode_payload(payload, cached), **send)
     rec.key = key_fingerprint(key)
     if rec.streamed:
         del body, payload, data, cached
@@ -3104,6 +3171,31 @@ async def _converted(request: web.Request, rt: Runtime, provider: Provider, mode
     message = run_hooks(hooks["on_response"], exchange, message)
     rec.use_usage(message["usage"])
     return _json_response(message)
+
+
+def _encode_payload(payload: JSON, cached: Any) -> bytes:
+    """The payload as bytes; tools converted by an earlier request are spliced in already encoded."""
+    if not (cached and cached[2] and payload.get("tools") is cached[0]):
+        return JSON_ENCODE(payload).encode()
+    tools = payload.pop("tools")
+    data = (JSON_ENCODE(payload)[:-1] + cached[2] + "}").encode()
+    payload["tools"] = tools
+    return data
+
+
+def _lower_output_limit(rt: Runtime, provider: Provider, model: str, payload: JSON, exc: UpstreamError) -> bool:
+    """An upstream refused max_tokens and said its limit: lower the payload's to it (True), and
+    remember a model's limit so that later requests go out capped at once."""
+    name = next((f for f in ("max_tokens", "max_completion_tokens", "max_output_tokens") if f in payload), "")
+    stated = stated_output_limit(str(exc)) if exc.status == 400 and name else None
+    if stated is None or not 0 < stated[0] < payload[name]:
+        return False
+    payload[name], for_model = stated
+    if for_model and rt.learned_limits.lookup((provider.name, model)) != stated[0]:
+        rt.learned_limits.put((provider.name, model), stated[0])
+        logger.warning("%s:%s accepts at most %d output tokens (its error says so); later requests are capped",
+                       provider.name, model, stated[0])
+    return True
 
 
 def _completion_message(exchange: Exchange, hooks: BoundHooks, raw: bytes) -> JSON:
@@ -3334,35 +3426,41 @@ async def handle_count_tokens(request: web.Request) -> web.StreamResponse:
     return _json_response({"input_tokens": count})
 
 
+def _model_entry(model_id: str, display_name: str, created: Any = None) -> JSON:
+    if not isinstance(created, str):
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created if isinstance(created, int) else 0))
+    return {"type": "model", "id": model_id, "display_name": display_name, "created_at": created}
+
+
 async def handle_models(request: web.Request) -> web.StreamResponse:
-    """GET /v1/models: the aliases, then each provider's own models as provider:model."""
+    """GET /v1/models: the alias names, then each provider's own models as provider:model.
+
+    Every id comes with where a request for it goes, as resolve_model decides it.
+    """
     rt = request.app[RUNTIME]
     config = rt.config
-    entries: list[JSON] = []
-    seen: set[str] = set()
-    for alias in config.aliases:
-        if alias.name not in seen:
-            seen.add(alias.name)
-            entries.append({"type": "model", "id": alias.name, "display_name": f"{alias.name} -> "
-                            f"{alias.provider}:{alias.target}", "created_at": "1970-01-01T00:00:00Z"})
+    entries = {name: _model_entry(name, f"{name} -> {route_text(route)}") for name, route in listed_routes(config)}
     key = client_key(request, config.proxy_api_key)
     lists = await asyncio.gather(*(fetch_models(rt, p, key) for p in config.providers))
     for provider, models in zip(config.providers, lists, strict=True):
         for model in models:
-            created = model.get("created") or model.get("created_at")
-            entries.append({"type": "model", "id": f"{provider.name}:{model['id']}",
-                            "display_name": model.get("display_name") or model["id"],
-                            "created_at": created if isinstance(created, str) else time.strftime(
-                                "%Y-%m-%dT%H:%M:%SZ", time.gmtime(created if isinstance(created, int) else 0))})
-    return _json_response({"data": entries, "has_more": False,
-                           "first_id": entries[0]["id"] if entries else None,
-                           "last_id": entries[-1]["id"] if entries else None})
+            name = f"{provider.name}:{model['id']}"
+            route = rt.route(name)
+            shown = model.get("display_name") or model["id"]
+            if route.targets[0] != Target(provider.name, model["id"]):
+                shown = f"{shown} -> {route_text(route)}"
+            entries.setdefault(name, _model_entry(name, shown, model.get("created") or model.get("created_at")))
+    data = list(entries.values())
+    return _json_response({"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
+                           "last_id": data[-1]["id"] if data else None})
 
 
 async def handle_aliases(request: web.Request) -> web.StreamResponse:
     config = request.app[RUNTIME].config
     return _json_response({"default_provider": config.default_provider, "aliases": [
-        {"provider": a.provider, "name": a.name, "target": a.target, "source": a.source} for a in config.aliases]})
+        {"provider": a.provider, "name": a.name, "target": a.target, "source": a.source} for a in config.aliases],
+        "routes": [{"name": name, "targets": [{"provider": t.provider, "model": t.model} for t in route.targets],
+                    "rule": route.rule} for name, route in listed_routes(config)]})
 
 
 def health(rt: Runtime) -> JSON:
@@ -3371,6 +3469,7 @@ def health(rt: Runtime) -> JSON:
             "default_provider": config.default_provider,
             "uptime_s": round(time.time() - rt.metrics.started, 1),
             "providers": provider_summary(config, {name: ring.cooling() for name, ring in rt.keyrings.items()}),
+            "output_limits": {f"{p}:{m}": limit for (p, m), limit in rt.learned_limits.items()},
             **({"hint": "no provider configured: set OPENAI_API_KEY or another {PROVIDER}_API_KEY"}
                if not config.providers else {})}
 
@@ -3650,7 +3749,8 @@ function renderTotals(j,text){var t=st(j.totals),b=buckets(j.series),last=b.slic
   $('sub-requests').textContent=last.length?frate(rate(function(x){return x.requests}))+' req/s (1m)':'no traffic yet';
   $('sub-errors').textContent=t.requests?(100*(t.errors||0)/t.requests).toFixed(1)+'% error rate':'no requests';
   $('sub-in_flight').textContent=Object.keys(j.providers||{}).length+' provider(s)';
-  $('sub-input_tokens').textContent=t.requests?fint((t.input_tokens||0)/t.requests)+' / request':String.fromCharCode(160);
+  $('sub-input_tokens').textContent=t.requests?fint((t.input_tokens||0)/t.requests)+' / request':
+    String.fromCharCode(160);
   $('sub-output_tokens').textContent=last.length?frate(rate(function(x){return x.output_tokens}
     ))+' tok/s (1m)':String.fromCharCode(160);
   $('sub-latency').textContent='end to end';$('sub-ttft').textContent='time to first token';
@@ -4051,8 +4151,12 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         except VandammeError as exc:
             print(f"vandamme: error: {exc}", file=sys.stderr)
             return 1
-        targets = ", then ".join(f"{t.provider}:{t.model}" for t in route.targets)
-        print(f"{args.model} -> {targets}\n  rule: {route.rule}")
+        print(f"{args.model} -> {route_text(route)}\n  rule: {route.rule}")
+        first = route.targets[0]
+        provider = config.provider(first.provider)
+        limit, where = configured_output_limit(config, provider, first.model) if provider else (None, "")
+        if limit is not None:
+            print(f"  max output tokens: {limit} ({where})")
         return 0
     if command in ("check", "models"):
         return asyncio.run(cli_probe(config, command, args))
@@ -4072,8 +4176,8 @@ def config_show(config: Config) -> int:
     print(format_table(("provider", "format", "base URL", "keys", "capabilities"), (
         (*summary_cells(row), " ".join(row["capabilities"])) for row in provider_summary(config))))
     print()
-    print(format_table(("alias", "target", "source"), (
-        (f"{a.provider}:{a.name}", a.target, a.source) for a in config.aliases)))
+    print(format_table(("model name", "routes to"), ((name, route_text(route)) for name, route in
+                                                     listed_routes(config))))
     for warning in config.warnings:
         print(_style(f"warning: {warning}", "33"))
     return 0
@@ -4206,7 +4310,8 @@ async def cli_probe(config: Config, command: str, args: argparse.Namespace) -> i
                         extra = {"anthropic-version": ANTHROPIC_VERSION}
                     else:
                         payload, _ = anthropic_to_openai(body, provider, model)
-                        data, url, extra = json.dumps(payload).encode(), provider_url(provider, "chat/completions", model), {}
+                        url, extra = provider_url(provider, "chat/completions", model), {}
+                        data = json.dumps(payload).encode()
                     await open_upstream(rt, provider, url, data, request_id="check", read_body=True,
                                         extra_headers=extra)
                     live = f"ok ({model})"
