@@ -2779,6 +2779,22 @@ async def test_dashboard_in_real_chromium(proxy: Any, upstream: FakeUpstream, tm
     row = re.search(r'<tr[^>]*data-provider="openai"[^>]*>(.*?)</tr>', dom, re.S)
     assert row and re.search(rf'data-field="requests"[^>]*data-value="{totals["providers"]["openai"]["requests"]}"',
                              row.group(1))
+    routes = (await (await client.get("/v1/aliases")).json())["routes"]
+    shown = re.findall(r'<tr data-route="([^"]+)"><td class="mono">[^<]*</td><td class="mono">([^<]*)</td>', dom)
+    assert shown == [(r["name"], ", then ".join(f"{t['provider']}:{t['model']}" for t in r["targets"]))
+                     for r in routes]
+    await client.post("/v1/v1/messages", json=BASIC)                       # a rejected request shows too
+    upstream.add(Reply({"error": {"message": "quota exceeded for this org"}}, status=403))
+    await client.post("/v1/messages", json=BASIC)
+    dom = await run_chromium(tmp_path / "p3", "--dump-dom", url)
+    assert "/v1/v1/messages" in dom and "quota exceeded for this org" in dom
+
+
+async def test_dashboard_says_which_variable_to_set(aiohttp_client: Any, tmp_path: Path) -> None:
+    client = await aiohttp_client(vd.create_app(make_config({}, tmp_path)))
+    dom = await run_chromium(tmp_path / "p", "--dump-dom", str(client.make_url("/")))
+    hint = re.search(r'<div class="card bad" id="hint">([^<]*)</div>', dom)
+    assert hint and "OPENAI_API_KEY" in hint.group(1)
 
 
 # ---------------------------------------------------------------------------

@@ -3586,6 +3586,7 @@ tr.sub td{font-size:12px;color:var(--mut);border-bottom-style:dashed}tr.sub td:f
     </span>connecting</span></div>
 </header>
 <main>
+  <div class="card bad" id="hint" hidden></div>
   <section class="tiles" id="tiles"></section>
   <section class="row3">
     <div class="card"><div class="ch"><h2>Requests / s</h2><span class="leg">last 10 min</span></div>
@@ -3600,6 +3601,9 @@ tr.sub td{font-size:12px;color:var(--mut);border-bottom-style:dashed}tr.sub td:f
     <thead><tr><th>Provider</th><th>Format</th><th>Base URL</th><th class="n">Keys</th><th class="n">Requests</th>
       <th class="n">Errors</th><th class="n">In flight</th><th class="n">Tokens in</th><th class="n">Tokens out</th>
       <th class="n">p50 / p95</th><th>Last error</th></tr></thead><tbody></tbody></table></div></section>
+  <section class="card"><div class="ch"><h2>Routing</h2><span class="leg">where each listed name goes, as the router
+    decides it</span></div><div class="tw"><table id="routes"><thead><tr><th>Model name</th><th>Routes to</th>
+    <th>Rule</th></tr></thead><tbody></tbody></table></div></section>
   <section class="card"><div class="ch"><h2>Recent requests</h2><span class="leg" id="recent-count"></span></div>
     <div class="tw"><table id="recent">
     <thead><tr><th>Time</th><th>Request ID</th><th>Route</th><th>Status</th><th>Stream</th><th class="n">Latency</th>
@@ -3680,7 +3684,12 @@ function renderHealth(h){health=h;setv('version',h.version,'v'+(h.version||'?'))
   var s=$('status');s.setAttribute('data-value',raw(h.status));s.textContent=h.status||'unknown';
     s.className='pill '+(h.status==='ok'?'ok':h.status==='degraded'?'warn':'bad');
   setv('default-provider',h.default_provider,h.default_provider||D);if(isN(h.uptime_s))setv('uptime',h.uptime_s,
-    fdur(h.uptime_s))}
+    fdur(h.uptime_s));$('hint').hidden=!h.hint;$('hint').textContent=h.hint||''}
+function renderRoutes(a){var rows=(a.routes||[]).map(function(r){return el('tr',{'data-route':r.name},[
+    el('td',{cls:'mono',text:r.name}),el('td',{cls:'mono',text:r.targets.map(function(t){return t.provider+':'+
+    t.model}).join(', then ')}),el('td',{cls:'mut',text:r.rule})])});
+  if(!rows.length)rows.push(el('tr',{},[el('td',{colspan:3,cls:'empty',text:'No aliases'})]));
+  var tb=$('routes').tBodies[0];tb.replaceChildren.apply(tb,rows)}
 function provRow(name,hp,ps,isDef){
   var keys=hp?(hp.passthrough?'passthrough':hp.keys):null,le=ps.last_error,lat=ps.latency_ms||{};
   var nameC=el('td',{'data-field':'name','data-value':name},[el('b',{text:name}),isDef?el('span',{cls:'tag',
@@ -3727,12 +3736,14 @@ function renderRecent(rs){var rows=(rs||[]).map(function(r){
   var c=r.status>=500||r.status===0?'bad':r.status>=400?'warn':'ok';
   var sc=el('td',{'data-field':'status','data-value':raw(r.status)},[el('span',{cls:'pill '+c,
     text:String(r.status==null?D:r.status)}),r.error_type?el('span',{cls:'mut',style:'margin-left:6px',
-    text:r.error_type}):null]);
+    text:r.error_type}):null]);if(r.error_message){sc.title=r.error_message;sc.append(el('div',{cls:'le',
+    'data-field':'error_message',text:r.error_message}))}
   return el('tr',{'data-request-id':r.request_id},[el('td',{cls:'mut','data-field':'time','data-value':raw(r.time),
     text:isN(r.time)?ftime(r.time,1):D}),el('td',{cls:'mono',title:r.request_id||'',
     text:String(r.request_id||D).slice(0,14)}),
-    el('td',{},[el('span',{text:r.client_model||D}),el('span',{cls:'mut',text:AR}),el('span',{cls:'mono',
-      text:(r.provider||'?')+':'+(r.model||'?')})]),sc,
+    el('td',{},r.path?[el('span',{cls:'mono',text:r.path})]:[el('span',{text:r.client_model||D}),
+      el('span',{cls:'mut',text:AR}),el('span',{cls:'mono',text:(r.provider||'?')+':'+(r.model||'?')}),
+      r.fallbacks?el('span',{cls:'tag',title:'served by fallback target '+r.fallbacks,text:'fallback'}):null]),sc,
     td('streamed',r.streamed,r.streamed?'stream':'-','mut'),td('latency_ms',r.latency_ms,fms(r.latency_ms),'n'),
       td('ttft_ms',r.ttft_ms,fms(r.ttft_ms),'n'),td('input_tokens',r.input_tokens,undefined,'n'),td('output_tokens',
       r.output_tokens,undefined,'n')])});
@@ -3770,8 +3781,8 @@ function showAuth(){var a=$('auth');
   $('autherr').textContent=sessionStorage.getItem(KEY)?'That key was rejected (401). Try again.':'';if(a.hidden){
   a.hidden=false;$('authkey').focus()}}
 function tick(){if(busy)return;busy=true;clearTimeout(timer);
-  Promise.allSettled([get('/health'),get('/metrics/running-totals')]).then(function(r){var h=r[0],t=r[1],auth=false,
-    err=null;
+  Promise.allSettled([get('/health'),get('/metrics/running-totals'),get('/v1/aliases')]).then(function(r){
+    var h=r[0],t=r[1],auth=false,err=null;if(r[2].status==='fulfilled')renderRoutes(r[2].value.json);
     try{if(h.status==='fulfilled')renderHealth(h.value.json);else if(h.reason.auth)auth=true;else err=h.reason.message;
       if(t.status==='fulfilled')renderTotals(t.value.json,t.value.text);else if(t.reason.auth)auth=true;
         else err=err||t.reason.message;}catch(e){err=String(e)}

@@ -60,6 +60,7 @@ from common import (  # noqa: E402
 from upstream import expected, plan  # noqa: E402
 
 MAIN = os.environ.get("VANDAMME_DIR", os.path.dirname(HERE))
+SECRET = "sk-soak-secret-0123456789abcdef"      # the "echo" fault sends it back; no client may ever see it
 
 
 class Soak:
@@ -142,6 +143,8 @@ class Soak:
         return None if headers.get("connection", "").lower() == "close" else (r, w)
 
     def check(self, rid, streaming, status, headers, data):
+        if SECRET.encode() in data:
+            self.bad("violation", rid, streaming, "the provider key reached the client", data)
         ctype = headers.get("content-type", "")
         p = plan(rid, self.a.faults, streaming)
         want = expected(p)
@@ -233,8 +236,8 @@ async def main(a, log_dir):
     upstream = Proc("soak-upstream", [sys.executable, os.path.join(HERE, "upstream.py"), "--port", str(up_port),
                                       "--faults", str(a.faults), "--max-seconds", str(a.max_seconds + 120)],
                     None, None, log_dir)
-    env = {"OPENAI_API_KEY": "x", "OPENAI_BASE_URL": f"http://127.0.0.1:{up_port}/v1", "LOG_LEVEL": "WARNING",
-           "MAX_RETRIES": "1", "REQUEST_TIMEOUT": "5"}
+    env = {"OPENAI_API_KEY": SECRET, "OPENAI_BASE_URL": f"http://127.0.0.1:{up_port}/v1", "LOG_LEVEL": "WARNING",
+           "MAX_RETRIES": "1", "REQUEST_TIMEOUT": "5", "MAX_RESPONSE_BYTES": str(1 << 20)}
     sub = {"python": sys.executable, "port": port, "upstream_url": env["OPENAI_BASE_URL"],
            "upstream_base": f"http://127.0.0.1:{up_port}", "workdir": log_dir}
     for kv in a.proxy_env:

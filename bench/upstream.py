@@ -33,9 +33,13 @@ USAGE_RE = re.compile(rb'"include_usage"\s*:\s*true')
 RID_RE = re.compile(rb"BENCHRID-(\d+)-")
 USAGE = {"prompt_tokens": 12000, "completion_tokens": 60, "total_tokens": 12060}
 
+# Hostile upstreams too: "echo" repeats the request's Authorization header in a 401 (as OpenAI does with
+# a wrong key), "redirect" answers 302 to another host, "oversized" sends a body or an SSE line of 2 MiB
+# (soak.py runs the proxy with MAX_RESPONSE_BYTES=1 MiB).
 FAULTS_STREAM = ["reset", "status", "slow", "slow_timeout", "cut", "garbage", "badjson", "comment", "inband",
-                 "paced"]
-FAULTS_JSON = ["reset", "status", "slow", "slow_timeout", "badjson", "truncated"]
+                 "paced", "echo", "redirect", "oversized"]
+FAULTS_JSON = ["reset", "status", "slow", "slow_timeout", "badjson", "truncated", "echo", "redirect", "oversized"]
+OVERSIZED = 2 << 20
 
 
 def plan(rid, fault_rate, streaming):
@@ -157,6 +161,7 @@ class Upstream:
                 self.stats["requests"] += 1
                 self.stats["active"] += 1
                 try:
+                    self.auth = headers.get("authorization", "")
                     keep = await self.route(method, path.split("?")[0], body, writer)
                 finally:
                     self.stats["active"] -= 1
@@ -238,6 +243,15 @@ class Upstream:
             writer.write(response_head(p["status"], "application/json", len(body), extra) + body)
             await writer.drain()
             return True
+        if f in ("echo", "redirect"):
+            message = f"Incorrect API key provided: {self.auth}" if f == "echo" else "moved"
+            body = json.dumps({"error": {"message": message, "type": "invalid_request_error"}}).encode()
+            extra = ("Location: http://elsewhere.invalid/v1/chat/completions",) if f == "redirect" else ()
+            writer.write(response_head(401 if f == "echo" else 302, "application/json", len(body), extra) + body)
+            await writer.drain()
+            return True
+        if f == "oversized" and not streaming:
+            return await self.send_json(writer, 200, b'{"choices": [' + b" " * OVERSIZED + b"]}")
         if f in ("slow", "slow_timeout"):
             await asyncio.sleep(0.8 if f == "slow" else 8.0)
         if not streaming:
@@ -257,6 +271,8 @@ class Upstream:
             frames[2:2] = [b'data: {"id":"chatcmpl-bench","choices":[{"index":0,"delta":{"content":"lost\n\n']
         elif f == "comment":
             frames = [b": OPENROUTER PROCESSING\n\n", *frames[:2], b": keep-alive\n\n", *frames[2:]]
+        elif f == "oversized":
+            frames = [*frames[:2], b'data: {"choices":[{"delta":{"content":"' + b"x" * OVERSIZED + b'"}}]}\n\n']
         elif f == "inband":
             frames = [*frames[:2], b'data: {"error":{"message":"injected in-band error","type":"server_error"}}\n\n']
         cut = min(p["cut_at"], len(frames) - 3) if f == "cut" else None
