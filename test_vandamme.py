@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import collections
+import contextlib
 import json
 import os
 import re
@@ -1986,6 +1987,115 @@ async def test_sighup_reloads_and_refuses_a_bad_file(upstream: FakeUpstream, tmp
     finally:
         proc.stop()
     assert "configuration refused" in proc.log()
+
+
+# `--workers N`: one gateway, supervised
+
+def _requests_counted(text: str) -> int:
+    parser = pytest.importorskip("prometheus_client.parser")
+    return sum(int(s.value) for f in parser.text_string_to_metric_families(text) if f.name == "vandamme_requests"
+               for s in f.samples if s.name == "vandamme_requests_total")
+
+
+async def _until(condition: Any, what: str, timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(aiohttp.ClientError, OSError, ValueError):
+            if result := await condition():
+                return result
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def _scrapes_agree(url: str, expected: int, seen: list[int]) -> None:
+    """12 scrapes of each view on fresh connections (so on any worker): all count `expected`, none goes back."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+        for _ in range(12):
+            async with session.get(f"{url}/metrics") as response:
+                seen.append(_requests_counted(await response.text()))
+            async with session.get(f"{url}/metrics/running-totals") as response:
+                totals = await response.json()
+                seen.append(totals["totals"]["requests"])
+                assert totals["providers"]["openai"]["models"]["gpt-5.1"]["requests"] == expected
+            assert seen[-2:] == [expected, expected], seen
+    assert seen == sorted(seen)
+
+
+async def test_workers_act_as_one_gateway_and_are_supervised(upstream: FakeUpstream, tmp_path: Path) -> None:
+    run_root = tmp_path / "run"
+    run_root.mkdir()
+    proc = ProxyProcess(HERE / "vandamme.py", {"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": f"{upstream.url}/v1",
+                                               "VDM_RUN_DIR": str(run_root), "HOME": "/proc", "SHUTDOWN_GRACE": "10"},
+                        tmp_path, ("--workers", "2"))
+    try:
+        await proc.wait_ready()
+        (run_dir,) = run_root.iterdir()
+        assert run_dir.stat().st_mode & 0o777 == 0o700
+        workers = lambda: {int(p.stem) for p in run_dir.glob("*.sock")}  # noqa: E731
+        first = await _until(lambda: asyncio.sleep(0, len(workers()) == 2 and workers()), "two workers")
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+            for _ in range(20):
+                async with session.post(f"{proc.url}/v1/messages", json=BASIC) as response:
+                    assert response.status == 200
+            seen: list[int] = []
+            await _scrapes_agree(proc.url, 20, seen)
+            served = [json.loads((run_dir / f"{pid}.json").read_text())["metrics"]["totals"][0][0] for pid in first]
+            assert sorted(served) != [0, 20] and sum(served) == 20     # both worked: the sum is a real merge
+            victim = min(first)
+            os.kill(victim, signal.SIGKILL)
+            await _until(lambda: asyncio.sleep(0, len(workers() - {victim}) == 2), "a replacement worker")
+            for _ in range(10):
+                async with session.post(f"{proc.url}/v1/messages", json=BASIC) as response:
+                    assert response.status == 200
+            await _scrapes_agree(proc.url, 30, seen)
+            async with session.get(f"{proc.url}/health") as response:
+                assert (await response.json())["workers"] == 2
+            upstream.add(Reply(stream=[sse(delta(content=f"{i} "), done=False) for i in range(4)] + [sse(finish())],
+                               chunk_delay=0.3))
+            async with session.post(f"{proc.url}/v1/messages", json={**BASIC, "stream": True}) as response:
+                first_line = await response.content.readline()
+                proc.proc.send_signal(signal.SIGTERM)
+                frames = validate_stream((first_line + await response.read()).decode())
+        assert final_message(frames)["content"][0]["text"] == "0 1 2 3 "
+        assert proc.proc.wait(15) == 0
+    finally:
+        proc.stop()
+    log = proc.log()
+    assert re.search(rf"worker \d \(pid {victim}\) was killed by signal 9; restarting it in 0\.5s", log), log
+    assert "Traceback" not in log and list(run_root.iterdir()) == []
+
+
+async def test_orphaned_workers_leave_and_free_the_port(upstream: FakeUpstream, tmp_path: Path) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    proc = ProxyProcess(HERE / "vandamme.py", {"OPENAI_API_KEY": "k", "TMPDIR": str(temp)}, tmp_path,
+                        ("--workers", "2"))
+    try:
+        await proc.wait_ready()
+        (run_dir,) = temp.glob("vandamme-*")
+        pids = await _until(lambda: asyncio.sleep(0, len(list(run_dir.glob("*.sock"))) == 2
+                                                  and [int(p.stem) for p in run_dir.glob("*.sock")]), "two workers")
+        proc.proc.kill()
+        proc.proc.wait(5)
+        await _until(lambda: asyncio.sleep(0, not any(Path(f"/proc/{pid}").exists() for pid in pids)), "workers gone")
+        with socket.create_server(("127.0.0.1", proc.port)):
+            pass                                              # the port is free again
+        assert not run_dir.exists()
+    finally:
+        proc.stop()
+        for pid in pids if "pids" in locals() else ():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_workers_on_a_busy_port_say_so_in_one_line(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        run = subprocess.run([sys.executable, str(HERE / "vandamme.py"), "--host", "127.0.0.1", "--port", str(port),
+                              "--workers", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=30,
+                             env={"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "OPENAI_API_KEY": "k"})
+    assert run.returncode == 1 and run.stdout == ""
+    assert run.stderr == f"vandamme: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
 
 
 # ---------------------------------------------------------------------------

@@ -56,6 +56,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 import tomllib
 import urllib.parse
@@ -2236,6 +2237,9 @@ LATENCY_BUCKETS_MS: Final = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 100
 SERIES_SECONDS: Final = 10
 SERIES_LENGTH: Final = 60
 RECENT_LENGTH: Final = 50
+MODELS_PER_PROVIDER: Final = 200     # per-model series; later models count as model "other"
+_STATS_COUNTS: Final = ("requests", "in_flight", "errors", "input_tokens", "output_tokens", "cache_read_tokens",
+                        "cache_creation_tokens")
 
 
 class Histogram:
@@ -2279,6 +2283,24 @@ class Stats:
         self.statuses: collections.Counter[int] = collections.Counter()
         self.latency, self.ttft = Histogram(), Histogram()
         self.last_error: JSON | None = None
+
+    def state(self) -> list[Any]:
+        """Everything, as JSON a sibling worker can add to its own (see Metrics.absorb)."""
+        return [[getattr(self, name) for name in _STATS_COUNTS], self.errors_by_type, list(self.statuses.items()),
+                [self.latency.counts, self.latency.sum], [self.ttft.counts, self.ttft.sum], self.last_error]
+
+    def absorb(self, state: list[Any], live: bool) -> None:
+        counts, errors, statuses, latency, ttft, last_error = state
+        for name, n in zip(_STATS_COUNTS, counts, strict=True):
+            if live or name != "in_flight":        # a dead worker's in-flight requests are gone
+                setattr(self, name, getattr(self, name) + n)
+        self.errors_by_type.update(errors)
+        self.statuses.update(dict(statuses))
+        for hist, (buckets, total) in ((self.latency, latency), (self.ttft, ttft)):
+            hist.counts = [a + b for a, b in zip(hist.counts, buckets, strict=True)]
+            hist.count, hist.sum = hist.count + sum(buckets), hist.sum + total
+        if last_error and (self.last_error is None or last_error["time"] > self.last_error["time"]):
+            self.last_error = last_error
 
     def as_json(self) -> JSON:
         return {"requests": self.requests, "in_flight": self.in_flight, "errors": self.errors,
@@ -2342,14 +2364,40 @@ class Metrics:
         self.models: dict[tuple[str, str], Stats] = {}
         self.recent: collections.deque[JSON] = collections.deque(maxlen=RECENT_LENGTH)
         self.series: collections.OrderedDict[int, list[int]] = collections.OrderedDict()
+        self.model_count: collections.Counter[str] = collections.Counter()
+
+    def state(self) -> JSON:
+        return {"started": self.started, "totals": self.totals.state(),
+                "providers": {name: stats.state() for name, stats in self.providers.items()},
+                "models": [[p, m, stats.state()] for (p, m), stats in self.models.items()],
+                "recent": list(self.recent), "series": list(self.series.items())}
+
+    def absorb(self, state: JSON, live: bool = True) -> None:
+        """Add another worker's `state()`: counters and histograms add up, series add up per
+        time slot, recent requests interleave by time. A dead worker's counts stay; its in-flight do not."""
+        self.started = min(self.started, state["started"])
+        self.totals.absorb(state["totals"], live)
+        for name, stats in state["providers"].items():
+            self.providers.setdefault(name, Stats()).absorb(stats, live)
+        for p, m, stats in state["models"]:
+            self.models.setdefault((p, m), Stats()).absorb(stats, live)
+        recent = sorted([*self.recent, *state["recent"]], key=lambda r: r["time"], reverse=True)
+        self.recent = collections.deque(recent[:RECENT_LENGTH], maxlen=RECENT_LENGTH)
+        for t, slot in state["series"]:
+            mine = self.series.setdefault(t, [0, 0, 0, 0])
+            mine[:] = [a + b for a, b in zip(mine, slot, strict=True)]
+        self.series = collections.OrderedDict(sorted(self.series.items())[-SERIES_LENGTH:])
 
     def _targets(self, provider: str, model: str) -> tuple[Stats, ...]:
         if provider == "-":
             return (self.totals,)
         by_model = self.models.get((provider, model))
-        if by_model is None:
-            by_model = self.models[(provider, model)] = Stats()
-            self.providers.setdefault(provider, Stats())
+        if by_model is None:         # a new model: clients choose names, so the series are bounded
+            key = (provider, model if self.model_count[provider] < MODELS_PER_PROVIDER else "other")
+            if key not in self.models:
+                self.model_count[provider] += 1
+                self.providers.setdefault(provider, Stats())
+            by_model = self.models.setdefault(key, Stats())
         return self.totals, self.providers[provider], by_model
 
     def begin(self, provider: str, model: str) -> None:
@@ -2419,7 +2467,9 @@ class Metrics:
             lines.append(f"# TYPE {name} {kind}")
 
         def labels(**values: Any) -> str:
-            escaped = (str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for v in values.values())
+            # Model names come from clients: whatever they hold, the exposition stays valid UTF-8.
+            escaped = (str(v).encode("utf-8", "backslashreplace").decode().replace("\\", "\\\\").replace('"', '\\"')
+                       .replace("\n", "\\n") for v in values.values())
             return "{" + ",".join(f'{k}="{v}"' for k, v in zip(values, escaped, strict=True)) + "}"
 
         family("vandamme_uptime_seconds", "gauge", "Seconds since this process started.")
@@ -3244,27 +3294,36 @@ async def handle_aliases(request: web.Request) -> web.StreamResponse:
         {"provider": a.provider, "name": a.name, "target": a.target, "source": a.source} for a in config.aliases]})
 
 
-def health(rt: Runtime) -> JSON:
-    config = rt.config
+async def instance_view(app: web.Application) -> tuple[Metrics, dict[str, int], int]:
+    """The whole instance's metrics, key cool-downs (the most any worker has) and live worker count."""
+    rt, worker = app[RUNTIME], app.get(WORKER)
+    if worker is None:           # one process: its own numbers, no extra work
+        return rt.metrics, {name: ring.cooling() for name, ring in rt.keyrings.items()}, 1
+    return await worker.gather()
+
+
+async def health(app: web.Application) -> JSON:
+    config = app[RUNTIME].config
+    metrics, cooling, workers = await instance_view(app)
     return {"status": "ok" if config.providers else "no_providers", "version": __version__,
-            "default_provider": config.default_provider,
-            "uptime_s": round(time.time() - rt.metrics.started, 1),
-            "providers": provider_summary(config, {name: ring.cooling() for name, ring in rt.keyrings.items()}),
+            "default_provider": config.default_provider, "workers": workers,
+            "uptime_s": round(metrics.clock() - metrics.started, 1),
+            "providers": provider_summary(config, cooling),
             **({"hint": "no provider configured: set OPENAI_API_KEY or another {PROVIDER}_API_KEY"}
                if not config.providers else {})}
 
 
 async def handle_health(request: web.Request) -> web.StreamResponse:
-    return _json_response(health(request.app[RUNTIME]))
+    return _json_response(await health(request.app))
 
 
 async def handle_running_totals(request: web.Request) -> web.StreamResponse:
-    metrics = request.app[RUNTIME].metrics
+    metrics = (await instance_view(request.app))[0]
     return _json_response(metrics.snapshot(request.query.get("provider"), request.query.get("model")))
 
 
 async def handle_prometheus(request: web.Request) -> web.StreamResponse:
-    return web.Response(text=request.app[RUNTIME].metrics.prometheus(),
+    return web.Response(text=(await instance_view(request.app))[0].prometheus(),
                         content_type="text/plain", charset="utf-8", headers={"X-Content-Version": "0.0.4"})
 
 
@@ -3627,10 +3686,91 @@ def startup_banner(config: Config, port: int) -> str:
     return "\n".join(lines)
 
 
+class Worker:
+    """One of `--workers N`: its share of the instance's numbers, and its tie to the supervising parent.
+
+    The worker answers its live state on RUN_DIR/PID.sock to whichever sibling serves a scrape, and keeps
+    RUN_DIR/PID.json no older than anything it has handed out (rewritten then, and each second). So a worker
+    that dies keeps its counts, and a merged counter never goes down, whichever worker answers.
+    """
+
+    def __init__(self, rt: Runtime, run_dir: Path, parent: int) -> None:
+        self.rt, self.run_dir, self.parent, self.pid = rt, run_dir, parent, os.getpid()
+        self.published = -1
+
+    def publish(self) -> str:
+        rt = self.rt
+        data = json.dumps({"metrics": rt.metrics.state(),
+                           "cooling": {name: ring.cooling() for name, ring in rt.keyrings.items()}})
+        temporary = self.run_dir / f"{self.pid}.tmp"
+        with contextlib.suppress(OSError):         # a full disk must not break /metrics
+            temporary.write_text(data, encoding="utf-8")
+            temporary.replace(self.run_dir / f"{self.pid}.json")
+            self.published = rt.metrics.totals.requests
+        return data
+
+    async def answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            writer.write(self.publish().encode())
+            await writer.drain()
+        writer.close()
+
+    async def fetch(self, pid: str) -> tuple[JSON | None, bool]:
+        """A sibling's live state; its file (without in-flight requests) when it does not answer."""
+        with contextlib.suppress(OSError, TimeoutError, ValueError):
+            async with asyncio.timeout(2):
+                reader, writer = await asyncio.open_unix_connection(self.run_dir / f"{pid}.sock")
+                data = await reader.read()
+            writer.close()
+            return json.loads(data), True
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads((self.run_dir / f"{pid}.json").read_bytes()), False
+        return None, False
+
+    async def gather(self) -> tuple[Metrics, dict[str, int], int]:
+        pids = {path.stem for path in self.run_dir.iterdir() if path.suffix in (".json", ".sock")}
+        pids.discard(str(self.pid))
+        merged, cooling, live = Metrics(clock=self.rt.metrics.clock), collections.Counter[str](), 0
+        for state, alive in [(json.loads(self.publish()), True), *await asyncio.gather(*map(self.fetch, pids))]:
+            if state is not None:
+                merged.absorb(state["metrics"], alive)
+                live += alive
+                for name, n in state["cooling"].items() if alive else ():
+                    cooling[name] = max(cooling[name], n)
+        return merged, dict(cooling), live
+
+    async def run(self, app: web.Application) -> Any:
+        """cleanup_ctx: answer siblings; each second save the state and check that the parent is alive."""
+        server = await asyncio.start_unix_server(self.answer, self.run_dir / f"{self.pid}.sock")
+        ticker = asyncio.create_task(self.tick())
+        yield
+        ticker.cancel()
+        server.close()
+        self.publish()
+        (self.run_dir / f"{self.pid}.sock").unlink(missing_ok=True)
+        if os.getppid() != self.parent:          # orphaned: nobody else will tidy up
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    async def tick(self) -> None:
+        while os.getppid() == self.parent:
+            await asyncio.sleep(1)
+            if self.published != self.rt.metrics.totals.requests:
+                self.publish()
+        logger.warning("worker %d: the supervising process is gone; shutting down", self.pid)
+        os.kill(self.pid, signal.SIGTERM)
+
+
+WORKER: Final = web.AppKey("vandamme.worker", Worker)
+
+
 async def serve(config: Config, reload: Callable[[], Config] | None = None, *, reuse_port: bool = False,
-                announce: bool = True) -> None:
-    """Run until SIGTERM/SIGINT; then drain gracefully. SIGHUP reloads the configuration."""
+                announce: bool = True, worker: tuple[Path, int] | None = None) -> None:
+    """Run until SIGTERM/SIGINT; then drain gracefully. SIGHUP reloads the configuration.
+    `worker`: (run directory, parent pid) for one of `--workers N`."""
     app = create_app(config)
+    if worker:
+        app[WORKER] = Worker(app[RUNTIME], *worker)
+        app.cleanup_ctx.append(app[WORKER].run)
     # Startup objects never die: keep them out of every future full collection. (Raising
     # the GC thresholds saved little CPU and let the soak test's memory grow by a third.)
     gc.freeze()
@@ -3666,8 +3806,26 @@ async def serve(config: Config, reload: Callable[[], Config] | None = None, *, r
         await runner.cleanup()
 
 
+def _fork_worker(config: Config, reload: Callable[[], Config], run_dir: Path, announce: bool) -> int:
+    parent = os.getpid()
+    pid = os.fork()
+    if pid:
+        return pid
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # pragma: no cover - child process
+        signal.signal(sig, signal.SIG_DFL)     # until serve() installs its own: never the parent's
+    code = 0
+    try:
+        asyncio.run(serve(config, reload, reuse_port=True, announce=announce, worker=(run_dir, parent)))
+    except BaseException as exc:
+        logger.error("worker %d stopped: %s", os.getpid(), exc)
+        code = 1
+    os._exit(code)
+
+
 def run_server(config: Config, reload: Callable[[], Config], workers: int) -> int:
-    """Serve in this process, or fork `workers` processes sharing the port (SO_REUSEPORT)."""
+    """Serve in this process, or supervise `workers` processes sharing the port (SO_REUSEPORT): a worker that
+    dies is restarted (backoff 0.5 s doubling to 30 s while it keeps dying young); SIGTERM/SIGINT/SIGHUP are
+    forwarded; after SIGTERM/SIGINT, wait for the workers to drain, then exit 0."""
     with contextlib.suppress(ImportError):
         import uvloop  # optional, faster event loop
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
@@ -3675,25 +3833,46 @@ def run_server(config: Config, reload: Callable[[], Config], workers: int) -> in
     if workers <= 1:
         asyncio.run(serve(config, reload))
         return 0
-    children = []
-    for n in range(workers):
-        pid = os.fork()
-        if pid == 0:                                   # pragma: no cover - child process
-            code = 0
-            try:
-                asyncio.run(serve(config, reload, reuse_port=True, announce=n == 0))
-            except BaseException:
-                code = 1
-            os._exit(code)
-        children.append(pid)
-    forward = lambda sig, _frame: [os.kill(pid, sig) for pid in children]  # noqa: E731
+    try:    # workers bind with SO_REUSEPORT, which could share a port another process holds the same way
+        with socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((config.host, config.port))
+    except OSError as exc:
+        print(f"vandamme: error: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    run_dir = Path(tempfile.mkdtemp(prefix="vandamme-", dir=os.environ.get("VDM_RUN_DIR") or None))
+    signals: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward)
-    status = 0
-    for pid in children:
-        _, code = os.waitpid(pid, 0)
-        status |= os.waitstatus_to_exitcode(code) != 0
-    return int(status)
+        signal.signal(sig, lambda sig, _frame: signals.append(sig))
+    running: dict[int, tuple[int, float]] = {}            # pid -> (worker number, start time)
+    due, delays, stopping = dict.fromkeys(range(workers), 0.0), [0.0] * workers, False
+    try:
+        while running or (due and not stopping):
+            while signals:                 # forwarded here, not in the handler: no fork can miss one
+                received = signals.pop(0)
+                stopping = stopping or received != signal.SIGHUP
+                for pid in running:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, received)
+            for n, when in list(due.items()):
+                if not stopping and when <= time.monotonic():
+                    del due[n]
+                    running[_fork_worker(config, reload, run_dir, delays[n] == 0)] = (n, time.monotonic())
+            pid, status = os.waitpid(-1, os.WNOHANG) if running else (0, 0)
+            if not pid:
+                time.sleep(0.05)
+                continue
+            n, started = running.pop(pid)
+            if stopping:
+                continue
+            delays[n] = 0.5 if time.monotonic() - started > 30 else min(30.0, max(0.5, delays[n] * 2))
+            due[n] = time.monotonic() + delays[n]
+            code = os.waitstatus_to_exitcode(status)
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+            logger.warning("worker %d (pid %d) %s; restarting it in %.1fs", n, pid, how, delays[n])
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return 0
 
 # ---------------------------------------------------------------------------
 # §16  Command line
