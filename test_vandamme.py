@@ -1154,6 +1154,63 @@ def test_prometheus_exposition_parses() -> None:
     assert buckets[-1].labels["le"] == "+Inf" and buckets[-1].value == 1
 
 
+def test_model_series_are_bounded_and_hostile_names_cannot_break_the_exposition() -> None:
+    parser = pytest.importorskip("prometheus_client.parser")
+    metrics = vd.Metrics()
+    hostile = ['q"uote', "back\\slash", "new\nline", "lone\ud800surrogate", "ünï", "a} 1\n# TYPE x counter"]
+    for n, model in enumerate(hostile + [f"m{i}" for i in range(10_000)]):
+        metrics.record(vd.RequestRecord(request_id="r", provider="openai", model=model, status=200, input_tokens=n))
+    text = metrics.prometheus()
+    assert text.encode("utf-8")                 # what aiohttp does with it: no lone surrogate survives
+    requests = {s.labels["model"]: s.value for f in parser.text_string_to_metric_families(text)
+                if f.name == "vandamme_requests" for s in f.samples}
+    assert len(requests) == vd.MODELS_PER_PROVIDER + 1 and requests["other"] == 10_006 - vd.MODELS_PER_PROVIDER
+    assert {'q"uote', "back\\slash", "new\nline", "lone\\ud800surrogate", "a} 1\n# TYPE x counter"} <= set(requests)
+    assert sum(requests.values()) == 10_006 and len(metrics.snapshot()["providers"]["openai"]["models"]) == 201
+
+
+async def test_metrics_endpoint_survives_hostile_model_names(proxy: Any, upstream: FakeUpstream) -> None:
+    parser = pytest.importorskip("prometheus_client.parser")
+    client = await proxy()
+    for model in ('openai:we"ird', "openai:back\\slash", "openai:x} 1\nfake 2", "openai:\u2028ünï"):
+        await client.post("/v1/messages", json={**BASIC, "model": model})
+    response = await client.get("/metrics")
+    models = {s.labels["model"] for f in parser.text_string_to_metric_families(await response.text())
+              if f.name == "vandamme_requests" for s in f.samples}
+    assert response.status == 200 and {'we"ird', "back\\slash", "\u2028ünï"} <= models
+
+
+def _worker_metrics(start: float, records: list[tuple[str, int, float]], in_flight: int) -> vd.Metrics:
+    now = [start]
+    metrics = vd.Metrics(clock=lambda: now[0])
+    for model, status, at in records:
+        now[0] = at
+        metrics.record(vd.RequestRecord(request_id=f"r{at}", provider="openai", model=model, status=status,
+                                        error_type="api_error" if status >= 500 else None, latency_ms=at,
+                                        ttft_ms=at / 2, output_tokens=1))
+    for _ in range(in_flight):
+        metrics.begin("openai", "gpt")
+    return metrics
+
+
+def test_merged_worker_states_add_up() -> None:
+    a = _worker_metrics(1000.0, [("gpt", 200, 1001.0), ("gpt", 502, 1015.0)], in_flight=1)
+    b = _worker_metrics(990.0, [("gpt", 200, 1005.0), ("o3", 200, 1030.0)], in_flight=2)
+    dead = _worker_metrics(995.0, [("gpt", 200, 1002.0)], in_flight=5)
+    merged = vd.Metrics(clock=lambda: 1040.0)
+    for worker, live in ((a, True), (b, True), (dead, False)):
+        merged.absorb(json.loads(json.dumps(worker.state())), live)
+    snap = merged.snapshot()
+    assert snap["uptime_s"] == 50.0 and snap["totals"]["requests"] == 5 and snap["totals"]["in_flight"] == 3
+    gpt = snap["providers"]["openai"]["models"]["gpt"]
+    assert (gpt["requests"], gpt["errors"], gpt["errors_by_type"], gpt["output_tokens"]) == (4, 1, {"api_error": 1}, 4)
+    assert gpt["last_error"]["time"] == 1015.0 and snap["providers"]["openai"]["in_flight"] == 3
+    assert [r["time"] for r in snap["recent"]] == [1030.0, 1015.0, 1005.0, 1002.0, 1001.0]
+    assert [(s["t"], s["requests"], s["errors"]) for s in snap["series"]] == [(1000, 3, 0), (1010, 1, 1), (1030, 1, 0)]
+    assert merged.totals.latency.count == 5 and merged.totals.latency.sum == 1001 + 1015 + 1005 + 1030 + 1002
+    assert 'vandamme_requests_total{provider="openai",model="gpt",status="200"} 3' in merged.prometheus()
+
+
 # ---------------------------------------------------------------------------
 # §13 HTTP: the proxy end to end against fake upstreams
 # ---------------------------------------------------------------------------
@@ -2050,6 +2107,15 @@ async def test_workers_act_as_one_gateway_and_are_supervised(upstream: FakeUpstr
             await _scrapes_agree(proc.url, 30, seen)
             async with session.get(f"{proc.url}/health") as response:
                 assert (await response.json())["workers"] == 2
+            upstream.add(Reply(stream=[sse(delta(content="x"), done=False)] * 5 + [sse(finish())], chunk_delay=0.3))
+            async with session.post(f"{proc.url}/v1/messages", json={**BASIC, "stream": True}) as response:
+                await response.content.readline()
+                for _ in range(4):          # whichever worker answers, it counts the stream another one serves
+                    async with session.get(f"{proc.url}/metrics/running-totals") as totals:
+                        assert (await totals.json())["totals"]["in_flight"] == 1
+                await response.read()
+            os.kill(max(workers() - first), signal.SIGKILL)             # dies young: the backoff doubles
+            await _until(lambda: asyncio.sleep(0, "restarting it in 1.0s" in proc.log()), "a second restart")
             upstream.add(Reply(stream=[sse(delta(content=f"{i} "), done=False) for i in range(4)] + [sse(finish())],
                                chunk_delay=0.3))
             async with session.post(f"{proc.url}/v1/messages", json={**BASIC, "stream": True}) as response:
