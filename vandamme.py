@@ -2472,7 +2472,7 @@ class Metrics:
                        .replace("\n", "\\n") for v in values.values())
             return "{" + ",".join(f'{k}="{v}"' for k, v in zip(values, escaped, strict=True)) + "}"
 
-        family("vandamme_uptime_seconds", "gauge", "Seconds since this process started.")
+        family("vandamme_uptime_seconds", "gauge", "Seconds since the gateway (its oldest worker) started.")
         lines.append(f"vandamme_uptime_seconds {self.clock() - self.started:.3f}")
         family("vandamme_requests_total", "counter", "Requests finished, by provider, model and HTTP status.")
         for (p, m), s in self.models.items():
@@ -3687,26 +3687,22 @@ def startup_banner(config: Config, port: int) -> str:
 
 
 class Worker:
-    """One of `--workers N`: its share of the instance's numbers, and its tie to the supervising parent.
-
-    The worker answers its live state on RUN_DIR/PID.sock to whichever sibling serves a scrape, and keeps
-    RUN_DIR/PID.json no older than anything it has handed out (rewritten then, and each second). So a worker
-    that dies keeps its counts, and a merged counter never goes down, whichever worker answers.
-    """
+    """One of `--workers N`. It answers its live numbers on RUN_DIR/PID.sock to the sibling serving a scrape, and
+    keeps RUN_DIR/PID.json no older than anything it handed out (rewritten then, and each second): so a worker
+    that dies keeps its counts, and merged counters never go down, whichever worker answers."""
 
     def __init__(self, rt: Runtime, run_dir: Path, parent: int) -> None:
         self.rt, self.run_dir, self.parent, self.pid = rt, run_dir, parent, os.getpid()
         self.published = -1
 
     def publish(self) -> str:
-        rt = self.rt
-        data = json.dumps({"metrics": rt.metrics.state(),
-                           "cooling": {name: ring.cooling() for name, ring in rt.keyrings.items()}})
+        data = json.dumps({"metrics": self.rt.metrics.state(),
+                           "cooling": {name: ring.cooling() for name, ring in self.rt.keyrings.items()}})
         temporary = self.run_dir / f"{self.pid}.tmp"
         with contextlib.suppress(OSError):         # a full disk must not break /metrics
             temporary.write_text(data, encoding="utf-8")
             temporary.replace(self.run_dir / f"{self.pid}.json")
-            self.published = rt.metrics.totals.requests
+            self.published = self.rt.metrics.totals.requests
         return data
 
     async def answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -3728,8 +3724,7 @@ class Worker:
         return None, False
 
     async def gather(self) -> tuple[Metrics, dict[str, int], int]:
-        pids = {path.stem for path in self.run_dir.iterdir() if path.suffix in (".json", ".sock")}
-        pids.discard(str(self.pid))
+        pids = {path.stem for path in self.run_dir.iterdir() if path.suffix in (".json", ".sock")} - {str(self.pid)}
         merged, cooling, live = Metrics(clock=self.rt.metrics.clock), collections.Counter[str](), 0
         for state, alive in [(json.loads(self.publish()), True), *await asyncio.gather(*map(self.fetch, pids))]:
             if state is not None:
@@ -3741,11 +3736,16 @@ class Worker:
 
     async def run(self, app: web.Application) -> Any:
         """cleanup_ctx: answer siblings; each second save the state and check that the parent is alive."""
-        server = await asyncio.start_unix_server(self.answer, self.run_dir / f"{self.pid}.sock")
+        try:
+            server = await asyncio.start_unix_server(self.answer, self.run_dir / f"{self.pid}.sock")
+        except OSError as exc:      # e.g. a socket path over 107 bytes: siblings read the file instead
+            logger.warning("worker %d: siblings will see its numbers up to 1 s late: %s", self.pid, exc)
+            server = None
         ticker = asyncio.create_task(self.tick())
         yield
         ticker.cancel()
-        server.close()
+        if server:
+            server.close()
         self.publish()
         (self.run_dir / f"{self.pid}.sock").unlink(missing_ok=True)
         if os.getppid() != self.parent:          # orphaned: nobody else will tidy up
@@ -3765,8 +3765,7 @@ WORKER: Final = web.AppKey("vandamme.worker", Worker)
 
 async def serve(config: Config, reload: Callable[[], Config] | None = None, *, reuse_port: bool = False,
                 announce: bool = True, worker: tuple[Path, int] | None = None) -> None:
-    """Run until SIGTERM/SIGINT; then drain gracefully. SIGHUP reloads the configuration.
-    `worker`: (run directory, parent pid) for one of `--workers N`."""
+    """Run until SIGTERM/SIGINT; then drain gracefully. SIGHUP reloads the configuration."""
     app = create_app(config)
     if worker:
         app[WORKER] = Worker(app[RUNTIME], *worker)
@@ -3837,10 +3836,11 @@ def run_server(config: Config, reload: Callable[[], Config], workers: int) -> in
         with socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((config.host, config.port))
+        run_dir = Path(tempfile.mkdtemp(prefix="vandamme-", dir=os.environ.get("VDM_RUN_DIR") or None))
     except OSError as exc:
-        print(f"vandamme: error: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}", file=sys.stderr)
+        where = exc.filename or f"cannot listen on {config.host}:{config.port}"
+        print(f"vandamme: error: {where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    run_dir = Path(tempfile.mkdtemp(prefix="vandamme-", dir=os.environ.get("VDM_RUN_DIR") or None))
     signals: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda sig, _frame: signals.append(sig))
