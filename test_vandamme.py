@@ -2064,6 +2064,10 @@ async def _until(condition: Any, what: str, timeout: float = 15.0) -> Any:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _pid(worker_file_name: str) -> int:
+    return int(worker_file_name.split("-")[0])          # run-dir files are named PID-RANDOM
+
+
 async def _scrapes_agree(url: str, expected: int, seen: list[int]) -> None:
     """12 scrapes of each view on fresh connections (so on any worker): all count `expected`, none goes back."""
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
@@ -2088,7 +2092,7 @@ async def test_workers_act_as_one_gateway_and_are_supervised(upstream: FakeUpstr
         await proc.wait_ready()
         (run_dir,) = run_root.iterdir()
         assert run_dir.stat().st_mode & 0o777 == 0o700
-        workers = lambda: {int(p.stem) for p in run_dir.glob("*.sock")}  # noqa: E731
+        workers = lambda: {p.stem for p in run_dir.glob("*.sock")}  # noqa: E731
         first = await _until(lambda: asyncio.sleep(0, len(workers()) == 2 and workers()), "two workers")
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
             for _ in range(20):
@@ -2096,10 +2100,10 @@ async def test_workers_act_as_one_gateway_and_are_supervised(upstream: FakeUpstr
                     assert response.status == 200
             seen: list[int] = []
             await _scrapes_agree(proc.url, 20, seen)
-            served = [json.loads((run_dir / f"{pid}.json").read_text())["metrics"]["totals"][0][0] for pid in first]
+            served = [json.loads((run_dir / f"{name}.json").read_text())["metrics"]["totals"][0][0] for name in first]
             assert sorted(served) != [0, 20] and sum(served) == 20     # both worked: the sum is a real merge
             victim = min(first)
-            os.kill(victim, signal.SIGKILL)
+            os.kill(_pid(victim), signal.SIGKILL)
             await _until(lambda: asyncio.sleep(0, len(workers() - {victim}) == 2), "a replacement worker")
             for _ in range(10):
                 async with session.post(f"{proc.url}/v1/messages", json=BASIC) as response:
@@ -2114,7 +2118,7 @@ async def test_workers_act_as_one_gateway_and_are_supervised(upstream: FakeUpstr
                     async with session.get(f"{proc.url}/metrics/running-totals") as totals:
                         assert (await totals.json())["totals"]["in_flight"] == 1
                 await response.read()
-            os.kill(max(workers() - first), signal.SIGKILL)             # dies young: the backoff doubles
+            os.kill(_pid(max(workers() - first)), signal.SIGKILL)             # dies young: the backoff doubles
             await _until(lambda: asyncio.sleep(0, "restarting it in 1.0s" in proc.log()), "a second restart")
             upstream.add(Reply(stream=[sse(delta(content=f"{i} "), done=False) for i in range(4)] + [sse(finish())],
                                chunk_delay=0.3))
@@ -2127,7 +2131,7 @@ async def test_workers_act_as_one_gateway_and_are_supervised(upstream: FakeUpstr
     finally:
         proc.stop()
     log = proc.log()
-    assert re.search(rf"worker \d \(pid {victim}\) was killed by signal 9; restarting it in 0\.5s", log), log
+    assert re.search(rf"worker \d \(pid {_pid(victim)}\) was killed by signal 9; restarting it in 0\.5s", log), log
     assert "Traceback" not in log and list(run_root.iterdir()) == []
 
 
@@ -2140,7 +2144,7 @@ async def test_orphaned_workers_leave_and_free_the_port(upstream: FakeUpstream, 
         await proc.wait_ready()
         (run_dir,) = temp.glob("vandamme-*")
         pids = await _until(lambda: asyncio.sleep(0, len(list(run_dir.glob("*.sock"))) == 2
-                                                  and [int(p.stem) for p in run_dir.glob("*.sock")]), "two workers")
+                                                  and [_pid(p.stem) for p in run_dir.glob("*.sock")]), "two workers")
         proc.proc.kill()
         proc.proc.wait(5)
         await _until(lambda: asyncio.sleep(0, not any(Path(f"/proc/{pid}").exists() for pid in pids)), "workers gone")

@@ -3687,21 +3687,22 @@ def startup_banner(config: Config, port: int) -> str:
 
 
 class Worker:
-    """One of `--workers N`. It answers its live numbers on RUN_DIR/PID.sock to the sibling serving a scrape, and
-    keeps RUN_DIR/PID.json no older than anything it handed out (rewritten then, and each second): so a worker
+    """One of `--workers N`. It answers its live numbers on RUN_DIR/PID-RANDOM.sock to the sibling serving a scrape, and
+    keeps RUN_DIR/PID-RANDOM.json no older than anything it handed out (rewritten then, and each second): so a worker
     that dies keeps its counts, and merged counters never go down, whichever worker answers."""
 
     def __init__(self, rt: Runtime, run_dir: Path, parent: int) -> None:
         self.rt, self.run_dir, self.parent, self.pid = rt, run_dir, parent, os.getpid()
+        self.name = f"{self.pid}-{secrets.token_hex(3)}"    # never a dead worker's, even if its pid comes back
         self.published = -1
 
     def publish(self) -> str:
         data = json.dumps({"metrics": self.rt.metrics.state(),
                            "cooling": {name: ring.cooling() for name, ring in self.rt.keyrings.items()}})
-        temporary = self.run_dir / f"{self.pid}.tmp"
+        temporary = self.run_dir / f"{self.name}.tmp"
         with contextlib.suppress(OSError):         # a full disk must not break /metrics
             temporary.write_text(data, encoding="utf-8")
-            temporary.replace(self.run_dir / f"{self.pid}.json")
+            temporary.replace(self.run_dir / f"{self.name}.json")
             self.published = self.rt.metrics.totals.requests
         return data
 
@@ -3711,22 +3712,22 @@ class Worker:
             await writer.drain()
         writer.close()
 
-    async def fetch(self, pid: str) -> tuple[JSON | None, bool]:
+    async def fetch(self, name: str) -> tuple[JSON | None, bool]:
         """A sibling's live state; its file (without in-flight requests) when it does not answer."""
         with contextlib.suppress(OSError, TimeoutError, ValueError):
             async with asyncio.timeout(2):
-                reader, writer = await asyncio.open_unix_connection(self.run_dir / f"{pid}.sock")
+                reader, writer = await asyncio.open_unix_connection(self.run_dir / f"{name}.sock")
                 data = await reader.read()
             writer.close()
             return json.loads(data), True
         with contextlib.suppress(OSError, ValueError):
-            return json.loads((self.run_dir / f"{pid}.json").read_bytes()), False
+            return json.loads((self.run_dir / f"{name}.json").read_bytes()), False
         return None, False
 
     async def gather(self) -> tuple[Metrics, dict[str, int], int]:
-        pids = {path.stem for path in self.run_dir.iterdir() if path.suffix in (".json", ".sock")} - {str(self.pid)}
+        names = {path.stem for path in self.run_dir.iterdir() if path.suffix in (".json", ".sock")} - {self.name}
         merged, cooling, live = Metrics(clock=self.rt.metrics.clock), collections.Counter[str](), 0
-        for state, alive in [(json.loads(self.publish()), True), *await asyncio.gather(*map(self.fetch, pids))]:
+        for state, alive in [(json.loads(self.publish()), True), *await asyncio.gather(*map(self.fetch, names))]:
             if state is not None:
                 merged.absorb(state["metrics"], alive)
                 live += alive
@@ -3737,7 +3738,7 @@ class Worker:
     async def run(self, app: web.Application) -> Any:
         """cleanup_ctx: answer siblings; each second save the state and check that the parent is alive."""
         try:
-            server = await asyncio.start_unix_server(self.answer, self.run_dir / f"{self.pid}.sock")
+            server = await asyncio.start_unix_server(self.answer, self.run_dir / f"{self.name}.sock")
         except OSError as exc:      # e.g. a socket path over 107 bytes: siblings read the file instead
             logger.warning("worker %d: siblings will see its numbers up to 1 s late: %s", self.pid, exc)
             server = None
@@ -3747,7 +3748,7 @@ class Worker:
         if server:
             server.close()
         self.publish()
-        (self.run_dir / f"{self.pid}.sock").unlink(missing_ok=True)
+        (self.run_dir / f"{self.name}.sock").unlink(missing_ok=True)
         if os.getppid() != self.parent:          # orphaned: nobody else will tidy up
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
