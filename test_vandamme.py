@@ -1207,7 +1207,7 @@ def test_merged_worker_states_add_up() -> None:
     assert gpt["last_error"]["time"] == 1015.0 and snap["providers"]["openai"]["in_flight"] == 3
     assert [r["time"] for r in snap["recent"]] == [1030.0, 1015.0, 1005.0, 1002.0, 1001.0]
     assert [(s["t"], s["requests"], s["errors"]) for s in snap["series"]] == [(1000, 3, 0), (1010, 1, 1), (1030, 1, 0)]
-    assert merged.totals.latency.count == 5 and merged.totals.latency.sum == 1001 + 1015 + 1005 + 1030 + 1002
+    assert sum(merged.totals.latency.counts) == 5 and merged.totals.latency.sum == 1001 + 1015 + 1005 + 1030 + 1002
     assert 'vandamme_requests_total{provider="openai",model="gpt",status="200"} 3' in merged.prometheus()
 
 

@@ -63,6 +63,7 @@ import urllib.parse
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, TypeVar
@@ -2237,6 +2238,7 @@ LATENCY_BUCKETS_MS: Final = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 100
 SERIES_SECONDS: Final = 10
 SERIES_LENGTH: Final = 60
 RECENT_LENGTH: Final = 50
+Sample = tuple[str, dict[str, Any], Any]        # a Prometheus sample: name suffix, labels, value
 MODELS_PER_PROVIDER: Final = 200     # per-model series; later models count as model "other"
 _STATS_COUNTS: Final = ("requests", "in_flight", "errors", "input_tokens", "output_tokens", "cache_read_tokens",
                         "cache_creation_tokens")
@@ -2245,23 +2247,22 @@ _STATS_COUNTS: Final = ("requests", "in_flight", "errors", "input_tokens", "outp
 class Histogram:
     """Fixed buckets, so memory stays bounded however many requests are observed."""
 
-    __slots__ = ("counts", "count", "sum")
+    __slots__ = ("counts", "sum")
 
     def __init__(self) -> None:
         self.counts = [0] * (len(LATENCY_BUCKETS_MS) + 1)
-        self.count = 0
         self.sum = 0.0
 
     def observe(self, ms: float) -> None:
         self.counts[bisect_left(LATENCY_BUCKETS_MS, ms)] += 1
-        self.count += 1
         self.sum += ms
 
     def quantile(self, q: float) -> float | None:
         """Linear interpolation inside the bucket holding the q-th observation."""
-        if not self.count:
+        count = sum(self.counts)
+        if not count:
             return None
-        rank = q * self.count
+        rank = q * count
         seen = 0
         for i, n in enumerate(self.counts):
             if n and seen + n >= rank:
@@ -2298,7 +2299,7 @@ class Stats:
         self.statuses.update(dict(statuses))
         for hist, (buckets, total) in ((self.latency, latency), (self.ttft, ttft)):
             hist.counts = [a + b for a, b in zip(hist.counts, buckets, strict=True)]
-            hist.count, hist.sum = hist.count + sum(buckets), hist.sum + total
+            hist.sum += total
         if last_error and (self.last_error is None or last_error["time"] > self.last_error["time"]):
             self.last_error = last_error
 
@@ -2460,11 +2461,8 @@ class Metrics:
 
     def prometheus(self) -> str:
         """Prometheus text exposition; labels let several instances aggregate."""
-        lines: list[str] = []
-
-        def family(name: str, kind: str, help_text: str) -> None:
-            lines.append(f"# HELP {name} {help_text}")
-            lines.append(f"# TYPE {name} {kind}")
+        lines = ["# HELP vandamme_uptime_seconds Seconds since the gateway (its oldest worker) started.",
+                 "# TYPE vandamme_uptime_seconds gauge", f"vandamme_uptime_seconds {self.clock() - self.started:.3f}"]
 
         def labels(**values: Any) -> str:
             # Model names come from clients: whatever they hold, the exposition stays valid UTF-8.
@@ -2472,37 +2470,29 @@ class Metrics:
                        .replace("\n", "\\n") for v in values.values())
             return "{" + ",".join(f'{k}="{v}"' for k, v in zip(values, escaped, strict=True)) + "}"
 
-        family("vandamme_uptime_seconds", "gauge", "Seconds since the gateway (its oldest worker) started.")
-        lines.append(f"vandamme_uptime_seconds {self.clock() - self.started:.3f}")
-        family("vandamme_requests_total", "counter", "Requests finished, by provider, model and HTTP status.")
-        for (p, m), s in self.models.items():
-            lines.extend(f"vandamme_requests_total{labels(provider=p, model=m, status=st)} {n}"
-                         for st, n in sorted(s.statuses.items()))
-        family("vandamme_in_flight", "gauge", "Requests in progress.")
-        lines.extend(f"vandamme_in_flight{labels(provider=p, model=m)} {s.in_flight}"
-                     for (p, m), s in self.models.items())
-        family("vandamme_errors_total", "counter", "Failed requests by Anthropic error type.")
-        for (p, m), s in self.models.items():
-            lines.extend(f"vandamme_errors_total{labels(provider=p, model=m, type=t)} {n}"
-                         for t, n in sorted(s.errors_by_type.items()))
-        family("vandamme_tokens_total", "counter", "Tokens by direction (input, output, cache_read, cache_creation).")
-        for (p, m), s in self.models.items():
-            for kind, n in (("input", s.input_tokens), ("output", s.output_tokens),
-                            ("cache_read", s.cache_read_tokens), ("cache_creation", s.cache_creation_tokens)):
-                lines.append(f"vandamme_tokens_total{labels(provider=p, model=m, type=kind)} {n}")
-        for metric, attr, help_text in (
-                ("vandamme_request_duration_seconds", "latency", "Time from request to last byte."),
-                ("vandamme_time_to_first_token_seconds", "ttft", "Time from request to the first streamed token.")):
-            family(metric, "histogram", help_text)
-            for (p, m), s in self.models.items():
-                hist: Histogram = getattr(s, attr)
-                cumulative = 0
-                for bound, n in zip((*LATENCY_BUCKETS_MS, math.inf), hist.counts, strict=True):
-                    cumulative += n
-                    le = "+Inf" if bound == math.inf else f"{bound / 1000:g}"
-                    lines.append(f"{metric}_bucket{labels(provider=p, model=m, le=le)} {cumulative}")
-                lines.append(f"{metric}_sum{labels(provider=p, model=m)} {hist.sum / 1000:.6f}")
-                lines.append(f"{metric}_count{labels(provider=p, model=m)} {hist.count}")
+        def family(name: str, kind: str, help_text: str, samples: Callable[[Stats], Iterable[Sample]]) -> None:
+            lines.extend((f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"))
+            for (p, m), stats in self.models.items():
+                lines.extend(f"{name}{suffix}{labels(provider=p, model=m, **more)} {value}"
+                             for suffix, more, value in samples(stats))
+
+        def histogram(hist: Histogram) -> Iterable[Sample]:
+            for bound, n in zip((*LATENCY_BUCKETS_MS, math.inf), accumulate(hist.counts), strict=True):
+                yield "_bucket", {"le": "+Inf" if bound == math.inf else f"{bound / 1000:g}"}, n
+            yield from (("_sum", {}, f"{hist.sum / 1000:.6f}"), ("_count", {}, sum(hist.counts)))
+
+        family("vandamme_requests_total", "counter", "Requests finished, by provider, model and HTTP status.",
+               lambda s: (("", {"status": status}, n) for status, n in sorted(s.statuses.items())))
+        family("vandamme_in_flight", "gauge", "Requests in progress.", lambda s: [("", {}, s.in_flight)])
+        family("vandamme_errors_total", "counter", "Failed requests by Anthropic error type.",
+               lambda s: (("", {"type": kind}, n) for kind, n in sorted(s.errors_by_type.items())))
+        family("vandamme_tokens_total", "counter", "Tokens by direction (input, output, cache_read, cache_creation).",
+               lambda s: (("", {"type": kind}, getattr(s, f"{kind}_tokens"))
+                          for kind in ("input", "output", "cache_read", "cache_creation")))
+        family("vandamme_request_duration_seconds", "histogram", "Time from request to last byte.",
+               lambda s: histogram(s.latency))
+        family("vandamme_time_to_first_token_seconds", "histogram", "Time from request to the first streamed token.",
+               lambda s: histogram(s.ttft))
         return "\n".join(lines) + "\n"
 
 
