@@ -2132,7 +2132,7 @@ async def test_workers_act_as_one_gateway_and_are_supervised(upstream: FakeUpstr
         proc.stop()
     log = proc.log()
     assert re.search(rf"worker \d \(pid {_pid(victim)}\) was killed by signal 9; restarting it in 0\.5s", log), log
-    assert "Traceback" not in log and list(run_root.iterdir()) == []
+    assert "Traceback" not in log and list(run_root.iterdir()) == [] and log.count("listening on") == 1
 
 
 async def test_orphaned_workers_leave_and_free_the_port(upstream: FakeUpstream, tmp_path: Path) -> None:

@@ -3707,8 +3707,10 @@ class Worker:
         with contextlib.suppress(OSError, TimeoutError, ValueError):
             async with asyncio.timeout(2):
                 reader, writer = await asyncio.open_unix_connection(self.run_dir / f"{name}.sock")
-                data = await reader.read()
-            writer.close()
+                try:
+                    data = await reader.read()
+                finally:
+                    writer.close()
             return json.loads(data), True
         with contextlib.suppress(OSError, ValueError):
             return json.loads((self.run_dir / f"{name}.json").read_bytes()), False
@@ -3848,7 +3850,7 @@ def run_server(config: Config, reload: Callable[[], Config], workers: int) -> in
             for n, when in list(due.items()):
                 if not stopping and when <= time.monotonic():
                     del due[n]
-                    running[_fork_worker(config, reload, run_dir, delays[n] == 0)] = (n, time.monotonic())
+                    running[_fork_worker(config, reload, run_dir, n == 0 and not delays[n])] = (n, time.monotonic())
             pid, status = os.waitpid(-1, os.WNOHANG) if running else (0, 0)
             if not pid:
                 time.sleep(0.05)
