@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import gzip
 import inspect
@@ -1290,6 +1291,63 @@ def test_prometheus_exposition_parses() -> None:
     assert buckets[-1].labels["le"] == "+Inf" and buckets[-1].value == 1
 
 
+def test_model_series_are_bounded_and_hostile_names_cannot_break_the_exposition() -> None:
+    parser = pytest.importorskip("prometheus_client.parser")
+    metrics = vd.Metrics()
+    hostile = ['q"uote', "back\\slash", "new\nline", "lone\ud800surrogate", "ünï", "a} 1\n# TYPE x counter"]
+    for n, model in enumerate(hostile + [f"m{i}" for i in range(10_000)]):
+        metrics.record(vd.RequestRecord(request_id="r", provider="openai", model=model, status=200, input_tokens=n))
+    text = metrics.prometheus()
+    assert text.encode("utf-8")                 # what aiohttp does with it: no lone surrogate survives
+    requests = {s.labels["model"]: s.value for f in parser.text_string_to_metric_families(text)
+                if f.name == "vandamme_requests" for s in f.samples}
+    assert len(requests) == vd.MODELS_PER_PROVIDER + 1 and requests["other"] == 10_006 - vd.MODELS_PER_PROVIDER
+    assert {'q"uote', "back\\slash", "new\nline", "lone\\ud800surrogate", "a} 1\n# TYPE x counter"} <= set(requests)
+    assert sum(requests.values()) == 10_006 and len(metrics.snapshot()["providers"]["openai"]["models"]) == 201
+
+
+async def test_metrics_endpoint_survives_hostile_model_names(proxy: Any, upstream: FakeUpstream) -> None:
+    parser = pytest.importorskip("prometheus_client.parser")
+    client = await proxy()
+    for model in ('openai:we"ird', "openai:back\\slash", "openai:x} 1\nfake 2", "openai:\u2028ünï"):
+        await client.post("/v1/messages", json={**BASIC, "model": model})
+    response = await client.get("/metrics")
+    models = {s.labels["model"] for f in parser.text_string_to_metric_families(await response.text())
+              if f.name == "vandamme_requests" for s in f.samples}
+    assert response.status == 200 and {'we"ird', "back\\slash", "\u2028ünï"} <= models
+
+
+def _worker_metrics(start: float, records: list[tuple[str, int, float]], in_flight: int) -> vd.Metrics:
+    now = [start]
+    metrics = vd.Metrics(clock=lambda: now[0])
+    for model, status, at in records:
+        now[0] = at
+        metrics.record(vd.RequestRecord(request_id=f"r{at}", provider="openai", model=model, status=status,
+                                        error_type="api_error" if status >= 500 else None, latency_ms=at,
+                                        ttft_ms=at / 2, output_tokens=1))
+    for _ in range(in_flight):
+        metrics.begin("openai", "gpt")
+    return metrics
+
+
+def test_merged_worker_states_add_up() -> None:
+    a = _worker_metrics(1000.0, [("gpt", 200, 1001.0), ("gpt", 502, 1015.0)], in_flight=1)
+    b = _worker_metrics(990.0, [("gpt", 200, 1005.0), ("o3", 200, 1030.0)], in_flight=2)
+    dead = _worker_metrics(995.0, [("gpt", 200, 1002.0)], in_flight=5)
+    merged = vd.Metrics(clock=lambda: 1040.0)
+    for worker, live in ((a, True), (b, True), (dead, False)):
+        merged.absorb(json.loads(json.dumps(worker.state())), live)
+    snap = merged.snapshot()
+    assert snap["uptime_s"] == 50.0 and snap["totals"]["requests"] == 5 and snap["totals"]["in_flight"] == 3
+    gpt = snap["providers"]["openai"]["models"]["gpt"]
+    assert (gpt["requests"], gpt["errors"], gpt["errors_by_type"], gpt["output_tokens"]) == (4, 1, {"api_error": 1}, 4)
+    assert gpt["last_error"]["time"] == 1015.0 and snap["providers"]["openai"]["in_flight"] == 3
+    assert [r["time"] for r in snap["recent"]] == [1030.0, 1015.0, 1005.0, 1002.0, 1001.0]
+    assert [(s["t"], s["requests"], s["errors"]) for s in snap["series"]] == [(1000, 3, 0), (1010, 1, 1), (1030, 1, 0)]
+    assert sum(merged.totals.latency.counts) == 5 and merged.totals.latency.sum == 1001 + 1015 + 1005 + 1030 + 1002
+    assert 'vandamme_requests_total{provider="openai",model="gpt",status="200"} 3' in merged.prometheus()
+
+
 # ---------------------------------------------------------------------------
 # §13 HTTP: the proxy end to end against fake upstreams
 # ---------------------------------------------------------------------------
@@ -2459,6 +2517,128 @@ async def test_sighup_reloads_and_refuses_a_bad_file(upstream: FakeUpstream, tmp
             assert await upstream_model() == "second-model"
     finally:
         proc.stop()
+
+
+# `--workers N`: one gateway, supervised
+
+def _requests_counted(text: str) -> int:
+    parser = pytest.importorskip("prometheus_client.parser")
+    return sum(int(s.value) for f in parser.text_string_to_metric_families(text) if f.name == "vandamme_requests"
+               for s in f.samples if s.name == "vandamme_requests_total")
+
+
+async def _until(condition: Any, what: str, timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(aiohttp.ClientError, OSError, ValueError):
+            if result := await condition():
+                return result
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _pid(worker_file_name: str) -> int:
+    return int(worker_file_name.split("-")[0])          # run-dir files are named PID-RANDOM
+
+
+async def _scrapes_agree(url: str, expected: int, seen: list[int]) -> None:
+    """12 scrapes of each view on fresh connections (so on any worker): all count `expected`, none goes back."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+        for _ in range(12):
+            async with session.get(f"{url}/metrics") as response:
+                seen.append(_requests_counted(await response.text()))
+            async with session.get(f"{url}/metrics/running-totals") as response:
+                totals = await response.json()
+                seen.append(totals["totals"]["requests"])
+                assert totals["providers"]["openai"]["models"]["gpt-5.1"]["requests"] == expected
+            assert seen[-2:] == [expected, expected], seen
+    assert seen == sorted(seen)
+
+
+async def test_workers_act_as_one_gateway_and_are_supervised(upstream: FakeUpstream, tmp_path: Path) -> None:
+    run_root = tmp_path / "run"
+    run_root.mkdir()
+    proc = ProxyProcess(HERE / "vandamme.py", {"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": f"{upstream.url}/v1",
+                                               "VDM_RUN_DIR": str(run_root), "HOME": "/proc", "SHUTDOWN_GRACE": "10"},
+                        tmp_path, ("--workers", "2"))
+    try:
+        await proc.wait_ready()
+        (run_dir,) = run_root.iterdir()
+        assert run_dir.stat().st_mode & 0o777 == 0o700
+        workers = lambda: {p.stem for p in run_dir.glob("*.sock")}  # noqa: E731
+        first = await _until(lambda: asyncio.sleep(0, len(workers()) == 2 and workers()), "two workers")
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+            for _ in range(20):
+                async with session.post(f"{proc.url}/v1/messages", json=BASIC) as response:
+                    assert response.status == 200
+            seen: list[int] = []
+            await _scrapes_agree(proc.url, 20, seen)
+            served = [json.loads((run_dir / f"{name}.json").read_text())["metrics"]["totals"][0][0] for name in first]
+            assert sorted(served) != [0, 20] and sum(served) == 20     # both worked: the sum is a real merge
+            victim = min(first)
+            os.kill(_pid(victim), signal.SIGKILL)
+            await _until(lambda: asyncio.sleep(0, len(workers() - {victim}) == 2), "a replacement worker")
+            for _ in range(10):
+                async with session.post(f"{proc.url}/v1/messages", json=BASIC) as response:
+                    assert response.status == 200
+            await _scrapes_agree(proc.url, 30, seen)
+            async with session.get(f"{proc.url}/health") as response:
+                assert (await response.json())["workers"] == 2
+            upstream.add(Reply(stream=[sse(delta(content="x"), done=False)] * 5 + [sse(finish())], chunk_delay=0.3))
+            async with session.post(f"{proc.url}/v1/messages", json={**BASIC, "stream": True}) as response:
+                await response.content.readline()
+                for _ in range(4):          # whichever worker answers, it counts the stream another one serves
+                    async with session.get(f"{proc.url}/metrics/running-totals") as totals:
+                        assert (await totals.json())["totals"]["in_flight"] == 1
+                await response.read()
+            os.kill(_pid(max(workers() - first)), signal.SIGKILL)             # dies young: the backoff doubles
+            await _until(lambda: asyncio.sleep(0, "restarting it in 1.0s" in proc.log()), "a second restart")
+            upstream.add(Reply(stream=[sse(delta(content=f"{i} "), done=False) for i in range(4)] + [sse(finish())],
+                               chunk_delay=0.3))
+            async with session.post(f"{proc.url}/v1/messages", json={**BASIC, "stream": True}) as response:
+                first_line = await response.content.readline()
+                proc.proc.send_signal(signal.SIGTERM)
+                frames = validate_stream((first_line + await response.read()).decode())
+        assert final_message(frames)["content"][0]["text"] == "0 1 2 3 "
+        assert proc.proc.wait(15) == 0
+    finally:
+        proc.stop()
+    log = proc.log()
+    assert re.search(rf"worker \d \(pid {_pid(victim)}\) was killed by signal 9; restarting it in 0\.5s", log), log
+    assert "Traceback" not in log and list(run_root.iterdir()) == [] and log.count("listening on") == 1
+
+
+async def test_orphaned_workers_leave_and_free_the_port(upstream: FakeUpstream, tmp_path: Path) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    proc = ProxyProcess(HERE / "vandamme.py", {"OPENAI_API_KEY": "k", "TMPDIR": str(temp)}, tmp_path,
+                        ("--workers", "2"))
+    try:
+        await proc.wait_ready()
+        (run_dir,) = temp.glob("vandamme-*")
+        pids = await _until(lambda: asyncio.sleep(0, len(list(run_dir.glob("*.sock"))) == 2
+                                                  and [_pid(p.stem) for p in run_dir.glob("*.sock")]), "two workers")
+        proc.proc.kill()
+        proc.proc.wait(5)
+        await _until(lambda: asyncio.sleep(0, not any(Path(f"/proc/{pid}").exists() for pid in pids)), "workers gone")
+        with socket.create_server(("127.0.0.1", proc.port)):
+            pass                                              # the port is free again
+        assert not run_dir.exists()
+    finally:
+        proc.stop()
+        for pid in pids if "pids" in locals() else ():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_workers_on_a_busy_port_say_so_in_one_line(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        run = subprocess.run([sys.executable, str(HERE / "vandamme.py"), "--host", "127.0.0.1", "--port", str(port),
+                              "--workers", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=30,
+                             env={"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "OPENAI_API_KEY": "k"})
+    assert run.returncode == 1 and run.stdout == ""
+    assert run.stderr == f"vandamme: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
 
 
 # ---------------------------------------------------------------------------

@@ -57,12 +57,14 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 import tomllib
 import urllib.parse
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, TypeVar
@@ -2407,28 +2409,31 @@ LATENCY_BUCKETS_MS: Final = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 100
 SERIES_SECONDS: Final = 10
 SERIES_LENGTH: Final = 60
 RECENT_LENGTH: Final = 50
+Sample = tuple[str, dict[str, Any], Any]        # a Prometheus sample: name suffix, labels, value
+MODELS_PER_PROVIDER: Final = 200     # per-model series; later models count as model "other"
+_STATS_COUNTS: Final = ("requests", "in_flight", "errors", "input_tokens", "output_tokens", "cache_read_tokens",
+                        "cache_creation_tokens")
 
 
 class Histogram:
     """Fixed buckets, so memory stays bounded however many requests are observed."""
 
-    __slots__ = ("count", "counts", "sum")
+    __slots__ = ("counts", "sum")
 
     def __init__(self) -> None:
         self.counts = [0] * (len(LATENCY_BUCKETS_MS) + 1)
-        self.count = 0
         self.sum = 0.0
 
     def observe(self, ms: float) -> None:
         self.counts[bisect_left(LATENCY_BUCKETS_MS, ms)] += 1
-        self.count += 1
         self.sum += ms
 
     def quantile(self, q: float) -> float | None:
         """Linear interpolation inside the bucket holding the q-th observation."""
-        if not self.count:
+        count = sum(self.counts)
+        if not count:
             return None
-        rank = q * self.count
+        rank = q * count
         seen = 0
         for i, n in enumerate(self.counts):
             if n and seen + n >= rank:
@@ -2451,6 +2456,24 @@ class Stats:
         self.latency, self.ttft = Histogram(), Histogram()
         self.last_error: JSON | None = None
 
+    def state(self) -> list[Any]:
+        """Everything, as JSON a sibling worker can add to its own (see Metrics.absorb)."""
+        return [[getattr(self, name) for name in _STATS_COUNTS], self.errors_by_type, list(self.statuses.items()),
+                [self.latency.counts, self.latency.sum], [self.ttft.counts, self.ttft.sum], self.last_error]
+
+    def absorb(self, state: list[Any], live: bool) -> None:
+        counts, errors, statuses, latency, ttft, last_error = state
+        for name, n in zip(_STATS_COUNTS, counts, strict=True):
+            if live or name != "in_flight":        # a dead worker's in-flight requests are gone
+                setattr(self, name, getattr(self, name) + n)
+        self.errors_by_type.update(errors)
+        self.statuses.update(dict(statuses))
+        for hist, (buckets, total) in ((self.latency, latency), (self.ttft, ttft)):
+            hist.counts = [a + b for a, b in zip(hist.counts, buckets, strict=True)]
+            hist.sum += total
+        if last_error and (self.last_error is None or last_error["time"] > self.last_error["time"]):
+            self.last_error = last_error
+
     def as_json(self) -> JSON:
         return {"requests": self.requests, "in_flight": self.in_flight, "errors": self.errors,
                 "errors_by_type": dict(self.errors_by_type), "input_tokens": self.input_tokens,
@@ -2466,6 +2489,7 @@ class RequestRecord:
     """What one request did; filled in as it goes, finished once."""
 
     request_id: str
+    path: str = "/v1/messages"        # "METHOD /path" for anything else (a rejected request, say)
     client_model: str = "-"
     provider: str = "-"
     model: str = "-"
@@ -2513,14 +2537,40 @@ class Metrics:
         self.models: dict[tuple[str, str], Stats] = {}
         self.recent: collections.deque[JSON] = collections.deque(maxlen=RECENT_LENGTH)
         self.series: collections.OrderedDict[int, list[int]] = collections.OrderedDict()
+        self.model_count: collections.Counter[str] = collections.Counter()
+
+    def state(self) -> JSON:
+        return {"started": self.started, "totals": self.totals.state(),
+                "providers": {name: stats.state() for name, stats in self.providers.items()},
+                "models": [[p, m, stats.state()] for (p, m), stats in self.models.items()],
+                "recent": list(self.recent), "series": list(self.series.items())}
+
+    def absorb(self, state: JSON, live: bool = True) -> None:
+        """Add another worker's `state()`: counters and histograms add up, series add up per
+        time slot, recent requests interleave by time. A dead worker's counts stay; its in-flight do not."""
+        self.started = min(self.started, state["started"])
+        self.totals.absorb(state["totals"], live)
+        for name, stats in state["providers"].items():
+            self.providers.setdefault(name, Stats()).absorb(stats, live)
+        for p, m, stats in state["models"]:
+            self.models.setdefault((p, m), Stats()).absorb(stats, live)
+        recent = sorted([*self.recent, *state["recent"]], key=lambda r: r["time"], reverse=True)
+        self.recent = collections.deque(recent[:RECENT_LENGTH], maxlen=RECENT_LENGTH)
+        for t, slot in state["series"]:
+            mine = self.series.setdefault(t, [0, 0, 0, 0])
+            mine[:] = [a + b for a, b in zip(mine, slot, strict=True)]
+        self.series = collections.OrderedDict(sorted(self.series.items())[-SERIES_LENGTH:])
 
     def _targets(self, provider: str, model: str) -> tuple[Stats, ...]:
         if provider == "-":
             return (self.totals,)
         by_model = self.models.get((provider, model))
-        if by_model is None:
-            by_model = self.models[(provider, model)] = Stats()
-            self.providers.setdefault(provider, Stats())
+        if by_model is None:         # a new model: clients choose names, so the series are bounded
+            key = (provider, model if self.model_count[provider] < MODELS_PER_PROVIDER else "other")
+            if key not in self.models:
+                self.model_count[provider] += 1
+                self.providers.setdefault(provider, Stats())
+            by_model = self.models.setdefault(key, Stats())
         return self.totals, self.providers[provider], by_model
 
     def begin(self, provider: str, model: str) -> None:
@@ -2561,7 +2611,9 @@ class Metrics:
             "time": round(now, 3), "request_id": rec.request_id, "client_model": rec.client_model,
             "provider": rec.provider, "model": rec.model, "status": rec.status, "streamed": rec.streamed,
             "latency_ms": round(latency, 1), "ttft_ms": None if rec.ttft_ms is None else round(rec.ttft_ms, 1),
-            "input_tokens": rec.input_tokens, "output_tokens": rec.output_tokens, "error_type": rec.error_type})
+            "input_tokens": rec.input_tokens, "output_tokens": rec.output_tokens, "error_type": rec.error_type,
+            "error_message": rec.error_message, "fallbacks": rec.fallbacks,
+            "path": None if rec.path == "/v1/messages" else rec.path})
 
     def snapshot(self, provider: str | None = None, model: str | None = None) -> JSON:
         """The JSON of /metrics/running-totals, optionally filtered by provider and/or model."""
@@ -2583,47 +2635,38 @@ class Metrics:
 
     def prometheus(self) -> str:
         """Prometheus text exposition; labels let several instances aggregate."""
-        lines: list[str] = []
-
-        def family(name: str, kind: str, help_text: str) -> None:
-            lines.append(f"# HELP {name} {help_text}")
-            lines.append(f"# TYPE {name} {kind}")
+        lines = ["# HELP vandamme_uptime_seconds Seconds since the gateway (its oldest worker) started.",
+                 "# TYPE vandamme_uptime_seconds gauge", f"vandamme_uptime_seconds {self.clock() - self.started:.3f}"]
 
         def labels(**values: Any) -> str:
-            escaped = (str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for v in values.values())
+            # Model names come from clients: whatever they hold, the exposition stays valid UTF-8.
+            escaped = (str(v).encode("utf-8", "backslashreplace").decode().replace("\\", "\\\\").replace('"', '\\"')
+                       .replace("\n", "\\n") for v in values.values())
             return "{" + ",".join(f'{k}="{v}"' for k, v in zip(values, escaped, strict=True)) + "}"
 
-        family("vandamme_uptime_seconds", "gauge", "Seconds since this process started.")
-        lines.append(f"vandamme_uptime_seconds {self.clock() - self.started:.3f}")
-        family("vandamme_requests_total", "counter", "Requests finished, by provider, model and HTTP status.")
-        for (p, m), s in self.models.items():
-            lines.extend(f"vandamme_requests_total{labels(provider=p, model=m, status=st)} {n}"
-                         for st, n in sorted(s.statuses.items()))
-        family("vandamme_in_flight", "gauge", "Requests in progress.")
-        lines.extend(f"vandamme_in_flight{labels(provider=p, model=m)} {s.in_flight}"
-                     for (p, m), s in self.models.items())
-        family("vandamme_errors_total", "counter", "Failed requests by Anthropic error type.")
-        for (p, m), s in self.models.items():
-            lines.extend(f"vandamme_errors_total{labels(provider=p, model=m, type=t)} {n}"
-                         for t, n in sorted(s.errors_by_type.items()))
-        family("vandamme_tokens_total", "counter", "Tokens by direction (input, output, cache_read, cache_creation).")
-        for (p, m), s in self.models.items():
-            for kind, n in (("input", s.input_tokens), ("output", s.output_tokens),
-                            ("cache_read", s.cache_read_tokens), ("cache_creation", s.cache_creation_tokens)):
-                lines.append(f"vandamme_tokens_total{labels(provider=p, model=m, type=kind)} {n}")
-        for metric, attr, help_text in (
-                ("vandamme_request_duration_seconds", "latency", "Time from request to last byte."),
-                ("vandamme_time_to_first_token_seconds", "ttft", "Time from request to the first streamed token.")):
-            family(metric, "histogram", help_text)
-            for (p, m), s in self.models.items():
-                hist: Histogram = getattr(s, attr)
-                cumulative = 0
-                for bound, n in zip((*LATENCY_BUCKETS_MS, math.inf), hist.counts, strict=True):
-                    cumulative += n
-                    le = "+Inf" if bound == math.inf else f"{bound / 1000:g}"
-                    lines.append(f"{metric}_bucket{labels(provider=p, model=m, le=le)} {cumulative}")
-                lines.append(f"{metric}_sum{labels(provider=p, model=m)} {hist.sum / 1000:.6f}")
-                lines.append(f"{metric}_count{labels(provider=p, model=m)} {hist.count}")
+        def family(name: str, kind: str, help_text: str, samples: Callable[[Stats], Iterable[Sample]]) -> None:
+            lines.extend((f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"))
+            for (p, m), stats in self.models.items():
+                lines.extend(f"{name}{suffix}{labels(provider=p, model=m, **more)} {value}"
+                             for suffix, more, value in samples(stats))
+
+        def histogram(hist: Histogram) -> Iterable[Sample]:
+            for bound, n in zip((*LATENCY_BUCKETS_MS, math.inf), accumulate(hist.counts), strict=True):
+                yield "_bucket", {"le": "+Inf" if bound == math.inf else f"{bound / 1000:g}"}, n
+            yield from (("_sum", {}, f"{hist.sum / 1000:.6f}"), ("_count", {}, sum(hist.counts)))
+
+        family("vandamme_requests_total", "counter", "Requests finished, by provider, model and HTTP status.",
+               lambda s: (("", {"status": status}, n) for status, n in sorted(s.statuses.items())))
+        family("vandamme_in_flight", "gauge", "Requests in progress.", lambda s: [("", {}, s.in_flight)])
+        family("vandamme_errors_total", "counter", "Failed requests by Anthropic error type.",
+               lambda s: (("", {"type": kind}, n) for kind, n in sorted(s.errors_by_type.items())))
+        family("vandamme_tokens_total", "counter", "Tokens by direction (input, output, cache_read, cache_creation).",
+               lambda s: (("", {"type": kind}, getattr(s, f"{kind}_tokens"))
+                          for kind in ("input", "output", "cache_read", "cache_creation")))
+        family("vandamme_request_duration_seconds", "histogram", "Time from request to last byte.",
+               lambda s: histogram(s.latency))
+        family("vandamme_time_to_first_token_seconds", "histogram", "Time from request to the first streamed token.",
+               lambda s: histogram(s.ttft))
         return "\n".join(lines) + "\n"
 
 
@@ -2964,7 +3007,8 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     """Request ids, client authentication, the request's record, and every error as Anthropic JSON."""
     rt = request.app[RUNTIME]
     rec = RequestRecord(request_id=request.headers.get("x-request-id", "")[:128] or "req_" + secrets.token_hex(12),
-                        started=rt.clock())
+                        started=rt.clock(), path=request.path if request.path == "/v1/messages"
+                        else f"{request.method} {request.path}")
     request[RECORD] = rec
     response: web.StreamResponse | None = None
     try:
@@ -2983,7 +3027,7 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         rec.fail(error.error_type, redact(str(error)), status=error.status)
         response = _error_response(error, rec.request_id, redact)
     finally:
-        _finish_record(rt, request.path, rec, response)
+        _finish_record(rt, rec, response)
     if not response.prepared:
         response.headers["request-id"] = rec.request_id
         if request.path in REPORT_PATHS and isinstance(response, web.Response) and response.text:
@@ -2991,11 +3035,11 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     return response
 
 
-def _finish_record(rt: Runtime, path: str, rec: RequestRecord, response: web.StreamResponse | None) -> None:
+def _finish_record(rt: Runtime, rec: RequestRecord, response: web.StreamResponse | None) -> None:
     """Count and log a request once it is answered: every /v1/messages call, and every refusal."""
     rec.latency_ms = (rt.clock() - rec.started) * 1000
     rec.status = rec.status or (response.status if response is not None else 499)
-    if path == "/v1/messages" or rec.status >= 400:
+    if rec.path == "/v1/messages" or rec.status >= 400:
         rt.metrics.record(rec)
         log_access(rt, rec)
 
@@ -3463,30 +3507,40 @@ async def handle_aliases(request: web.Request) -> web.StreamResponse:
                     "rule": route.rule} for name, route in listed_routes(config)]})
 
 
-def health(rt: Runtime) -> JSON:
-    config = rt.config
+async def instance_view(app: web.Application) -> tuple[Metrics, dict[str, int], int]:
+    """The whole instance's metrics, key cool-downs (the most any worker has) and live worker count."""
+    rt, worker = app[RUNTIME], app.get(WORKER)
+    if worker is None:           # one process: its own numbers, no extra work
+        return rt.metrics, {name: ring.cooling() for name, ring in rt.keyrings.items()}, 1
+    return await worker.gather()
+
+
+async def health(app: web.Application) -> JSON:
+    config = app[RUNTIME].config
+    metrics, cooling, workers = await instance_view(app)
     return {"status": "ok" if config.providers else "no_providers", "version": __version__,
-            "default_provider": config.default_provider,
-            "uptime_s": round(time.time() - rt.metrics.started, 1),
-            "providers": provider_summary(config, {name: ring.cooling() for name, ring in rt.keyrings.items()}),
-            "output_limits": {f"{p}:{m}": limit for (p, m), limit in rt.learned_limits.items()},
+            "default_provider": config.default_provider, "workers": workers,
+            "uptime_s": round(metrics.clock() - metrics.started, 1),
+            "providers": provider_summary(config, cooling),
+            "output_limits": {f"{p}:{m}": limit for (p, m), limit in app[RUNTIME].learned_limits.items()},
             **({"hint": "no provider configured: set OPENAI_API_KEY or another {PROVIDER}_API_KEY"}
                if not config.providers else {})}
 
 
 async def handle_health(request: web.Request) -> web.StreamResponse:
     """The detailed view needs the proxy key; without it only the status is public."""
-    data = health(request.app[RUNTIME])
-    return _json_response(data if _has_proxy_key(request) else {"status": data["status"]})
+    if not _has_proxy_key(request):
+        return _json_response({"status": "ok" if request.app[RUNTIME].config.providers else "no_providers"})
+    return _json_response(await health(request.app))
 
 
 async def handle_running_totals(request: web.Request) -> web.StreamResponse:
-    metrics = request.app[RUNTIME].metrics
+    metrics = (await instance_view(request.app))[0]
     return _json_response(metrics.snapshot(request.query.get("provider"), request.query.get("model")))
 
 
 async def handle_prometheus(request: web.Request) -> web.StreamResponse:
-    return web.Response(text=request.app[RUNTIME].metrics.prometheus(),
+    return web.Response(text=(await instance_view(request.app))[0].prometheus(),
                         content_type="text/plain", charset="utf-8", headers={"X-Content-Version": "0.0.4"})
 
 
@@ -3975,10 +4029,93 @@ def startup_banner(config: Config, port: int) -> str:
     return "\n".join(lines)
 
 
+class Worker:
+    """One of `--workers N`. It answers its live numbers on RUN_DIR/PID-RANDOM.sock to the sibling serving a scrape, and
+    keeps RUN_DIR/PID-RANDOM.json no older than anything it handed out (rewritten then, and each second): so a worker
+    that dies keeps its counts, and merged counters never go down, whichever worker answers."""
+
+    def __init__(self, rt: Runtime, run_dir: Path, parent: int) -> None:
+        self.rt, self.run_dir, self.parent, self.pid = rt, run_dir, parent, os.getpid()
+        self.name = f"{self.pid}-{secrets.token_hex(3)}"    # never a dead worker's, even if its pid comes back
+        self.published = -1
+
+    def publish(self) -> str:
+        data = json.dumps({"metrics": self.rt.metrics.state(),
+                           "cooling": {name: ring.cooling() for name, ring in self.rt.keyrings.items()}})
+        temporary = self.run_dir / f"{self.name}.tmp"
+        with contextlib.suppress(OSError):         # a full disk must not break /metrics
+            temporary.write_text(data, encoding="utf-8")
+            temporary.replace(self.run_dir / f"{self.name}.json")
+            self.published = self.rt.metrics.totals.requests
+        return data
+
+    async def answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            writer.write(self.publish().encode())
+            await writer.drain()
+        writer.close()
+
+    async def fetch(self, name: str) -> tuple[JSON | None, bool]:
+        """A sibling's live state; its file (without in-flight requests) when it does not answer."""
+        with contextlib.suppress(OSError, TimeoutError, ValueError):
+            async with asyncio.timeout(2):
+                reader, writer = await asyncio.open_unix_connection(self.run_dir / f"{name}.sock")
+                try:
+                    data = await reader.read()
+                finally:
+                    writer.close()
+            return json.loads(data), True
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads((self.run_dir / f"{name}.json").read_bytes()), False
+        return None, False
+
+    async def gather(self) -> tuple[Metrics, dict[str, int], int]:
+        names = {path.stem for path in self.run_dir.iterdir() if path.suffix in (".json", ".sock")} - {self.name}
+        merged, cooling, live = Metrics(clock=self.rt.metrics.clock), collections.Counter[str](), 0
+        for state, alive in [(json.loads(self.publish()), True), *await asyncio.gather(*map(self.fetch, names))]:
+            if state is not None:
+                merged.absorb(state["metrics"], alive)
+                live += alive
+                for name, n in state["cooling"].items() if alive else ():
+                    cooling[name] = max(cooling[name], n)
+        return merged, dict(cooling), live
+
+    async def run(self, app: web.Application) -> Any:
+        """cleanup_ctx: answer siblings; each second save the state and check that the parent is alive."""
+        try:
+            server = await asyncio.start_unix_server(self.answer, self.run_dir / f"{self.name}.sock")
+        except OSError as exc:      # e.g. a socket path over 107 bytes: siblings read the file instead
+            logger.warning("worker %d: siblings will see its numbers up to 1 s late: %s", self.pid, exc)
+            server = None
+        ticker = asyncio.create_task(self.tick())
+        yield
+        ticker.cancel()
+        if server:
+            server.close()
+        self.publish()
+        (self.run_dir / f"{self.name}.sock").unlink(missing_ok=True)
+        if os.getppid() != self.parent:          # orphaned: nobody else will tidy up
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    async def tick(self) -> None:
+        while os.getppid() == self.parent:
+            await asyncio.sleep(1)
+            if self.published != self.rt.metrics.totals.requests:
+                self.publish()
+        logger.warning("worker %d: the supervising process is gone; shutting down", self.pid)
+        os.kill(self.pid, signal.SIGTERM)
+
+
+WORKER: Final = web.AppKey("vandamme.worker", Worker)
+
+
 async def serve(config: Config, reload: Callable[[], Config] | None = None, *, reuse_port: bool = False,
-                announce: bool = True) -> None:
+                announce: bool = True, worker: tuple[Path, int] | None = None) -> None:
     """Run until SIGTERM/SIGINT; then drain gracefully. SIGHUP reloads the configuration."""
     app = create_app(config)
+    if worker:
+        app[WORKER] = Worker(app[RUNTIME], *worker)
+        app.cleanup_ctx.append(app[WORKER].run)
     # Startup objects never die: keep them out of every future full collection. (Raising
     # the GC thresholds saved little CPU and let the soak test's memory grow by a third.)
     gc.freeze()
@@ -4016,8 +4153,26 @@ async def serve(config: Config, reload: Callable[[], Config] | None = None, *, r
         await runner.cleanup()
 
 
+def _fork_worker(config: Config, reload: Callable[[], Config], run_dir: Path, announce: bool) -> int:
+    parent = os.getpid()
+    pid = os.fork()
+    if pid:
+        return pid
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # pragma: no cover - child process
+        signal.signal(sig, signal.SIG_DFL)     # until serve() installs its own: never the parent's
+    code = 0
+    try:
+        asyncio.run(serve(config, reload, reuse_port=True, announce=announce, worker=(run_dir, parent)))
+    except BaseException as exc:
+        logger.error("worker %d stopped: %s", os.getpid(), exc)
+        code = 1
+    os._exit(code)
+
+
 def run_server(config: Config, reload: Callable[[], Config], workers: int) -> int:
-    """Serve in this process, or fork `workers` processes sharing the port (SO_REUSEPORT)."""
+    """Serve in this process, or supervise `workers` processes sharing the port (SO_REUSEPORT): a worker that
+    dies is restarted (backoff 0.5 s doubling to 30 s while it keeps dying young); SIGTERM/SIGINT/SIGHUP are
+    forwarded; after SIGTERM/SIGINT, wait for the workers to drain, then exit 0."""
     with contextlib.suppress(ImportError):
         import uvloop  # optional, faster event loop
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
@@ -4025,25 +4180,47 @@ def run_server(config: Config, reload: Callable[[], Config], workers: int) -> in
     if workers <= 1:
         asyncio.run(serve(config, reload))
         return 0
-    children = []
-    for n in range(workers):
-        pid = os.fork()
-        if pid == 0:                                   # pragma: no cover - child process
-            code = 0
-            try:
-                asyncio.run(serve(config, reload, reuse_port=True, announce=n == 0))
-            except BaseException:
-                code = 1
-            os._exit(code)
-        children.append(pid)
-    forward = lambda sig, _frame: [os.kill(pid, sig) for pid in children]  # noqa: E731
+    try:    # workers bind with SO_REUSEPORT, which could share a port another process holds the same way
+        with socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((config.host, config.port))
+        run_dir = Path(tempfile.mkdtemp(prefix="vandamme-", dir=os.environ.get("VDM_RUN_DIR") or None))
+    except OSError as exc:
+        where = exc.filename or f"cannot listen on {config.host}:{config.port}"
+        print(f"vandamme: error: {where}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    signals: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward)
-    status = 0
-    for pid in children:
-        _, code = os.waitpid(pid, 0)
-        status |= os.waitstatus_to_exitcode(code) != 0
-    return int(status)
+        signal.signal(sig, lambda sig, _frame: signals.append(sig))
+    running: dict[int, tuple[int, float]] = {}            # pid -> (worker number, start time)
+    due, delays, stopping = dict.fromkeys(range(workers), 0.0), [0.0] * workers, False
+    try:
+        while running or (due and not stopping):
+            while signals:                 # forwarded here, not in the handler: no fork can miss one
+                received = signals.pop(0)
+                stopping = stopping or received != signal.SIGHUP
+                for pid in running:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, received)
+            for n, when in list(due.items()):
+                if not stopping and when <= time.monotonic():
+                    del due[n]
+                    running[_fork_worker(config, reload, run_dir, n == 0 and not delays[n])] = (n, time.monotonic())
+            pid, status = os.waitpid(-1, os.WNOHANG) if running else (0, 0)
+            if not pid:
+                time.sleep(0.05)
+                continue
+            n, started = running.pop(pid)
+            if stopping:
+                continue
+            delays[n] = 0.5 if time.monotonic() - started > 30 else min(30.0, max(0.5, delays[n] * 2))
+            due[n] = time.monotonic() + delays[n]
+            code = os.waitstatus_to_exitcode(status)
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+            logger.warning("worker %d (pid %d) %s; restarting it in %.1fs", n, pid, how, delays[n])
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return 0
 
 # ---------------------------------------------------------------------------
 # §16  Command line
