@@ -1338,6 +1338,11 @@ def decode_with_spans(text: str, known: dict[str, tuple[str, Any]] | None = None
 # §7  Response conversion: OpenAI -> Anthropic
 # ---------------------------------------------------------------------------
 
+def _obj(value: Any) -> JSON:
+    """An upstream's object, or an empty one in place of anything else."""
+    return value if isinstance(value, dict) else {}
+
+
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
@@ -1425,10 +1430,9 @@ def openai_to_anthropic(data: Any, conv: Conversion, client_model: str) -> JSON:
         raise UpstreamError("upstream returned a body that is not a JSON object", status=502)
     choices = data.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        message = upstream_error_message(data) or "upstream response has no choices"
-        raise UpstreamError(message, status=502)
+        raise UpstreamError(upstream_error_message(data) or "upstream response has no choices", status=502)
     choice = choices[0]
-    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    message = _obj(choice.get("message"))
     content: list[JSON] = []
     reasoning = message.get("reasoning_content") or message.get("reasoning")
     if isinstance(reasoning, str) and reasoning:
@@ -1443,8 +1447,8 @@ def openai_to_anthropic(data: Any, conv: Conversion, client_model: str) -> JSON:
     for call in calls if isinstance(calls, list) else ():
         if not isinstance(call, dict):
             continue
-        function = call.get("function") if isinstance(call.get("function"), dict) else {}
-        name = function.get("name") if isinstance(function.get("name"), str) else "unknown_tool"
+        function = _obj(call.get("function"))
+        name = function["name"] if isinstance(function.get("name"), str) else "unknown_tool"
         tool_id = call.get("id")
         content.append({"type": "tool_use", "id": str(tool_id) if tool_id else new_tool_id(),
                         "name": conv.tool_names.get(name, name),
@@ -1941,7 +1945,7 @@ class StreamTranslator:
                 continue
             delta: Any = choice.get("delta")
             if not isinstance(delta, dict):
-                delta = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+                delta = _obj(choice.get("message"))
             reasoning = delta.get("reasoning_content") or delta.get("reasoning")
             if reasoning and isinstance(reasoning, str):
                 writer.thinking(reasoning)
@@ -1978,7 +1982,7 @@ class StreamTranslator:
         index = index if isinstance(index, int) and not isinstance(index, bool) else None
         tool_id = delta.get("id")
         tool_id = str(tool_id) if isinstance(tool_id, (str, int)) and tool_id != "" else None
-        function = delta.get("function") if isinstance(delta.get("function"), dict) else {}
+        function = _obj(delta.get("function"))
         name = function.get("name") if isinstance(function.get("name"), str) and function.get("name") else None
         args = function.get("arguments")
         if isinstance(args, dict):
@@ -3197,15 +3201,18 @@ async def _converted(request: web.Request, rt: Runtime, provider: Provider, mode
     # for compact JSON, and free, unlike a tokenizer pass on every streamed request.
     conv = exchange.conv
     exchange.input_estimate = (len(data) - conv.attachment_chars) // 4 + conv.images * IMAGE_TOKENS
-    send = {"request_id": rec.request_id, "read_body": not rec.streamed,
-            "key_override": client_key(request, config.proxy_api_key)}
     url = provider_url(provider, "chat/completions", model)
+
+    async def send(data: bytes) -> tuple[aiohttp.ClientResponse, bytes | None, str | None]:
+        return await open_upstream(rt, provider, url, data, request_id=rec.request_id, read_body=not rec.streamed,
+                                   key_override=client_key(request, config.proxy_api_key))
+
     try:
-        response, raw, key = await open_upstream(rt, provider, url, data, **send)
+        response, raw, key = await send(data)
     except UpstreamError as exc:
         if not _lower_output_limit(rt, provider, model, payload, exc):
             raise
-        response, raw, key = await open_upstream(rt, provider, url, _encode_payload(payload, cached), **send)
+        response, raw, key = await send(_encode_payload(payload, cached))
     rec.key = key_fingerprint(key)
     if rec.streamed:
         del body, payload, data, cached
