@@ -118,7 +118,7 @@ ERROR_TYPE_BY_STATUS: Final = MappingProxyType({
     400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
     403: "permission_error", 404: "not_found_error", 413: "request_too_large",
     422: "invalid_request_error", 429: "rate_limit_error", 500: "api_error",
-    503: "overloaded_error", 504: "timeout_error", 529: "overloaded_error",
+    503: "overloaded_error", 504: "timeout_error", 508: "api_error", 529: "overloaded_error",
 })
 # Built once: json.dumps with options constructs a new encoder on every call.
 JSON_ENCODE: Final = json.JSONEncoder(separators=(",", ":")).encode
@@ -494,6 +494,9 @@ def parse_config(environ: Mapping[str, str], dotenv: Mapping[str, str], toml_lay
     providers.sort(key=lambda p: (p.name != default, p.name))
     values["default_provider"] = default if providers else None
     warnings += _near_misses(env, [*tables, *(b[0] for b in BUILTIN_PROVIDERS)])
+    if not here.proxy_api_key and not (here.host in ("localhost", "::1") or here.host.startswith("127.")):
+        warnings.append(f"HOST={here.host} is open to other machines and PROXY_API_KEY is unset: anyone who reaches "
+                        "it spends your provider keys; set PROXY_API_KEY, or HOST=127.0.0.1")
     config = Config(**values, providers=tuple(providers),
                     aliases=tuple(sorted(aliases.values(), key=lambda a: (a.provider, a.name))),
                     warnings=tuple(warnings), sources=tuple(sources),
@@ -2948,7 +2951,7 @@ def log_access(rt: Runtime, rec: RequestRecord, path: str = "/v1/messages") -> N
                     rec.input_tokens, rec.output_tokens, rec.key,
                     (f" fallback={rec.fallbacks}" if rec.fallbacks else "")
                     + (f" error={rec.error_type}" if rec.error_type else "")
-                    + (f" path={json.dumps(path)[1:-1]}" if path != "/v1/messages" else "")
+                    + (f" path={json.dumps(path)}" if path != "/v1/messages" else "")
                     + (f' reason="{reason}"' if reason else ""))
 
 
@@ -3711,18 +3714,15 @@ async def serve(config: Config, reload: Callable[[], Config] | None = None, *, r
     site = web.TCPSite(runner, config.host, config.port, reuse_port=reuse_port or None, backlog=1024)
     try:
         await site.start()
-    except OSError as exc:          # one line for the CLI, not a traceback
+    except (OSError, UnicodeError) as exc:      # one line for the CLI, not a traceback
         await runner.cleanup()
         why = ("the port is in use: stop what holds it, or choose another with --port / PORT"
-               if exc.errno == errno.EADDRINUSE else "the host name does not resolve: check --host / HOST"
-               if isinstance(exc, socket.gaierror) else exc.strerror or str(exc))
+               if getattr(exc, "errno", None) == errno.EADDRINUSE else "the host name does not resolve: check "
+               "--host / HOST" if isinstance(exc, (socket.gaierror, UnicodeError)) else exc.strerror or str(exc))
         raise ConfigError(f"cannot listen on {config.host}:{config.port}: {why}") from None
     port = runner.addresses[0][1] if runner.addresses else config.port
     if announce:
         print(startup_banner(config, port), flush=True)
-        if not config.proxy_api_key and not (config.host in ("localhost", "::1") or config.host.startswith("127.")):
-            logger.warning("listening on %s without PROXY_API_KEY: anyone who can reach it can spend your provider "
-                           "keys; set PROXY_API_KEY, or bind HOST=127.0.0.1", config.host)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -3857,8 +3857,10 @@ def _fail(message: object, code: int = 1) -> int:
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Run the command line; return the exit status (0 ok, 1 error, 2 usage, 130 interrupted)."""
     try:
-        code = _command(argv, environ)
-        sys.stdout.flush()
+        try:
+            code = _command(argv, environ)
+        finally:
+            sys.stdout.flush()          # here, not at exit: a closed pipe is then caught below (also after --help)
     except ConfigError as exc:          # found by serve(): the port is in use, the host does not resolve
         return _fail(exc)
     except KeyboardInterrupt:
