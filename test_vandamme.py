@@ -2885,3 +2885,45 @@ async def test_mistake_9_access_log_says_why(tmp_path: Path) -> None:
                             ("413", r' 413 .*reason="request body too large.*MAX_REQUEST_BYTES=2000')):
         assert answers[status][0] == int(status) and re.search(pattern, log), (status, log)
     assert not re.search(r"^10:00:00 INFO forged-line", log, re.M) and r"\r\n10:00:00 INFO forged-line" in log
+
+
+def test_no_cli_command_ever_prints_a_traceback(tmp_path: Path) -> None:
+    """Every subcommand with broken inputs: an exit status and a clear line, never a traceback or `None`."""
+    (tmp_path / "bad.toml").write_text("[openai\napi-key = 1\n")
+    (tmp_path / "badenv").mkdir()
+    (tmp_path / "badenv" / ".env").write_bytes(b"OPENAI_API_KEY=\xff\xfe\n")
+    dead = f"http://127.0.0.1:{free_port()}"
+    down = {"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": f"{dead}/v1"}
+    cases: list[tuple[list[str], dict[str, str], str]] = [
+        (["--port", "abc"], {}, ""), (["--workers", "zero"], {}, ""), (["--middleware", "/nonexistent/hooks.py"], {}, ""),
+        (["serve", "--config", str(tmp_path / "bad.toml")], {}, ""), (["--host", "a" * 64], {}, ""),
+        (["nonsense-command"], {}, ""), (["version", "extra"], {}, ""),
+        (["config"], {}, ""), (["config", "show", "--config", "/nonexistent.toml"], {}, ""),
+        (["config", "show"], {"OPENAI_BASE_URL": "ftp://example"}, ""), (["config", "validate"], {"MAX_RETRIES": "-1"}, ""),
+        (["config", "validate"], {"OPENAI_API_KEY": "!PASSTHRU k2"}, ""), (["config", "validate"], {}, ""),
+        (["config", "init"], {}, ""), (["config", "init", "--yes"], {}, ""),
+        (["config", "init", "--yes", "--provider", "openai", "--api-key", "k", "--output", "/nonexistent/dir/.env"],
+         {}, ""),
+        (["config", "init"], {}, "custom\n\n\n\n\n\n"),
+        (["resolve"], {}, ""), (["resolve", "openrouter:x"], {}, ""), (["resolve", "gemini:x"], {"OPENAI_API_KEY": "k"}, ""),
+        (["health", "--url", dead], {}, ""), (["health", "--url", "localhost:notaport"], {}, ""),
+        (["health", "--url", "::::"], {}, ""), (["health", "--port", "99999"], {}, ""), (["health"], {"PORT": "x"}, ""),
+        (["check"], {}, ""), (["check", "--live"], down, ""), (["check", "--port", "-1"], down, ""),
+        (["models"], {}, ""), (["models", "--provider", "nope"], down, ""), (["models"], down, ""),
+        (["claude", "-p", "hi"], {"PATH": "/nonexistent"}, ""),
+        (["claude", "--config", "/nonexistent.toml", "-p", "hi"], {}, ""),
+    ]
+
+    def run(args: list[str], env: dict[str, str], stdin: str) -> subprocess.CompletedProcess:
+        cwd = tmp_path / "badenv" if args == ["config", "validate"] and not env else tmp_path
+        return subprocess.run([sys.executable, str(HERE / "vandamme.py"), *args], cwd=cwd, input=stdin, text=True,
+                              capture_output=True, timeout=60,
+                              env={"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), **env})
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(4) as pool:
+        runs = list(pool.map(lambda case: run(*case), cases))
+    for (args, _env, _stdin), run in zip(cases, runs, strict=True):
+        output = run.stdout + run.stderr
+        assert run.returncode != 0, (args, output)
+        assert "Traceback" not in output and "None" not in output, (args, output)
+        assert output.strip(), args

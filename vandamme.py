@@ -3869,6 +3869,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as exc:              # e.g. `config init --output` into a missing folder
+        return _fail(exc)
     return code
 
 
@@ -4059,10 +4061,10 @@ async def cli_probe(config: Config, command: str, args: argparse.Namespace) -> i
             return _fail(f"no configured provider {args.provider!r}" if getattr(args, "provider", None)
                          else NO_PROVIDER)
         if command == "models":
-            for provider in wanted:
-                models = await fetch_models(rt, provider, None)
+            lists = [await fetch_models(rt, provider, None) for provider in wanted]
+            for provider, models in zip(wanted, lists, strict=True):
                 print(format_table((f"{provider.name} models",), ((m["id"],) for m in models)))
-            return 0
+            return 0 if all(lists) else 1
         rows, failures = [], 0
         for provider in wanted:
             started = time.monotonic()
