@@ -2927,3 +2927,100 @@ def test_no_cli_command_ever_prints_a_traceback(tmp_path: Path) -> None:
         assert run.returncode != 0, (args, output)
         assert "Traceback" not in output and "None" not in output, (args, output)
         assert output.strip(), args
+
+
+# ---------------------------------------------------------------------------
+# README: the first screen on a fresh machine, and every recipe
+# ---------------------------------------------------------------------------
+
+def readme_section(title: str) -> str:
+    text = (HERE / "README.md").read_text()
+    start = text.index(f"\n## {title}\n")
+    return text[start:text.index("\n## ", start + 1)]
+
+
+RECIPE_BLOCKS = re.findall(r"```bash\n(.*?)```", readme_section("Recipes"), re.S)
+
+
+@pytest.mark.parametrize("block", [pytest.param(b, id=re.search(r"export (\w+?)_", b).group(1).lower() + f"-{i}")
+                                   for i, b in enumerate(RECIPE_BLOCKS)])
+def test_readme_recipe_routes_as_written(block: str, capsys: Any, monkeypatch: Any, tmp_path: Path) -> None:
+    env = dict(re.findall(r"^export (\w+)=(\S+)", block, re.M))
+    checks = re.findall(r"^python vandamme\.py resolve (\S+)\s+# -> (\S+)$", block, re.M)
+    assert env and checks, block
+    code, out, err = run_main(["config", "validate"], env, tmp_path, capsys, monkeypatch)
+    assert code == 0 and "warning" not in out, out + err
+    for model, target in checks:
+        code, out, err = run_main(["resolve", model], env, tmp_path, capsys, monkeypatch)
+        assert code == 0 and out.startswith(f"{model} -> {target}\n"), (model, out, err)
+
+
+async def test_readme_claude_code_family_variable_reaches_the_model(claude_bin: str, cc_proxy: Any,
+                                                                    upstream: FakeUpstream, tmp_path: Path) -> None:
+    """The recipe's client side: ANTHROPIC_DEFAULT_SONNET_MODEL=provider:model picks what `sonnet` means."""
+    upstream.add(streamed_text("Mapped model answered (map-3141)."))
+    (tmp_path / "work").mkdir()
+    code, result, output = await run_claude(claude_bin, cc_proxy.url, "say hi", tmp_path / "work",
+                                            env_changes={"ANTHROPIC_DEFAULT_SONNET_MODEL": "openai:mapped-sonnet"})
+    assert code == 0 and "map-3141" in result.get("result", ""), output + cc_proxy.log()
+    assert [r["body"]["model"] for r in upstream.requests if r["method"] == "POST"] == ["mapped-sonnet"]
+
+
+@pytest.mark.slow
+async def test_fresh_machine_first_screen_as_written(upstream: FakeUpstream, tmp_path: Path) -> None:
+    """SLOW (a new venv and `pip install aiohttp` from the package registry: about 30 s, at most 10 min).
+
+    The README's first screen, exactly as written, in a new folder holding only vandamme.py, with only
+    /usr/bin and /bin on PATH (no `python`): the gateway starts, and the client line as written (its port
+    changed) gets an answer, from the real Claude Code CLI when installed.
+    """
+    block = re.search(r"<!-- first-screen[^>]*-->\n```bash\n(.*?)```", (HERE / "README.md").read_text(), re.S)
+    assert block is not None
+    lines = [line for line in block.group(1).splitlines() if line.strip() and not line.startswith("#")]
+    assert lines[-1] == "OPENAI_API_KEY=sk-... python vandamme.py" and "python3 -m venv" in lines[0]
+    folder = tmp_path / "fresh"
+    folder.mkdir()
+    shutil.copy(HERE / "vandamme.py", folder / "vandamme.py")
+    port = free_port()
+    script = "\n".join(lines)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PORT": str(port), "OPENAI_BASE_URL": f"{upstream.url}/v1"}
+    log_path = tmp_path / "fresh.log"
+    with open(log_path, "wb") as log:
+        shell = subprocess.Popen(["bash", "-ec", script], cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)      # its own group: the shell and the gateway it starts
+    try:
+        deadline = time.monotonic() + 600
+        async with aiohttp.ClientSession() as session:
+            while True:
+                assert shell.poll() is None, log_path.read_text(errors="replace")
+                assert time.monotonic() < deadline, log_path.read_text(errors="replace")
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(f"http://127.0.0.1:{port}/health") as response:
+                        if (await response.json())["status"] == "ok":
+                            break
+                await asyncio.sleep(0.5)
+        client = re.search(r"```bash\n(ANTHROPIC_BASE_URL=\S+ ANTHROPIC_API_KEY=\S+ claude)\n```",
+                           (HERE / "README.md").read_text())
+        assert client is not None
+        claude = find_claude()
+        if claude is not None:
+            env_line = client.group(1).replace(":8082", f":{port}").removesuffix(" claude")
+            changes = dict(pair.split("=", 1) for pair in env_line.split())
+            (tmp_path / "work").mkdir()
+            upstream.add(streamed_text("Fresh machine works (fresh-2718)."))
+            code, result, output = await run_claude(claude, changes["ANTHROPIC_BASE_URL"], "say hi", tmp_path / "work",
+                                                    env_changes=changes)
+            assert code == 0 and "fresh-2718" in result.get("result", ""), output
+        else:
+            status, _headers, body = await post_message(f"http://127.0.0.1:{port}", "claude-sonnet-4-5",
+                                                        {"x-api-key": "any-value"})
+            assert status == 200 and body["content"][0]["text"] == "Hello there"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(shell.pid, signal.SIGTERM)
+        try:
+            shell.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(shell.pid, signal.SIGKILL)
+            shell.wait()
+    assert "vandamme needs" not in log_path.read_text(errors="replace")
