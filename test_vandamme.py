@@ -2772,6 +2772,15 @@ async def test_mistake_6_near_misses_at_startup(tmp_path: Path) -> None:
     assert re.search(r"warning: OPENAI_BASEURL .*did you mean OPENAI_BASE_URL\?", proc.log()), proc.log()
 
 
+def test_mistake_8_public_bind_without_proxy_key_warns(tmp_path: Path) -> None:
+    for host, key, warned in (("0.0.0.0", "", True), ("192.0.2.10", "", True), ("0.0.0.0", "team-secret", False),
+                              ("127.0.0.1", "", False), ("localhost", "", False)):
+        run = vandamme_cli("config", "validate", cwd=tmp_path, env={"OPENAI_API_KEY": "k", "HOST": host,
+                                                                   "PROXY_API_KEY": key})
+        assert run.returncode == 0, run.stderr
+        assert bool(re.search(rf"warning: HOST={re.escape(host)} .*PROXY_API_KEY is unset", run.stdout)) is warned, run.stdout
+
+
 def test_mistake_6_config_init_refuses_a_keyless_config(tmp_path: Path) -> None:
     refused = vandamme_cli("config", "init", "--yes", "--provider", "openrouter", cwd=tmp_path)
     assert refused.returncode == 1 and "no API key for openrouter" in refused.stderr

@@ -4042,7 +4042,7 @@ def cli_health(url: str) -> int:
         print(_style(f"unreachable: no vandamme answers at {url}: {exc or type(exc).__name__}", "31"))
         return 1
     ok = data.get("status") == "ok" and not down
-    status = "healthy" if ok else f"all keys cooling down: {', '.join(down)}" if down else data.get("status")
+    status = "healthy" if ok else f"all keys cooling down: {', '.join(down)}" if down else data.get("status") or "?"
     print(f"{_style(str(status), '32' if ok else '31')}: vandamme {data.get('version') or '?'} at {url}, "
           f"up {data.get('uptime_s') or 0}s, default provider {data.get('default_provider') or 'none'}")
     print(data.get("hint") or format_table(("provider", "format", "base URL", "keys", "cooling"), rows))
