@@ -2680,7 +2680,7 @@ async def open_upstream(rt: Runtime, provider: Provider, url: str, data: bytes, 
         keys: list[str | None] = [key_override]
         if not key_override:
             raise AuthenticationError(f"provider {provider.name!r} uses the client's own API key "
-                                      "(!PASSTHRU): send it in x-api-key or Authorization: Bearer")
+                                      "(!PASSTHRU): set ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN in the client")
     else:
         keys = list(ring.order()) if ring else [None]
     attempt = key_index = 0
