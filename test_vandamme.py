@@ -1892,6 +1892,25 @@ async def test_base_url_user_info_and_query_are_masked(proxy: Any, upstream: Fak
     assert "query-secret-1234" not in health and "userinfo-pass-9876" not in health and "x" in health
 
 
+async def test_cli_output_and_startup_banner_mask_secrets(upstream: FakeUpstream, tmp_path: Path, capsys: Any) -> None:
+    secrets = ["sk-cli-secret-0123456789", "pass-secret-4242", "qs-secret-8888", "hdr-secret-7777"]
+    env = {"OPENAI_API_KEY": secrets[0], "OPENAI_BASE_URL": f"http://u:{secrets[1]}@127.0.0.1:9/v1?k={secrets[2]}",
+           "OPENAI_CUSTOM_HEADER_X_TEAM": secrets[3], "HOME": str(tmp_path)}
+    for argv in (["config", "show"], ["config", "validate"], ["resolve", "sonnet"]):
+        vd.main(argv, environ=env)
+        out = capsys.readouterr()
+        assert all(secret not in out.out + out.err for secret in secrets), argv
+    check = await asyncio.to_thread(subprocess.run, [sys.executable, str(HERE / "vandamme.py"), "check"],
+                                    env={**env, "PATH": os.environ["PATH"]}, capture_output=True, text=True, timeout=60)
+    assert "openai" in check.stdout and all(secret not in check.stdout + check.stderr for secret in secrets)
+    proc = ProxyProcess(HERE / "vandamme.py", {**env, "LOG_LEVEL": "DEBUG"}, tmp_path)
+    try:
+        await proc.wait_ready()
+    finally:
+        proc.stop()
+    assert "listening on" in proc.log() and all(secret not in proc.log() for secret in secrets)
+
+
 @pytest.mark.parametrize("path", ["/v1/messages", "/v1/models"])
 async def test_upstream_redirects_are_never_followed(proxy: Any, upstream: FakeUpstream, path: str) -> None:
     client = await proxy()
@@ -2372,8 +2391,9 @@ def accepts_connections(port: int) -> bool:
 class ProxyProcess:
     """`python vandamme.py --port N` as a real process; always stopped by the caller."""
 
-    def __init__(self, script: Path, env: dict[str, str], cwd: Path, args: tuple[str, ...] = ()) -> None:
-        self.port = free_port()
+    def __init__(self, script: Path, env: dict[str, str], cwd: Path, args: tuple[str, ...] = (),
+                 port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = cwd / f"proxy-{self.port}.log"
         full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(cwd), "LOG_LEVEL": "INFO", **env}
@@ -2716,12 +2736,13 @@ async def test_disconnect_before_first_byte_cancels_upstream(proxy: Any, upstrea
     await until(lambda: upstream.active == 0, timeout=1.5)   # well before the upstream would have answered
 
 
-JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-5, 10 ** 6)
-                           | st.floats(allow_nan=False, allow_infinity=False)
-                           | st.text(max_size=20),
-                           lambda inner: st.lists(inner, max_size=4)
-                           | st.dictionaries(st.text(max_size=10), inner, max_size=4),
-                           max_leaves=20)
+def json_containers(inner: Any) -> Any:
+    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+
+
+JSON_SCALARS = (st.none() | st.booleans() | st.integers(-5, 10 ** 6) | st.floats(allow_nan=False, allow_infinity=False)
+                | st.text(max_size=20))
+JSON_VALUES = st.recursive(JSON_SCALARS, json_containers, max_leaves=20)
 FIELDS = ("model", "messages", "max_tokens", "system", "tools", "tool_choice", "stream", "thinking", "temperature",
           "stop_sequences", "metadata")
 BLOCK = st.fixed_dictionaries({"type": st.sampled_from(["text", "image", "tool_use", "tool_result", "document",
@@ -3001,14 +3022,20 @@ def claude_bin() -> str:
     return path
 
 
-async def run_claude(claude: str, base_url: str, prompt: str, work: Path, *tools: str) -> tuple[int, dict, str]:
-    """One offline print-mode run: explicit environment, throw-away HOME, no retries to wait for."""
+async def run_claude(claude: str, base_url: str, prompt: str, work: Path, *tools: str,
+                     env_changes: dict[str, str | None] | None = None) -> tuple[int, dict, str]:
+    """One offline print-mode run: explicit environment, throw-away HOME, no retries to wait for.
+    `env_changes` sets variables, or removes those given as None."""
     home = work.parent / f"{work.name}-home"
     home.mkdir(exist_ok=True)
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "TERM": "dumb",
            "ANTHROPIC_BASE_URL": base_url, "ANTHROPIC_API_KEY": "test-key",
            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_TELEMETRY": "1", "DISABLE_AUTOUPDATER": "1",
            "DISABLE_ERROR_REPORTING": "1", "CLAUDE_CODE_MAX_RETRIES": "1"}
+    for name, value in (env_changes or {}).items():
+        env.pop(name, None)
+        if value is not None:
+            env[name] = value
     args = ["-p", prompt, "--model", "sonnet", "--output-format", "json"]
     if tools:
         args += ["--allowedTools", *tools]
@@ -3224,3 +3251,519 @@ async def test_dashboard_asks_for_the_key_when_proxy_key_is_set(proxy: Any, tmp_
     auth = re.search(r'<div id="auth"[^>]*>', dom)
     assert auth and "hidden" not in auth.group(0) and 'type="password"' in dom
     assert 'data-loaded="1"' not in dom
+
+
+# ---------------------------------------------------------------------------
+# First run: every mistake gets a clear answer within seconds, on a real process (issue 12)
+# ---------------------------------------------------------------------------
+
+def vandamme_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, stdin: str = "",
+                 stdout: Any = subprocess.PIPE, timeout: float = 30) -> subprocess.CompletedProcess:
+    """`python vandamme.py ARGS` with only the given environment and a closed stdin; bounded."""
+    full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(cwd), **(env or {})}
+    return subprocess.run([sys.executable, str(HERE / "vandamme.py"), *args], cwd=cwd, env=full_env, input=stdin,
+                          stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=timeout)
+
+
+def start_logged(argv: list[str], cwd: Path, env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """A process writing to log_path, in its own process group (it and whatever it starts)."""
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+async def post_message(url: str, model: str, headers: dict[str, str] | None = None) -> tuple[int, dict, dict]:
+    """One non-streamed /v1/messages call: (status, headers, JSON body)."""
+    body = {"model": model, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession() as session, \
+            session.post(f"{url}/v1/messages", json=body, headers=headers or {}) as response:
+        return response.status, dict(response.headers), await response.json(content_type=None)
+
+
+UPSTREAM_KEY_REJECTIONS = [
+    pytest.param("openai", 401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}},
+                 id="openai-format-401"),
+    pytest.param("openai", 403, {"error": {"message": "Project does not have access", "type": "permission_error"}},
+                 id="openai-format-403"),
+    # Anthropic's own answer names x-api-key, which makes Claude Code print its own "Fix external API key" text.
+    pytest.param("zai", 401, {"type": "error", "error": {"type": "authentication_error",
+                                                         "message": "invalid x-api-key"}},
+                 id="anthropic-format-401-says-x-api-key"),
+]
+
+
+@pytest.mark.parametrize(("provider", "status", "reply"), UPSTREAM_KEY_REJECTIONS)
+async def test_mistake_1_wrong_provider_key_stops_claude_code_at_once(
+        claude_bin: str, upstream: FakeUpstream, tmp_path: Path, provider: str, status: int, reply: dict) -> None:
+    var = f"{provider.upper()}_API_KEY"
+    base_url = upstream.url + ("/v1" if provider == "openai" else "")
+    proc = ProxyProcess(HERE / "vandamme.py", {var: "sk-wrong-key-00000001", f"{provider.upper()}_BASE_URL": base_url,
+                                               "VDM_DEFAULT_PROVIDER": provider}, tmp_path)
+    upstream.add(Reply(reply, status=status))
+    (tmp_path / "work").mkdir()
+    try:
+        await proc.wait_ready()
+        started = time.monotonic()
+        # Claude Code's default retries (10, about 3 minutes) are on: only x-should-retry: false stops them.
+        code, result, output = await run_claude(claude_bin, proc.url, "say hi", tmp_path / "work",
+                                                env_changes={"CLAUDE_CODE_MAX_RETRIES": None})
+        elapsed = time.monotonic() - started
+    finally:
+        proc.stop()
+    shown = result.get("result", "")
+    assert code == 1 and elapsed < 30, output
+    assert var in shown and f"{status}" in shown and "Fix external API key" not in shown, output
+    assert shown.startswith("Failed to authenticate"), output
+    assert len([r for r in upstream.requests if r["method"] == "POST"]) == 1
+    assert re.search(rf" {status} .*reason=\".*{var}", proc.log()), proc.log()
+
+
+async def test_mistake_2_wrong_proxy_key_stops_claude_code_at_once(claude_bin: str, upstream: FakeUpstream,
+                                                                  tmp_path: Path) -> None:
+    proc = ProxyProcess(HERE / "vandamme.py", {"OPENAI_API_KEY": "sk-cc", "OPENAI_BASE_URL": f"{upstream.url}/v1",
+                                               "PROXY_API_KEY": "team-secret-1234"}, tmp_path)
+    (tmp_path / "work").mkdir()
+    try:
+        await proc.wait_ready()
+        started = time.monotonic()
+        code, result, output = await run_claude(claude_bin, proc.url, "say hi", tmp_path / "work", env_changes={
+            "CLAUDE_CODE_MAX_RETRIES": None, "ANTHROPIC_API_KEY": "not-the-proxy-key"})
+        elapsed = time.monotonic() - started
+        missing = await post_message(proc.url, "claude-sonnet-4-5")        # other clients: no key at all
+    finally:
+        proc.stop()
+    shown = result.get("result", "")
+    assert code == 1 and elapsed < 30, output
+    assert "PROXY_API_KEY" in shown and "ANTHROPIC_API_KEY" in shown and "Fix external" not in shown, output
+    status, headers, body = missing
+    assert (status, headers.get("x-should-retry")) == (401, "false")
+    assert "ANTHROPIC_AUTH_TOKEN" in body["error"]["message"] and "PROXY_API_KEY" in body["error"]["message"]
+    assert upstream.requests == []
+    assert len(re.findall(r" 401 .*reason=\"vandamme rejected the client's key", proc.log())) == 2, proc.log()
+
+
+async def test_mistake_3_unconfigured_provider_prefix_is_a_400_sent_nowhere(upstream: FakeUpstream,
+                                                                          tmp_path: Path) -> None:
+    (tmp_path / "vandamme-config.toml").write_text('[mygateway]\napi-format = "openai"\n')   # mentioned, no URL
+    env = {"OPENAI_API_KEY": "sk-x", "OPENAI_BASE_URL": f"{upstream.url}/v1"}
+    proc = ProxyProcess(HERE / "vandamme.py", env, tmp_path)
+    wanted = {"openrouter:anthropic/claude-sonnet-4.5": "OPENROUTER_API_KEY", "gemini:gemini-2.5-pro": "GEMINI_API_KEY",
+              "mygateway:model-x": "MYGATEWAY_API_KEY"}
+    try:
+        await proc.wait_ready()
+        answers = {model: await post_message(proc.url, model) for model in [*wanted, "qwen2.5-coder:7b"]}
+    finally:
+        proc.stop()
+    for model, var in wanted.items():
+        status, headers, body = answers[model]
+        assert (status, headers.get("x-should-retry")) == (400, "false"), body
+        assert var in body["error"]["message"] and body["error"]["type"] == "invalid_request_error"
+    assert answers["qwen2.5-coder:7b"][0] == 200             # not a provider name: the default provider's model
+    assert [r["body"]["model"] for r in upstream.requests if r["method"] == "POST"] == ["qwen2.5-coder:7b"]
+    refused = vandamme_cli("resolve", "openrouter:anthropic/claude-sonnet-4.5", cwd=tmp_path, env=env)
+    assert refused.returncode == 1 and "OPENROUTER_API_KEY" in refused.stderr
+    served = vandamme_cli("resolve", "qwen2.5-coder:7b", cwd=tmp_path, env=env)
+    assert served.returncode == 0 and "openai:qwen2.5-coder:7b" in served.stdout
+
+
+async def test_mistake_4_self_loop_is_disabled_at_startup(upstream: FakeUpstream, tmp_path: Path) -> None:
+    port = free_port()
+    # Claude Code's variables exported in the shell that starts the gateway.
+    proc = ProxyProcess(HERE / "vandamme.py", {"OPENAI_API_KEY": "sk-x", "OPENAI_BASE_URL": f"{upstream.url}/v1",
+                                               "ANTHROPIC_BASE_URL": f"http://localhost:{port}",
+                                               "ANTHROPIC_API_KEY": "any-value"}, tmp_path, port=port)
+    try:
+        health = await proc.wait_ready()
+        status, _headers, _body = await post_message(proc.url, "claude-sonnet-4-5")
+    finally:
+        proc.stop()
+    assert [p["name"] for p in health["providers"]] == ["openai"] and status == 200
+    warnings = [line for line in proc.log().splitlines() if "provider 'anthropic' disabled" in line]
+    assert len(warnings) == 1 and "ANTHROPIC_BASE_URL" in warnings[0] and "loop" in warnings[0]
+
+
+async def test_mistake_4_a_loop_through_two_gateways_stops_at_once(tmp_path: Path) -> None:
+    port_a, port_b = free_port(), free_port()
+    procs = []
+    for name, port, peer in (("a", port_a, port_b), ("b", port_b, port_a)):
+        (tmp_path / name).mkdir()
+        procs.append(ProxyProcess(HERE / "vandamme.py", {"PEER_BASE_URL": f"http://127.0.0.1:{peer}",
+                                                         "PEER_API_FORMAT": "anthropic", "PEER_API_KEY": "k"},
+                                  tmp_path / name, port=port))
+    try:
+        for proc in procs:
+            await proc.wait_ready()
+        started = time.monotonic()
+        status, headers, body = await post_message(procs[0].url, "claude-sonnet-4-5")
+        elapsed = time.monotonic() - started
+    finally:
+        for proc in procs:
+            proc.stop()
+    assert (status, headers.get("x-should-retry")) == (508, "false") and elapsed < 10
+    assert "loop detected" in body["error"]["message"]
+    served = [len(re.findall(r"claude-sonnet-4-5 -> peer:", proc.log())) for proc in procs]
+    assert served == [2, 1], [proc.log() for proc in procs]     # client -> a -> b -> a (refused); no storm
+
+
+def _busy_port() -> tuple[socket.socket, int]:
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    return holder, holder.getsockname()[1]
+
+
+STARTUP_FAILURES = [
+    pytest.param(["--port", "{busy}"], {}, "port is in use", id="port-in-use"),
+    pytest.param(["--port", "70000"], {}, "--port out of range", id="port-flag-out-of-range"),
+    pytest.param([], {"PORT": "70000"}, "PORT out of range", id="port-variable-out-of-range"),
+    pytest.param(["--log-level", "LOUD"], {}, "--log-level must be one of", id="log-level-flag"),
+    pytest.param([], {"LOG_LEVEL": "loud"}, "LOG_LEVEL must be one of", id="log-level-variable"),
+    # A label over 63 characters fails inside the resolver: no DNS query leaves the machine.
+    pytest.param(["--host", "a" * 64 + ".invalid"], {}, "host name does not resolve", id="host-unresolvable"),
+]
+
+
+@pytest.mark.parametrize(("args", "env", "expected"), STARTUP_FAILURES)
+def test_mistake_5_startup_failures_are_one_line(tmp_path: Path, args: list[str], env: dict, expected: str) -> None:
+    holder, busy = _busy_port()
+    try:
+        run = vandamme_cli(*[a.format(busy=busy) for a in args], cwd=tmp_path, env={"OPENAI_API_KEY": "k", **env})
+    finally:
+        holder.close()
+    assert run.returncode == 1 and run.stdout == "", run.stdout
+    assert run.stderr.count("\n") == 1 and expected in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+def test_mistake_5_broken_pipe_is_quiet(tmp_path: Path) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)                      # `config show | head -1` once head has gone
+    try:
+        run = vandamme_cli("config", "show", cwd=tmp_path, env={"OPENAI_API_KEY": "k"}, stdout=write_end)
+    finally:
+        os.close(write_end)
+    assert run.returncode == 1 and run.stderr == ""
+
+
+def test_mistake_5_old_python_gets_one_line(tmp_path: Path) -> None:
+    """The file parses on Python 3.8+, and the guard runs before `import tomllib`."""
+    source = (HERE / "vandamme.py").read_text()
+    import ast
+    ast.parse(source, feature_version=(3, 8))
+    assert source.index("sys.version_info < (3, 11)") < source.index("import tomllib")
+    pretend = ("import sys; sys.version_info = (3, 10, 14); sys.argv = ['vandamme.py', 'version']; "
+               f"exec(compile(open({str(HERE / 'vandamme.py')!r}).read(), 'vandamme.py', 'exec'), "
+               "{'__name__': '__main__'})")
+
+    def is_old(path: str | None) -> bool:
+        return bool(path) and subprocess.run([path, "-c", "import sys; assert sys.version_info < (3, 11)"],
+                                             capture_output=True, timeout=30).returncode == 0
+    # a real old interpreter when one works here (pyenv shims may not)
+    old = next((path for path in map(shutil.which, ("python3.10", "python3.9", "python3.8")) if is_old(path)), None)
+    command = [old, str(HERE / "vandamme.py"), "version"] if old else [sys.executable, "-c", pretend]
+    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=30,
+                         env={"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)})
+    assert run.returncode == 1 and run.stdout == ""
+    assert run.stderr.startswith("vandamme needs Python 3.11 or newer") and run.stderr.count("\n") == 1
+
+
+def test_mistake_6_validate_without_provider_and_near_misses(tmp_path: Path) -> None:
+    empty = vandamme_cli("config", "validate", cwd=tmp_path)
+    assert empty.returncode == 1 and "OPENAI_API_KEY" in empty.stderr and "Traceback" not in empty.stderr
+    near = {"OPENAI_API_KY": "sk-1", "OPENAI_BASEURL": "http://127.0.0.1:9/v1", "OPENROUTR_API_KEY": "sk-2",
+            "GROQ_API_KEY": "gsk-3"}
+    run = vandamme_cli("config", "validate", cwd=tmp_path, env=near)
+    assert run.returncode == 0, run.stderr
+    for typo, meant in (("OPENAI_API_KY", "OPENAI_API_KEY"), ("OPENAI_BASEURL", "OPENAI_BASE_URL"),
+                        ("openroutr", "OPENROUTER_API_KEY")):
+        assert re.search(rf"warning: .*{typo}.*did you mean {meant}\?", run.stdout), run.stdout
+    assert "GROQ" not in run.stdout                          # a correct name gets no hint
+
+
+async def test_mistake_6_near_misses_at_startup(tmp_path: Path) -> None:
+    proc = ProxyProcess(HERE / "vandamme.py", {"OPENAI_API_KEY": "k", "OPENAI_BASEURL": "http://127.0.0.1:9/v1"},
+                        tmp_path)
+    try:
+        await proc.wait_ready()
+    finally:
+        proc.stop()
+    assert re.search(r"warning: OPENAI_BASEURL .*did you mean OPENAI_BASE_URL\?", proc.log()), proc.log()
+
+
+def test_mistake_8_public_bind_without_proxy_key_warns(tmp_path: Path) -> None:
+    for host, key, warned in (("0.0.0.0", "", True), ("192.0.2.10", "", True), ("0.0.0.0", "team-secret", False),
+                              ("127.0.0.1", "", False), ("localhost", "", False)):
+        run = vandamme_cli("config", "validate", cwd=tmp_path, env={"OPENAI_API_KEY": "k", "HOST": host,
+                                                                   "PROXY_API_KEY": key})
+        assert run.returncode == 0, run.stderr
+        found = re.search(rf"warning: HOST={re.escape(host)} .*PROXY_API_KEY is unset", run.stdout)
+        assert bool(found) is warned, run.stdout
+
+
+def test_mistake_6_config_init_refuses_a_keyless_config(tmp_path: Path) -> None:
+    refused = vandamme_cli("config", "init", "--yes", "--provider", "openrouter", cwd=tmp_path)
+    assert refused.returncode == 1 and "no API key for openrouter" in refused.stderr
+    assert not (tmp_path / ".env").exists()
+    piped = vandamme_cli("config", "init", cwd=tmp_path, stdin="gemini\n\n\n\n\nenv\n")     # no key typed
+    assert piped.returncode == 1 and "no API key for gemini" in piped.stderr and not (tmp_path / ".env").exists()
+    local = vandamme_cli("config", "init", "--yes", "--provider", "ollama", cwd=tmp_path)
+    assert local.returncode == 0 and "OLLAMA" not in (tmp_path / ".env").read_text().replace("VDM_DEFAULT", "")
+    assert vd.parse_dotenv((tmp_path / ".env").read_text()) == {"VDM_DEFAULT_PROVIDER": "ollama"}
+
+
+def test_mistake_6_config_init_does_not_echo_keys(tmp_path: Path) -> None:
+    """In a terminal (a pseudo-terminal here) the key is read without echo."""
+    import pty
+    pid, fd = pty.fork()
+    if pid == 0:                                           # pragma: no cover - the child
+        os.chdir(tmp_path)
+        os.execve(sys.executable, [sys.executable, str(HERE / "vandamme.py"), "config", "init"],
+                  {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "TERM": "dumb"})
+    seen = b""
+    answers = [b"openai\n", b"sk-typed-secret-4242\n", b"\n", b"\n", b"\n", b"env\n"]
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            ready = __import__("select").select([fd], [], [], 0.2)[0]
+            if ready:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+                if answers and seen.rstrip().endswith((b":", b"]:")):
+                    os.write(fd, answers.pop(0))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL) if answers else None
+        status = os.waitpid(pid, 0)[1]
+        os.close(fd)
+    text = seen.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0 and "wrote .env" in text, text
+    assert "sk-typed-secret-4242" not in text and "not shown" in text
+    assert vd.parse_dotenv((tmp_path / ".env").read_text())["OPENAI_API_KEY"] == "sk-typed-secret-4242"
+
+
+async def test_mistake_7_health_and_check_follow_port_and_exit_codes(upstream: FakeUpstream, tmp_path: Path) -> None:
+    env = {"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": f"{upstream.url}/v1"}
+    proc = ProxyProcess(HERE / "vandamme.py", env, tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bare = ProxyProcess(HERE / "vandamme.py", {}, empty)
+    dotenv_dir = tmp_path / "dotenv"
+    dotenv_dir.mkdir()
+    (dotenv_dir / ".env").write_text(f"PORT={proc.port}\n")
+
+    async def cli(*args: str, cwd: Path = tmp_path, **more: str) -> subprocess.CompletedProcess:
+        return await asyncio.to_thread(vandamme_cli, *args, cwd=cwd, env={**env, **more})
+    try:
+        await proc.wait_ready()
+        await bare.wait_ready()
+        runs = [await cli("health", "--port", str(proc.port)), await cli("health", PORT=str(proc.port)),
+                await cli("health", cwd=dotenv_dir), await cli("health", "--url", f"127.0.0.1:{proc.port}")]
+        no_providers = await cli("health", "--url", bare.url)
+    finally:
+        proc.stop()
+        bare.stop()
+    for run in runs:
+        assert run.returncode == 0 and run.stdout.startswith("healthy"), run.stdout + run.stderr
+    assert no_providers.returncode == 1 and "OPENAI_API_KEY" in no_providers.stdout
+    assert "None" not in no_providers.stdout, no_providers.stdout
+    unreachable = await cli("health", "--port", str(proc.port))
+    assert unreachable.returncode == 1 and "unreachable" in unreachable.stdout
+    down = await cli("check", OPENAI_BASE_URL=f"http://127.0.0.1:{free_port()}/v1")
+    assert down.returncode == 1 and re.search(r"openai\s+openai\s+no model list", down.stdout), down.stdout
+    nothing = await cli("check", cwd=empty, OPENAI_API_KEY="", OPENAI_BASE_URL="")
+    assert nothing.returncode == 1 and "OPENAI_API_KEY" in nothing.stderr
+    # --port decides which base URL is the gateway itself: that provider is left out of the probe.
+    claude_shell = {"ANTHROPIC_BASE_URL": f"http://localhost:{free_port()}", "ANTHROPIC_API_KEY": "x"}
+    port = claude_shell["ANTHROPIC_BASE_URL"].rsplit(":", 1)[1]
+    looped = await cli("check", "--port", port, **claude_shell)
+    probed = await cli("check", **claude_shell)
+    assert looped.returncode == 0 and not re.search(r"^anthropic", looped.stdout, re.M), looped.stdout
+    assert probed.returncode == 1 and re.search(r"^anthropic\s+anthropic\s+no model list", probed.stdout, re.M)
+
+
+async def test_mistake_9_access_log_says_why(tmp_path: Path) -> None:
+    proc = ProxyProcess(HERE / "vandamme.py", {"OPENAI_API_KEY": "k", "PROXY_API_KEY": "secret-1234",
+                                               "MAX_REQUEST_BYTES": "2000"}, tmp_path)
+    key = {"x-api-key": "secret-1234"}
+    try:
+        await proc.wait_ready()
+        async with aiohttp.ClientSession() as session:
+            answers = {}
+            for name, method, path, headers, data in (
+                    ("401", "POST", "/v1/messages", {}, b"{}"),
+                    ("404", "POST", "/v1/v1/messages", key, b"{}"),
+                    ("405", "GET", "/v1/messages", key, None),
+                    ("413", "POST", "/v1/messages", key, b"x" * 5000),
+                    ("forged", "GET", "/x%0D%0A10:00:00 INFO forged-line", key, None)):
+                async with session.request(method, f"{proc.url}{path}", headers=headers, data=data) as response:
+                    answers[name] = (response.status, await response.json())
+    finally:
+        proc.stop()
+    log = proc.log()
+    assert answers["404"][0] == 404 and "ANTHROPIC_BASE_URL" in answers["404"][1]["error"]["message"]
+    assert "without /v1" in answers["404"][1]["error"]["message"]
+    for status, pattern in (("401", r' 401 .*reason="vandamme rejected'),
+                            ("404", (r' 404 .*path="POST /v1/v1/messages" reason=".*'
+                                     r'ANTHROPIC_BASE_URL=http://HOST:PORT without /v1')),
+                            ("405", r' 405 .*reason="method GET not allowed on /v1/messages"'),
+                            ("413", r' 413 .*reason="request body too large.*MAX_REQUEST_BYTES=2000')):
+        assert answers[status][0] == int(status) and re.search(pattern, log), (status, log)
+    assert not re.search(r"^10:00:00 INFO forged-line", log, re.M) and r"\r\n10:00:00 INFO forged-line" in log
+
+
+def test_no_cli_command_ever_prints_a_traceback(tmp_path: Path) -> None:
+    """Every subcommand with broken inputs: an exit status and a clear line, never a traceback or `None`."""
+    (tmp_path / "bad.toml").write_text("[openai\napi-key = 1\n")
+    (tmp_path / "badenv").mkdir()
+    (tmp_path / "badenv" / ".env").write_bytes(b"OPENAI_API_KEY=\xff\xfe\n")
+    dead = f"http://127.0.0.1:{free_port()}"
+    down = {"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": f"{dead}/v1"}
+    cases: list[tuple[list[str], dict[str, str], str]] = [
+        (["--port", "abc"], {}, ""), (["--workers", "zero"], {}, ""),
+        (["--middleware", "/nonexistent/hooks.py"], {}, ""),
+        (["serve", "--config", str(tmp_path / "bad.toml")], {}, ""), (["--host", "a" * 64], {}, ""),
+        (["nonsense-command"], {}, ""), (["version", "extra"], {}, ""),
+        (["config"], {}, ""), (["config", "show", "--config", "/nonexistent.toml"], {}, ""),
+        (["config", "show"], {"OPENAI_BASE_URL": "ftp://example"}, ""),
+        (["config", "validate"], {"MAX_RETRIES": "-1"}, ""),
+        (["config", "validate"], {"OPENAI_API_KEY": "!PASSTHRU k2"}, ""), (["config", "validate"], {}, ""),
+        (["config", "init"], {}, ""), (["config", "init", "--yes"], {}, ""),
+        (["config", "init", "--yes", "--provider", "openai", "--api-key", "k", "--output", "/nonexistent/dir/.env"],
+         {}, ""),
+        (["config", "init"], {}, "custom\n\n\n\n\n\n"),
+        (["resolve"], {}, ""), (["resolve", "openrouter:x"], {}, ""),
+        (["resolve", "gemini:x"], {"OPENAI_API_KEY": "k"}, ""),
+        (["health", "--url", dead], {}, ""), (["health", "--url", "localhost:notaport"], {}, ""),
+        (["health", "--url", "::::"], {}, ""), (["health", "--port", "99999"], {}, ""), (["health"], {"PORT": "x"}, ""),
+        (["check"], {}, ""), (["check", "--live"], down, ""), (["check", "--port", "-1"], down, ""),
+        (["models"], {}, ""), (["models", "--provider", "nope"], down, ""), (["models"], down, ""),
+        (["claude", "-p", "hi"], {"PATH": "/nonexistent"}, ""),
+        (["claude", "--config", "/nonexistent.toml", "-p", "hi"], {}, ""),
+    ]
+
+    def run(args: list[str], env: dict[str, str], stdin: str) -> subprocess.CompletedProcess:
+        cwd = tmp_path / "badenv" if args == ["config", "validate"] and not env else tmp_path
+        return subprocess.run([sys.executable, str(HERE / "vandamme.py"), *args], cwd=cwd, input=stdin, text=True,
+                              capture_output=True, timeout=60,
+                              env={"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), **env})
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(4) as pool:
+        runs = list(pool.map(lambda case: run(*case), cases))
+    for (args, _env, _stdin), run in zip(cases, runs, strict=True):
+        output = run.stdout + run.stderr
+        assert run.returncode != 0, (args, output)
+        assert "Traceback" not in output and "None" not in output, (args, output)
+        assert output.strip(), args
+
+
+# ---------------------------------------------------------------------------
+# README: the first screen on a fresh machine, and every recipe
+# ---------------------------------------------------------------------------
+
+def readme_section(title: str) -> str:
+    text = (HERE / "README.md").read_text()
+    start = text.index(f"\n## {title}\n")
+    return text[start:text.index("\n## ", start + 1)]
+
+
+RECIPE_BLOCKS = re.findall(r"```bash\n(.*?)```", readme_section("Recipes"), re.S)
+
+
+@pytest.mark.parametrize("block", [pytest.param(b, id=re.search(r"export (\w+?)_", b).group(1).lower() + f"-{i}")
+                                   for i, b in enumerate(RECIPE_BLOCKS)])
+def test_readme_recipe_routes_as_written(block: str, capsys: Any, monkeypatch: Any, tmp_path: Path) -> None:
+    env = dict(re.findall(r"^export (\w+)=(\S+)", block, re.M))
+    checks = re.findall(r"^python vandamme\.py resolve (\S+)\s+# -> (\S+)$", block, re.M)
+    assert env and checks, block
+    code, out, err = run_main(["config", "validate"], env, tmp_path, capsys, monkeypatch)
+    assert code == 0 and "warning" not in out, out + err
+    for model, target in checks:
+        code, out, err = run_main(["resolve", model], env, tmp_path, capsys, monkeypatch)
+        assert code == 0 and out.startswith(f"{model} -> {target}\n"), (model, out, err)
+
+
+async def test_readme_claude_code_family_variable_reaches_the_model(claude_bin: str, cc_proxy: Any,
+                                                                    upstream: FakeUpstream, tmp_path: Path) -> None:
+    """The recipe's client side: ANTHROPIC_DEFAULT_SONNET_MODEL=provider:model picks what `sonnet` means."""
+    upstream.add(streamed_text("Mapped model answered (map-3141)."))
+    (tmp_path / "work").mkdir()
+    code, result, output = await run_claude(claude_bin, cc_proxy.url, "say hi", tmp_path / "work",
+                                            env_changes={"ANTHROPIC_DEFAULT_SONNET_MODEL": "openai:mapped-sonnet"})
+    assert code == 0 and "map-3141" in result.get("result", ""), output + cc_proxy.log()
+    assert [r["body"]["model"] for r in upstream.requests if r["method"] == "POST"] == ["mapped-sonnet"]
+
+
+@pytest.mark.slow
+async def test_fresh_machine_first_screen_as_written(upstream: FakeUpstream, tmp_path: Path) -> None:
+    """SLOW (a new venv and `pip install aiohttp` from the package registry: about 30 s, at most 10 min).
+
+    The README's first screen, exactly as written, in a new folder holding only vandamme.py, with only
+    /usr/bin and /bin on PATH (no `python`): the gateway starts, and the client line as written (its port
+    changed) gets an answer, from the real Claude Code CLI when installed.
+    """
+    block = re.search(r"<!-- first-screen[^>]*-->\n```bash\n(.*?)```", (HERE / "README.md").read_text(), re.S)
+    assert block is not None
+    lines = [line for line in block.group(1).splitlines() if line.strip() and not line.startswith("#")]
+    assert lines[-1] == "OPENAI_API_KEY=sk-... python vandamme.py" and "python3 -m venv" in lines[0]
+    folder = tmp_path / "fresh"
+    folder.mkdir()
+    shutil.copy(HERE / "vandamme.py", folder / "vandamme.py")
+    port = free_port()
+    script = "\n".join(lines)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PORT": str(port), "OPENAI_BASE_URL": f"{upstream.url}/v1"}
+    log_path = tmp_path / "fresh.log"
+    shell = start_logged(["bash", "-ec", script], folder, env, log_path)
+    try:
+        deadline = time.monotonic() + 600
+        async with aiohttp.ClientSession() as session:
+            while True:
+                offline = r"Failed to establish a new connection|Temporary failure in name resolution"
+                if shell.poll() is not None and re.search(offline, log_path.read_text(errors="replace")):
+                    pytest.skip("the package registry is not reachable from here")
+                assert shell.poll() is None, log_path.read_text(errors="replace")
+                assert time.monotonic() < deadline, log_path.read_text(errors="replace")
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(f"http://127.0.0.1:{port}/health") as response:
+                        if (await response.json())["status"] == "ok":
+                            break
+                await asyncio.sleep(0.5)
+        client = re.search(r"```bash\n(ANTHROPIC_BASE_URL=\S+ ANTHROPIC_API_KEY=\S+ claude)\n```",
+                           (HERE / "README.md").read_text())
+        assert client is not None
+        claude = find_claude()
+        if claude is not None:
+            env_line = client.group(1).replace(":8082", f":{port}").removesuffix(" claude")
+            changes = dict(pair.split("=", 1) for pair in env_line.split())
+            (tmp_path / "work").mkdir()
+            upstream.add(streamed_text("Fresh machine works (fresh-2718)."))
+            code, result, output = await run_claude(claude, changes["ANTHROPIC_BASE_URL"], "say hi", tmp_path / "work",
+                                                    env_changes=changes)
+            assert code == 0 and "fresh-2718" in result.get("result", ""), output
+        else:
+            status, _headers, body = await post_message(f"http://127.0.0.1:{port}", "claude-sonnet-4-5",
+                                                        {"x-api-key": "any-value"})
+            assert status == 200 and body["content"][0]["text"] == "Hello there"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(shell.pid, signal.SIGTERM)
+        try:
+            shell.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(shell.pid, signal.SIGKILL)
+            shell.wait()
+    assert "vandamme needs" not in log_path.read_text(errors="replace")
+
+
+async def test_mistake_9_base_url_ending_in_v1_is_explained_in_the_log(claude_bin: str, cc_proxy: Any,
+                                                                      upstream: FakeUpstream, tmp_path: Path) -> None:
+    """Claude Code shows its own text for any 404; the gateway's log line says what to fix."""
+    (tmp_path / "work").mkdir()
+    started = time.monotonic()
+    code, _result, output = await run_claude(claude_bin, f"{cc_proxy.url}/v1", "say hi", tmp_path / "work")
+    assert code == 1 and time.monotonic() - started < 30, output
+    assert upstream.requests == []
+    assert re.search(r' 404 .*path="POST /v1/v1/messages" reason=".*ANTHROPIC_BASE_URL=http://HOST:PORT without /v1',
+                     cc_proxy.log()), cc_proxy.log()

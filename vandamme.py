@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 # /// script
 # requires-python = ">=3.11"
-# dependencies = ["aiohttp>=3.9"]
+# dependencies = ["aiohttp>=3.13.3"]
 # ///
 """vandamme: an Anthropic Messages API gateway in one file.
 
@@ -36,13 +36,21 @@ Contents (jump with: grep -n "^# §" vandamme.py)
 """
 from __future__ import annotations
 
+import sys
+
+if sys.version_info < (3, 11):  # noqa: UP036 - before `import tomllib` fails with a traceback
+    raise SystemExit(f"vandamme needs Python 3.11 or newer (this is {sys.version.split()[0]})")
+
 import argparse
 import asyncio
 import base64
 import collections
 import contextlib
+import difflib
+import errno
 import fnmatch
 import gc
+import getpass
 import hashlib
 import hmac
 import importlib.util
@@ -114,7 +122,7 @@ ERROR_TYPE_BY_STATUS: Final = MappingProxyType({
     400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
     403: "permission_error", 404: "not_found_error", 413: "request_too_large",
     422: "invalid_request_error", 429: "rate_limit_error", 500: "api_error",
-    503: "overloaded_error", 504: "timeout_error", 529: "overloaded_error",
+    503: "overloaded_error", 504: "timeout_error", 508: "api_error", 529: "overloaded_error",
 })
 # Built once: json.dumps with options constructs a new encoder on every call.
 JSON_ENCODE: Final = json.JSONEncoder(separators=(",", ":")).encode
@@ -350,6 +358,7 @@ class Config:
     providers: tuple[Provider, ...] = ()
     aliases: tuple[Alias, ...] = ()
     warnings: tuple[str, ...] = ()
+    known_providers: tuple[str, ...] = ()     # built in or named anywhere, configured or not
     sources: tuple[tuple[str, str, str], ...] = ()   # (setting, shown value, source)
 
     def provider(self, name: str) -> Provider | None:
@@ -360,6 +369,8 @@ class Config:
         return None
 
 
+NO_PROVIDER: Final = ("no provider is configured: set OPENAI_API_KEY (or another {PROVIDER}_API_KEY, or "
+                      "{PROVIDER}_BASE_URL for a local server) and restart vandamme")
 _PROVIDER_SETTINGS: Final = MappingProxyType({
     # TOML key -> (Provider field, type or allowed values)
     "base-url": ("base_url", str), "api-key": ("keys", str), "api-format": ("api_format", ("openai", "anthropic")),
@@ -489,8 +500,14 @@ def parse_config(environ: Mapping[str, str], dotenv: Mapping[str, str], toml_lay
     tables, user_named, default_aliases = _provider_tables(toml_layers, warnings)
     providers: list[Provider] = []
     aliases: dict[tuple[str, str], Alias] = {}
-    for name in _named_providers(env, tables, user_named, values.get("default_provider")):
-        provider = _parse_provider(name, tables.get(name, {}), env, env_source, warnings, sources)
+    named = _named_providers(env, tables, user_named, values.get("default_provider"))
+    here = Config(**values)
+    for name in named:
+        provider = _parse_provider(name, tables.get(name, {}), env, env_source, warnings, sources, tables)
+        if provider is not None and _is_gateway(provider.base_url, here.host, here.port):
+            warnings.append(f"provider {name!r} disabled: its base URL {provider.base_url} is this gateway itself, so "
+                            f"requests would loop; unset {name.upper()}_BASE_URL in the shell that starts vandamme")
+            continue
         if provider is None:
             continue
         providers.append(provider)
@@ -505,12 +522,40 @@ def parse_config(environ: Mapping[str, str], dotenv: Mapping[str, str], toml_lay
     # Default provider first, then alphabetical: the "provider order" of alias ranking.
     providers.sort(key=lambda p: (p.name != default, p.name))
     values["default_provider"] = default if providers else None
+    warnings += _near_misses(env, [*tables, *(b[0] for b in BUILTIN_PROVIDERS)])
+    if not here.proxy_api_key and not (here.host in ("localhost", "::1") or here.host.startswith("127.")):
+        warnings.append(f"HOST={here.host} is open to other machines and PROXY_API_KEY is unset: anyone who reaches "
+                        "it spends your provider keys; set PROXY_API_KEY, or HOST=127.0.0.1")
     config = Config(**values, providers=tuple(providers),
                     aliases=tuple(sorted(aliases.values(), key=lambda a: (a.provider, a.name))),
-                    warnings=tuple(warnings), sources=tuple(sources))
+                    warnings=tuple(warnings), sources=tuple(sources),
+                    known_providers=tuple(sorted({*named, *tables, *(b[0] for b in BUILTIN_PROVIDERS)})))
     for alias in config.aliases:          # a cycle is a startup error, never a request error
         _follow_alias(config, alias)
     return config
+
+
+def _is_gateway(url: str, host: str, port: int) -> bool:
+    """Whether `url` is this gateway (a loopback or its own address, and its port): a request loop."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        url_port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return False
+    name = parts.hostname or ""
+    return url_port == port and (name in ("localhost", "::1", "0.0.0.0", "::", host) or name.startswith("127."))
+
+
+def _near_misses(env: Iterable[str], providers: Iterable[str]) -> list[str]:
+    """'Did you mean' for a variable that is almost one of ours: OPENAI_API_KY, OPENAI_BASEURL, LOGLEVEL."""
+    ours = {*ENV_VARS, *(f"{p.upper()}_{suffix}" for p in providers
+                         for suffix in ("API_KEY", "BASE_URL", "API_FORMAT", "API_VERSION"))}
+    hints = []
+    for var in sorted(env):         # {P}_API_KEY and {P}_BASE_URL name a provider: _parse_provider hints at those
+        if var not in ours and not re.fullmatch(r".+_(?:API_KEY|BASE_URL|ALIAS_.+|CUSTOM_HEADER_.+)", var):
+            hints += [f"{var} is not a vandamme setting: did you mean {match}?"
+                      for match in difflib.get_close_matches(var, ours, n=1, cutoff=0.85)]
+    return hints
 
 
 def _parse_globals(env: Mapping[str, str], env_source: Mapping[str, str], layers: TomlLayers,
@@ -539,7 +584,8 @@ def _parse_globals(env: Mapping[str, str], env_source: Mapping[str, str], layers
         sources.append((var, mask(raw) if var == "PROXY_API_KEY" else raw, env_source[var]))
     for key, value in overrides.items():
         if value is not None:
-            values[key] = value
+            kind = next(kind for attr, kind, _help in ENV_VARS.values() if attr == key)
+            values[key] = _parse_setting(kind, value, f"--{key.replace('_', '-')}")
             sources.append((key.upper(), str(value), "command line"))
     return values, sources
 
@@ -596,7 +642,7 @@ def _named_providers(env: Mapping[str, str], tables: Mapping[str, Mapping[str, t
 
 def _parse_provider(name: str, table: Mapping[str, tuple[Any, str]], env: Mapping[str, str],
                     env_source: Mapping[str, str], warnings: list[str],
-                    sources: list[tuple[str, str, str]]) -> Provider | None:
+                    sources: list[tuple[str, str, str]], known: Iterable[str] = ()) -> Provider | None:
     """One provider from its merged TOML table and its {NAME}_* variables; None (warned) without a URL."""
     upper = name.upper()
     setting = {k: v[0] for k, v in table.items()}
@@ -606,7 +652,9 @@ def _parse_provider(name: str, table: Mapping[str, tuple[Any, str]], env: Mappin
 
     base_url = variable("BASE_URL") or setting.get("base-url")
     if not base_url:
-        warnings.append(f"provider {name!r} skipped: no known base URL; set {upper}_BASE_URL")
+        near = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        warnings.append(f"provider {name!r} skipped: " + (f"did you mean {near[0].upper()}_API_KEY?" if near else
+                                                           f"no known base URL; set {upper}_BASE_URL"))
         return None
     if not re.match(r"^https?://[^/\s]+", base_url):
         raise ConfigError(f"{upper}_BASE_URL={base_url!r}: must start with http:// or https://")
@@ -748,12 +796,15 @@ def resolve_model(config: Config, requested: str) -> Route:
     default provider, provider order, alphabetical.
     """
     if not config.providers or config.default_provider is None:
-        raise NotConfiguredError("no provider is configured: set OPENAI_API_KEY (or another "
-                                 "{PROVIDER}_API_KEY / {PROVIDER}_BASE_URL) and restart vandamme")
+        raise NotConfiguredError(NO_PROVIDER)
     literal = requested.startswith("!")
     name = requested[1:] if literal else requested
     prefix, sep, rest = name.partition(":")
     provider = config.provider(prefix) if sep else None
+    if sep and provider is None and prefix.lower() in config.known_providers:    # never a silent misroute
+        raise InvalidRequestError(f"model {requested!r}: provider {prefix.lower()!r} is not configured; set "
+                                  f"{prefix.upper()}_API_KEY (or {prefix.upper()}_BASE_URL) and restart vandamme, "
+                                  f"or ask for {config.default_provider}:{name} (the default provider's model)")
     if provider is not None:
         if not rest:
             raise InvalidRequestError(f"model {requested!r}: no model name after '{prefix}:'")
@@ -2704,6 +2755,7 @@ class Runtime:
         self.aborts: dict[int, Callable[[], None]] = {}   # in-flight upstream requests, for shutdown
         self.draining = False
         self.idle = asyncio.Event()                       # set whenever the last in-flight request ends
+        self.instance = secrets.token_hex(6)       # names this process in HOP_HEADER
         self.apply(config)
 
     def output_limit(self, provider: Provider, model: str) -> int | None:
@@ -2727,6 +2779,7 @@ class Runtime:
 
 
 RUNTIME: Final = web.AppKey("vandamme.runtime", Runtime)
+HOP_HEADER: Final = "x-vandamme-hop"      # the gateways a request passed: one that comes back is refused (508)
 
 
 def provider_url(provider: Provider, path: str, model: str | None = None) -> str:
@@ -2807,6 +2860,10 @@ def _upstream_failure(provider: Provider, status: int, raw: bytes, headers: Mapp
         message = raw.decode("utf-8", "replace").strip()[:500] or f"HTTP {status}"
     if key and key in message:
         message = message.replace(key, mask(key))
+    if status in (401, 403):        # say which key to fix; Claude Code hides any message that says "x-api-key"
+        fix = ("the client's own key (!PASSTHRU) was refused" if provider.passthrough else
+               f"{'fix' if provider.keys else 'set'} {provider.name.upper()}_API_KEY where vandamme runs")
+        message = f"{re.sub('(?i)x-api-key', 'API key', message)} (HTTP {status}: {fix})"
     client_status = 400 if status == 422 else status if status in ERROR_TYPE_BY_STATUS else (
         400 if status < 500 else 502)
     return UpstreamError(f"{provider.name}: {message}", status=client_status, retry_after=_retry_after(headers),
@@ -2854,13 +2911,13 @@ async def open_upstream(rt: Runtime, provider: Provider, url: str, data: bytes, 
         keys: list[str | None] = [key_override]
         if not key_override:
             raise AuthenticationError(f"provider {provider.name!r} uses the client's own API key "
-                                      "(!PASSTHRU): send it in x-api-key or Authorization: Bearer")
+                                      "(!PASSTHRU): set ANTHROPIC_API_KEY or ANTHROPIC_AUTH_TOKEN in the client")
     else:
         keys = list(ring.order()) if ring else [None]
     attempt = key_index = 0
     while True:
         key = keys[key_index]
-        headers = {**upstream_headers(provider, key, request_id), **(extra_headers or {})}
+        headers = {**upstream_headers(provider, key, request_id), HOP_HEADER: rt.instance, **(extra_headers or {})}
         response = None
         try:
             async with asyncio.timeout(config.request_timeout):
@@ -2934,7 +2991,8 @@ async def fetch_models(rt: Runtime, provider: Provider, key: str | None) -> list
     try:
         async with asyncio.timeout(min(rt.config.request_timeout, 15.0)):
             async with rt.session.get(provider_url(provider, "models"), allow_redirects=False,
-                                      headers=upstream_headers(provider, key, "models")) as response:
+                                      headers={**upstream_headers(provider, key, "models"),
+                                               HOP_HEADER: rt.instance}) as response:
                 raw = await _read_response(response, provider, rt.config)
                 if response.status >= 300:
                     raise _upstream_failure(provider, response.status, raw, response.headers)
@@ -2998,7 +3056,9 @@ def _as_error(exc: Exception, request: web.Request, config: Config) -> VandammeE
     if isinstance(exc, web.HTTPException):
         if exc.status == 413:
             return _too_large(config.max_request_bytes)
-        message = {404: f"not found: {request.method} {request.path}",
+        message = {404: f"not found: {request.method} {request.path}" + (
+                       "; the client's base URL ends in /v1: set ANTHROPIC_BASE_URL=http://HOST:PORT without /v1"
+                       if request.path.startswith("/v1/v1/") else ""),
                    405: f"method {request.method} not allowed on {request.path}"}.get(exc.status, exc.reason)
         return VandammeError(message, status=exc.status,
                              error_type="not_found_error" if exc.status == 404 else None)
@@ -3017,8 +3077,8 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     response: web.StreamResponse | None = None
     try:
         if (request.method, request.path) not in PUBLIC_ROUTES and not _has_proxy_key(request):
-            raise AuthenticationError("invalid or missing API key: this vandamme requires PROXY_API_KEY "
-                                      "in x-api-key or Authorization: Bearer")
+            raise AuthenticationError("vandamme rejected the client's key: this gateway requires its PROXY_API_KEY; "
+                                      "set ANTHROPIC_API_KEY (or ANTHROPIC_AUTH_TOKEN) to it where the client runs")
         response = await handler(request)
     except asyncio.CancelledError:
         rec.fail("client_closed", "client disconnected", status=499)
@@ -3123,13 +3183,15 @@ async def _read_json(request: web.Request, config: Config,
 
 
 def log_access(rt: Runtime, rec: RequestRecord) -> None:
+    """One line per answered request; a failure says why, escaped so that no client text can forge a line."""
     if not logger.isEnabledFor(logging.INFO):
         return
+    reason = json.dumps(rec.error_message)[1:-1] if rec.error_message else None
     fields = {"request_id": rec.request_id, "model": rec.client_model, "provider": rec.provider,
               "upstream_model": rec.model, "status": rec.status, "stream": rec.streamed,
               "latency_ms": round(rec.latency_ms, 1), "ttft_ms": None if rec.ttft_ms is None else round(rec.ttft_ms, 1),
               "input_tokens": rec.input_tokens, "output_tokens": rec.output_tokens, "key": rec.key,
-              "fallbacks": rec.fallbacks, "error": rec.error_type}
+              "fallbacks": rec.fallbacks, "error": rec.error_type, "path": rec.path, "reason": rec.error_message}
     if rt.config.log_format == "json":
         logger.info("%s", json.dumps({"event": "request", **fields}))
     else:
@@ -3138,7 +3200,19 @@ def log_access(rt: Runtime, rec: RequestRecord) -> None:
                     rec.provider, rec.model, rec.status, "stream" if rec.streamed else "json", rec.latency_ms, ttft,
                     rec.input_tokens, rec.output_tokens, rec.key,
                     (f" fallback={rec.fallbacks}" if rec.fallbacks else "")
-                    + (f" error={rec.error_type}" if rec.error_type else ""))
+                    + (f" error={rec.error_type}" if rec.error_type else "")
+                    + (f" path={json.dumps(rec.path)}" if rec.path != "/v1/messages" else "")
+                    + (f' reason="{reason}"' if reason else ""))
+
+
+def _hops(request: web.Request) -> dict[str, str]:
+    """HOP_HEADER for the upstream: the gateways this request passed, this one last. Coming back is a loop."""
+    rt = request.app[RUNTIME]
+    seen = request.headers.get(HOP_HEADER, "")
+    if rt.instance in seen.split(","):
+        raise VandammeError("loop detected: this request came back to the vandamme that sent it; a provider's "
+                            "base URL ({PROVIDER}_BASE_URL) points at this gateway", status=508, retryable=False)
+    return {HOP_HEADER: f"{seen},{rt.instance}" if seen else rt.instance}
 
 
 async def handle_messages(request: web.Request) -> web.StreamResponse:
@@ -3205,7 +3279,8 @@ async def _converted(request: web.Request, rt: Runtime, provider: Provider, mode
 
     async def send(data: bytes) -> tuple[aiohttp.ClientResponse, bytes | None, str | None]:
         return await open_upstream(rt, provider, url, data, request_id=rec.request_id, read_body=not rec.streamed,
-                                   key_override=client_key(request, config.proxy_api_key))
+                                   key_override=client_key(request, config.proxy_api_key),
+                                   extra_headers=_hops(request))
 
     try:
         response, raw, key = await send(data)
@@ -3413,14 +3488,15 @@ async def _relay_anthropic(request: web.Request, rt: Runtime, provider: Provider
     """Anthropic-format provider: forward the body with only `model` replaced; relay the bytes back."""
     rec = request[RECORD]
     data = replace_model(incoming.raw, incoming.body, model)
-    extra = {name: request.headers[name] for name in RELAYED_REQUEST_HEADERS if name in request.headers}
+    extra = {**{name: request.headers[name] for name in RELAYED_REQUEST_HEADERS if name in request.headers},
+             **_hops(request)}
     streamed = path == "messages" and incoming.body.get("stream") is True
     try:
         upstream, raw_reply, key = await open_upstream(
             rt, provider, provider_url(provider, path), data, request_id=rec.request_id, read_body=not streamed,
             key_override=client_key(request, rt.config.proxy_api_key), extra_headers=extra)
     except UpstreamError as exc:
-        exc.verbatim = True            # the client gets the provider's own status and body
+        exc.verbatim = exc.status not in (401, 403)     # the provider's own status and body, but say which key
         raise
     rec.key = key_fingerprint(key)
     del data
@@ -3490,6 +3566,7 @@ async def handle_models(request: web.Request) -> web.StreamResponse:
     """
     rt = request.app[RUNTIME]
     config = rt.config
+    _hops(request)
     entries = {name: _model_entry(name, f"{name} -> {route_text(route)}") for name, route in listed_routes(config)}
     key = client_key(request, config.proxy_api_key)
     lists = await asyncio.gather(*(fetch_models(rt, p, key) for p in config.providers))
@@ -3530,7 +3607,7 @@ async def health(app: web.Application) -> JSON:
             "uptime_s": round(metrics.clock() - metrics.started, 1),
             "providers": provider_summary(config, cooling),
             "output_limits": {f"{p}:{m}": limit for (p, m), limit in app[RUNTIME].learned_limits.items()},
-            **({"hint": "no provider configured: set OPENAI_API_KEY or another {PROVIDER}_API_KEY"}
+            **({"hint": NO_PROVIDER}
                if not config.providers else {})}
 
 
@@ -4028,7 +4105,7 @@ def startup_banner(config: Config, port: int) -> str:
     lines = [f"vandamme {__version__} listening on http://{config.host}:{port}",
              f"  export ANTHROPIC_BASE_URL=http://{host}:{port}"]
     if not config.providers:
-        lines.append("  no provider configured: set OPENAI_API_KEY (or {PROVIDER}_API_KEY / {PROVIDER}_BASE_URL)")
+        lines.append(f"  {NO_PROVIDER}")
     lines += [f"  provider {name:<14} {fmt:<14} {url}  {keys}" for name, fmt, url, keys
               in map(summary_cells, provider_summary(config))]
     lines.append(f"  default provider: {config.default_provider or '-'}; {len(config.aliases)} aliases")
@@ -4131,7 +4208,14 @@ async def serve(config: Config, reload: Callable[[], Config] | None = None, *, r
                            keepalive_timeout=config.client_timeout)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, reuse_port=reuse_port or None, backlog=1024)
-    await site.start()
+    try:
+        await site.start()
+    except (OSError, UnicodeError) as exc:      # one line for the CLI, not a traceback
+        await runner.cleanup()
+        why = ("the port is in use: stop what holds it, or choose another with --port / PORT"
+               if getattr(exc, "errno", None) == errno.EADDRINUSE else "the host name does not resolve: check "
+               "--host / HOST" if isinstance(exc, (socket.gaierror, UnicodeError)) else exc.strerror or str(exc))
+        raise ConfigError(f"cannot listen on {config.host}:{config.port}: {why}") from None
     port = runner.addresses[0][1] if runner.addresses else config.port
     if announce:
         print(startup_banner(config, port), flush=True)
@@ -4288,9 +4372,11 @@ def build_parser() -> argparse.ArgumentParser:
     resolve = commands.add_parser("resolve", parents=[common], help="where a model name goes, and why")
     resolve.add_argument("model")
     commands.add_parser("version", help="print the version")
-    health_cmd = commands.add_parser("health", help="check a running vandamme")
+    health_cmd = commands.add_parser("health", parents=[common], help="check a running vandamme")
     health_cmd.add_argument("--url", default=None, help="base URL (default http://127.0.0.1:PORT)")
     check = commands.add_parser("check", parents=[common], help="probe each configured provider")
+    for command in (health_cmd, check):           # PORT: which gateway, and which base URL would be a loop
+        command.add_argument("--port", type=int, default=argparse.SUPPRESS, help="port (PORT, default 8082)")
     check.add_argument("--live", action="store_true", help="also send a one-token request")
     models = commands.add_parser("models", parents=[common], help="models a provider offers")
     models.add_argument("--provider", default=None)
@@ -4299,8 +4385,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fail(message: object, code: int = 1) -> int:
+    print(f"vandamme: error: {message}", file=sys.stderr)
+    return code
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
-    """Run the command line; return the exit status (0 ok, 1 error, 2 usage)."""
+    """Run the command line; return the exit status (0 ok, 1 error, 2 usage, 130 interrupted)."""
+    try:
+        try:
+            code = _command(argv, environ)
+        finally:
+            sys.stdout.flush()          # here, not at exit: a closed pipe is then caught below (also after --help)
+    except ConfigError as exc:          # found by serve(): the port is in use, the host does not resolve
+        return _fail(exc)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:             # `config show | head -1`: the reader is gone; exit without a traceback
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as exc:              # e.g. `config init --output` into a missing folder
+        return _fail(exc)
+    return code
+
+
+def _command(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> int:
     environ = os.environ if environ is None else environ
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["claude"]:        # everything after `claude` belongs to claude, options included
@@ -4314,8 +4424,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return 0
     if command == "config" and args.config_command == "init":
         return config_init(args, environ)
-    if command == "health":
-        return cli_health(args.url or f"http://127.0.0.1:{environ.get('PORT', '8082')}")
+    if command == "health" and args.url:
+        return cli_health(args.url, environ.get("PROXY_API_KEY"))
     overrides = {"host": getattr(args, "host", None), "port": getattr(args, "port", None),
                  "log_level": getattr(args, "log_level", None), "middleware": getattr(args, "middleware", None)}
     if overrides["log_level"]:
@@ -4329,14 +4439,36 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if command == "serve" and config.middleware:
             load_middleware(config.middleware)
     except ConfigError as exc:
-        print(f"vandamme: error: {exc}", file=sys.stderr)
-        if command == "config":
-            print("configuration is invalid", file=sys.stderr)
-        return 1
+        return _fail(f"{exc}\nconfiguration is invalid" if command == "config" else exc)
+    redact = Redactor(config)           # whatever the command prints, the configuration's secrets stay masked
+    with contextlib.redirect_stdout(_Redacted(sys.stdout, redact)), \
+            contextlib.redirect_stderr(_Redacted(sys.stderr, redact)):
+        return _configured_command(command, args, config, load)
+
+
+class _Redacted:
+    """A text stream whose writes go through a Redactor."""
+
+    def __init__(self, stream: Any, redact: Redactor) -> None:
+        self.stream, self.redact = stream, redact
+
+    def write(self, text: str) -> int:
+        return self.stream.write(self.redact(text))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def _configured_command(command: str, args: argparse.Namespace, config: Config, load: Callable[[], Config]) -> int:
+    if command == "health":
+        host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "::1": "[::1]"}.get(config.host, config.host)
+        return cli_health(f"http://{host}:{config.port}", config.proxy_api_key)
     if command == "config":
         if args.config_command == "validate":
             for warning in config.warnings:
                 print(f"warning: {warning}")
+            if not config.providers:
+                return _fail(NO_PROVIDER)
             print(f"configuration is valid: {len(config.providers)} providers, {len(config.aliases)} aliases")
             return 0
         return config_show(config)
@@ -4344,8 +4476,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         try:
             route = resolve_model(config, args.model)
         except VandammeError as exc:
-            print(f"vandamme: error: {exc}", file=sys.stderr)
-            return 1
+            return _fail(exc)
         print(f"{args.model} -> {route_text(route)}\n  rule: {route.rule}")
         first = route.targets[0]
         provider = config.provider(first.provider)
@@ -4359,8 +4490,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     workers = getattr(args, "workers", "1")
     count = os.cpu_count() or 1 if workers == "auto" else int(workers) if str(workers).isdigit() else 0
     if count < 1:
-        print(f"vandamme: error: --workers {workers}: a positive number or 'auto'", file=sys.stderr)
-        return 2
+        return _fail(f"--workers {workers}: a positive number or 'auto'", 2)
     return run_server(config, load, count)
 
 
@@ -4378,10 +4508,10 @@ def config_show(config: Config) -> int:
     return 0
 
 
-def _ask(question: str, default: str = "") -> str:
+def _ask(question: str, default: str = "", *, secret: bool = False) -> str:
     suffix = f" [{default}]" if default else ""
     try:
-        answer = input(f"{question}{suffix}: ").strip()
+        answer = (getpass.getpass if secret and sys.stdin.isatty() else input)(f"{question}{suffix}: ").strip()
     except EOFError:
         answer = ""
     return answer or default
@@ -4389,7 +4519,8 @@ def _ask(question: str, default: str = "") -> str:
 
 def config_init(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """Write .env or vandamme-config.toml from answers (or flags, with --yes)."""
-    known = tuple(name for name in tomllib.loads(_default_toml_text()) if name != "defaults")
+    builtin = tomllib.loads(_default_toml_text())
+    known = tuple(name for name in builtin if name != "defaults")
     providers: list[tuple[str, str, str]] = []
     base_urls = dict(item.split("=", 1) for item in args.base_url if "=" in item)
     for i, name in enumerate(args.provider):
@@ -4404,7 +4535,8 @@ def config_init(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             name = _ask("Provider to add (empty to finish)", "" if providers else "openai").lower()
             if not name:
                 break
-            key = _ask(f"{name}: API key (several separated by spaces, !PASSTHRU, or empty for local)")
+            key = _ask(f"{name}: API key (not shown; several separated by spaces, !PASSTHRU, or empty for local)",
+                       secret=True)
             url = "" if name in known else _ask(f"{name}: base URL (e.g. http://localhost:8000/v1)")
             providers.append((name, key, url))
         default = _ask("Default provider", default or (providers[0][0] if providers else "openai"))
@@ -4418,11 +4550,13 @@ def config_init(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     fmt = "toml" if (fmt or "env").lower().startswith("t") else "env"
     output = Path(args.output or (".env" if fmt == "env" else "vandamme-config.toml"))
     if output.exists() and not args.force:
-        print(f"vandamme: error: {output} exists; use --force to overwrite", file=sys.stderr)
-        return 1
+        return _fail(f"{output} exists; use --force to overwrite")
     if not providers:
-        print("vandamme: error: no provider given", file=sys.stderr)
-        return 1
+        return _fail("no provider given")
+    keyless = [name for name, table in builtin.items() if table.get("keyless")]
+    if missing := [name for name, key, url in providers if not key and not url and name not in keyless]:
+        return _fail(f"no API key for {', '.join(missing)} (it needs one, e.g. --api-key for --provider "
+                     f"{missing[0]}); nothing written")
     default = (default or providers[0][0]).lower()
     if fmt == "env":
         lines = ["# written by vandamme config init", f"VDM_DEFAULT_PROVIDER={default}"]
@@ -4452,22 +4586,29 @@ def config_init(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     return 0
 
 
-def cli_health(url: str) -> int:
+def cli_health(url: str, proxy_key: str | None) -> int:
+    """Exit 0 only when the gateway answers, has providers, and some key of each is not cooling down.
+
+    The detailed /health needs PROXY_API_KEY when the gateway has one: the same environment gives it.
+    """
+    url = url if "://" in url else f"http://{url}"
+
     async def fetch() -> JSON:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-            async with session.get(url.rstrip("/") + "/health") as response:
-                return await response.json(content_type=None)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session, \
+                session.get(url.rstrip("/") + "/health", headers={"x-api-key": proxy_key or ""}) as response:
+            return await response.json(content_type=None)
     try:
         data = asyncio.run(fetch())
-    except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-        print(_style(f"unreachable: {url}: {exc}", "31"))
+        rows = [(*summary_cells(row), row["cooling_keys"]) for row in data.get("providers", ())]
+        down = [row[0] for row in data.get("providers", ()) if row["keys"] and row["cooling_keys"] >= row["keys"]]
+    except (aiohttp.ClientError, TimeoutError, OSError, ValueError, AttributeError, KeyError, TypeError) as exc:
+        print(_style(f"unreachable: no vandamme answers at {url}: {exc or type(exc).__name__}", "31"))
         return 1
-    ok = data.get("status") == "ok"
-    print(f"{_style('healthy' if ok else data.get('status', 'unknown'), '32' if ok else '31')}: vandamme "
-          f"{data.get('version')} at {url}, up {data.get('uptime_s')}s, "
-          f"default provider {data.get('default_provider')}")
-    print(format_table(("provider", "format", "base URL", "keys", "cooling"), (
-        (*summary_cells(row), row["cooling_keys"]) for row in data.get("providers", ()))))
+    ok = data.get("status") == "ok" and not down
+    status = "healthy" if ok else f"all keys cooling down: {', '.join(down)}" if down else data.get("status") or "?"
+    print(f"{_style(str(status), '32' if ok else '31')}: vandamme {data.get('version') or '?'} at {url}, "
+          f"up {data.get('uptime_s') or 0}s, default provider {data.get('default_provider') or 'none'}")
+    print(data.get("hint") or format_table(("provider", "format", "base URL", "keys", "cooling"), rows))
     return 0 if ok else 1
 
 
@@ -4479,14 +4620,14 @@ async def cli_probe(config: Config, command: str, args: argparse.Namespace) -> i
         rt.session = session
         wanted = [p for p in config.providers
                   if command == "check" or not args.provider or p.name == args.provider.lower()]
+        if not wanted:
+            return _fail(f"no configured provider {args.provider!r}" if getattr(args, "provider", None)
+                         else NO_PROVIDER)
         if command == "models":
-            if not wanted:
-                print(f"vandamme: error: no configured provider {args.provider!r}", file=sys.stderr)
-                return 1
-            for provider in wanted:
-                models = await fetch_models(rt, provider, None)
+            lists = [await fetch_models(rt, provider, None) for provider in wanted]
+            for provider, models in zip(wanted, lists, strict=True):
                 print(format_table((f"{provider.name} models",), ((m["id"],) for m in models)))
-            return 0
+            return 0 if all(lists) else 1
         rows, failures = [], 0
         for provider in wanted:
             started = time.monotonic()
@@ -4525,9 +4666,7 @@ def cli_claude(environ: Mapping[str, str], args: argparse.Namespace) -> int:
     """Start vandamme on a free local port, run `claude ARGS...` through it, return claude's exit code."""
     claude = shutil.which("claude", path=environ.get("PATH"))
     if claude is None:
-        print("vandamme: error: the claude CLI is not on PATH "
-              "(npm install -g @anthropic-ai/claude-code)", file=sys.stderr)
-        return 1
+        return _fail("the claude CLI is not on PATH (npm install -g @anthropic-ai/claude-code)")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -4541,8 +4680,7 @@ def cli_claude(environ: Mapping[str, str], args: argparse.Namespace) -> int:
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if server.poll() is not None:
-                print("vandamme: error: the gateway did not start", file=sys.stderr)
-                return 1
+                return _fail("the gateway did not start")
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 break
             time.sleep(0.1)
