@@ -1531,7 +1531,7 @@ def responses_finish(response: JSON) -> str:
     if response.get("status") == "failed":
         raise UpstreamError(upstream_error_message(response) or "upstream response failed", status=502)
     details = response.get("incomplete_details")
-    reason = details.get("reason") if isinstance(details, dict) else None
+    reason = str(details.get("reason")) if isinstance(details, dict) else ""
     return {"max_output_tokens": "length", "content_filter": "content_filter"}.get(reason, "stop")
 
 
@@ -1550,10 +1550,10 @@ def responses_to_anthropic(data: Any, conv: Conversion, client_model: str) -> JS
     for item in data["output"]:
         kind = item.get("type") if isinstance(item, dict) else None
         if kind == "reasoning":
-            text, signature = _reasoning_text(item), reasoning_signature(item, conv.responses)
-            if text or signature:
-                signature = signature or thinking_signature(text)
-                content.append({"type": "thinking", "thinking": text, "signature": signature})
+            thought, signature = _reasoning_text(item), reasoning_signature(item, conv.responses)
+            if thought or signature:
+                signature = signature or thinking_signature(thought)
+                content.append({"type": "thinking", "thinking": thought, "signature": signature})
         elif kind == "function_call":
             content.append(_tool_use(conv, item.get("call_id"), item.get("name"), item.get("arguments")))
         for part in item.get("content") or () if kind == "message" else ():
@@ -2110,7 +2110,7 @@ class ResponsesTranslator(StreamTranslator):
         if not isinstance(chunk, dict) or self.finished:
             return []
         kind, writer, key = chunk.get("type"), self.writer, chunk.get("output_index")
-        piece = chunk.get("delta") if isinstance(chunk.get("delta"), str) else ""
+        piece: str = chunk["delta"] if isinstance(chunk.get("delta"), str) else ""
         if kind in ("response.output_text.delta", "response.refusal.delta"):
             writer.text(piece)
             self.refused = self.refused or kind == "response.refusal.delta"
@@ -2123,7 +2123,7 @@ class ResponsesTranslator(StreamTranslator):
         elif kind in ("response.output_item.added", "response.output_item.done"):
             self._item(key, chunk.get("item"), kind.endswith("done"))
         elif kind in ("response.completed", "response.incomplete"):
-            response = chunk.get("response") if isinstance(chunk.get("response"), dict) else {}
+            response: JSON = chunk["response"] if isinstance(chunk.get("response"), dict) else {}
             self.finish_reason, self.usage = responses_finish(response), response.get("usage")
         elif kind in ("error", "response.failed") or chunk.get("error"):
             failure = chunk.get("response") if kind == "response.failed" else chunk
