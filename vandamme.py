@@ -8,8 +8,8 @@
 Point Claude Code (or any Anthropic client) at it with
 ``ANTHROPIC_BASE_URL=http://localhost:8082`` and it routes each request to the
 provider you configured: OpenAI-compatible servers get an exact Anthropic ->
-OpenAI chat-completions conversion (streamed and not); Anthropic-format
-endpoints are relayed byte for byte.
+OpenAI conversion (chat-completions or the Responses API, streamed and not);
+Anthropic-format endpoints are relayed byte for byte.
 
 Usage:  python vandamme.py --port 8082          (serve; the default command)
         python vandamme.py config show | config validate | config init
