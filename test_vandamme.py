@@ -3159,7 +3159,7 @@ def to_responses(body: dict, model: str = "gpt-5-codex", **kw: Any) -> dict:
     pytest.param(msgs(user("go"), assistant([{"type": "thinking", "thinking": "a", "signature": "EqQBCkYIB"},
                                              {"type": "thinking", "thinking": "b", "signature": OTHER_MODEL},
                                              {"type": "redacted_thinking", "data": "xyz"},
-                                             {"type": "thinking", "thinking": "c", "signature": SIGNED + "!"},
+                                             {"type": "thinking", "thinking": "c", "signature": SIGNED[:-9]},
                                              {"type": "text", "text": "ok"}])),
                  {"input": [{"role": "user", "content": "go"}, {"role": "assistant", "content": "ok"}]},
                  id="foreign-thinking-dropped"),
@@ -3360,6 +3360,11 @@ async def test_responses_provider_json_round_trip(proxy: Any, upstream: FakeUpst
     assert (await client.post("/v1/messages", json=turn_two(message["content"]))).status == 200
     assert_replayed(upstream.last["body"])
     assert (await client.post("/v1/messages", json={**BASIC, "max_tokens": 1})).status == 200   # Claude Code's probe
+    upstream.add(Reply({"error": {"message": "Unknown parameter: 'x'.", "type": "invalid_request_error",
+                                  "param": "x", "code": "unknown_parameter"}}, status=400))
+    refused = await client.post("/v1/messages", json=BASIC)
+    assert refused.status == 400 and (await refused.json())["error"] == {
+        "type": "invalid_request_error", "message": "openai: Unknown parameter: 'x'."}
 
 
 def translate_responses(data: bytes, splits: tuple[int, ...] = ()) -> list[tuple[str, dict]]:
@@ -3395,6 +3400,9 @@ def test_responses_stream_same_events_at_every_split() -> None:
                  [{"type": "text", "text": "partial"}], "max_tokens", id="incomplete"),
     pytest.param(resp_events(message_item("No.", refusal=True)), [{"type": "text", "text": "No."}], "refusal",
                  id="refusal"),
+    pytest.param(resp_events(reasoning_item("a"), reasoning_item("b", item_id="rs_2"), message_item("x")),
+                 [{"type": "thinking", "thinking": "a"}, {"type": "thinking", "thinking": "b"},
+                  {"type": "text", "text": "x"}], "end_turn", id="two-reasoning-items-two-blocks"),
     pytest.param([e for e in resp_events(call_item("c1", "Bash", {"command": "ls"}), reasoning_item("b"))
                   if "arguments.d" not in e["type"]],
                  [{"type": "tool_use", "name": "Bash", "input": {"command": "ls"}}, {"type": "thinking",
