@@ -2175,9 +2175,9 @@ class Middleware:
     """Base class for hooks. Override only what you need.
 
     Each hook may change its argument in place and return None, or return a replacement.
-    on_request:           the OpenAI payload, before it goes upstream
-    on_upstream_response: the OpenAI completion (non-streaming), before conversion
-    on_upstream_chunk:    each OpenAI stream chunk, before conversion
+    on_request:           the OpenAI payload (chat-completions or Responses), before it goes upstream
+    on_upstream_response: the OpenAI completion or Responses object (non-streaming), before conversion
+    on_upstream_chunk:    each OpenAI stream chunk or Responses event, before conversion
     on_response:          the Anthropic message, before it goes to the client
     on_event:             each Anthropic stream event as {"event": name, "data": {...}};
                           return None to keep it, or a replacement dict (or [] to drop it)
