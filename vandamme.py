@@ -1256,6 +1256,15 @@ def _responses_part(part: JSON) -> JSON:
     return {"type": "input_text", "text": part["text"]}
 
 
+def responses_tools(functions: list[JSON]) -> list[JSON]:
+    """Chat-completions functions as flat Responses tools; flat ones (the handler's cache) stay as they are.
+    strict: false, or the API demands strict schemas, which Claude Code's tools are not."""
+    if not functions or "function" not in functions[0]:
+        return functions
+    return [{"type": "function", "name": f["name"], "description": f.get("description", ""),
+             "parameters": f["parameters"], "strict": False} for f in (tool["function"] for tool in functions)]
+
+
 def replayed_reasoning(signature: str, text: str, origin: str) -> JSON | None:
     """The reasoning item a thinking block's signature carries (see reasoning_signature), if it came from
     `origin` ("provider:model"): encrypted reasoning only decrypts where it was made."""
@@ -1299,10 +1308,8 @@ def anthropic_to_responses(body: JSON, provider: Provider, model: str, *, max_to
     payload: JSON = {"model": model, "input": items, "store": False}
     if instructions:
         payload["instructions"] = "\n\n".join(instructions)
-    if chat.get("tools"):       # strict: false, or the API demands schemas Claude Code's tools are not
-        payload["tools"] = [{"type": "function", "name": f["name"], "description": f.get("description", ""),
-                             "parameters": f["parameters"], "strict": False}
-                            for f in (tool["function"] for tool in chat["tools"])]
+    if chat.get("tools"):
+        payload["tools"] = responses_tools(chat["tools"])
     choice = chat.get("tool_choice")
     payload.update({k: chat[k] for k in ("tool_choice", "parallel_tool_calls", "temperature", "top_p", "stream")
                     if k in chat})
@@ -2801,7 +2808,7 @@ class Runtime:
         self.session: aiohttp.ClientSession | None = None
         self.model_lists: BoundedCache[tuple[str, bytes], tuple[float, list[JSON]]] = BoundedCache(256)
         self.token_counts: BoundedCache[bytes, int] = BoundedCache(1024)
-        self.converted_tools: BoundedCache[tuple[str, int, str], Any] = BoundedCache(32)
+        self.converted_tools: BoundedCache[tuple[str, int, bool, str], Any] = BoundedCache(32)
         self.known_values: dict[str, tuple[str, Any]] = {}     # last tools/system text and value
         self.user_hooks = False
         self.aborts: dict[int, Callable[[], None]] = {}   # in-flight upstream requests, for shutdown
@@ -3264,14 +3271,15 @@ async def handle_messages(request: web.Request) -> web.StreamResponse:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _tools_for(rt: Runtime, provider: Provider, body: JSON, tools_text: str | None) -> Any:
+def _tools_for(rt: Runtime, provider: Provider, body: JSON, tools_text: str | None, responses: bool) -> Any:
     """Claude Code sends the same tools on every turn: convert and encode them once."""
     if tools_text is None:
         return None
-    key = (provider.name, provider.tool_name_max, tools_text)
+    key = (provider.name, provider.tool_name_max, responses, tools_text)
     cached = rt.converted_tools.lookup(key)
     if cached is None:
         functions, names = convert_tools(body["tools"], provider)
+        functions = responses_tools(functions) if responses else functions
         cached = rt.converted_tools.put(key, (functions, names, ',"tools":' + JSON_ENCODE(functions) if functions
                                               else ""))
     return cached
@@ -3284,8 +3292,8 @@ async def _converted(request: web.Request, rt: Runtime, provider: Provider, mode
     exchange = Exchange(request_id=rec.request_id, client_model=rec.client_model, provider=provider, model=model,
                         body=body, stream=rec.streamed, config=config)
     hooks = rt.chain.bound(exchange)
-    cached = None if hooks["on_request"] else _tools_for(rt, provider, body, incoming.part("tools"))
     responses = provider.api_for(model) == "responses"
+    cached = None if hooks["on_request"] else _tools_for(rt, provider, body, incoming.part("tools"), responses)
     convert = anthropic_to_responses if responses else anthropic_to_openai
     payload, exchange.conv = convert(body, provider, model, max_tokens_limit=config.max_tokens_limit,
                                      tools=cached[:2] if cached else None)
