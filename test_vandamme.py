@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import gzip
 import inspect
+import itertools
 import json
 import logging
 import os
@@ -142,6 +143,170 @@ def completion(content: Any = "Hello!", *, tool_calls: list | None = None, finis
             "usage": usage or {"prompt_tokens": 12, "completion_tokens": 5}}
 
 
+# The Responses API as ../shared/reference/responses-api.md documents it: shapes, events, and what it refuses.
+RESPONSES_KEYS = {"model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "max_output_tokens",
+                  "temperature", "top_p", "reasoning", "store", "include", "stream", "text", "metadata", "truncation",
+                  "service_tier", "safety_identifier", "prompt_cache_key", "user", "background", "max_tool_calls",
+                  "previous_response_id", "stream_options", "prompt", "conversation", "context_management"}
+ITEM_KEYS = {"message": {"type", "role", "content", "id", "status", "phase"},
+             "function_call": {"type", "call_id", "name", "arguments", "id", "status"},
+             "function_call_output": {"type", "call_id", "output", "id", "status"},
+             "reasoning": {"type", "id", "summary", "encrypted_content", "content", "status"}}
+PART_KEYS = {"input_text": {"type", "text"}, "input_image": {"type", "image_url", "file_id", "detail"},
+             "input_file": {"type", "filename", "file_data", "file_id", "file_url"},
+             "output_text": {"type", "text", "annotations", "logprobs"}, "refusal": {"type", "refusal"}}
+
+
+def _parts_rejection(parts: Any, where: str, allowed: set[str]) -> str | None:
+    if isinstance(parts, str):
+        return None
+    for n, part in enumerate(parts if isinstance(parts, list) else [None]):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in allowed or set(part) - PART_KEYS[kind]:
+            return f"Invalid value: '{where}[{n}]'."
+    return None
+
+
+def _item_rejection(items: list, i: int, store: Any, calls: set) -> str | None:
+    item, where = items[i], f"input[{i}]"
+    kind = item.get("type", "message") if isinstance(item, dict) else None
+    if kind not in ITEM_KEYS or set(item) - ITEM_KEYS[kind]:
+        return f"Unknown parameter: '{where}.{sorted(set(item) - ITEM_KEYS.get(kind, set()))[:1]}'."
+    if kind == "message":
+        if item.get("role") not in ("user", "assistant", "system", "developer"):
+            return f"Invalid value: '{where}.role'."
+        user_parts = {"input_text", "input_image", "input_file"}
+        return _parts_rejection(item.get("content"), f"{where}.content",
+                                {"output_text", "refusal"} if item["role"] == "assistant" else user_parts)
+    if kind == "function_call":
+        if "id" in item and not str(item["id"]).startswith("fc"):
+            return "Invalid 'input[].id': Expected an ID that begins with 'fc'."
+        if not (isinstance(item.get("arguments"), str) and item.get("call_id") and item.get("name")):
+            return f"Missing required parameter: '{where}.call_id/name/arguments'."
+        calls.add(item["call_id"])
+    elif kind == "function_call_output":
+        if item.get("call_id") not in calls:
+            return f"No tool call found for function call output with call_id {item.get('call_id')}."
+        return _parts_rejection(item.get("output"), f"{where}.output", {"input_text", "input_image", "input_file"})
+    elif kind == "reasoning":
+        if not item.get("encrypted_content") or not isinstance(item.get("summary"), list):
+            return f"Item '{where}' of type 'reasoning' needs 'encrypted_content' and 'summary'."
+        if "id" in item and store is False:
+            return f"Item with id '{item['id']}' not found. Items are not persisted when 'store' is set to false."
+        following = items[i + 1] if i + 1 < len(items) else {}
+        if following.get("type", "message") not in ("function_call", "message", "reasoning") or following.get(
+                "role", "assistant") != "assistant":
+            return f"Item '{where}' of type 'reasoning' was provided without its required following item."
+    return None
+
+
+def responses_rejection(body: Any) -> str | None:
+    """The 400 the real Responses API gives this body, or None when it would accept it."""
+    if not isinstance(body, dict) or not body.get("model") or not isinstance(body.get("input"), (str, list)):
+        return "Missing required parameter: 'model' or 'input'."
+    if set(body) - RESPONSES_KEYS:
+        return f"Unknown parameter: '{sorted(set(body) - RESPONSES_KEYS)[0]}'."
+    if body.get("max_output_tokens", 16) < 16:
+        return "Invalid 'max_output_tokens': integer below minimum value. Expected a value >= 16, got 1."
+    if re.match(r"(o\d|gpt-5|codex)", body["model"]) and {"temperature", "top_p"} & set(body):
+        return "Unsupported parameter: 'temperature' is not supported with this model."
+    for n, tool in enumerate(body.get("tools", [])):
+        if set(tool) - {"type", "name", "description", "parameters", "strict"} or tool.get("type") != "function" \
+                or not tool.get("name") or "parameters" not in tool:
+            return f"Unknown parameter: 'tools[{n}].function'."
+    choice = body.get("tool_choice", "auto")
+    if choice not in ("none", "auto", "required") and (not isinstance(choice, dict) or set(choice) != {"type", "name"}):
+        return "Invalid value for 'tool_choice'."
+    reasoning = body.get("reasoning", {})
+    efforts = ("minimal", "low", "medium", "high")
+    if set(reasoning) - {"effort", "summary"} or reasoning.get("effort", "low") not in efforts \
+            or reasoning.get("summary", "auto") not in ("auto", "concise", "detailed"):
+        return "Invalid value for 'reasoning'."
+    if set(body.get("include", [])) - {"reasoning.encrypted_content", "message.output_text.logprobs"}:
+        return "Invalid value for 'include'."
+    items, calls = body["input"] if isinstance(body["input"], list) else [], set()
+    for i in range(len(items)):
+        if rejection := _item_rejection(items, i, body.get("store"), calls):
+            return rejection
+    answered = {item.get("call_id") for item in items if item.get("type") == "function_call_output"}
+    return f"No tool output found for function call {sorted(calls - answered)[0]}." if calls - answered else None
+
+
+def reasoning_item(*summary: str, encrypted: str | None = "gAAAA-enc-1", item_id: str = "rs_1") -> dict:
+    item = {"type": "reasoning", "id": item_id, "summary": [{"type": "summary_text", "text": s} for s in summary]}
+    return {**item, "encrypted_content": encrypted} if encrypted else item
+
+
+def message_item(text: str, *, refusal: bool = False, item_id: str = "msg_1") -> dict:
+    part = {"type": "refusal", "refusal": text} if refusal else {"type": "output_text", "text": text, "annotations": []}
+    return {"type": "message", "id": item_id, "role": "assistant", "status": "completed", "content": [part]}
+
+
+def call_item(call_id: str, name: str, arguments: dict, item_id: str = "fc_1") -> dict:
+    return {"type": "function_call", "id": item_id, "call_id": call_id, "name": name,
+            "arguments": json.dumps(arguments), "status": "completed"}
+
+
+def resp_object(*output: dict, status: str = "completed", reason: str | None = None, usage: dict | None = None) -> dict:
+    return {"id": "resp_1", "object": "response", "created_at": 1767312000, "status": status, "error": None,
+            "incomplete_details": {"reason": reason} if reason else None, "model": "gpt-5-codex",
+            "output": list(output),
+            "usage": usage or {"input_tokens": 30, "input_tokens_details": {"cached_tokens": 10}, "output_tokens": 9,
+                               "output_tokens_details": {"reasoning_tokens": 4}, "total_tokens": 39}}
+
+
+def _pieces(text: str) -> list[str]:
+    return [text[i:i + 5] for i in range(0, len(text), 5)]
+
+
+def _item_events(index: int, item: dict) -> list[dict]:
+    """One output item's events, in the documented order, text and arguments in small deltas."""
+    at = {"output_index": index, "item_id": item["id"]}
+    if item["type"] == "reasoning":
+        events = [{"type": "response.output_item.added", "output_index": index,
+                   "item": {"type": "reasoning", "id": item["id"], "summary": []}}]
+        for s, part in enumerate(item["summary"]):
+            events.append({"type": "response.reasoning_summary_part.added", **at, "summary_index": s,
+                           "part": {"type": "summary_text", "text": ""}})
+            events += [{"type": "response.reasoning_summary_text.delta", **at, "summary_index": s, "delta": piece}
+                       for piece in _pieces(part["text"])]
+            events.append({"type": "response.reasoning_summary_text.done", **at, "summary_index": s,
+                           "text": part["text"]})
+    elif item["type"] == "function_call":
+        events = [{"type": "response.output_item.added", "output_index": index,
+                   "item": {**item, "arguments": "", "status": "in_progress"}}]
+        events += [{"type": "response.function_call_arguments.delta", **at, "delta": piece}
+                   for piece in _pieces(item["arguments"])]
+        events.append({"type": "response.function_call_arguments.done", **at, "name": item["name"],
+                       "arguments": item["arguments"]})
+    else:
+        part = item["content"][0]
+        events = [{"type": "response.output_item.added", "output_index": index,
+                   "item": {**item, "status": "in_progress", "content": []}},
+                  {"type": "response.content_part.added", **at, "content_index": 0,
+                   "part": {**part, **({"refusal": ""} if "refusal" in part else {"text": ""})}}]
+        kind = "response.refusal.delta" if "refusal" in part else "response.output_text.delta"
+        events += [{"type": kind, **at, "content_index": 0, "delta": piece}
+                   for piece in _pieces(part.get("text", part.get("refusal", "")))]
+    return [*events, {"type": "response.output_item.done", "output_index": index, "item": item}]
+
+
+def resp_events(*output: dict, status: str = "completed", reason: str | None = None, terminal: bool = True) -> list:
+    final = resp_object(*output, status=status, reason=reason)
+    started = {**final, "status": "in_progress", "output": [], "usage": None}
+    events = [{"type": "response.created", "response": started}, {"type": "response.in_progress", "response": started}]
+    for index, item in enumerate(output):
+        events += _item_events(index, item)
+    ending = {"completed": "response.completed", "incomplete": "response.incomplete", "failed": "response.failed"}
+    return events + ([{"type": ending[status], "response": final}] if terminal else [])
+
+
+def resp_sse(*events: dict) -> bytes:
+    """Responses SSE: an `event:` line, a `data:` line with the sequence number, no [DONE]."""
+    return b"".join(f"event: {e['type']}\ndata: {json.dumps({**e, 'sequence_number': n})}\n\n".encode()
+                    for n, e in enumerate(events))
+
+
 class Reply:
     """One scripted upstream answer."""
 
@@ -200,11 +365,19 @@ class FakeUpstream:
     async def _answer(self, request: web.Request, body: Any) -> web.StreamResponse:
         if request.path.endswith("/models") and not self.script:
             return web.json_response({"object": "list", "data": [{"id": "model-a", "created": 1}, {"id": "model-b"}]})
+        responses = request.path.endswith("/responses")
+        if responses and (rejection := responses_rejection(body)):     # what the real Responses API refuses
+            return web.json_response({"error": {"message": rejection, "type": "invalid_request_error",
+                                                "param": None, "code": None}}, status=400)
         reply = self.script.popleft() if self.script else None
         if reply is None:
             streamed = isinstance(body, dict) and body.get("stream")
-            reply = Reply(stream=sse(delta(role="assistant", content="Hello"), delta(content=" there"),
-                                     finish(), usage_chunk())) if streamed else Reply(completion("Hello there"))
+            if responses:
+                reply = Reply(stream=resp_sse(*resp_events(message_item("Hello there")))) if streamed else Reply(
+                    resp_object(message_item("Hello there")))
+            else:
+                reply = Reply(stream=sse(delta(role="assistant", content="Hello"), delta(content=" there"),
+                                         finish(), usage_chunk())) if streamed else Reply(completion("Hello there"))
         if reply.delay:
             await asyncio.sleep(reply.delay)
         if reply.gate is not None:
@@ -3767,3 +3940,473 @@ async def test_mistake_9_base_url_ending_in_v1_is_explained_in_the_log(claude_bi
     assert upstream.requests == []
     assert re.search(r' 404 .*path="POST /v1/v1/messages" reason=".*ANTHROPIC_BASE_URL=http://HOST:PORT without /v1',
                      cc_proxy.log()), cc_proxy.log()
+# Responses API providers (api-format = "responses") and the tool-id fidelity rules
+# ---------------------------------------------------------------------------
+
+RESPONSES = vd.Provider(name="rs", base_url="http://x", api_format="responses", reasoning_effort="always")
+SIGNED = vd.REASONING_MARK + vd._b64(json.dumps(["rs:gpt-5-codex", "rs_1", "gAAAA-enc-1"]))
+OTHER_MODEL = vd.REASONING_MARK + vd._b64(json.dumps(["rs:gpt-5.1", "rs_9", "gAAAA-other"]))
+KIMI_ID = "functions.get_weather:0"
+REPLAYED = {"type": "reasoning", "summary": [{"type": "summary_text", "text": "plan"}],
+            "encrypted_content": "gAAAA-enc-1"}
+
+
+def to_responses(body: dict, model: str = "gpt-5-codex", **kw: Any) -> dict:
+    payload, _conv = vd.anthropic_to_responses({"max_tokens": 50, **body}, RESPONSES, model, **kw)
+    assert responses_rejection(payload) is None, (responses_rejection(payload), payload)
+    return payload
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    pytest.param({"system": [{"type": "text", "text": "A"}, {"type": "text", "text": "B"}], **msgs(user("hi"))},
+                 {"instructions": "A\n\nB", "input": [{"role": "user", "content": "hi"}]}, id="system-instructions"),
+    pytest.param(msgs(user([{"type": "text", "text": "see"}, IMAGE,
+                            {"type": "image", "source": {"type": "url", "url": "https://x/i.png"}},
+                            {"type": "document", "source": {"type": "base64", "media_type": "application/pdf",
+                                                            "data": "JVBE"}}])),
+                 {"input": [{"role": "user", "content": [
+                     {"type": "input_text", "text": "see"},
+                     {"type": "input_image", "image_url": "data:image/png;base64,iVBOR", "detail": "auto"},
+                     {"type": "input_image", "image_url": "https://x/i.png", "detail": "auto"},
+                     {"type": "input_file", "filename": "document.pdf",
+                      "file_data": "data:application/pdf;base64,JVBE"}]}]}, id="parts"),
+    pytest.param(msgs(user("go"), assistant([{"type": "text", "text": "Two."}, TOOL_USE, TOOL_USE_2]),
+                      user([{"type": "tool_result", "tool_use_id": "toolu_2", "content": "read", "is_error": True},
+                            {"type": "tool_result", "tool_use_id": "toolu_1",
+                             "content": [{"type": "text", "text": "shot"}, IMAGE]},
+                            {"type": "text", "text": "then?"}])),
+                 {"input": [{"role": "user", "content": "go"}, {"role": "assistant", "content": "Two."},
+                            {"type": "function_call", "call_id": "toolu_1", "name": "Bash",
+                             "arguments": '{"command": "ls"}'},
+                            {"type": "function_call", "call_id": "toolu_2", "name": "Read",
+                             "arguments": '{"file_path": "/x"}'},
+                            {"type": "function_call_output", "call_id": "toolu_1",
+                             "output": "shot\n[image attached below]"},
+                            {"type": "function_call_output", "call_id": "toolu_2", "output": "Error: read"},
+                            {"role": "user", "content": [
+                                {"type": "input_text", "text": "Attachments from the tool results above:"},
+                                {"type": "input_image", "image_url": "data:image/png;base64,iVBOR", "detail": "auto"}]},
+                            {"role": "user", "content": "then?"}]}, id="calls-results-in-call-order"),
+    pytest.param(msgs(user("go"), assistant([TOOL_USE]), user("interrupted")),
+                 {"input": [{"role": "user", "content": "go"},
+                            {"type": "function_call", "call_id": "toolu_1", "name": "Bash",
+                             "arguments": '{"command": "ls"}'},
+                            {"type": "function_call_output", "call_id": "toolu_1",
+                             "output": "Tool call was interrupted; no result."},
+                            {"role": "user", "content": "interrupted"}]}, id="unanswered-call-repaired"),
+    pytest.param(msgs(user("go"), assistant([{"type": "thinking", "thinking": "plan", "signature": SIGNED}, TOOL_USE]),
+                      user([{"type": "tool_result", "tool_use_id": "toolu_1", "content": "ok"}])),
+                 {"input": [{"role": "user", "content": "go"}, REPLAYED,
+                            {"type": "function_call", "call_id": "toolu_1", "name": "Bash",
+                             "arguments": '{"command": "ls"}'},
+                            {"type": "function_call_output", "call_id": "toolu_1", "output": "ok"}]},
+                 id="signed-thinking-replayed-before-its-call"),
+    pytest.param(msgs(user("go"), assistant([{"type": "thinking", "thinking": "a", "signature": "EqQBCkYIB"},
+                                             {"type": "thinking", "thinking": "b", "signature": OTHER_MODEL},
+                                             {"type": "redacted_thinking", "data": "xyz"},
+                                             {"type": "thinking", "thinking": "c", "signature": SIGNED[:-9]},
+                                             {"type": "text", "text": "ok"}])),
+                 {"input": [{"role": "user", "content": "go"}, {"role": "assistant", "content": "ok"}]},
+                 id="foreign-thinking-dropped"),
+])
+def test_responses_request_items(body: dict, expected: dict) -> None:
+    payload = to_responses(body)
+    assert {k: payload[k] for k in expected} == expected
+    assert "instructions" in payload or "instructions" not in expected
+
+
+@pytest.mark.parametrize(("body", "model", "expected", "absent"), [
+    pytest.param({"max_tokens": 1}, "gpt-5-codex", {"max_output_tokens": 16, "store": False}, ["reasoning"],
+                 id="max-tokens-probe-is-16"),
+    pytest.param({"max_tokens": 9000}, "gpt-5-codex", {"max_output_tokens": 4000}, [], id="max-tokens-limit"),
+    pytest.param({"thinking": {"type": "enabled", "budget_tokens": 10000}}, "gpt-5-codex",
+                 {"reasoning": {"effort": "high", "summary": "auto"}, "include": ["reasoning.encrypted_content"]},
+                 [], id="thinking-budget-effort"),
+    pytest.param({"thinking": {"type": "adaptive"}, "output_config": {"effort": "low"}}, "gpt-5.2-codex",
+                 {"reasoning": {"effort": "low", "summary": "auto"}}, ["output_config"], id="adaptive-output-config"),
+    pytest.param({"thinking": {"type": "adaptive"}}, "gpt-5-pro", {"reasoning": {"effort": "high", "summary": "auto"}},
+                 [], id="pro-only-high"),
+    pytest.param({"temperature": 0.2, "top_p": 0.9}, "gpt-4.1", {"temperature": 0.2, "top_p": 0.9}, [],
+                 id="sampling-where-accepted"),
+    pytest.param({"temperature": 0.2, "top_p": 0.9, "top_k": 5}, "gpt-5-codex", {}, ["temperature", "top_p", "top_k"],
+                 id="sampling-dropped-for-reasoning-models"),
+    pytest.param({"stop_sequences": ["X"], "metadata": {"user_id": "u"}, "service_tier": "auto", "stream": True,
+                  "context_management": {"edits": [{"type": "clear_tool_uses_20250919"}]}}, "gpt-5-codex",
+                 {"stream": True}, ["stop", "stop_sequences", "metadata", "service_tier", "context_management",
+                                    "stream_options", "messages", "max_tokens"], id="no-chat-or-anthropic-fields"),
+    pytest.param({"tools": [BASH_TOOL, {"type": "web_search_20250305", "name": "web_search"}],
+                  "tool_choice": {"type": "any", "disable_parallel_tool_use": True}}, "gpt-5-codex",
+                 {"tools": [{"type": "function", "name": "Bash", "description": "Run", "strict": False,
+                             "parameters": BASH_TOOL["input_schema"]}],
+                  "tool_choice": "required", "parallel_tool_calls": False}, [], id="tools-flat-server-tools-dropped"),
+    pytest.param({"tools": [BASH_TOOL], "tool_choice": {"type": "tool", "name": "Bash"}}, "gpt-5-codex",
+                 {"tool_choice": {"type": "function", "name": "Bash"}}, [], id="tool-choice-named"),
+    pytest.param({"output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}, "gpt-5-codex",
+                 {"text": {"format": {"type": "json_schema", "name": "output", "schema": {"type": "object"}}}}, [],
+                 id="json-schema-output"),
+])
+def test_responses_request_fields(body: dict, model: str, expected: dict, absent: list) -> None:
+    payload = to_responses({**msgs(user("hi")), **body}, model, max_tokens_limit=4000)
+    assert {k: payload.get(k) for k in expected} == expected
+    assert not set(absent) & set(payload)
+
+
+@pytest.mark.parametrize(("output", "status", "reason", "content", "stop_reason"), [
+    pytest.param([reasoning_item("Plan", "More"), call_item("call_1", "Bash", {"command": "ls"})], "completed", None,
+                 [{"type": "thinking", "thinking": "Plan\n\nMore"},
+                  {"type": "tool_use", "id": "call_1", "name": "Bash", "input": {"command": "ls"}}], "tool_use",
+                 id="reasoning-then-call"),
+    pytest.param([message_item("It is 15°C.")], "completed", None, [{"type": "text", "text": "It is 15°C."}],
+                 "end_turn", id="text"),
+    pytest.param([message_item("I can't", refusal=True)], "completed", None, [{"type": "text", "text": "I can't"}],
+                 "refusal", id="refusal"),
+    pytest.param([reasoning_item(encrypted=None)], "incomplete", "max_output_tokens", [{"type": "text", "text": ""}],
+                 "max_tokens", id="incomplete-empty"),
+    pytest.param([message_item("cut")], "incomplete", "content_filter", [{"type": "text", "text": "cut"}], "refusal",
+                 id="content-filter"),
+    pytest.param([call_item(KIMI_ID, "Bash", {})], "completed", None,
+                 [{"type": "tool_use", "id": vd.client_tool_id(KIMI_ID), "name": "Bash", "input": {}}], "tool_use",
+                 id="kimi-id-made-valid"),
+])
+def test_responses_response_conversion(output: list, status: str, reason: Any, content: list, stop_reason: str) -> None:
+    message = vd.responses_to_anthropic(resp_object(*output, status=status, reason=reason),
+                                        vd.Conversion(responses="rs:gpt-5-codex"), "claude-x")
+    signatures = [block.pop("signature") for block in message["content"] if block["type"] == "thinking"]
+    assert message["content"] == content and message["stop_reason"] == stop_reason
+    assert all(s.startswith(vd.REASONING_MARK) for s in signatures)
+    assert message["usage"] == {"input_tokens": 20, "cache_read_input_tokens": 10, "output_tokens": 9,
+                                "cache_creation_input_tokens": 0}
+
+
+def test_failed_response_is_an_upstream_error() -> None:
+    failed = {**resp_object(), "status": "failed", "error": {"code": "server_error", "message": "boom"}}
+    with pytest.raises(vd.UpstreamError, match="boom"):
+        vd.responses_to_anthropic(failed, vd.Conversion(responses="rs:m"), "claude-x")
+
+
+@pytest.mark.parametrize("upstream_id", ["functions.get_weather:0", "call_abc-1", "a b/c", "ünï:1", "x" * 80])
+def test_tool_ids_reach_the_client_valid_and_map_back(upstream_id: str) -> None:
+    client_id = vd.client_tool_id(upstream_id)
+    assert re.fullmatch(r"[a-zA-Z0-9_-]+", client_id)
+    assert (client_id == upstream_id) == bool(re.fullmatch(r"[a-zA-Z0-9_-]+", upstream_id))
+    assert vd.tool_id_for_upstream(client_id, "any") == upstream_id
+    mistral = vd.tool_id_for_upstream(client_id, "mistral")
+    assert re.fullmatch(r"[a-zA-Z0-9]{9}", mistral) and mistral == vd.tool_id_for_upstream(upstream_id, "mistral")
+
+
+NEWER_FEATURES = [
+    pytest.param({"thinking": {"type": "adaptive"}, "output_config": {"effort": "max"}}, id="adaptive-output-config"),
+    pytest.param({"context_management": {"edits": [{"type": "clear_tool_uses_20250919"}]}}, id="context-management"),
+    pytest.param({"system": [{"type": "text", "text": "s", "cache_control": {"type": "ephemeral", "ttl": "1h"}}],
+                  "messages": [user([{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral",
+                                                                                     "ttl": "5m"}}])]},
+                 id="cache-control-ttl"),
+    pytest.param({"service_tier": "standard_only", "metadata": {"user_id": "u-1"}, "top_k": 3},
+                 id="tier-metadata-top-k"),
+    pytest.param({"messages": [user([{"type": "document", "source": {"type": "url", "url": "https://x/a.pdf"}},
+                                     {"type": "document", "source": {"type": "text", "media_type": "text/plain",
+                                                                     "data": "notes"}, "citations": {"enabled": True}},
+                                     {"type": "image", "source": {"type": "url", "url": "https://x/i.png"}}])]},
+                 id="documents-url-images"),
+    pytest.param({"tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 2},
+                            {"type": "code_execution_20250825", "name": "code_execution"}, BASH_TOOL],
+                  "tool_choice": {"type": "tool", "name": "web_search"},
+                  "messages": [user("q"), assistant([{"type": "server_tool_use", "id": "srvtoolu_1",
+                                                      "name": "web_search", "input": {"query": "x"}},
+                                                     {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1",
+                                                      "content": []}, {"type": "text", "text": "found"}]),
+                               user("more")]}, id="server-tools"),
+]
+CHAT_KEYS = {"model", "messages", "tools", "tool_choice", "parallel_tool_calls", "max_tokens", "max_completion_tokens",
+             "temperature", "top_p", "stop", "stream", "stream_options", "reasoning_effort", "response_format"}
+
+
+@pytest.mark.parametrize("extra", NEWER_FEATURES)
+@pytest.mark.parametrize("model", ["gpt-5.1", "gpt-4.1"])
+def test_newer_request_features_never_reach_a_strict_upstream(extra: dict, model: str) -> None:
+    body = {"max_tokens": 50, **msgs(user("hi")), **extra}
+    chat = convert(body, OPENAI, model)
+    responses = to_responses(body, model)
+    for payload in (chat, responses):
+        text = json.dumps(payload)
+        assert not re.search(r'"(cache_control|ttl|top_k|metadata|service_tier|context_management|output_config|'
+                             r'citations|server_tool_use|web_search|code_execution|srvtoolu_1)"', text), text
+    assert set(chat) <= CHAT_KEYS
+    assert [t["function"]["name"] for t in chat.get("tools", [])] == [t["name"] for t in responses.get("tools", [])]
+
+
+def test_responses_models_setting_and_api_selection(tmp_path: Path) -> None:
+    config = make_config({"OPENAI_API_KEY": "k", "RS_BASE_URL": "http://h/v1", "RS_API_FORMAT": "responses",
+                          "MIX_BASE_URL": "http://m/v1", "MIX_RESPONSES_MODELS": "big-*, exact"}, tmp_path)
+    openai, rs, mix = (config.provider(n) for n in ("openai", "rs", "mix"))
+    assert [openai.api_for(m) for m in ("gpt-5-codex", "gpt-5.1-codex-max", "gpt-5.4-pro", "o3-pro", "gpt-5.1",
+                                        "gpt-4o")] == ["responses"] * 4 + ["openai"] * 2
+    assert rs.api_for("anything") == "responses" and rs.reasoning_effort == "always"
+    assert [mix.api_for(m) for m in ("big-1", "EXACT", "exact-2")] == ["responses", "responses", "openai"]
+    (tmp_path / "vandamme-config.toml").write_text('[mix]\nbase-url = "http://m/v1"\nresponses-models = ["t*"]\n')
+    assert make_config({}, tmp_path, cwd=tmp_path).provider("mix").responses_models == ("t*",)
+    (tmp_path / "vandamme-config.toml").write_text('[mix]\nbase-url = "http://m/v1"\nresponses-models = "t*"\n')
+    with pytest.raises(vd.ConfigError, match="responses-models"):
+        make_config({}, tmp_path, cwd=tmp_path)
+
+
+def test_cli_resolve_shows_the_api(capsys: Any, monkeypatch: Any, tmp_path: Path) -> None:
+    env = {"OPENAI_API_KEY": "k", "OPENAI_ALIAS_OPUS": "gpt-5-codex,gpt-5.1"}
+    code, out, _ = run_main(["resolve", "claude-opus-4-1"], env, tmp_path, capsys, monkeypatch)
+    assert code == 0 and "api: responses, then chat-completions" in out
+
+
+def test_fake_responses_upstream_refuses_what_the_real_api_refuses() -> None:
+    ok = {"model": "gpt-5-codex", "input": [{"role": "user", "content": "hi"}], "store": False}
+    assert responses_rejection(ok) is None
+    for bad, fragment in [({"max_tokens": 5}, "max_tokens"), ({"max_output_tokens": 1}, ">= 16"),
+                          ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]},
+                           "No tool call"),
+                          ({"input": [{"type": "reasoning", "summary": []}, message_item("x")]}, "encrypted_content"),
+                          ({"input": [REPLAYED | {"id": "rs_1"}, message_item("x")]}, "not persisted"),
+                          ({"temperature": 0.5}, "temperature"), ({"stream_options": {}, "messages": []}, "messages")]:
+        assert fragment in (responses_rejection({**ok, **bad}) or ""), bad
+
+
+def responses_proxy_env(**extra: str) -> dict[str, str]:
+    return {"OPENAI_API_FORMAT": "responses", **extra}
+
+
+THINK_TOOL = {**BASIC, "tools": [BASH_TOOL], "thinking": {"type": "enabled", "budget_tokens": 4000}}
+TURN_OUTPUT = (reasoning_item("**Plan** run ls", "then answer"), message_item("Let me look."),
+               call_item(KIMI_ID, "Bash", {"command": "ls -la"}))
+
+
+def turn_two(content: list) -> dict:
+    tool_id = next(b["id"] for b in content if b["type"] == "tool_use")
+    return {**THINK_TOOL, "messages": [user("list files"), assistant(content),
+                                       user([{"type": "tool_result", "tool_use_id": tool_id, "content": "a.txt"}])]}
+
+
+def assert_replayed(sent: dict) -> None:
+    """The second turn as the upstream got it: reasoning back before its call, the original call id."""
+    kinds = [item.get("type", "message") for item in sent["input"]]
+    assert kinds == ["message", "reasoning", "message", "function_call", "function_call_output"], sent["input"]
+    assert sent["input"][1]["encrypted_content"] == "gAAAA-enc-1" and "id" not in sent["input"][1]
+    assert sent["input"][3]["call_id"] == sent["input"][4]["call_id"] == KIMI_ID
+
+
+async def test_responses_provider_json_round_trip(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy(responses_proxy_env())
+    upstream.add(Reply(resp_object(*TURN_OUTPUT)))
+    response = await client.post("/v1/messages", json=THINK_TOOL)
+    message = await response.json()
+    assert response.status == 200, message
+    assert upstream.last["path"] == "/v1/responses" and upstream.last["body"]["reasoning"]["summary"] == "auto"
+    assert [b["type"] for b in message["content"]] == ["thinking", "text", "tool_use"]
+    assert message["content"][0]["thinking"] == "**Plan** run ls\n\nthen answer"
+    assert re.fullmatch(r"[a-zA-Z0-9_-]+", message["content"][2]["id"]) and message["stop_reason"] == "tool_use"
+    assert message["usage"]["input_tokens"] == 20 and message["usage"]["cache_read_input_tokens"] == 10
+    assert (await client.post("/v1/messages", json=turn_two(message["content"]))).status == 200
+    assert_replayed(upstream.last["body"])
+    assert (await client.post("/v1/messages", json={**BASIC, "max_tokens": 1})).status == 200   # Claude Code's probe
+    upstream.add(Reply({"error": {"message": "Unknown parameter: 'x'.", "type": "invalid_request_error",
+                                  "param": "x", "code": "unknown_parameter"}}, status=400))
+    refused = await client.post("/v1/messages", json=BASIC)
+    assert refused.status == 400 and (await refused.json())["error"] == {
+        "type": "invalid_request_error", "message": "openai: Unknown parameter: 'x'."}
+
+
+def translate_responses(data: bytes, splits: tuple[int, ...] = ()) -> list[tuple[str, dict]]:
+    """The gateway's own pipeline for one Responses stream: SSE decoder -> chunks -> translator -> events."""
+    decoder = vd.SSEDecoder()
+    translator = vd.ResponsesTranslator("claude-x", vd.Conversion(responses="openai:gpt-5.1"))
+    events = translator.start()
+    bounds = (0, *splits, len(data))
+    for start, end in itertools.pairwise(bounds):
+        for _name, payload in decoder.feed(data[start:end]):
+            for chunk in vd._decode_chunk(payload):
+                events += translator.feed(chunk)
+    return events + translator.finish()
+
+
+def test_responses_stream_same_events_at_every_split() -> None:
+    data = resp_sse(*resp_events(reasoning_item("ok"), call_item("c1", "Bash", {"c": "é"}), message_item("fin")))
+    whole = translate_responses(data)
+    expected = validate_stream(vd.encode_events(whole).decode())
+    assert [b["type"] for b in final_message(expected)["content"]] == ["thinking", "tool_use", "text"]
+    for split in range(1, len(data)):
+        events = translate_responses(data, (split,))
+        assert [(n, {k: v for k, v in d.items() if k != "message"}) for n, d in events] == [
+            (n, {k: v for k, v in d.items() if k != "message"}) for n, d in whole], split
+
+
+@pytest.mark.parametrize(("events", "content", "stop_reason"), [
+    pytest.param(resp_events(*TURN_OUTPUT), [{"type": "thinking", "thinking": "**Plan** run ls\n\nthen answer"},
+                                             {"type": "text", "text": "Let me look."},
+                                             {"type": "tool_use", "name": "Bash", "input": {"command": "ls -la"}}],
+                 "tool_use", id="reasoning-text-call"),
+    pytest.param(resp_events(message_item("partial"), status="incomplete", reason="max_output_tokens"),
+                 [{"type": "text", "text": "partial"}], "max_tokens", id="incomplete"),
+    pytest.param(resp_events(message_item("No.", refusal=True)), [{"type": "text", "text": "No."}], "refusal",
+                 id="refusal"),
+    pytest.param(resp_events(reasoning_item("a"), reasoning_item("b", item_id="rs_2"), message_item("x")),
+                 [{"type": "thinking", "thinking": "a"}, {"type": "thinking", "thinking": "b"},
+                  {"type": "text", "text": "x"}], "end_turn", id="two-reasoning-items-two-blocks"),
+    pytest.param([e for e in resp_events(call_item("c1", "Bash", {"command": "ls"}), reasoning_item("b"))
+                  if "arguments.d" not in e["type"]],
+                 [{"type": "tool_use", "name": "Bash", "input": {"command": "ls"}}, {"type": "thinking",
+                                                                                     "thinking": "b"}],
+                 "tool_use", id="arguments-only-in-the-item"),
+])
+async def test_responses_provider_stream_split_at_every_byte(proxy: Any, upstream: FakeUpstream, events: list,
+                                                             content: list, stop_reason: str) -> None:
+    client = await proxy(responses_proxy_env())
+    data = resp_sse(*events)
+    upstream.add(Reply(stream=[data[i:i + 1] for i in range(len(data))]))
+    _response, frames = await post_stream(client, THINK_TOOL)
+    message = final_message(frames)
+    for block in message["content"]:
+        block.pop("id", None)
+        assert block.pop("signature", vd.REASONING_MARK).startswith(vd.REASONING_MARK)
+    assert message["content"] == content and message["stop_reason"] == stop_reason
+    assert message["usage"]["output_tokens"] == 9 and upstream.last["body"]["stream"] is True
+
+
+@pytest.mark.parametrize("tail", [
+    pytest.param([{"type": "response.failed", "response": {"status": "failed",
+                                                            "error": {"code": "server_error", "message": "boom"}}}],
+                 id="response-failed"),
+    pytest.param([{"type": "error", "code": "rate_limit_exceeded", "message": "boom", "param": None}], id="error"),
+    pytest.param([], id="cut-before-the-final-event"),
+])
+async def test_responses_stream_failures_end_with_an_error_event(proxy: Any, upstream: FakeUpstream,
+                                                                 tail: list) -> None:
+    client = await proxy(responses_proxy_env())
+    upstream.add(Reply(stream=resp_sse(*resp_events(message_item("half"), terminal=False), *tail)))
+    _response, frames = await post_stream(client, BASIC)
+    assert frames[-1][0] == "error" and "message_stop" not in [name for name, _ in frames]
+    assert "boom" in frames[-1][1]["error"]["message"] or not tail
+
+
+async def test_responses_provider_keeps_keys_hooks_fallbacks_and_count_tokens(proxy: Any, upstream: FakeUpstream,
+                                                                              tmp_path: Path) -> None:
+    seen: dict[str, list] = {"request": [], "chunk": []}
+
+    class Spy(vd.Middleware):
+        def on_request(self, exchange: Any, payload: dict) -> None:
+            seen["request"].append(sorted(payload))
+
+        def on_upstream_chunk(self, exchange: Any, chunk: dict) -> None:
+            seen["chunk"].append(chunk.get("type"))
+
+    client = await proxy(responses_proxy_env(OPENAI_API_KEY="sk-one-0000000001 sk-two-0000000002",
+                                             BACK_BASE_URL="{upstream}/back", BACK_API_KEY="b-key-00000001",
+                                             OPENAI_ALIAS_SONNET="gpt-5.1,back:m"), middleware=[Spy()])
+    upstream.add(Reply({"error": {"message": "slow down"}}, status=429), Reply({"error": {"message": "again"}},
+                                                                               status=429))
+    _response, frames = await post_stream(client, BASIC)                  # both keys refused: the fallback answers
+    assert final_message(frames)["content"] == [{"type": "text", "text": "Hello there"}]
+    paths = [(r["path"], r["headers"]["authorization"][-4:]) for r in upstream.requests]
+    assert paths == [("/v1/responses", "0001"), ("/v1/responses", "0002"), ("/back/chat/completions", "0001")]
+    assert seen["request"][0] == ["input", "max_output_tokens", "model", "store", "stream"]
+    _response, frames = await post_stream(client, BASIC)
+    assert "response.output_text.delta" in seen["chunk"] and upstream.last["path"] == "/v1/responses"
+    counted = await (await client.post("/v1/messages/count_tokens", json=BASIC)).json()
+    totals = await (await client.get("/metrics/running-totals")).json()
+    assert counted["input_tokens"] > 0 and totals["providers"]["openai"]["requests"] >= 1
+
+
+@pytest.mark.parametrize(("base", "version", "url"), [
+    pytest.param("{upstream}", "2025-04-01-preview", "/openai/responses?api-version=2025-04-01-preview", id="dated"),
+    pytest.param("{upstream}/openai/v1", "preview", "/openai/v1/responses", id="v1"),
+])
+async def test_azure_responses_endpoint(proxy: Any, upstream: FakeUpstream, base: str, version: str,
+                                        url: str) -> None:
+    client = await proxy({"AZ_API_KEY": "az-key-000000001", "AZ_BASE_URL": base, "AZ_API_VERSION": version,
+                          "AZ_API_FORMAT": "responses"})
+    response = await client.post("/v1/messages", json={**BASIC, "model": "az:my-codex"})
+    assert response.status == 200, await response.text()
+    assert upstream.last["raw_path"] == url and upstream.last["body"]["model"] == "my-codex"
+    assert upstream.last["headers"]["api-key"] == "az-key-000000001"
+
+
+async def test_kimi_tool_ids_round_trip_on_chat_completions(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy({"MOON_API_KEY": "m-key-0000001", "MOON_BASE_URL": "{upstream}/v1"})
+    upstream.add(Reply(stream=sse(delta(tool_calls=[tc(0, KIMI_ID, "Bash", '{"command": "ls"}')]),
+                                  finish("tool_calls"))))
+    body = {**BASIC, "model": "moon:kimi-k2", "tools": [BASH_TOOL]}
+    _response, frames = await post_stream(client, body)
+    content = final_message(frames)["content"]
+    assert content[0]["id"] == vd.client_tool_id(KIMI_ID) and re.fullmatch(r"[a-zA-Z0-9_-]+", content[0]["id"])
+    turn2 = {**body, "messages": [user("go"), assistant(content),
+                                  user([{"type": "tool_result", "tool_use_id": content[0]["id"], "content": "ok"}])]}
+    assert (await client.post("/v1/messages", json=turn2)).status == 200
+    calls, answers = tool_answer(upstream.last["body"])
+    assert calls[0]["id"] == answers[0]["tool_call_id"] == KIMI_ID
+
+
+@needs_anthropic_sdk
+async def test_anthropic_sdk_through_a_responses_provider(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy(responses_proxy_env())
+    base = str(client.make_url("")).rstrip("/")
+    expected = [{"type": "thinking", "thinking": "**Plan** run ls\n\nthen answer"},
+                {"type": "text", "text": "Let me look."},
+                {"type": "tool_use", "id": vd.client_tool_id(KIMI_ID), "name": "Bash", "input": {"command": "ls -la"}}]
+    async_client = anthropic.AsyncAnthropic(base_url=base, api_key="k", max_retries=0)
+    upstream.add(Reply(resp_object(*TURN_OUTPUT)), Reply(stream=resp_sse(*resp_events(*TURN_OUTPUT))))
+    created = await async_client.messages.create(**THINK_TOOL)
+    async with async_client.messages.stream(**THINK_TOOL) as stream:
+        streamed = await stream.get_final_message()
+    await async_client.close()
+
+    def sync_calls() -> list:
+        sync_client = anthropic.Anthropic(base_url=base, api_key="k", max_retries=0)
+        try:
+            with sync_client.messages.stream(**THINK_TOOL) as stream:
+                return [sync_client.messages.create(**THINK_TOOL), stream.get_final_message()]
+        finally:
+            sync_client.close()
+
+    upstream.add(Reply(stream=resp_sse(*resp_events(*TURN_OUTPUT))), Reply(resp_object(*TURN_OUTPUT)))
+    for message in [created, streamed, *await asyncio.to_thread(sync_calls)]:
+        assert _plain(message.content) == expected and message.stop_reason == "tool_use"
+        assert message.content[0].signature.startswith(vd.REASONING_MARK)
+
+
+async def test_reasoning_continuity_across_two_gateway_processes(upstream: FakeUpstream, tmp_path: Path) -> None:
+    env = {"OPENAI_API_KEY": "sk-proc-000000001", "OPENAI_BASE_URL": f"{upstream.url}/v1",
+           "OPENAI_API_FORMAT": "responses"}
+    upstream.add(Reply(stream=resp_sse(*resp_events(*TURN_OUTPUT))))
+    contents = []
+    for turn in range(2):
+        proc = ProxyProcess(HERE / "vandamme.py", env, tmp_path)
+        try:
+            await proc.wait_ready()
+            async with aiohttp.ClientSession() as session:
+                body = turn_two(contents[0]) if turn else THINK_TOOL
+                async with session.post(f"{proc.url}/v1/messages", json={**body, "stream": True}) as response:
+                    contents.append(final_message(validate_stream(await response.text()))["content"])
+        finally:
+            assert proc.stop() == 0
+    assert_replayed(upstream.last["body"])
+    assert contents[1] == [{"type": "text", "text": "Hello there"}]
+
+
+async def test_claude_code_thinking_tool_round_trip_through_responses(claude_bin: str, upstream: FakeUpstream,
+                                                                      tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "note.txt").write_text("fixture-content-77\n")
+    read = call_item(KIMI_ID, "Read", {"file_path": str(work / "note.txt")})
+    upstream.add(Reply(stream=resp_sse(*resp_events(reasoning_item("The user wants the file."), read))),
+                 Reply(stream=resp_sse(*resp_events(message_item("The file says fixture-content-77 (ok-3141).")))))
+    proc = ProxyProcess(HERE / "vandamme.py", {"OPENAI_API_KEY": "sk-cc", "OPENAI_BASE_URL": f"{upstream.url}/v1",
+                                               "OPENAI_API_FORMAT": "responses"}, tmp_path)
+    try:
+        await proc.wait_ready()
+        code, result, output = await run_claude(claude_bin, proc.url, "read note.txt", work, "Read")
+    finally:
+        proc.stop()
+    assert code == 0 and "ok-3141" in result.get("result", ""), output + proc.log()
+    sent = [r["body"] for r in upstream.requests if r["path"] == "/v1/responses"][-1]
+    kinds = [item.get("type", "message") for item in sent["input"]]
+    at = kinds.index("function_call")
+    assert kinds[at - 1:at + 2] == ["reasoning", "function_call", "function_call_output"], sent["input"]
+    assert sent["input"][at - 1]["encrypted_content"] == "gAAAA-enc-1" and sent["input"][at]["call_id"] == KIMI_ID
+    assert "fixture-content-77" in json.dumps(sent["input"][at + 1]["output"])

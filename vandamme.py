@@ -8,8 +8,8 @@
 Point Claude Code (or any Anthropic client) at it with
 ``ANTHROPIC_BASE_URL=http://localhost:8082`` and it routes each request to the
 provider you configured: OpenAI-compatible servers get an exact Anthropic ->
-OpenAI chat-completions conversion (streamed and not); Anthropic-format
-endpoints are relayed byte for byte.
+OpenAI conversion (chat-completions or the Responses API, streamed and not);
+Anthropic-format endpoints are relayed byte for byte.
 
 Usage:  python vandamme.py --port 8082          (serve; the default command)
         python vandamme.py config show | config validate | config init
@@ -135,8 +135,10 @@ def _not_json(constant: str) -> Any:
 # Strict: NaN and Infinity are Python's extensions, not JSON, and no upstream accepts them.
 JSON_DECODER: Final = json.JSONDecoder(parse_constant=_not_json)
 JSON_DECODE: Final = JSON_DECODER.decode
-REASONING_MODEL: Final = re.compile(r"^(?:[\w.-]+/)?(?:o\d|gpt-5)", re.I)
+REASONING_MODEL: Final = re.compile(r"^(?:[\w.-]+/)?(?:o\d|gpt-5|codex)", re.I)
 VALID_TOOL_NAME: Final = re.compile(r"^[a-zA-Z0-9_-]+$")
+TOOL_ID_MARK: Final = "vdmid_"        # + base64url of an upstream tool id Anthropic would reject
+REASONING_MARK: Final = "vdm-rs1."    # + base64url of a Responses reasoning item; versioned
 EFFORT_BY_NAME: Final = MappingProxyType({
     "minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high",
 })
@@ -168,7 +170,10 @@ ENV_VARS: Final = MappingProxyType({
 # Built-in providers: (name, base URL, TOML lines of settings, haiku/sonnet/opus aliases).
 # defaults_toml() renders them as the embedded defaults; defaults.toml is that text (a test checks).
 BUILTIN_PROVIDERS: Final[tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...]] = (
-    ("openai", "https://api.openai.com/v1", ('reasoning-effort = "reasoning-models"',),
+    # responses-models: the models OpenAI serves only over the Responses API (codex, pro, deep research).
+    ("openai", "https://api.openai.com/v1",
+     ('reasoning-effort = "reasoning-models"',
+      'responses-models = ["*codex*", "gpt-5*-pro*", "o1-pro*", "o3-pro*", "*deep-research*"]'),
      ("gpt-5-mini", "gpt-5.1", "gpt-5.1")),
     ("anthropic", "https://api.anthropic.com", ('api-format = "anthropic"',), ()),
     ("zai", "https://api.z.ai/api/anthropic", ('api-format = "anthropic"',), ("glm-4.5-air", "glm-4.6", "glm-4.6")),
@@ -303,7 +308,7 @@ class Provider:
 
     name: str
     base_url: str
-    api_format: str = "openai"              # "openai" (convert) or "anthropic" (pass through)
+    api_format: str = "openai"              # "openai" or "responses" (convert), "anthropic" (pass through)
     api_version: str | None = None          # set: Azure OpenAI
     keys: tuple[str, ...] = field(default=(), repr=False)
     passthrough: bool = False               # send the client's own key upstream
@@ -319,6 +324,14 @@ class Provider:
     gemini: bool = False                    # schema cleaning and thought signatures
     auth_header: str = "auto"               # auto | bearer | x-api-key | api-key
     max_tokens: tuple[tuple[str, int], ...] = ()    # (model glob, most output tokens), configured
+    responses_models: tuple[str, ...] = ()  # globs: models an "openai" provider serves over Responses
+
+    def api_for(self, model: str) -> str:
+        """The API `model` is reached by here: "anthropic", "responses" or "openai" (chat-completions)."""
+        if self.api_format == "openai" and any(fnmatch.fnmatchcase(model.lower(), glob.lower())
+                                               for glob in self.responses_models):
+            return "responses"
+        return self.api_format
 
     @property
     def azure(self) -> bool:
@@ -373,7 +386,8 @@ NO_PROVIDER: Final = ("no provider is configured: set OPENAI_API_KEY (or another
                       "{PROVIDER}_BASE_URL for a local server) and restart vandamme")
 _PROVIDER_SETTINGS: Final = MappingProxyType({
     # TOML key -> (Provider field, type or allowed values)
-    "base-url": ("base_url", str), "api-key": ("keys", str), "api-format": ("api_format", ("openai", "anthropic")),
+    "base-url": ("base_url", str), "api-key": ("keys", str),
+    "api-format": ("api_format", ("openai", "anthropic", "responses")),
     "api-version": ("api_version", str), "stream-usage": ("stream_usage", bool),
     "max-tokens-field": ("max_tokens_field", ("auto", "max_tokens", "max_completion_tokens")),
     "parallel-tool-calls": ("parallel_tool_calls", bool),
@@ -382,6 +396,7 @@ _PROVIDER_SETTINGS: Final = MappingProxyType({
     "think-tags": ("think_tags", bool), "reasoning-history": ("reasoning_history", bool),
     "gemini": ("gemini", bool), "auth-header": ("auth_header", ("auto", "bearer", "x-api-key", "api-key")),
     "keyless": (None, bool), "aliases": (None, dict), "headers": (None, dict), "max-tokens": (None, dict),
+    "responses-models": ("responses_models", list),
 })
 
 
@@ -682,6 +697,10 @@ def _parse_provider(name: str, table: Mapping[str, tuple[Any, str]], env: Mappin
         limits[glob.strip() or "*"] = number
     max_tokens = tuple((glob, _parse_setting(int, number, f"{upper}_MAX_TOKENS / [{name}.max-tokens] {glob!r}"))
                        for glob, number in limits.items())
+    globs = raw.split(",") if (raw := variable("RESPONSES_MODELS")) else fields.get("responses_models", ())
+    fields["responses_models"] = tuple(str(glob).strip() for glob in globs if str(glob).strip())
+    if fmt == "responses":                  # the Responses API is made for reasoning models
+        fields.setdefault("reasoning_effort", "always")
     provider = Provider(
         name=name, base_url=base_url.rstrip("/"), api_format=fmt,
         api_version=variable("API_VERSION") or setting.get("api-version") or None,
@@ -923,6 +942,8 @@ class Conversion:
     reasoning_messages: list[tuple[JSON, str]] = field(default_factory=list)  # (assistant msg, thinking)
     images: int = 0
     attachment_chars: int = 0          # base64 of images and files, excluded from text estimates
+    signed_thinking: list[tuple[JSON, list[tuple[str, str]]]] = field(default_factory=list)  # (msg, [(sig, text)])
+    responses: str = ""                # "provider:model" when the Responses API serves the request
 
 
 def _bad(path: str, what: str) -> InvalidRequestError:
@@ -945,7 +966,11 @@ def tool_name_for_upstream(name: str, limit: int = 64) -> str:
 
 
 def tool_id_for_upstream(tool_id: str, id_format: str) -> str:
-    """Mistral wants exactly 9 alphanumerics; derive them deterministically from any id."""
+    """The upstream's own id again (see client_tool_id); Mistral wants exactly 9 alphanumerics, derived
+    deterministically from it, so a call and its result always agree."""
+    if tool_id.startswith(TOOL_ID_MARK):
+        with contextlib.suppress(ValueError):
+            tool_id = _unb64(tool_id[len(TOOL_ID_MARK):])
     if id_format != "mistral" or re.fullmatch(r"[a-zA-Z0-9]{9}", tool_id):
         return tool_id
     return hashlib.sha256(tool_id.encode()).hexdigest()[:9]
@@ -1103,6 +1128,7 @@ def _convert_assistant(content: Any, out: list[JSON], path: str, conv: Conversio
     texts: list[str] = []
     calls: list[JSON] = []
     thinking: list[str] = []
+    signed: list[tuple[str, str]] = []
     for i, block in enumerate(_expect(content, list, f"{path}.content", "a string or a list of blocks")):
         where = f"{path}.content.{i}"
         kind = _expect(block, dict, where, "an object").get("type")
@@ -1120,6 +1146,8 @@ def _convert_assistant(content: Any, out: list[JSON], path: str, conv: Conversio
         elif kind == "thinking":
             if isinstance(block.get("thinking"), str):
                 thinking.append(block["thinking"])
+                if str(block.get("signature")).startswith(REASONING_MARK):
+                    signed.append((block["signature"], block["thinking"]))
         elif kind == "redacted_thinking":
             pass
         else:
@@ -1132,6 +1160,8 @@ def _convert_assistant(content: Any, out: list[JSON], path: str, conv: Conversio
         message["tool_calls"] = calls
     if thinking:
         conv.reasoning_messages.append((message, "".join(thinking)))
+    if signed:
+        conv.signed_thinking.append((message, signed))
     out.append(message)
 
 
@@ -1305,6 +1335,84 @@ def anthropic_to_openai(body: JSON, provider: Provider, model: str, *, max_token
     return payload, conv
 
 
+def _responses_part(part: JSON) -> JSON:
+    if part["type"] == "image_url":
+        return {"type": "input_image", "image_url": part["image_url"]["url"], "detail": "auto"}
+    if part["type"] == "file":
+        return {"type": "input_file", **part["file"]}
+    return {"type": "input_text", "text": part["text"]}
+
+
+def responses_tools(functions: list[JSON]) -> list[JSON]:
+    """Chat-completions functions as flat Responses tools; flat ones (the handler's cache) stay as they are.
+    strict: false, or the API demands strict schemas, which Claude Code's tools are not."""
+    if not functions or "function" not in functions[0]:
+        return functions
+    return [{"type": "function", "name": f["name"], "description": f.get("description", ""),
+             "parameters": f["parameters"], "strict": False} for f in (tool["function"] for tool in functions)]
+
+
+def replayed_reasoning(signature: str, text: str, origin: str) -> JSON | None:
+    """The reasoning item a thinking block's signature carries (see reasoning_signature), if it came from
+    `origin` ("provider:model"): encrypted reasoning only decrypts where it was made."""
+    try:
+        made_by, _item_id, encrypted = JSON_DECODE(_unb64(signature[len(REASONING_MARK):]))
+    except (ValueError, TypeError):
+        return None
+    if made_by != origin or not isinstance(encrypted, str):
+        return None
+    return {"type": "reasoning", "summary": [{"type": "summary_text", "text": text}] if text else [],
+            "encrypted_content": encrypted}
+
+
+def anthropic_to_responses(body: JSON, provider: Provider, model: str, *, max_tokens_limit: int | None = None,
+                           tools: tuple[list[JSON], dict[str, str]] | None = None) -> tuple[JSON, Conversion]:
+    """Convert an Anthropic Messages request into a Responses API payload (store: false, stateless).
+
+    The chat conversion does the walk (names, ids, result order, pairing repair, attachments); its
+    messages are re-shaped into items. Only fields the Responses API knows are set: it rejects others.
+    Replayed items carry no `id`: with store: false an id makes the API look the item up, and fail.
+    """
+    chat, conv = anthropic_to_openai(body, provider, model, max_tokens_limit=max_tokens_limit, tools=tools)
+    conv.responses = f"{provider.name}:{model}"
+    signed = {id(message): pairs for message, pairs in conv.signed_thinking}
+    instructions: list[str] = []
+    items: list[JSON] = []
+    for message in chat["messages"]:
+        role, content = message["role"], message.get("content")
+        if role == "system" and not items:
+            instructions.append(content)
+        elif role == "tool":
+            items.append({"type": "function_call_output", "call_id": message["tool_call_id"], "output": content})
+        else:
+            items += filter(None, (replayed_reasoning(sig, text, conv.responses)
+                                   for sig, text in signed.get(id(message), ())))
+            if content:
+                items.append({"role": role, "content": content if isinstance(content, str)
+                              else [_responses_part(part) for part in content]})
+            items += ({"type": "function_call", "call_id": call["id"], "name": call["function"]["name"],
+                       "arguments": call["function"]["arguments"]} for call in message.get("tool_calls") or ())
+    payload: JSON = {"model": model, "input": items, "store": False}
+    if instructions:
+        payload["instructions"] = "\n\n".join(instructions)
+    if chat.get("tools"):
+        payload["tools"] = responses_tools(chat["tools"])
+    choice = chat.get("tool_choice")
+    payload.update({k: chat[k] for k in ("tool_choice", "parallel_tool_calls", "temperature", "top_p", "stream")
+                    if k in chat})
+    if isinstance(choice, dict):
+        payload["tool_choice"] = {"type": "function", "name": choice["function"]["name"]}
+    limit = chat.get("max_tokens", chat.get("max_completion_tokens"))
+    if limit is not None:       # the API's minimum is 16; Claude Code probes with max_tokens: 1
+        payload["max_output_tokens"] = max(16, limit)
+    if effort := chat.get("reasoning_effort"):
+        payload["reasoning"] = {"effort": "high" if "-pro" in model else effort, "summary": "auto"}
+        payload["include"] = ["reasoning.encrypted_content"]
+    if fmt := chat.get("response_format"):
+        payload["text"] = {"format": {"type": "json_schema", **fmt["json_schema"]}}
+    return payload, conv
+
+
 _UNPRINTABLE: Final = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")     # controls and lone surrogates
 
 
@@ -1399,15 +1507,16 @@ def _int(value: Any) -> int:
 
 
 def usage_to_anthropic(usage: Any) -> JSON:
-    """OpenAI usage -> Anthropic usage; Anthropic's input_tokens excludes cache reads."""
+    """OpenAI usage (chat-completions or Responses) -> Anthropic usage; Anthropic's input_tokens excludes cache."""
     if not isinstance(usage, dict):
         usage = {}
-    details = usage.get("prompt_tokens_details")
+    details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
     details = details if isinstance(details, dict) else {}
     cached = _int(details.get("cached_tokens")) or _int(usage.get("prompt_cache_hit_tokens"))
     written = _int(details.get("cache_write_tokens")) or _int(details.get("cache_creation_tokens"))
-    prompt = _int(usage.get("prompt_tokens"))
-    return {"input_tokens": max(0, prompt - cached - written), "output_tokens": _int(usage.get("completion_tokens")),
+    prompt = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
+    output = _int(usage.get("completion_tokens", usage.get("output_tokens")))
+    return {"input_tokens": max(0, prompt - cached - written), "output_tokens": output,
             "cache_read_input_tokens": cached, "cache_creation_input_tokens": written}
 
 
@@ -1430,6 +1539,20 @@ def new_message_id() -> str:
 
 def new_tool_id() -> str:
     return "toolu_" + secrets.token_hex(12)
+
+
+def client_tool_id(upstream_id: str) -> str:
+    """An id Anthropic accepts: a valid one as it is, else (Kimi's `functions.get_weather:0`) the mark and its
+    base64url, which tool_id_for_upstream turns back into the original. Reversible, so no state."""
+    return upstream_id if VALID_TOOL_NAME.match(upstream_id) else TOOL_ID_MARK + _b64(upstream_id)
+
+
+def reasoning_signature(item: JSON, origin: str) -> str | None:
+    """A Responses reasoning item as a thinking block's signature: its origin, id and encrypted content."""
+    encrypted = item.get("encrypted_content")
+    if not isinstance(encrypted, str) or not encrypted:
+        return None
+    return REASONING_MARK + _b64(JSON_ENCODE([origin, str(item.get("id") or ""), encrypted]))
 
 
 def upstream_error_message(data: Any) -> str | None:
@@ -1499,23 +1622,68 @@ def openai_to_anthropic(data: Any, conv: Conversion, client_model: str) -> JSON:
         if not isinstance(call, dict):
             continue
         function = _obj(call.get("function"))
-        name = function["name"] if isinstance(function.get("name"), str) else "unknown_tool"
-        tool_id = call.get("id")
-        content.append({"type": "tool_use", "id": str(tool_id) if tool_id else new_tool_id(),
-                        "name": conv.tool_names.get(name, name),
-                        "input": parse_tool_arguments(function.get("arguments"))})
+        content.append(_tool_use(conv, call.get("id"), function.get("name"), function.get("arguments")))
+    refused = isinstance(refusal, str) and bool(refusal)
+    return _assistant_message(content, choice.get("finish_reason"), refused, data.get("usage"), client_model)
+
+
+def _tool_use(conv: Conversion, tool_id: Any, name: Any, arguments: Any) -> JSON:
+    name = name if isinstance(name, str) and name else "unknown_tool"
+    return {"type": "tool_use", "id": client_tool_id(str(tool_id)) if tool_id else new_tool_id(),
+            "name": conv.tool_names.get(name, name), "input": parse_tool_arguments(arguments)}
+
+
+def _assistant_message(content: list[JSON], finish: Any, refused: bool, usage: Any, client_model: str) -> JSON:
+    """Content order as the upstream gave it; at least one block; stop_reason never null."""
     if not content:
         content.append({"type": "text", "text": ""})
-    finish = choice.get("finish_reason")
     if any(block["type"] == "tool_use" for block in content):
         stop_reason = "tool_use"
-    elif isinstance(refusal, str) and refusal:
+    elif refused:
         stop_reason = "refusal"
     else:
         stop_reason = STOP_REASON.get(finish, "end_turn") if isinstance(finish, str) else "end_turn"
     return {"id": new_message_id(), "type": "message", "role": "assistant", "model": client_model,
             "content": content, "stop_reason": stop_reason, "stop_sequence": None,
-            "usage": usage_to_anthropic(data.get("usage"))}
+            "usage": usage_to_anthropic(usage)}
+
+
+def responses_finish(response: JSON) -> str:
+    """A Responses status as a chat-completions finish_reason (STOP_REASON maps both); failure raises."""
+    if response.get("status") == "failed":
+        raise UpstreamError(upstream_error_message(response) or "upstream response failed", status=502)
+    details = response.get("incomplete_details")
+    reason = str(details.get("reason")) if isinstance(details, dict) else ""
+    return {"max_output_tokens": "length", "content_filter": "content_filter"}.get(reason, "stop")
+
+
+def _reasoning_text(item: JSON) -> str:
+    """The summary, else the raw reasoning text (gpt-oss style servers send that instead)."""
+    parts = item.get("summary") or item.get("content")
+    return "\n\n".join(p["text"] for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str)) \
+        if isinstance(parts, list) else ""
+
+
+def responses_to_anthropic(data: Any, conv: Conversion, client_model: str) -> JSON:
+    """Convert a Responses API response object into an Anthropic Message, items in their order."""
+    if not isinstance(data, dict) or not isinstance(data.get("output"), list):
+        raise UpstreamError(upstream_error_message(data) or "upstream response has no output", status=502)
+    finish, content, refused = responses_finish(data), [], False
+    for item in data["output"]:
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "reasoning":
+            thought, signature = _reasoning_text(item), reasoning_signature(item, conv.responses)
+            if thought or signature:
+                signature = signature or thinking_signature(thought)
+                content.append({"type": "thinking", "thinking": thought, "signature": signature})
+        elif kind == "function_call":
+            content.append(_tool_use(conv, item.get("call_id"), item.get("name"), item.get("arguments")))
+        for part in item.get("content") or () if kind == "message" else ():
+            text = part.get("text", part.get("refusal")) if isinstance(part, dict) else None
+            if isinstance(text, str) and text:
+                content.append({"type": "text", "text": text})
+                refused = refused or part.get("type") == "refusal"
+    return _assistant_message(content, finish, refused, data.get("usage"), client_model)
 
 
 # ---------------------------------------------------------------------------
@@ -1930,7 +2098,8 @@ class _BlockWriter:
         self._close_open()
         name = call.name or "unknown_tool"
         call.id = call.id or new_tool_id()
-        self._open({"type": "tool_use", "id": call.id, "name": self.tool_names.get(name, name), "input": {}}, "tool")
+        self._open({"type": "tool_use", "id": client_tool_id(call.id), "name": self.tool_names.get(name, name),
+                    "input": {}}, "tool")
         self.open_call, call.state, self.tool_used = call, "open", True
         if call.args:
             self._send_args(call, call.args)
@@ -1974,6 +2143,7 @@ class StreamTranslator:
         self.refused = False
         self.usage: JSON | None = None
         self.finished = False
+        self.responses = (conv or Conversion()).responses
 
     @property
     def output_chars(self) -> int:
@@ -2056,6 +2226,54 @@ class StreamTranslator:
         self.writer.tool_call(key, tool_id, name, args if isinstance(args, str) else "")
 
 
+class ResponsesTranslator(StreamTranslator):
+    """Responses API stream events in, through the same _BlockWriter. Each output item is keyed by its
+    `output_index`; a stream that ends without its terminal event was cut, and ends with an error."""
+
+    def feed(self, chunk: Any) -> list[tuple[str, JSON]]:
+        if not isinstance(chunk, dict) or self.finished:
+            return []
+        kind, writer, key = chunk.get("type"), self.writer, chunk.get("output_index")
+        piece: str = chunk["delta"] if isinstance(chunk.get("delta"), str) else ""
+        if kind in ("response.output_text.delta", "response.refusal.delta"):
+            writer.text(piece)
+            self.refused = self.refused or kind == "response.refusal.delta"
+        elif kind in ("response.reasoning_summary_text.delta", "response.reasoning_text.delta"):
+            writer.thinking(piece)
+        elif kind == "response.reasoning_summary_part.added" and chunk.get("summary_index"):
+            writer.thinking("\n\n")
+        elif kind in ("response.function_call_arguments.delta", "response.function_call_arguments.done"):
+            writer.tool_call(key, None, None, piece or str(chunk.get("arguments") or ""))
+        elif kind in ("response.output_item.added", "response.output_item.done"):
+            self._item(key, chunk.get("item"), kind.endswith("done"))
+        elif kind in ("response.completed", "response.incomplete"):
+            response: JSON = chunk["response"] if isinstance(chunk.get("response"), dict) else {}
+            self.finish_reason, self.usage = responses_finish(response), response.get("usage")
+        elif kind in ("error", "response.failed") or chunk.get("error"):
+            failure = chunk.get("response") if kind == "response.failed" else chunk
+            raise UpstreamError(upstream_error_message(failure) or "upstream stream error", status=502)
+        return writer.take()
+
+    def _item(self, key: Any, item: Any, done: bool) -> None:
+        writer = self.writer
+        if not isinstance(item, dict):
+            return
+        if item.get("type") == "function_call":
+            call_id = item.get("call_id") or item.get("id")
+            writer.tool_call(key, str(call_id) if call_id else None, item.get("name") or None,
+                             str(item.get("arguments") or ""))
+        elif item.get("type") == "reasoning" and done:
+            signature = reasoning_signature(item, self.responses)
+            if signature or writer.open_kind == "thinking":
+                writer.thinking("", signature)
+            writer.close()             # the next reasoning item is a block of its own
+
+    def finish(self) -> list[tuple[str, JSON]]:
+        if self.finish_reason is None and not self.finished:
+            raise UpstreamError("upstream stream ended before its final event (response.completed)", status=502)
+        return super().finish()
+
+
 # ---------------------------------------------------------------------------
 # §9  Dialects and middleware
 # ---------------------------------------------------------------------------
@@ -2081,9 +2299,9 @@ class Middleware:
     """Base class for hooks. Override only what you need.
 
     Each hook may change its argument in place and return None, or return a replacement.
-    on_request:           the OpenAI payload, before it goes upstream
-    on_upstream_response: the OpenAI completion (non-streaming), before conversion
-    on_upstream_chunk:    each OpenAI stream chunk, before conversion
+    on_request:           the OpenAI payload (chat-completions or Responses), before it goes upstream
+    on_upstream_response: the OpenAI completion or Responses object (non-streaming), before conversion
+    on_upstream_chunk:    each OpenAI stream chunk or Responses event, before conversion
     on_response:          the Anthropic message, before it goes to the client
     on_event:             each Anthropic stream event as {"event": name, "data": {...}};
                           return None to keep it, or a replacement dict (or [] to drop it)
@@ -2748,7 +2966,7 @@ class Runtime:
         self.session: aiohttp.ClientSession | None = None
         self.model_lists: BoundedCache[tuple[str, bytes], tuple[float, list[JSON]]] = BoundedCache(256)
         self.token_counts: BoundedCache[bytes, int] = BoundedCache(1024)
-        self.converted_tools: BoundedCache[tuple[str, int, str], Any] = BoundedCache(32)
+        self.converted_tools: BoundedCache[tuple[str, int, bool, str], Any] = BoundedCache(32)
         self.learned_limits: BoundedCache[tuple[str, str], int] = BoundedCache(1024)
         self.known_values: dict[str, tuple[str, Any]] = {}     # last tools/system text and value
         self.user_hooks = False
@@ -2791,8 +3009,8 @@ def provider_url(provider: Provider, path: str, model: str | None = None) -> str
     base = provider.base_url
     if provider.api_format == "anthropic":
         return f"{base.removesuffix('/v1')}/v1/{path}"
-    if provider.azure and not base.endswith("/openai/v1"):
-        deployment = f"deployments/{urllib.parse.quote(model, safe='')}/" if model else ""
+    if provider.azure and not base.endswith("/openai/v1"):     # Responses: the deployment goes in the body
+        deployment = f"deployments/{urllib.parse.quote(model, safe='')}/" if model and path != "responses" else ""
         return f"{base}/openai/{deployment}{path}?api-version={provider.api_version}"
     return f"{base}/{path}"
 
@@ -3246,14 +3464,15 @@ async def handle_messages(request: web.Request) -> web.StreamResponse:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _tools_for(rt: Runtime, provider: Provider, body: JSON, tools_text: str | None) -> Any:
+def _tools_for(rt: Runtime, provider: Provider, body: JSON, tools_text: str | None, responses: bool) -> Any:
     """Claude Code sends the same tools on every turn: convert and encode them once."""
     if tools_text is None:
         return None
-    key = (provider.name, provider.tool_name_max, tools_text)
+    key = (provider.name, provider.tool_name_max, responses, tools_text)
     cached = rt.converted_tools.lookup(key)
     if cached is None:
         functions, names = convert_tools(body["tools"], provider)
+        functions = responses_tools(functions) if responses else functions
         cached = rt.converted_tools.put(key, (functions, names, ',"tools":' + JSON_ENCODE(functions) if functions
                                               else ""))
     return cached
@@ -3266,16 +3485,18 @@ async def _converted(request: web.Request, rt: Runtime, provider: Provider, mode
     exchange = Exchange(request_id=rec.request_id, client_model=rec.client_model, provider=provider, model=model,
                         body=body, stream=rec.streamed, config=config)
     hooks = rt.chain.bound(exchange)
-    cached = None if hooks["on_request"] else _tools_for(rt, provider, body, incoming.part("tools"))
-    payload, exchange.conv = anthropic_to_openai(body, provider, model, tools=cached[:2] if cached else None,
-                                                 max_tokens_limit=rt.output_limit(provider, model))
+    responses = provider.api_for(model) == "responses"
+    cached = None if hooks["on_request"] else _tools_for(rt, provider, body, incoming.part("tools"), responses)
+    convert = anthropic_to_responses if responses else anthropic_to_openai
+    payload, exchange.conv = convert(body, provider, model, max_tokens_limit=rt.output_limit(provider, model),
+                                     tools=cached[:2] if cached else None)
     payload = run_hooks(hooks["on_request"], exchange, payload)
     data = _encode_payload(payload, cached)
     # message_start carries an input estimate (Claude Code shows it); ~4.3 bytes a token
     # for compact JSON, and free, unlike a tokenizer pass on every streamed request.
     conv = exchange.conv
     exchange.input_estimate = (len(data) - conv.attachment_chars) // 4 + conv.images * IMAGE_TOKENS
-    url = provider_url(provider, "chat/completions", model)
+    url = provider_url(provider, "responses" if responses else "chat/completions", model)
 
     async def send(data: bytes) -> tuple[aiohttp.ClientResponse, bytes | None, str | None]:
         return await open_upstream(rt, provider, url, data, request_id=rec.request_id, read_body=not rec.streamed,
@@ -3332,7 +3553,8 @@ def _completion_message(exchange: Exchange, hooks: BoundHooks, raw: bytes) -> JS
         raise UpstreamError(f"{exchange.provider.name}: answered with invalid JSON: {raw[:200]!r}",
                             status=502) from None
     completion = run_hooks(hooks["on_upstream_response"], exchange, completion)
-    return openai_to_anthropic(completion, exchange.conv, exchange.client_model)
+    convert = responses_to_anthropic if exchange.conv.responses else openai_to_anthropic
+    return convert(completion, exchange.conv, exchange.client_model)
 
 
 class _StreamRelay:
@@ -3347,7 +3569,8 @@ class _StreamRelay:
     def __init__(self, rt: Runtime, exchange: Exchange, hooks: BoundHooks, upstream: aiohttp.ClientResponse,
                  rec: RequestRecord) -> None:
         self.rt, self.exchange, self.hooks, self.upstream, self.rec = rt, exchange, hooks, upstream, rec
-        self.translator = StreamTranslator(rec.client_model, exchange.conv, input_tokens=exchange.input_estimate)
+        translator = ResponsesTranslator if exchange.conv.responses else StreamTranslator
+        self.translator = translator(rec.client_model, exchange.conv, input_tokens=exchange.input_estimate)
         self.response = web.StreamResponse(status=200, headers={**SSE_HEADERS, "request-id": rec.request_id})
         self.last_read = self.last_write = rt.clock()
         self.closed_because = ""                  # "idle" or "shutdown" once we cut the upstream
@@ -4477,7 +4700,9 @@ def _configured_command(command: str, args: argparse.Namespace, config: Config, 
             route = resolve_model(config, args.model)
         except VandammeError as exc:
             return _fail(exc)
-        print(f"{args.model} -> {route_text(route)}\n  rule: {route.rule}")
+        apis = [p.api_for(t.model) for t in route.targets if (p := config.provider(t.provider))]
+        print(f"{args.model} -> {route_text(route)}\n  rule: {route.rule}\n  api: "
+              + ", then ".join({"openai": "chat-completions"}.get(api, api) for api in apis))
         first = route.targets[0]
         provider = config.provider(first.provider)
         limit, where = configured_output_limit(config, provider, first.model) if provider else (None, "")

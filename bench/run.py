@@ -86,6 +86,9 @@ def targets(a, workdir):
         env = {"OPENAI_API_KEY": "x", "OPENAI_BASE_URL": "{upstream_url}", "LOG_LEVEL": "WARNING"}
         env.update(kv.split("=", 1) for kv in a.proxy_env)
         out.append({"name": "vandamme", "cmd": cmd, "env": env, "workers": a.workers})
+        if not a.no_responses:     # the same gateway with the provider on the Responses API
+            out.append({"name": "vandamme-responses", "cmd": cmd, "env": {**env, "OPENAI_API_FORMAT": "responses"},
+                        "workers": a.workers})
     elif not a.no_vandamme:
         print(f"note: {vd} not found, measuring the relay and peers only")
     for spec in a.peer:
@@ -423,6 +426,7 @@ def main():
                     help="extra environment for vandamme (e.g. POOL_LIMIT=4096)")
     ap.add_argument("--no-vandamme", action="store_true", help="skip vandamme (relay and peers only)")
     ap.add_argument("--no-convert", action="store_true", help="skip the conversion micro-benchmark")
+    ap.add_argument("--no-responses", action="store_true", help="skip vandamme with a Responses API provider")
     ap.add_argument("--streams-memory", type=int, nargs="?", const=2000, default=0, metavar="N",
                     help="instead of the matrix: RSS with N (2000) slow streams open at once")
     ap.add_argument("--open-timeout", type=float, default=90.0, help="max seconds to open the N streams")

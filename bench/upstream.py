@@ -4,6 +4,7 @@ Serves:
   POST /v1/chat/completions   OpenAI: JSON, or SSE with --chunks content chunks paced by --delay-ms,
                               a usage chunk when stream_options.include_usage is set, then `data: [DONE]`
   POST /v1/messages           the same reply natively in Anthropic format (JSON or SSE), for the byte relay
+  POST /v1/responses          the same reply in the OpenAI Responses format (JSON, or its SSE events)
   GET  /v1/models, /health, /stats (request counters and responses in progress)
 
 With --faults P (soak mode) a request whose body carries `BENCHRID-<n>-` gets the reply planned by
@@ -132,6 +133,27 @@ def anthropic_reply(text_parts):
     return json.dumps(msg).encode(), frames
 
 
+def responses_reply(text_parts):
+    """The reply as a Responses API object (JSON bytes) and its event stream (list of frames)."""
+    usage = {"input_tokens": 12000, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 60,
+             "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 12060}
+    item = {"type": "message", "id": "msg_bench", "role": "assistant", "status": "completed",
+            "content": [{"type": "output_text", "text": "".join(text_parts), "annotations": []}]}
+    final = {"id": "resp_bench", "object": "response", "created_at": 0, "status": "completed", "error": None,
+             "incomplete_details": None, "model": "gpt-bench", "output": [item], "usage": usage}
+    at = {"item_id": "msg_bench", "output_index": 0}
+    events = [{"type": "response.created", "response": dict(final, status="in_progress", output=[], usage=None)},
+              {"type": "response.output_item.added", "output_index": 0, "item": dict(item, content=[])},
+              {"type": "response.content_part.added", **at, "content_index": 0,
+               "part": {"type": "output_text", "text": "", "annotations": []}}]
+    events += [{"type": "response.output_text.delta", **at, "content_index": 0, "delta": t, "logprobs": []}
+               for t in text_parts]
+    events += [{"type": "response.output_item.done", "output_index": 0, "item": item},
+               {"type": "response.completed", "response": final}]
+    return json.dumps(final).encode(), [f"event: {e['type']}\ndata: {json.dumps(dict(e, sequence_number=n))}\n\n"
+                                        .encode() for n, e in enumerate(events)]
+
+
 class Upstream:
     def __init__(self, chunks=50, delay_ms=0.0, first_delay_ms=0.0, faults=0.0):
         self.delay, self.first_delay, self.faults = delay_ms / 1000, first_delay_ms / 1000, faults
@@ -141,8 +163,9 @@ class Upstream:
         self.oa_json = json.dumps(oa_message(base)).encode()
         self.oa_sse = {u: oa_events(base, u) for u in (False, True)}
         self.an_json, self.an_sse = anthropic_reply(base["text"])
+        self.rs_json, self.rs_sse = responses_reply(base["text"])
         self.joined = {id(f): b"".join(map(chunk, f)) + b"0\r\n\r\n"      # precomputed bench streams
-                       for f in (self.oa_sse[False], self.oa_sse[True], self.an_sse)}
+                       for f in (self.oa_sse[False], self.oa_sse[True], self.an_sse, self.rs_sse)}
 
     async def serve(self, host, port):
         return await asyncio.start_server(self.conn, host, port, backlog=4096, limit=1 << 20)
@@ -213,7 +236,8 @@ class Upstream:
             if path.endswith("/models"):
                 return await self.send_json(writer, 200, b'{"object":"list","data":[{"id":"gpt-bench"}]}')
             return await self.send_json(writer, 200, b'{"status":"ok"}')
-        if method != "POST" or path not in ("/v1/chat/completions", "/v1/messages", "/chat/completions"):
+        if method != "POST" or path not in ("/v1/chat/completions", "/v1/messages", "/chat/completions",
+                                            "/v1/responses"):
             return await self.send_json(writer, 404, b'{"error":{"message":"not found","type":"not_found"}}')
         streaming = STREAM_RE.search(body) is not None
         if self.first_delay:
@@ -222,6 +246,10 @@ class Upstream:
             if streaming:
                 return await self.send_sse(writer, self.an_sse)
             return await self.send_json(writer, 200, self.an_json)
+        if path == "/v1/responses":
+            if streaming:
+                return await self.send_sse(writer, self.rs_sse)
+            return await self.send_json(writer, 200, self.rs_json)
         m = RID_RE.search(body) if self.faults else None
         if m is None:
             if streaming:
