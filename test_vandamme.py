@@ -6,6 +6,7 @@ ours is mocked; time and environment are injected.
 """
 from __future__ import annotations
 
+import ast
 import asyncio
 import collections
 import contextlib
@@ -551,6 +552,26 @@ def test_toc_matches_section_banners() -> None:
     assert len(banners) >= 10
 
 
+def test_test_sections_follow_the_module_sections() -> None:
+    tests = [int(n) for n in re.findall(r"^# §(\d+) ", (HERE / "test_vandamme.py").read_text(), re.M)]
+    module = [int(n) for n in re.findall(r"^# §(\d+)  ", (HERE / "vandamme.py").read_text(), re.M)]
+    assert tests == sorted(tests) and set(tests) <= set(module) and len(set(tests)) >= 10
+
+
+IO_CALLS = re.compile(r"^(open|print|input|(os|socket|subprocess|aiohttp|web|asyncio|tempfile|shutil|signal|sys)\..*"
+                      r"|time\.(time|monotonic)|random\..*|.*\.(read_text|read_bytes|write_text|is_file|exists))$")
+
+
+def test_everything_above_the_divider_is_pure() -> None:
+    """No file, socket, environment, clock or randomness call above the pure/I-O divider (injected ones are fine)."""
+    source = (HERE / "vandamme.py").read_text()
+    first = source[:source.index("# §1 ")].count("\n")          # the header's Python-version guard may print
+    divider = source[:source.index("# ---- everything above is pure; everything below does I/O ----")].count("\n")
+    calls = [(node.lineno, ast.unparse(node.func)) for node in ast.walk(ast.parse(source))
+             if isinstance(node, ast.Call) and first < node.lineno < divider]
+    assert len(calls) > 100 and [c for c in calls if IO_CALLS.match(c[1])] == []
+
+
 def test_defaults_toml_is_the_rendered_provider_table() -> None:
     assert (HERE / "defaults.toml").read_text() == vd.defaults_toml(), (
         "regenerate: python -c \"import vandamme; print(vandamme.defaults_toml(), end='')\" > defaults.toml")
@@ -954,7 +975,7 @@ def test_long_and_invalid_tool_names_are_shortened_and_mapped_back() -> None:
     payload, conv = vd.anthropic_to_openai({"tools": tools, **msgs(user("x"))}, OPENAI, "gpt-4o")
     names = [t["function"]["name"] for t in payload["tools"]]
     assert all(len(n) <= 64 and re.fullmatch(r"[a-zA-Z0-9_-]+", n) for n in names)
-    assert names[0] == vd.tool_name_for_upstream(long_name)        # deterministic
+    assert names[0] == vd._tool_name_for_upstream(long_name)        # deterministic
     reply = completion(None, tool_calls=[{"id": "c1", "type": "function",
                                           "function": {"name": names[1], "arguments": "{}"}}],
                        finish_reason="tool_calls")
@@ -1044,10 +1065,10 @@ def test_largest_fixture_converts_quickly() -> None:
     pytest.param(completion(None, finish_reason="content_filter"), [{"type": "text", "text": ""}], "refusal",
                  id="content-filter-empty"),
     pytest.param(completion("ok", reasoning_content="think"), [
-        {"type": "thinking", "thinking": "think", "signature": vd.thinking_signature("think")},
+        {"type": "thinking", "thinking": "think", "signature": vd._thinking_signature("think")},
         {"type": "text", "text": "ok"}], "end_turn", id="reasoning-content-first"),
     pytest.param(completion("ok", reasoning="vllm style"), [
-        {"type": "thinking", "thinking": "vllm style", "signature": vd.thinking_signature("vllm style")},
+        {"type": "thinking", "thinking": "vllm style", "signature": vd._thinking_signature("vllm style")},
         {"type": "text", "text": "ok"}], "end_turn", id="reasoning-field"),
     pytest.param(completion("Let me", tool_calls=[{"id": "call_1", "type": "function", "function": {
         "name": "Bash", "arguments": '{"command":"ls"}'}}], finish_reason="stop"),
@@ -1308,6 +1329,477 @@ def test_sse_decoder_limits_line_and_event_size(parts: list, fails_at: int | Non
 
 
 # ---------------------------------------------------------------------------
+# §8 Responses API providers (api-format = "responses"): conversion, streams, end to end; tool-id fidelity
+# ---------------------------------------------------------------------------
+
+RESPONSES = vd.Provider(name="rs", base_url="http://x", api_format="responses", reasoning_effort="always")
+SIGNED = vd._REASONING_MARK + vd._b64(json.dumps(["rs:gpt-5-codex", "rs_1", "gAAAA-enc-1"]))
+OTHER_MODEL = vd._REASONING_MARK + vd._b64(json.dumps(["rs:gpt-5.1", "rs_9", "gAAAA-other"]))
+KIMI_ID = "functions.get_weather:0"
+REPLAYED = {"type": "reasoning", "summary": [{"type": "summary_text", "text": "plan"}],
+            "encrypted_content": "gAAAA-enc-1"}
+
+
+def to_responses(body: dict, model: str = "gpt-5-codex", **kw: Any) -> dict:
+    payload, _conv = vd.anthropic_to_responses({"max_tokens": 50, **body}, RESPONSES, model, **kw)
+    assert responses_rejection(payload) is None, (responses_rejection(payload), payload)
+    return payload
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    pytest.param({"system": [{"type": "text", "text": "A"}, {"type": "text", "text": "B"}], **msgs(user("hi"))},
+                 {"instructions": "A\n\nB", "input": [{"role": "user", "content": "hi"}]}, id="system-instructions"),
+    pytest.param(msgs(user([{"type": "text", "text": "see"}, IMAGE,
+                            {"type": "image", "source": {"type": "url", "url": "https://x/i.png"}},
+                            {"type": "document", "source": {"type": "base64", "media_type": "application/pdf",
+                                                            "data": "JVBE"}}])),
+                 {"input": [{"role": "user", "content": [
+                     {"type": "input_text", "text": "see"},
+                     {"type": "input_image", "image_url": "data:image/png;base64,iVBOR", "detail": "auto"},
+                     {"type": "input_image", "image_url": "https://x/i.png", "detail": "auto"},
+                     {"type": "input_file", "filename": "document.pdf",
+                      "file_data": "data:application/pdf;base64,JVBE"}]}]}, id="parts"),
+    pytest.param(msgs(user("go"), assistant([{"type": "text", "text": "Two."}, TOOL_USE, TOOL_USE_2]),
+                      user([{"type": "tool_result", "tool_use_id": "toolu_2", "content": "read", "is_error": True},
+                            {"type": "tool_result", "tool_use_id": "toolu_1",
+                             "content": [{"type": "text", "text": "shot"}, IMAGE]},
+                            {"type": "text", "text": "then?"}])),
+                 {"input": [{"role": "user", "content": "go"}, {"role": "assistant", "content": "Two."},
+                            {"type": "function_call", "call_id": "toolu_1", "name": "Bash",
+                             "arguments": '{"command": "ls"}'},
+                            {"type": "function_call", "call_id": "toolu_2", "name": "Read",
+                             "arguments": '{"file_path": "/x"}'},
+                            {"type": "function_call_output", "call_id": "toolu_1",
+                             "output": "shot\n[image attached below]"},
+                            {"type": "function_call_output", "call_id": "toolu_2", "output": "Error: read"},
+                            {"role": "user", "content": [
+                                {"type": "input_text", "text": "Attachments from the tool results above:"},
+                                {"type": "input_image", "image_url": "data:image/png;base64,iVBOR", "detail": "auto"}]},
+                            {"role": "user", "content": "then?"}]}, id="calls-results-in-call-order"),
+    pytest.param(msgs(user("go"), assistant([TOOL_USE]), user("interrupted")),
+                 {"input": [{"role": "user", "content": "go"},
+                            {"type": "function_call", "call_id": "toolu_1", "name": "Bash",
+                             "arguments": '{"command": "ls"}'},
+                            {"type": "function_call_output", "call_id": "toolu_1",
+                             "output": "Tool call was interrupted; no result."},
+                            {"role": "user", "content": "interrupted"}]}, id="unanswered-call-repaired"),
+    pytest.param(msgs(user("go"), assistant([{"type": "thinking", "thinking": "plan", "signature": SIGNED}, TOOL_USE]),
+                      user([{"type": "tool_result", "tool_use_id": "toolu_1", "content": "ok"}])),
+                 {"input": [{"role": "user", "content": "go"}, REPLAYED,
+                            {"type": "function_call", "call_id": "toolu_1", "name": "Bash",
+                             "arguments": '{"command": "ls"}'},
+                            {"type": "function_call_output", "call_id": "toolu_1", "output": "ok"}]},
+                 id="signed-thinking-replayed-before-its-call"),
+    pytest.param(msgs(user("go"), assistant([{"type": "thinking", "thinking": "a", "signature": "EqQBCkYIB"},
+                                             {"type": "thinking", "thinking": "b", "signature": OTHER_MODEL},
+                                             {"type": "redacted_thinking", "data": "xyz"},
+                                             {"type": "thinking", "thinking": "c", "signature": SIGNED[:-9]},
+                                             {"type": "text", "text": "ok"}])),
+                 {"input": [{"role": "user", "content": "go"}, {"role": "assistant", "content": "ok"}]},
+                 id="foreign-thinking-dropped"),
+])
+def test_responses_request_items(body: dict, expected: dict) -> None:
+    payload = to_responses(body)
+    assert {k: payload[k] for k in expected} == expected
+    assert "instructions" in payload or "instructions" not in expected
+
+
+@pytest.mark.parametrize(("body", "model", "expected", "absent"), [
+    pytest.param({"max_tokens": 1}, "gpt-5-codex", {"max_output_tokens": 16, "store": False}, ["reasoning"],
+                 id="max-tokens-probe-is-16"),
+    pytest.param({"max_tokens": 9000}, "gpt-5-codex", {"max_output_tokens": 4000}, [], id="max-tokens-limit"),
+    pytest.param({"thinking": {"type": "enabled", "budget_tokens": 10000}}, "gpt-5-codex",
+                 {"reasoning": {"effort": "high", "summary": "auto"}, "include": ["reasoning.encrypted_content"]},
+                 [], id="thinking-budget-effort"),
+    pytest.param({"thinking": {"type": "adaptive"}, "output_config": {"effort": "low"}}, "gpt-5.2-codex",
+                 {"reasoning": {"effort": "low", "summary": "auto"}}, ["output_config"], id="adaptive-output-config"),
+    pytest.param({"thinking": {"type": "adaptive"}}, "gpt-5-pro", {"reasoning": {"effort": "high", "summary": "auto"}},
+                 [], id="pro-only-high"),
+    pytest.param({"temperature": 0.2, "top_p": 0.9}, "gpt-4.1", {"temperature": 0.2, "top_p": 0.9}, [],
+                 id="sampling-where-accepted"),
+    pytest.param({"temperature": 0.2, "top_p": 0.9, "top_k": 5}, "gpt-5-codex", {}, ["temperature", "top_p", "top_k"],
+                 id="sampling-dropped-for-reasoning-models"),
+    pytest.param({"stop_sequences": ["X"], "metadata": {"user_id": "u"}, "service_tier": "auto", "stream": True,
+                  "context_management": {"edits": [{"type": "clear_tool_uses_20250919"}]}}, "gpt-5-codex",
+                 {"stream": True}, ["stop", "stop_sequences", "metadata", "service_tier", "context_management",
+                                    "stream_options", "messages", "max_tokens"], id="no-chat-or-anthropic-fields"),
+    pytest.param({"tools": [BASH_TOOL, {"type": "web_search_20250305", "name": "web_search"}],
+                  "tool_choice": {"type": "any", "disable_parallel_tool_use": True}}, "gpt-5-codex",
+                 {"tools": [{"type": "function", "name": "Bash", "description": "Run", "strict": False,
+                             "parameters": BASH_TOOL["input_schema"]}],
+                  "tool_choice": "required", "parallel_tool_calls": False}, [], id="tools-flat-server-tools-dropped"),
+    pytest.param({"tools": [BASH_TOOL], "tool_choice": {"type": "tool", "name": "Bash"}}, "gpt-5-codex",
+                 {"tool_choice": {"type": "function", "name": "Bash"}}, [], id="tool-choice-named"),
+    pytest.param({"output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}, "gpt-5-codex",
+                 {"text": {"format": {"type": "json_schema", "name": "output", "schema": {"type": "object"}}}}, [],
+                 id="json-schema-output"),
+])
+def test_responses_request_fields(body: dict, model: str, expected: dict, absent: list) -> None:
+    payload = to_responses({**msgs(user("hi")), **body}, model, max_tokens_limit=4000)
+    assert {k: payload.get(k) for k in expected} == expected
+    assert not set(absent) & set(payload)
+
+
+@pytest.mark.parametrize(("output", "status", "reason", "content", "stop_reason"), [
+    pytest.param([reasoning_item("Plan", "More"), call_item("call_1", "Bash", {"command": "ls"})], "completed", None,
+                 [{"type": "thinking", "thinking": "Plan\n\nMore"},
+                  {"type": "tool_use", "id": "call_1", "name": "Bash", "input": {"command": "ls"}}], "tool_use",
+                 id="reasoning-then-call"),
+    pytest.param([message_item("It is 15°C.")], "completed", None, [{"type": "text", "text": "It is 15°C."}],
+                 "end_turn", id="text"),
+    pytest.param([message_item("I can't", refusal=True)], "completed", None, [{"type": "text", "text": "I can't"}],
+                 "refusal", id="refusal"),
+    pytest.param([reasoning_item(encrypted=None)], "incomplete", "max_output_tokens", [{"type": "text", "text": ""}],
+                 "max_tokens", id="incomplete-empty"),
+    pytest.param([message_item("cut")], "incomplete", "content_filter", [{"type": "text", "text": "cut"}], "refusal",
+                 id="content-filter"),
+    pytest.param([call_item(KIMI_ID, "Bash", {})], "completed", None,
+                 [{"type": "tool_use", "id": vd.client_tool_id(KIMI_ID), "name": "Bash", "input": {}}], "tool_use",
+                 id="kimi-id-made-valid"),
+])
+def test_responses_response_conversion(output: list, status: str, reason: Any, content: list, stop_reason: str) -> None:
+    message = vd.responses_to_anthropic(resp_object(*output, status=status, reason=reason),
+                                        vd.Conversion(responses="rs:gpt-5-codex"), "claude-x")
+    signatures = [block.pop("signature") for block in message["content"] if block["type"] == "thinking"]
+    assert message["content"] == content and message["stop_reason"] == stop_reason
+    assert all(s.startswith(vd._REASONING_MARK) for s in signatures)
+    assert message["usage"] == {"input_tokens": 20, "cache_read_input_tokens": 10, "output_tokens": 9,
+                                "cache_creation_input_tokens": 0}
+
+
+def test_failed_response_is_an_upstream_error() -> None:
+    failed = {**resp_object(), "status": "failed", "error": {"code": "server_error", "message": "boom"}}
+    with pytest.raises(vd.UpstreamError, match="boom"):
+        vd.responses_to_anthropic(failed, vd.Conversion(responses="rs:m"), "claude-x")
+
+
+@pytest.mark.parametrize("upstream_id", ["functions.get_weather:0", "call_abc-1", "a b/c", "ünï:1", "x" * 80])
+def test_tool_ids_reach_the_client_valid_and_map_back(upstream_id: str) -> None:
+    client_id = vd.client_tool_id(upstream_id)
+    assert re.fullmatch(r"[a-zA-Z0-9_-]+", client_id)
+    assert (client_id == upstream_id) == bool(re.fullmatch(r"[a-zA-Z0-9_-]+", upstream_id))
+    assert vd._tool_id_for_upstream(client_id, "any") == upstream_id
+    mistral = vd._tool_id_for_upstream(client_id, "mistral")
+    assert re.fullmatch(r"[a-zA-Z0-9]{9}", mistral) and mistral == vd._tool_id_for_upstream(upstream_id, "mistral")
+
+
+NEWER_FEATURES = [
+    pytest.param({"thinking": {"type": "adaptive"}, "output_config": {"effort": "max"}}, id="adaptive-output-config"),
+    pytest.param({"context_management": {"edits": [{"type": "clear_tool_uses_20250919"}]}}, id="context-management"),
+    pytest.param({"system": [{"type": "text", "text": "s", "cache_control": {"type": "ephemeral", "ttl": "1h"}}],
+                  "messages": [user([{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral",
+                                                                                     "ttl": "5m"}}])]},
+                 id="cache-control-ttl"),
+    pytest.param({"service_tier": "standard_only", "metadata": {"user_id": "u-1"}, "top_k": 3},
+                 id="tier-metadata-top-k"),
+    pytest.param({"messages": [user([{"type": "document", "source": {"type": "url", "url": "https://x/a.pdf"}},
+                                     {"type": "document", "source": {"type": "text", "media_type": "text/plain",
+                                                                     "data": "notes"}, "citations": {"enabled": True}},
+                                     {"type": "image", "source": {"type": "url", "url": "https://x/i.png"}}])]},
+                 id="documents-url-images"),
+    pytest.param({"tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 2},
+                            {"type": "code_execution_20250825", "name": "code_execution"}, BASH_TOOL],
+                  "tool_choice": {"type": "tool", "name": "web_search"},
+                  "messages": [user("q"), assistant([{"type": "server_tool_use", "id": "srvtoolu_1",
+                                                      "name": "web_search", "input": {"query": "x"}},
+                                                     {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1",
+                                                      "content": []}, {"type": "text", "text": "found"}]),
+                               user("more")]}, id="server-tools"),
+]
+CHAT_KEYS = {"model", "messages", "tools", "tool_choice", "parallel_tool_calls", "max_tokens", "max_completion_tokens",
+             "temperature", "top_p", "stop", "stream", "stream_options", "reasoning_effort", "response_format"}
+
+
+@pytest.mark.parametrize("extra", NEWER_FEATURES)
+@pytest.mark.parametrize("model", ["gpt-5.1", "gpt-4.1"])
+def test_newer_request_features_never_reach_a_strict_upstream(extra: dict, model: str) -> None:
+    body = {"max_tokens": 50, **msgs(user("hi")), **extra}
+    chat = convert(body, OPENAI, model)
+    responses = to_responses(body, model)
+    for payload in (chat, responses):
+        text = json.dumps(payload)
+        assert not re.search(r'"(cache_control|ttl|top_k|metadata|service_tier|context_management|output_config|'
+                             r'citations|server_tool_use|web_search|code_execution|srvtoolu_1)"', text), text
+    assert set(chat) <= CHAT_KEYS
+    assert [t["function"]["name"] for t in chat.get("tools", [])] == [t["name"] for t in responses.get("tools", [])]
+
+
+def test_responses_models_setting_and_api_selection(tmp_path: Path) -> None:
+    config = make_config({"OPENAI_API_KEY": "k", "RS_BASE_URL": "http://h/v1", "RS_API_FORMAT": "responses",
+                          "MIX_BASE_URL": "http://m/v1", "MIX_RESPONSES_MODELS": "big-*, exact"}, tmp_path)
+    openai, rs, mix = (config.provider(n) for n in ("openai", "rs", "mix"))
+    assert [openai.api_for(m) for m in ("gpt-5-codex", "gpt-5.1-codex-max", "gpt-5.4-pro", "o3-pro", "gpt-5.1",
+                                        "gpt-4o")] == ["responses"] * 4 + ["openai"] * 2
+    assert rs.api_for("anything") == "responses" and rs.reasoning_effort == "always"
+    assert [mix.api_for(m) for m in ("big-1", "EXACT", "exact-2")] == ["responses", "responses", "openai"]
+    (tmp_path / "vandamme-config.toml").write_text('[mix]\nbase-url = "http://m/v1"\nresponses-models = ["t*"]\n')
+    assert make_config({}, tmp_path, cwd=tmp_path).provider("mix").responses_models == ("t*",)
+    (tmp_path / "vandamme-config.toml").write_text('[mix]\nbase-url = "http://m/v1"\nresponses-models = "t*"\n')
+    with pytest.raises(vd.ConfigError, match="responses-models"):
+        make_config({}, tmp_path, cwd=tmp_path)
+
+
+def test_cli_resolve_shows_the_api(capsys: Any, monkeypatch: Any, tmp_path: Path) -> None:
+    env = {"OPENAI_API_KEY": "k", "OPENAI_ALIAS_OPUS": "gpt-5-codex,gpt-5.1"}
+    code, out, _ = run_main(["resolve", "claude-opus-4-1"], env, tmp_path, capsys, monkeypatch)
+    assert code == 0 and "api: responses, then chat-completions" in out
+
+
+def test_fake_responses_upstream_refuses_what_the_real_api_refuses() -> None:
+    ok = {"model": "gpt-5-codex", "input": [{"role": "user", "content": "hi"}], "store": False}
+    assert responses_rejection(ok) is None
+    for bad, fragment in [({"max_tokens": 5}, "max_tokens"), ({"max_output_tokens": 1}, ">= 16"),
+                          ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]},
+                           "No tool call"),
+                          ({"input": [{"type": "reasoning", "summary": []}, message_item("x")]}, "encrypted_content"),
+                          ({"input": [REPLAYED | {"id": "rs_1"}, message_item("x")]}, "not persisted"),
+                          ({"temperature": 0.5}, "temperature"), ({"stream_options": {}, "messages": []}, "messages")]:
+        assert fragment in (responses_rejection({**ok, **bad}) or ""), bad
+
+
+def responses_proxy_env(**extra: str) -> dict[str, str]:
+    return {"OPENAI_API_FORMAT": "responses", **extra}
+
+
+THINK_TOOL = {**BASIC, "tools": [BASH_TOOL], "thinking": {"type": "enabled", "budget_tokens": 4000}}
+TURN_OUTPUT = (reasoning_item("**Plan** run ls", "then answer"), message_item("Let me look."),
+               call_item(KIMI_ID, "Bash", {"command": "ls -la"}))
+
+
+def turn_two(content: list) -> dict:
+    tool_id = next(b["id"] for b in content if b["type"] == "tool_use")
+    return {**THINK_TOOL, "messages": [user("list files"), assistant(content),
+                                       user([{"type": "tool_result", "tool_use_id": tool_id, "content": "a.txt"}])]}
+
+
+def assert_replayed(sent: dict) -> None:
+    """The second turn as the upstream got it: reasoning back before its call, the original call id."""
+    kinds = [item.get("type", "message") for item in sent["input"]]
+    assert kinds == ["message", "reasoning", "message", "function_call", "function_call_output"], sent["input"]
+    assert sent["input"][1]["encrypted_content"] == "gAAAA-enc-1" and "id" not in sent["input"][1]
+    assert sent["input"][3]["call_id"] == sent["input"][4]["call_id"] == KIMI_ID
+
+
+async def test_responses_provider_json_round_trip(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy(responses_proxy_env())
+    upstream.add(Reply(resp_object(*TURN_OUTPUT)))
+    response = await client.post("/v1/messages", json=THINK_TOOL)
+    message = await response.json()
+    assert response.status == 200, message
+    assert upstream.last["path"] == "/v1/responses" and upstream.last["body"]["reasoning"]["summary"] == "auto"
+    assert [b["type"] for b in message["content"]] == ["thinking", "text", "tool_use"]
+    assert message["content"][0]["thinking"] == "**Plan** run ls\n\nthen answer"
+    assert re.fullmatch(r"[a-zA-Z0-9_-]+", message["content"][2]["id"]) and message["stop_reason"] == "tool_use"
+    assert message["usage"]["input_tokens"] == 20 and message["usage"]["cache_read_input_tokens"] == 10
+    assert (await client.post("/v1/messages", json=turn_two(message["content"]))).status == 200
+    assert_replayed(upstream.last["body"])
+    assert (await client.post("/v1/messages", json={**BASIC, "max_tokens": 1})).status == 200   # Claude Code's probe
+    upstream.add(Reply({"error": {"message": "Unknown parameter: 'x'.", "type": "invalid_request_error",
+                                  "param": "x", "code": "unknown_parameter"}}, status=400))
+    refused = await client.post("/v1/messages", json=BASIC)
+    assert refused.status == 400 and (await refused.json())["error"] == {
+        "type": "invalid_request_error", "message": "openai: Unknown parameter: 'x'."}
+
+
+def translate_responses(data: bytes, splits: tuple[int, ...] = ()) -> list[tuple[str, dict]]:
+    """The gateway's own pipeline for one Responses stream: SSE decoder -> chunks -> translator -> events."""
+    decoder = vd.SSEDecoder()
+    translator = vd.ResponsesTranslator("claude-x", vd.Conversion(responses="openai:gpt-5.1"))
+    events = translator.start()
+    bounds = (0, *splits, len(data))
+    for start, end in itertools.pairwise(bounds):
+        for _name, payload in decoder.feed(data[start:end]):
+            for chunk in vd._decode_chunk(payload):
+                events += translator.feed(chunk)
+    return events + translator.finish()
+
+
+def test_responses_stream_same_events_at_every_split() -> None:
+    data = resp_sse(*resp_events(reasoning_item("ok"), call_item("c1", "Bash", {"c": "é"}), message_item("fin")))
+    whole = translate_responses(data)
+    expected = validate_stream(vd.encode_events(whole).decode())
+    assert [b["type"] for b in final_message(expected)["content"]] == ["thinking", "tool_use", "text"]
+    for split in range(1, len(data)):
+        events = translate_responses(data, (split,))
+        assert [(n, {k: v for k, v in d.items() if k != "message"}) for n, d in events] == [
+            (n, {k: v for k, v in d.items() if k != "message"}) for n, d in whole], split
+
+
+@pytest.mark.parametrize(("events", "content", "stop_reason"), [
+    pytest.param(resp_events(*TURN_OUTPUT), [{"type": "thinking", "thinking": "**Plan** run ls\n\nthen answer"},
+                                             {"type": "text", "text": "Let me look."},
+                                             {"type": "tool_use", "name": "Bash", "input": {"command": "ls -la"}}],
+                 "tool_use", id="reasoning-text-call"),
+    pytest.param(resp_events(message_item("partial"), status="incomplete", reason="max_output_tokens"),
+                 [{"type": "text", "text": "partial"}], "max_tokens", id="incomplete"),
+    pytest.param(resp_events(message_item("No.", refusal=True)), [{"type": "text", "text": "No."}], "refusal",
+                 id="refusal"),
+    pytest.param(resp_events(reasoning_item("a"), reasoning_item("b", item_id="rs_2"), message_item("x")),
+                 [{"type": "thinking", "thinking": "a"}, {"type": "thinking", "thinking": "b"},
+                  {"type": "text", "text": "x"}], "end_turn", id="two-reasoning-items-two-blocks"),
+    pytest.param([e for e in resp_events(call_item("c1", "Bash", {"command": "ls"}), reasoning_item("b"))
+                  if "arguments.d" not in e["type"]],
+                 [{"type": "tool_use", "name": "Bash", "input": {"command": "ls"}}, {"type": "thinking",
+                                                                                     "thinking": "b"}],
+                 "tool_use", id="arguments-only-in-the-item"),
+])
+async def test_responses_provider_stream_split_at_every_byte(proxy: Any, upstream: FakeUpstream, events: list,
+                                                             content: list, stop_reason: str) -> None:
+    client = await proxy(responses_proxy_env())
+    data = resp_sse(*events)
+    upstream.add(Reply(stream=[data[i:i + 1] for i in range(len(data))]))
+    _response, frames = await post_stream(client, THINK_TOOL)
+    message = final_message(frames)
+    for block in message["content"]:
+        block.pop("id", None)
+        assert block.pop("signature", vd._REASONING_MARK).startswith(vd._REASONING_MARK)
+    assert message["content"] == content and message["stop_reason"] == stop_reason
+    assert message["usage"]["output_tokens"] == 9 and upstream.last["body"]["stream"] is True
+
+
+@pytest.mark.parametrize("tail", [
+    pytest.param([{"type": "response.failed", "response": {"status": "failed",
+                                                            "error": {"code": "server_error", "message": "boom"}}}],
+                 id="response-failed"),
+    pytest.param([{"type": "error", "code": "rate_limit_exceeded", "message": "boom", "param": None}], id="error"),
+    pytest.param([], id="cut-before-the-final-event"),
+])
+async def test_responses_stream_failures_end_with_an_error_event(proxy: Any, upstream: FakeUpstream,
+                                                                 tail: list) -> None:
+    client = await proxy(responses_proxy_env())
+    upstream.add(Reply(stream=resp_sse(*resp_events(message_item("half"), terminal=False), *tail)))
+    _response, frames = await post_stream(client, BASIC)
+    assert frames[-1][0] == "error" and "message_stop" not in [name for name, _ in frames]
+    assert "boom" in frames[-1][1]["error"]["message"] or not tail
+
+
+async def test_responses_provider_keeps_keys_hooks_fallbacks_and_count_tokens(proxy: Any, upstream: FakeUpstream,
+                                                                              tmp_path: Path) -> None:
+    seen: dict[str, list] = {"request": [], "chunk": []}
+
+    class Spy(vd.Middleware):
+        def on_request(self, exchange: Any, payload: dict) -> None:
+            seen["request"].append(sorted(payload))
+
+        def on_upstream_chunk(self, exchange: Any, chunk: dict) -> None:
+            seen["chunk"].append(chunk.get("type"))
+
+    client = await proxy(responses_proxy_env(OPENAI_API_KEY="sk-one-0000000001 sk-two-0000000002",
+                                             BACK_BASE_URL="{upstream}/back", BACK_API_KEY="b-key-00000001",
+                                             OPENAI_ALIAS_SONNET="gpt-5.1,back:m"), middleware=[Spy()])
+    upstream.add(Reply({"error": {"message": "slow down"}}, status=429), Reply({"error": {"message": "again"}},
+                                                                               status=429))
+    _response, frames = await post_stream(client, BASIC)                  # both keys refused: the fallback answers
+    assert final_message(frames)["content"] == [{"type": "text", "text": "Hello there"}]
+    paths = [(r["path"], r["headers"]["authorization"][-4:]) for r in upstream.requests]
+    assert paths == [("/v1/responses", "0001"), ("/v1/responses", "0002"), ("/back/chat/completions", "0001")]
+    assert seen["request"][0] == ["input", "max_output_tokens", "model", "store", "stream"]
+    _response, frames = await post_stream(client, BASIC)
+    assert "response.output_text.delta" in seen["chunk"] and upstream.last["path"] == "/v1/responses"
+    counted = await (await client.post("/v1/messages/count_tokens", json=BASIC)).json()
+    totals = await (await client.get("/metrics/running-totals")).json()
+    assert counted["input_tokens"] > 0 and totals["providers"]["openai"]["requests"] >= 1
+
+
+@pytest.mark.parametrize(("base", "version", "url"), [
+    pytest.param("{upstream}", "2025-04-01-preview", "/openai/responses?api-version=2025-04-01-preview", id="dated"),
+    pytest.param("{upstream}/openai/v1", "preview", "/openai/v1/responses", id="v1"),
+])
+async def test_azure_responses_endpoint(proxy: Any, upstream: FakeUpstream, base: str, version: str,
+                                        url: str) -> None:
+    client = await proxy({"AZ_API_KEY": "az-key-000000001", "AZ_BASE_URL": base, "AZ_API_VERSION": version,
+                          "AZ_API_FORMAT": "responses"})
+    response = await client.post("/v1/messages", json={**BASIC, "model": "az:my-codex"})
+    assert response.status == 200, await response.text()
+    assert upstream.last["raw_path"] == url and upstream.last["body"]["model"] == "my-codex"
+    assert upstream.last["headers"]["api-key"] == "az-key-000000001"
+
+
+async def test_kimi_tool_ids_round_trip_on_chat_completions(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy({"MOON_API_KEY": "m-key-0000001", "MOON_BASE_URL": "{upstream}/v1"})
+    upstream.add(Reply(stream=sse(delta(tool_calls=[tc(0, KIMI_ID, "Bash", '{"command": "ls"}')]),
+                                  finish("tool_calls"))))
+    body = {**BASIC, "model": "moon:kimi-k2", "tools": [BASH_TOOL]}
+    _response, frames = await post_stream(client, body)
+    content = final_message(frames)["content"]
+    assert content[0]["id"] == vd.client_tool_id(KIMI_ID) and re.fullmatch(r"[a-zA-Z0-9_-]+", content[0]["id"])
+    turn2 = {**body, "messages": [user("go"), assistant(content),
+                                  user([{"type": "tool_result", "tool_use_id": content[0]["id"], "content": "ok"}])]}
+    assert (await client.post("/v1/messages", json=turn2)).status == 200
+    calls, answers = tool_answer(upstream.last["body"])
+    assert calls[0]["id"] == answers[0]["tool_call_id"] == KIMI_ID
+
+
+@needs_anthropic_sdk
+async def test_anthropic_sdk_through_a_responses_provider(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy(responses_proxy_env())
+    base = str(client.make_url("")).rstrip("/")
+    expected = [{"type": "thinking", "thinking": "**Plan** run ls\n\nthen answer"},
+                {"type": "text", "text": "Let me look."},
+                {"type": "tool_use", "id": vd.client_tool_id(KIMI_ID), "name": "Bash", "input": {"command": "ls -la"}}]
+    async_client = anthropic.AsyncAnthropic(base_url=base, api_key="k", max_retries=0)
+    upstream.add(Reply(resp_object(*TURN_OUTPUT)), Reply(stream=resp_sse(*resp_events(*TURN_OUTPUT))))
+    created = await async_client.messages.create(**THINK_TOOL)
+    async with async_client.messages.stream(**THINK_TOOL) as stream:
+        streamed = await stream.get_final_message()
+    await async_client.close()
+
+    def sync_calls() -> list:
+        sync_client = anthropic.Anthropic(base_url=base, api_key="k", max_retries=0)
+        try:
+            with sync_client.messages.stream(**THINK_TOOL) as stream:
+                return [sync_client.messages.create(**THINK_TOOL), stream.get_final_message()]
+        finally:
+            sync_client.close()
+
+    upstream.add(Reply(stream=resp_sse(*resp_events(*TURN_OUTPUT))), Reply(resp_object(*TURN_OUTPUT)))
+    for message in [created, streamed, *await asyncio.to_thread(sync_calls)]:
+        assert _plain(message.content) == expected and message.stop_reason == "tool_use"
+        assert message.content[0].signature.startswith(vd._REASONING_MARK)
+
+
+async def test_reasoning_continuity_across_two_gateway_processes(upstream: FakeUpstream, tmp_path: Path) -> None:
+    env = {"OPENAI_API_KEY": "sk-proc-000000001", "OPENAI_BASE_URL": f"{upstream.url}/v1",
+           "OPENAI_API_FORMAT": "responses"}
+    upstream.add(Reply(stream=resp_sse(*resp_events(*TURN_OUTPUT))))
+    contents = []
+    for turn in range(2):
+        proc = ProxyProcess(HERE / "vandamme.py", env, tmp_path)
+        try:
+            await proc.wait_ready()
+            async with aiohttp.ClientSession() as session:
+                body = turn_two(contents[0]) if turn else THINK_TOOL
+                async with session.post(f"{proc.url}/v1/messages", json={**body, "stream": True}) as response:
+                    contents.append(final_message(validate_stream(await response.text()))["content"])
+        finally:
+            assert proc.stop() == 0
+    assert_replayed(upstream.last["body"])
+    assert contents[1] == [{"type": "text", "text": "Hello there"}]
+
+
+async def test_claude_code_thinking_tool_round_trip_through_responses(claude_bin: str, upstream: FakeUpstream,
+                                                                      tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "note.txt").write_text("fixture-content-77\n")
+    read = call_item(KIMI_ID, "Read", {"file_path": str(work / "note.txt")})
+    upstream.add(Reply(stream=resp_sse(*resp_events(reasoning_item("The user wants the file."), read))),
+                 Reply(stream=resp_sse(*resp_events(message_item("The file says fixture-content-77 (ok-3141).")))))
+    proc = ProxyProcess(HERE / "vandamme.py", {"OPENAI_API_KEY": "sk-cc", "OPENAI_BASE_URL": f"{upstream.url}/v1",
+                                               "OPENAI_API_FORMAT": "responses"}, tmp_path)
+    try:
+        await proc.wait_ready()
+        code, result, output = await run_claude(claude_bin, proc.url, "read note.txt", work, "Read")
+    finally:
+        proc.stop()
+    assert code == 0 and "ok-3141" in result.get("result", ""), output + proc.log()
+    sent = [r["body"] for r in upstream.requests if r["path"] == "/v1/responses"][-1]
+    kinds = [item.get("type", "message") for item in sent["input"]]
+    at = kinds.index("function_call")
+    assert kinds[at - 1:at + 2] == ["reasoning", "function_call", "function_call_output"], sent["input"]
+    assert sent["input"][at - 1]["encrypted_content"] == "gAAAA-enc-1" and sent["input"][at]["call_id"] == KIMI_ID
+    assert "fixture-content-77" in json.dumps(sent["input"][at + 1]["output"])
+# ---------------------------------------------------------------------------
 # §9 Dialects and middleware (pure parts)
 # ---------------------------------------------------------------------------
 
@@ -1347,6 +1839,226 @@ def test_gemini_schema_cleaning() -> None:
         "properties": {"url": {"type": "string"}, "n": {"type": "integer", "nullable": True},
                        "tags": {"type": "array", "items": {"type": "string"}},
                        "mode": {"type": "string", "enum": ["x"]}}}
+
+
+# ---------------------------------------------------------------------------
+# §9 Dialects and middleware end to end: Anthropic relay, Azure, Gemini, DeepSeek, think tags
+# ---------------------------------------------------------------------------
+
+ANTHROPIC_STREAM = (b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_up","type":"message",'
+                    b'"role":"assistant","model":"claude-real","content":[],"stop_reason":null,"stop_sequence":null,'
+                    b'"usage":{"input_tokens":21,"output_tokens":1}}}\n\n'
+                    b'event: content_block_start\ndata: {"type":"content_block_start","index":0,"content_block":'
+                    b'{"type":"text","text":""}}\n\nevent: ping\ndata: {"type": "ping"}\n\n'
+                    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":'
+                    b'{"type":"text_delta","text":"Hi"}}\n\n'
+                    b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
+                    b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn",'
+                    b'"stop_sequence":null},"usage":{"output_tokens":3}}\n\n'
+                    b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+
+
+async def test_anthropic_passthrough_is_byte_exact(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy({"ANT_API_KEY": "ant-key-000000000", "ANT_BASE_URL": "{upstream}/v1",
+                          "ANT_API_FORMAT": "anthropic", "ANT_ALIAS_SONNET": "claude-real"})
+    sample = FIXTURES / "messages_basic_sonnet.json"        # the real body when the shared fixtures are here
+    body = json.loads(sample.read_text()) if sample.is_file() else {
+        **BASIC, "thinking": {"type": "enabled", "budget_tokens": 2000}, "stream": True}
+    body["model"] = "ant:sonnet"
+    body["stream"] = True
+    raw = json.dumps(body, indent=1).encode()
+    upstream.add(Reply(stream=[ANTHROPIC_STREAM[i:i + 50] for i in range(0, len(ANTHROPIC_STREAM), 50)]))
+    response = await client.post("/v1/messages?beta=true", data=raw, headers={
+        "Content-Type": "application/json", "anthropic-version": "2023-06-01", "anthropic-beta": "claude-code-20250219",
+        "x-api-key": "client-key"})
+    assert await response.read() == ANTHROPIC_STREAM
+    sent = upstream.last
+    assert sent["path"] == "/v1/messages"
+    assert sent["raw"] == raw.replace(b'"ant:sonnet"', b'"claude-real"')
+    assert sent["headers"]["x-api-key"] == "ant-key-000000000"
+    assert sent["headers"]["anthropic-beta"] == "claude-code-20250219"
+    assert sent["headers"]["anthropic-version"] == "2023-06-01"
+    # errors are relayed with their own status and body
+    upstream.add(Reply({"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}, status=529))
+    response = await client.post("/v1/messages", json={**BASIC, "model": "ant:x"})
+    assert response.status == 529 and (await response.json())["error"]["message"] == "busy"
+    # count_tokens goes upstream too
+    upstream.add(Reply({"input_tokens": 4242}))
+    counted = await (await client.post("/v1/messages/count_tokens", json={"model": "ant:x", "messages": []})).json()
+    assert counted == {"input_tokens": 4242} and upstream.last["path"] == "/v1/messages/count_tokens"
+
+
+async def test_passthrough_bearer_auth_setting(proxy: Any, upstream: FakeUpstream, tmp_path: Path) -> None:
+    (tmp_path / "vandamme-config.toml").write_text(
+        f'[gw]\nbase-url = "{upstream.url}"\napi-format = "anthropic"\napi-key = "gw-key"\nauth-header = "bearer"\n')
+    client = await proxy()
+    upstream.add(Reply({"id": "m", "type": "message", "content": []}))
+    await client.post("/v1/messages", json={**BASIC, "model": "gw:claude"})
+    assert upstream.last["path"] == "/v1/messages" and upstream.last["headers"]["authorization"] == "Bearer gw-key"
+
+
+@pytest.mark.parametrize(("base", "path", "query"), [
+    pytest.param("/azure", "/azure/openai/deployments/gpt-4o-dep/chat/completions", {"api-version": "2024-10-21"},
+                 id="deployments"),
+    pytest.param("/azure/openai/v1", "/azure/openai/v1/chat/completions", {}, id="v1"),
+])
+async def test_azure_url_query_and_header(proxy: Any, upstream: FakeUpstream, base: str, path: str,
+                                          query: dict) -> None:
+    client = await proxy({"AZURE_API_KEY": "az-key-000000", "AZURE_BASE_URL": "{upstream}" + base,
+                          "AZURE_API_VERSION": "2024-10-21"})
+    response = await client.post("/v1/messages", json={**BASIC, "model": "azure:gpt-4o-dep"})
+    assert response.status == 200
+    assert upstream.last["path"] == path and upstream.last["query"] == query
+    assert upstream.last["headers"]["api-key"] == "az-key-000000" and "authorization" not in upstream.last["headers"]
+
+
+GEMINI_SIG = "CiQB0e2Kb+/abc=="
+
+
+async def test_gemini_thought_signature_round_trip_survives_restart(proxy: Any, upstream: FakeUpstream) -> None:
+    env = {"GEMINI_API_KEY": "g-key", "GEMINI_BASE_URL": "{upstream}/v1beta/openai"}
+    call = {"index": 0, "id": "fc_1", "type": "function", "function": {"name": "Bash", "arguments": '{"command":"ls"}'},
+            "extra_content": {"google": {"thought_signature": GEMINI_SIG}}}
+    for stream in (False, True):
+        first = await proxy(env)
+        if stream:
+            upstream.add(Reply(stream=sse(delta(tool_calls=[call]), finish("tool_calls"))))
+            _r, frames = await post_stream(first, {**BASIC, "model": "gemini:gemini-2.5-pro", "tools": [BASH_TOOL]})
+            content = final_message(frames)["content"]
+        else:
+            upstream.add(Reply(completion(None, tool_calls=[call], finish_reason="tool_calls")))
+            content = (await (await first.post("/v1/messages", json={**BASIC, "model": "gemini:gemini-2.5-pro",
+                                                                     "tools": [BASH_TOOL]})).json())["content"]
+        tool_id = content[0]["id"]
+        assert re.fullmatch(r"[a-zA-Z0-9_-]+", tool_id) and tool_id.startswith("fc_1")
+        await first.close()
+        second = await proxy(env)                           # a fresh instance: no shared state
+        turn2 = {**BASIC, "model": "gemini:gemini-2.5-pro", "tools": [BASH_TOOL], "messages": [
+            user("go"), assistant(content), user([{"type": "tool_result", "tool_use_id": tool_id, "content": "ok"}])]}
+        assert (await second.post("/v1/messages", json=turn2)).status == 200
+        sent = upstream.last["body"]
+        assert sent["messages"][-2]["tool_calls"][0]["id"] == "fc_1"
+        assert sent["messages"][-2]["tool_calls"][0]["extra_content"] == {"google": {"thought_signature": GEMINI_SIG}}
+        assert sent["messages"][-1]["tool_call_id"] == "fc_1"
+        assert "$schema" not in json.dumps(sent["tools"])
+        await second.close()
+
+
+async def test_gemini_signatures_can_be_disabled(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy({"GEMINI_API_KEY": "g", "GEMINI_BASE_URL": "{upstream}/v1beta/openai",
+                          "GEMINI_THOUGHT_SIGNATURES_ENABLED": "false"})
+    call = {"id": "fc_1", "type": "function", "function": {"name": "Bash", "arguments": "{}"},
+            "extra_content": {"google": {"thought_signature": GEMINI_SIG}}}
+    upstream.add(Reply(completion(None, tool_calls=[call], finish_reason="tool_calls")))
+    message = await (await client.post("/v1/messages", json={**BASIC, "model": "gemini:g"})).json()
+    assert message["content"][0]["id"] == "fc_1"
+
+
+async def test_deepseek_reasoning_content_round_trip(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy({"DEEPSEEK_API_KEY": "ds", "DEEPSEEK_BASE_URL": "{upstream}"})
+    upstream.add(Reply(stream=sse(delta(reasoning_content="I should list."),
+                                  delta(tool_calls=[tc(0, "c1", "Bash", "{}")]), finish("tool_calls"))))
+    _r, frames = await post_stream(client, {**BASIC, "model": "deepseek:deepseek-reasoner", "tools": [BASH_TOOL]})
+    content = final_message(frames)["content"]
+    assert content[0]["type"] == "thinking" and content[0]["signature"]
+    turn2 = {**BASIC, "model": "deepseek:deepseek-reasoner", "tools": [BASH_TOOL], "messages": [
+        user("go"), assistant(content), user([{"type": "tool_result", "tool_use_id": "c1", "content": "ok"}])]}
+    await client.post("/v1/messages", json=turn2)
+    sent = upstream.last["body"]["messages"]
+    assert sent[-2]["reasoning_content"] == "I should list." and sent[-2]["tool_calls"]
+    # providers without the setting never see it
+    await client.post("/v1/messages", json={**turn2, "model": "gpt-4o"})
+    assert "reasoning_content" not in upstream.last["body"]["messages"][-2]
+
+
+async def test_think_tags_become_thinking_blocks(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy({"OLLAMA_BASE_URL": "{upstream}/v1"})
+    upstream.add(Reply(stream=sse(delta(content="<thi"), delta(content="nk>weigh"), delta(content="ing</think>"),
+                                  delta(content="Result"), finish())))
+    _r, frames = await post_stream(client, {**BASIC, "model": "ollama:qwen3"})
+    content = final_message(frames)["content"]
+    assert [b["type"] for b in content] == ["thinking", "text"]
+    assert content[0]["thinking"] == "weighing" and content[1]["text"] == "Result"
+    assert "stream_options" not in upstream.last["body"]
+    upstream.add(Reply(completion("<think>plan</think>\n\nDone")))
+    message = await (await client.post("/v1/messages", json={**BASIC, "model": "ollama:qwen3"})).json()
+    assert message["content"][0]["thinking"] == "plan" and message["content"][1]["text"] == "Done"
+
+
+async def test_think_tags_partial_tag_at_stream_end_stays_visible(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy({"OLLAMA_BASE_URL": "{upstream}/v1"})
+    upstream.add(Reply(stream=sse(delta(content="<think>a</think>Use a <"), delta(content="thi"), finish())))
+    _r, frames = await post_stream(client, {**BASIC, "model": "ollama:qwen3"})
+    assert [b.get("text") for b in final_message(frames)["content"]] == [None, "Use a <thi"]
+
+
+MIDDLEWARE_FILE = '''
+def on_request(exchange, payload):
+    payload["messages"].insert(0, {"role": "system", "content": "house rules"})
+    payload["user"] = exchange.request_id
+
+def on_response(exchange, message):
+    message["content"][0]["text"] += " [checked]"
+
+def on_event(exchange, event):
+    if event["event"] == "content_block_delta" and event["data"]["delta"]["type"] == "text_delta":
+        event["data"]["delta"]["text"] = event["data"]["delta"]["text"].upper()
+'''
+
+
+async def test_readme_middleware_example_works(proxy: Any, upstream: FakeUpstream, tmp_path: Path,
+                                               capsys: Any) -> None:
+    readme = (HERE / "README.md").read_text()
+    start = readme.index("# hooks.py: python vandamme.py --middleware hooks.py")
+    path = tmp_path / "hooks.py"
+    path.write_text(readme[start:readme.index("```", start)])
+    client = await proxy(middleware=vd.load_middleware(str(path)))
+    message = await (await client.post("/v1/messages", json=BASIC)).json()
+    served = upstream.last["body"]["model"]
+    assert message["content"][-1]["text"].endswith(f"(served by {served})")
+    assert upstream.last["body"]["messages"][0]["content"] == "Answer in British English."
+    response, _frames = await post_stream(client, BASIC)
+    assert f"{response.headers['request-id']}: 11 characters streamed" in capsys.readouterr().out
+
+
+async def test_user_middleware_file_edits_request_and_response(proxy: Any, upstream: FakeUpstream,
+                                                               tmp_path: Path) -> None:
+    path = tmp_path / "hooks.py"
+    path.write_text(MIDDLEWARE_FILE)
+    client = await proxy(middleware=vd.load_middleware(str(path)))
+    message = await (await client.post("/v1/messages", json=BASIC)).json()
+    assert message["content"][0]["text"] == "Hello there [checked]"
+    assert upstream.last["body"]["messages"][0] == {"role": "system", "content": "house rules"}
+    assert upstream.last["body"]["user"].startswith("req_")
+    _r, frames = await post_stream(client, BASIC)
+    assert final_message(frames)["content"][0]["text"] == "HELLO THERE"
+
+
+async def test_failing_middleware_is_a_clean_api_error(proxy: Any, upstream: FakeUpstream) -> None:
+    class Broken(vd.Middleware):
+        name = "broken"
+
+        def on_upstream_chunk(self, exchange: Any, chunk: Any) -> None:
+            raise RuntimeError("bug in hook")
+
+        def on_request(self, exchange: Any, payload: Any) -> None:
+            if not exchange.stream:
+                raise ValueError("nope")
+
+    client = await proxy(middleware=[Broken()])
+    response = await client.post("/v1/messages", json=BASIC)
+    body = await response.json()
+    assert response.status == 500 and body["error"]["type"] == "api_error" and "broken" in body["error"]["message"]
+    response = await client.post("/v1/messages", json={**BASIC, "stream": True})
+    frames = validate_stream(await response.text())
+    assert frames[-1][0] == "error" and "bug in hook" in frames[-1][1]["error"]["message"]
+
+
+def test_middleware_file_that_fails_to_import_is_a_config_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text("raise ImportError('missing dependency')\n")
+    with pytest.raises(vd.ConfigError, match="missing dependency"):
+        vd.load_middleware(str(bad))
 
 
 # ---------------------------------------------------------------------------
@@ -1474,7 +2186,7 @@ def test_model_series_are_bounded_and_hostile_names_cannot_break_the_exposition(
     assert text.encode("utf-8")                 # what aiohttp does with it: no lone surrogate survives
     requests = {s.labels["model"]: s.value for f in parser.text_string_to_metric_families(text)
                 if f.name == "vandamme_requests" for s in f.samples}
-    assert len(requests) == vd.MODELS_PER_PROVIDER + 1 and requests["other"] == 10_006 - vd.MODELS_PER_PROVIDER
+    assert len(requests) == vd._MODELS_PER_PROVIDER + 1 and requests["other"] == 10_006 - vd._MODELS_PER_PROVIDER
     assert {'q"uote', "back\\slash", "new\nline", "lone\\ud800surrogate", "a} 1\n# TYPE x counter"} <= set(requests)
     assert sum(requests.values()) == 10_006 and len(metrics.snapshot()["providers"]["openai"]["models"]) == 201
 
@@ -1522,6 +2234,252 @@ def test_merged_worker_states_add_up() -> None:
 
 
 # ---------------------------------------------------------------------------
+# §12 Upstream client: retries, fallbacks, disconnects, hostile input
+# ---------------------------------------------------------------------------
+
+async def test_retries_on_5xx_and_connection_reset(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy({"MAX_RETRIES": "2"})
+    upstream.add(Reply({"error": {"message": "down"}}, status=503), Reply(reset=True))
+    response = await client.post("/v1/messages", json=BASIC)
+    assert response.status == 200 and len(upstream.requests) == 3
+    upstream.add(*(Reply({"error": {"message": "down"}}, status=502) for _ in range(3)))
+    response = await client.post("/v1/messages", json=BASIC)
+    assert response.status == 502 and len(upstream.requests) == 6
+    upstream.add(Reply({"error": {"message": "bad"}}, status=400))
+    assert (await client.post("/v1/messages", json=BASIC)).status == 400 and len(upstream.requests) == 7
+
+
+async def test_retry_after_is_honoured(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy({"MAX_RETRIES": "1"})
+    upstream.add(Reply({"error": {"message": "busy"}}, status=529, headers={"retry-after": "0.6"}))
+    started = time.monotonic()
+    assert (await client.post("/v1/messages", json=BASIC)).status == 200
+    assert time.monotonic() - started >= 0.55
+
+
+async def test_fallback_chain_serves_from_next_target(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy({"BACKUP_API_KEY": "b-key", "BACKUP_BASE_URL": "{upstream}/backup",
+                          "OPENAI_ALIAS_SONNET": "gpt-main,backup:backup-model"})
+    upstream.add(Reply({"error": {"message": "down"}}, status=503))
+    response = await client.post("/v1/messages", json={**BASIC, "stream": True})
+    frames = validate_stream(await response.text())
+    assert frames[0][1]["message"]["model"] == BASIC["model"]
+    assert [r["body"]["model"] for r in upstream.requests] == ["gpt-main", "backup-model"]
+    assert upstream.last["path"] == "/backup/chat/completions"
+    totals = await (await client.get("/metrics/running-totals")).json()
+    assert totals["providers"]["backup"]["requests"] == 1
+    upstream.add(Reply({"error": {"message": "wrong"}}, status=400))   # not retryable: no fallback
+    assert (await client.post("/v1/messages", json=BASIC)).status == 400
+
+
+async def test_client_disconnects_close_upstream_and_leave_nothing_behind(proxy: Any, upstream: FakeUpstream) -> None:
+    """200 streams cut part-way: the upstream sees every connection end; tasks return to baseline."""
+    client = await proxy()
+    slow = [sse(delta(content=f"{i} "), done=False) for i in range(50)]
+    await client.post("/v1/messages", json=BASIC)
+    baseline = len(asyncio.all_tasks())
+    url = client.make_url("/v1/messages")
+    for _ in range(200):
+        upstream.add(Reply(stream=slow, chunk_delay=0.05))
+
+    async def one(session: aiohttp.ClientSession) -> None:
+        async with session.post(url, json={**BASIC, "stream": True}) as response:
+            await response.content.readline()
+            await response.content.readline()
+        # leaving the block without reading closes the connection
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(one(session) for _ in range(200)))
+    await until(lambda: upstream.active == 0 and len(asyncio.all_tasks()) <= baseline + 1)
+    assert upstream.ended >= 201
+    totals = await (await client.get("/metrics/running-totals")).json()
+    assert totals["totals"]["in_flight"] == 0
+    assert totals["totals"]["errors_by_type"].get("client_closed", 0) >= 150
+
+
+async def test_disconnect_before_first_byte_cancels_upstream(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy()
+    upstream.add(Reply(completion("late"), delay=3))      # answers only after the assertion below
+    task = asyncio.create_task(client.post("/v1/messages", json=BASIC))
+    await until(lambda: upstream.active == 1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await until(lambda: upstream.active == 0, timeout=1.5)   # well before the upstream would have answered
+
+
+def json_containers(inner: Any) -> Any:
+    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+
+
+JSON_SCALARS = (st.none() | st.booleans() | st.integers(-5, 10 ** 6) | st.floats(allow_nan=False, allow_infinity=False)
+                | st.text(max_size=20))
+JSON_VALUES = st.recursive(JSON_SCALARS, json_containers, max_leaves=20)
+FIELDS = ("model", "messages", "max_tokens", "system", "tools", "tool_choice", "stream", "thinking", "temperature",
+          "stop_sequences", "metadata")
+BLOCK = st.fixed_dictionaries({"type": st.sampled_from(["text", "image", "tool_use", "tool_result", "document",
+                                                         "thinking", "nope"])}, optional={
+    "text": JSON_VALUES, "source": JSON_VALUES, "id": JSON_VALUES, "name": JSON_VALUES, "input": JSON_VALUES,
+    "tool_use_id": JSON_VALUES, "content": JSON_VALUES, "is_error": JSON_VALUES})
+MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "x"]),
+                                 "content": st.one_of(st.text(max_size=10), st.lists(BLOCK, max_size=3), JSON_VALUES)})
+BODY = st.one_of(JSON_VALUES, st.fixed_dictionaries({"model": st.sampled_from(["claude-sonnet-5-5", "gpt-x"]),
+                                                     "messages": st.lists(MESSAGE, max_size=3)},
+                                                    optional=dict.fromkeys(FIELDS[2:], JSON_VALUES)))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=BODY)
+def test_any_body_converts_or_is_a_400(body: Any) -> None:
+    try:
+        vd.validate_messages_request(body)
+        payload, _conv = vd.anthropic_to_openai(body, OPENAI, "gpt-4o")
+    except vd.InvalidRequestError as exc:
+        assert exc.status == 400 and str(exc)
+    else:
+        json.dumps(payload)
+
+
+def _paths(value: Any, prefix: tuple = ()) -> list[tuple]:
+    found = [prefix] if prefix else []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found += _paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found += _paths(item, (*prefix, index))
+    return found
+
+
+def _replaced(value: Any, path: tuple, new: Any) -> Any:
+    if not path:
+        return new
+    copy = dict(value) if isinstance(value, dict) else list(value)
+    copy[path[0]] = _replaced(copy[path[0]], path[1:], new)
+    return copy
+
+
+async def test_wrong_type_at_every_field_is_never_a_5xx(proxy: Any) -> None:
+    """Every field of a full tool round-trip body, replaced by each JSON type in turn."""
+    client = await proxy()
+    body = {**BASIC, "system": [{"type": "text", "text": "s"}], "tools": [BASH_TOOL], "tool_choice": {"type": "auto"},
+            "thinking": {"type": "enabled", "budget_tokens": 2000}, "stop_sequences": ["x"], "temperature": 0.5,
+            "metadata": {"user_id": "u"}, "messages": [
+                user([{"type": "text", "text": "go"}, IMAGE]), assistant([TOOL_USE]),
+                user([{"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "r"}]}])]}
+    checked = 0
+    for path in _paths(body):
+        for wrong in (None, 7, "x", [], {}, True, [1, {"a": None}]):
+            mutated = _replaced(body, path, wrong)
+            response = await client.post("/v1/messages", json=mutated)
+            data = await response.read()
+            assert response.status < 500, (path, wrong, data)
+            if response.status >= 400:
+                error = json.loads(data)
+                assert error["type"] == "error" and error["error"]["message"] and b"Traceback" not in data
+            checked += 1
+    assert checked > 300
+
+
+CHUNK = st.one_of(JSON_VALUES, st.fixed_dictionaries({"choices": st.lists(st.fixed_dictionaries({}, optional={
+    "index": st.sampled_from([0, 0, 1, None, "0"]),
+    "finish_reason": st.sampled_from([None, "stop", "length", "tool_calls", "content_filter", "error", 3]),
+    "delta": st.fixed_dictionaries({}, optional={
+        "content": st.one_of(st.text(max_size=8), JSON_VALUES),
+        "reasoning_content": st.text(max_size=8),
+        "tool_calls": st.lists(st.fixed_dictionaries({}, optional={
+            "index": st.sampled_from([0, 1, 2, None]), "id": st.sampled_from([None, "a", "b", "", 7]),
+            "function": st.fixed_dictionaries({}, optional={
+                "name": st.sampled_from([None, "Bash", "Read"]),
+                "arguments": st.sampled_from(['{"a"', ": 1}", "{}", '{"x": [1, 2]}', "", "}{", '"s"'])})}),
+            max_size=3)})}), max_size=2)}, optional={"usage": JSON_VALUES}),
+                  st.fixed_dictionaries({"error": JSON_VALUES}))      # in-band errors (a falsy one is none)
+
+
+def is_in_band_error(chunk: Any) -> bool:
+    """An OpenAI-format chunk reporting an upstream error: a truthy `error`, or a choice finishing with "error"."""
+    if not isinstance(chunk, dict):
+        return False
+    choices = chunk.get("choices") if isinstance(chunk.get("choices"), list) else []
+    return bool(chunk.get("error")) or any(isinstance(c, dict) and c.get("index", 0) in (0, None)
+                                           and c.get("finish_reason") == "error" for c in choices)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(chunks=st.lists(CHUNK, max_size=12))
+def test_any_chunk_sequence_gives_a_grammatical_stream(chunks: list) -> None:
+    """Any chunks give a valid stream; an in-band upstream error ends it with an `error` event.
+
+    The translator raises UpstreamError for such a chunk and the relay writes `exc`'s error
+    event after what was already sent; this does the same.
+    """
+    translator = vd.StreamTranslator("m", input_tokens=1)
+    events = translator.start()
+    try:
+        for chunk in chunks:
+            events += translator.feed(chunk)
+        events += translator.finish()
+    except vd.UpstreamError as exc:
+        assert exc.status == 502 and exc.error_type == "api_error" and str(exc)
+        events.append(("error", vd.error_body(exc.error_type, str(exc))))
+    frames = validate_stream(vd.encode_events(events).decode())
+    assert (frames[-1][0] == "error") == any(is_in_band_error(chunk) for chunk in chunks), frames[-1]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(value=JSON_VALUES, indent=st.sampled_from([None, 1, 4]))
+def test_decode_with_spans_equals_json_loads(value: Any, indent: Any) -> None:
+    text = json.dumps(value, indent=indent)
+    decoded, spans = vd._decode_with_spans(text)
+    assert decoded == json.loads(text)
+    for key, (start, end) in spans.items():
+        assert json.loads(text[start:end]) == value[key]
+    for bad in ("{", '{"a" 1}', '{"a": 1,}', '{"a": 1} x', "[1,"):
+        with pytest.raises(ValueError):
+            vd._decode_with_spans(bad)
+
+
+def test_decode_with_spans_reuses_unchanged_values_only() -> None:
+    known: dict = {}
+    tools = [{"name": "t" * 600}]
+    first, _ = vd._decode_with_spans(json.dumps({"model": "m", "tools": tools}), known)
+    again, _ = vd._decode_with_spans(json.dumps({"tools": tools, "model": "n"}), known)
+    assert again["tools"] is first["tools"] and again["model"] == "n"
+    longer = [*tools, {"name": "u"}]
+    changed, _ = vd._decode_with_spans(json.dumps({"tools": longer}), known)
+    assert changed["tools"] == longer
+    prefix_text = json.dumps({"tools": longer})[:-1] + ', "x": 1}'
+    assert vd._decode_with_spans(prefix_text, known)[0] == {"tools": longer, "x": 1}
+
+
+async def test_unchanged_tools_are_converted_once_and_spliced(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy()
+    body = {**BASIC, "tools": [BASH_TOOL, {"name": "mcp__server__a_really_long_tool_name_" + "x" * 60,
+                                           "input_schema": {"type": "object"}}],
+            "tool_choice": {"type": "any"}}
+    for _ in range(2):
+        assert (await client.post("/v1/messages", json=body)).status == 200
+    first, second = (r["body"] for r in upstream.requests[-2:])
+    assert first == second and first["tool_choice"] == "required"
+    assert first["tools"][0]["function"]["name"] == "Bash"
+    assert len(first["tools"][1]["function"]["name"]) <= 64
+    app_runtime = client.server.app[vd.RUNTIME]
+    assert len(app_runtime.converted_tools) == 1
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.binary(max_size=300), cuts=st.lists(st.integers(0, 300), max_size=6))
+def test_sse_decoder_split_invariance_on_any_bytes(data: bytes, cuts: list) -> None:
+    whole = vd.SSEDecoder()
+    expected = whole.feed(data) + whole.close()
+    decoder, got, last = vd.SSEDecoder(), [], 0
+    for cut in sorted(c for c in cuts if c <= len(data)):
+        got += decoder.feed(data[last:cut])
+        last = cut
+    assert got + decoder.feed(data[last:]) + decoder.close() == expected
+
+
+# ---------------------------------------------------------------------------
 # §13 HTTP: the proxy end to end against fake upstreams
 # ---------------------------------------------------------------------------
 
@@ -1555,7 +2513,7 @@ async def test_message_start_estimate_counts_images_not_their_bytes(proxy: Any) 
     question = user([big, {"type": "text", "text": "what is it?"}])
     _r, frames = await post_stream(client, {**BASIC, "messages": [question]})
     estimate = frames[0][1]["message"]["usage"]["input_tokens"]
-    assert vd.IMAGE_TOKENS <= estimate < vd.IMAGE_TOKENS + 500
+    assert vd._IMAGE_TOKENS <= estimate < vd._IMAGE_TOKENS + 500
 
 
 async def test_request_id_from_client_is_kept(proxy: Any, upstream: FakeUpstream) -> None:
@@ -1946,7 +2904,7 @@ async def test_stream_garbage_lines_and_split_bytes(proxy: Any, upstream: FakeUp
 
 
 async def test_ping_during_upstream_silence(proxy: Any, upstream: FakeUpstream, monkeypatch: Any) -> None:
-    monkeypatch.setattr(vd, "PING_INTERVAL", 0.3)
+    monkeypatch.setattr(vd, "_PING_INTERVAL", 0.3)
     upstream.add(Reply(stream=[sse(delta(content="a"), done=False), sse(delta(content="b"), finish())],
                        chunk_delay=0.9))
     client = await proxy()
@@ -1958,7 +2916,7 @@ async def test_ping_during_upstream_silence(proxy: Any, upstream: FakeUpstream, 
 
 
 async def test_stream_idle_timeout_closes_with_error(proxy: Any, upstream: FakeUpstream, monkeypatch: Any) -> None:
-    monkeypatch.setattr(vd, "PING_INTERVAL", 0.3)
+    monkeypatch.setattr(vd, "_PING_INTERVAL", 0.3)
     upstream.add(Reply(stream=[sse(delta(content="a"), done=False)], hang=5))
     client = await proxy(stream_idle_timeout=0.5)
     started = time.monotonic()
@@ -2222,329 +3180,98 @@ async def test_slow_clients_are_cut_off(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Real client: the official anthropic SDK against every upstream shape
+# §13 Operator endpoints
 # ---------------------------------------------------------------------------
 
-SDK_SHAPES = {
-    "text": (sse(delta(role="assistant", content="Hi "), delta(content="there"), finish(), usage_chunk()),
-             completion("Hi there"),
-             [{"type": "text", "text": "Hi there"}], "end_turn"),
-    "tool-split-args": (sse(delta(tool_calls=[tc(0, "call_1", "Bash", "")]),
-                            delta(tool_calls=[tc(0, args='{"command"')]), delta(tool_calls=[tc(0, args=': "ls"}')]),
-                            finish("tool_calls"), usage_chunk()),
-                        completion(None, tool_calls=[{"id": "call_1", "type": "function", "function": {
-                            "name": "Bash", "arguments": '{"command": "ls"}'}}], finish_reason="tool_calls"),
-                        [{"type": "tool_use", "id": "call_1", "name": "Bash", "input": {"command": "ls"}}], "tool_use"),
-    "parallel-tools-one-chunk": (
-        sse(delta(tool_calls=[tc(0, "a", "Read", '{"file_path": "/a"}'), tc(1, "b", "Read", '{"file_path": "/b"}')]),
-            finish("tool_calls")),
-        completion(None, tool_calls=[
-            {"id": "a", "type": "function", "function": {"name": "Read", "arguments": '{"file_path": "/a"}'}},
-            {"id": "b", "type": "function", "function": {"name": "Read", "arguments": '{"file_path": "/b"}'}}],
-                   finish_reason="tool_calls"),
-        [{"type": "tool_use", "id": "a", "name": "Read", "input": {"file_path": "/a"}},
-         {"type": "tool_use", "id": "b", "name": "Read", "input": {"file_path": "/b"}}], "tool_use"),
-    "reasoning-then-text": (sse(delta(reasoning_content="Let me think."), delta(content="Answer."), finish()),
-                            completion("Answer.", reasoning_content="Let me think."),
-                            [{"type": "thinking", "thinking": "Let me think."}, {"type": "text", "text": "Answer."}],
-                            "end_turn"),
-    "no-index-stop-with-tool": (
-        sse(delta(content="ok"), delta(tool_calls=[{"id": "g", "function": {"name": "Glob", "arguments": "{}"}}]),
-            finish("stop")),
-        completion("ok", tool_calls=[{"id": "g", "type": "function", "function": {"name": "Glob", "arguments": "{}"}}]),
-        [{"type": "text", "text": "ok"}, {"type": "tool_use", "id": "g", "name": "Glob", "input": {}}], "tool_use"),
-    "length": (sse(delta(content="trunc"), finish("length"), done=False), completion("trunc", finish_reason="length"),
-               [{"type": "text", "text": "trunc"}], "max_tokens"),
-}
-
-
-def _plain(blocks: list) -> list[dict]:
-    result = []
-    for block in blocks:
-        data = block.model_dump(exclude_none=True)
-        data.pop("signature", None)
-        data.pop("citations", None)
-        data.pop("parsed_output", None)
-        result.append(data)
-    return result
-
-
-@needs_anthropic_sdk
-@pytest.mark.parametrize("shape", list(SDK_SHAPES))
-async def test_anthropic_sdk_async_and_sync(proxy: Any, upstream: FakeUpstream, shape: str) -> None:
-    stream_body, json_body, expected, stop_reason = SDK_SHAPES[shape]
+async def test_metrics_endpoints_count_requests(proxy: Any, upstream: FakeUpstream) -> None:
     client = await proxy()
-    base = str(client.make_url("")).rstrip("/")
-    request = {"model": "claude-sonnet-5-5", "max_tokens": 100, "messages": [{"role": "user", "content": "go"}],
-               "tools": [BASH_TOOL]}
-    async_client = anthropic.AsyncAnthropic(base_url=base, api_key="k", max_retries=0)
-    upstream.add(Reply(json_body))
-    message = await async_client.messages.create(**request)
-    assert _plain(message.content) == expected and message.stop_reason == stop_reason
-    upstream.add(Reply(stream=stream_body))
-    async with async_client.messages.stream(**request) as stream:
-        final = await stream.get_final_message()
-    assert _plain(final.content) == expected and final.stop_reason == stop_reason
-    await async_client.close()
-
-    def sync_calls() -> list:
-        sync_client = anthropic.Anthropic(base_url=base, api_key="k", max_retries=0)
-        try:
-            created = sync_client.messages.create(**request)
-            with sync_client.messages.stream(**request) as stream:
-                streamed = stream.get_final_message()
-            return [created, streamed]
-        finally:
-            sync_client.close()
-
-    upstream.add(Reply(json_body), Reply(stream=stream_body))
-    for message in await asyncio.to_thread(sync_calls):
-        assert _plain(message.content) == expected and message.stop_reason == stop_reason
-    # the raw stream of the same shape passes the grammar validator
-    upstream.add(Reply(stream=stream_body))
-    await post_stream(client, request)
+    await client.post("/v1/messages", json=BASIC)
+    await post_stream(client, BASIC)
+    upstream.add(Reply({"error": {"message": "slow"}}, status=429))
+    await client.post("/v1/messages", json=BASIC)
+    totals = await (await client.get("/metrics/running-totals?provider=openai")).json()
+    assert totals["totals"]["requests"] == 3 and totals["totals"]["errors_by_type"] == {"rate_limit_error": 1}
+    model = totals["providers"]["openai"]["models"]["gpt-5.1"]
+    assert model["requests"] == 3 and model["output_tokens"] == 5 + 7 and model["ttft_ms"]["p50"] is not None
+    assert totals["recent"][0]["status"] == 429 and totals["recent"][1]["streamed"] is True
+    text = await (await client.get("/metrics")).text()
+    assert 'vandamme_requests_total{provider="openai",model="gpt-5.1",status="200"} 2' in text
 
 
-@needs_anthropic_sdk
-async def test_anthropic_sdk_error_classes(proxy: Any, upstream: FakeUpstream) -> None:
+async def test_json_access_log(proxy: Any, caplog: Any) -> None:
+    client = await proxy({"LOG_FORMAT": "json"})
+    with caplog.at_level("INFO", logger="vandamme"):
+        await client.post("/v1/messages", json=BASIC, headers={"x-request-id": "rid-7"})
+    line = next(r.getMessage() for r in caplog.records if "rid-7" in r.getMessage())
+    record = json.loads(line)
+    assert record["request_id"] == "rid-7" and record["model"] == BASIC["model"] and record["provider"] == "openai"
+    assert record["status"] == 200 and record["key"] == vd._key_fingerprint("sk-test-0000000000001")
+    assert "sk-test" not in line
+
+
+async def test_dashboard_served_self_contained(proxy: Any) -> None:
     client = await proxy()
-    sdk = anthropic.AsyncAnthropic(base_url=str(client.make_url("")).rstrip("/"), api_key="k", max_retries=0)
-    for status, cls in ((400, anthropic.BadRequestError), (401, anthropic.AuthenticationError),
-                        (404, anthropic.NotFoundError), (429, anthropic.RateLimitError),
-                        (529, anthropic.InternalServerError)):
-        upstream.add(Reply({"error": {"message": f"status {status}"}}, status=status))
-        with pytest.raises(cls) as info:
-            await sdk.messages.create(**BASIC)
-        assert f"status {status}" in str(info.value) and info.value.request_id
-    upstream.add(Reply(stream=[sse(delta(content="x"), done=False), b"<reset>"]))
-    with pytest.raises(anthropic.APIStatusError):
-        async with sdk.messages.stream(**BASIC) as stream:
-            await stream.get_final_message()
-    await sdk.close()
+    response = await client.get("/")
+    html = await response.text()
+    assert response.status == 200 and response.headers["Content-Type"].startswith("text/html")
+    assert "<svg" in html or "createElementNS" in html
+    assert not re.search(r"""(src|href)=["']https?://""", html)
 
 
-# ---------------------------------------------------------------------------
-# §9 Dialects end to end: passthrough, Azure, Gemini, DeepSeek, think tags, middleware
-# ---------------------------------------------------------------------------
-
-ANTHROPIC_STREAM = (b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_up","type":"message",'
-                    b'"role":"assistant","model":"claude-real","content":[],"stop_reason":null,"stop_sequence":null,'
-                    b'"usage":{"input_tokens":21,"output_tokens":1}}}\n\n'
-                    b'event: content_block_start\ndata: {"type":"content_block_start","index":0,"content_block":'
-                    b'{"type":"text","text":""}}\n\nevent: ping\ndata: {"type": "ping"}\n\n'
-                    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":'
-                    b'{"type":"text_delta","text":"Hi"}}\n\n'
-                    b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
-                    b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn",'
-                    b'"stop_sequence":null},"usage":{"output_tokens":3}}\n\n'
-                    b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1400,1000", "--virtual-time-budget=5000")
 
 
-async def test_anthropic_passthrough_is_byte_exact(proxy: Any, upstream: FakeUpstream) -> None:
-    client = await proxy({"ANT_API_KEY": "ant-key-000000000", "ANT_BASE_URL": "{upstream}/v1",
-                          "ANT_API_FORMAT": "anthropic", "ANT_ALIAS_SONNET": "claude-real"})
-    sample = FIXTURES / "messages_basic_sonnet.json"        # the real body when the shared fixtures are here
-    body = json.loads(sample.read_text()) if sample.is_file() else {
-        **BASIC, "thinking": {"type": "enabled", "budget_tokens": 2000}, "stream": True}
-    body["model"] = "ant:sonnet"
-    body["stream"] = True
-    raw = json.dumps(body, indent=1).encode()
-    upstream.add(Reply(stream=[ANTHROPIC_STREAM[i:i + 50] for i in range(0, len(ANTHROPIC_STREAM), 50)]))
-    response = await client.post("/v1/messages?beta=true", data=raw, headers={
-        "Content-Type": "application/json", "anthropic-version": "2023-06-01", "anthropic-beta": "claude-code-20250219",
-        "x-api-key": "client-key"})
-    assert await response.read() == ANTHROPIC_STREAM
-    sent = upstream.last
-    assert sent["path"] == "/v1/messages"
-    assert sent["raw"] == raw.replace(b'"ant:sonnet"', b'"claude-real"')
-    assert sent["headers"]["x-api-key"] == "ant-key-000000000"
-    assert sent["headers"]["anthropic-beta"] == "claude-code-20250219"
-    assert sent["headers"]["anthropic-version"] == "2023-06-01"
-    # errors are relayed with their own status and body
-    upstream.add(Reply({"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}, status=529))
-    response = await client.post("/v1/messages", json={**BASIC, "model": "ant:x"})
-    assert response.status == 529 and (await response.json())["error"]["message"] == "busy"
-    # count_tokens goes upstream too
-    upstream.add(Reply({"input_tokens": 4242}))
-    counted = await (await client.post("/v1/messages/count_tokens", json={"model": "ant:x", "messages": []})).json()
-    assert counted == {"input_tokens": 4242} and upstream.last["path"] == "/v1/messages/count_tokens"
+async def run_chromium(profile: Path, *args: str) -> str:
+    """Headless Chromium (skips the test when absent); returns its stdout."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.skip("chromium not installed (Debian: apt-get install chromium)")
+    proc = await asyncio.create_subprocess_exec(chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    return (await asyncio.wait_for(proc.communicate(), 60))[0].decode()
 
 
-async def test_passthrough_bearer_auth_setting(proxy: Any, upstream: FakeUpstream, tmp_path: Path) -> None:
-    (tmp_path / "vandamme-config.toml").write_text(
-        f'[gw]\nbase-url = "{upstream.url}"\napi-format = "anthropic"\napi-key = "gw-key"\nauth-header = "bearer"\n')
+async def test_dashboard_in_real_chromium(proxy: Any, upstream: FakeUpstream, tmp_path: Path) -> None:
     client = await proxy()
-    upstream.add(Reply({"id": "m", "type": "message", "content": []}))
-    await client.post("/v1/messages", json={**BASIC, "model": "gw:claude"})
-    assert upstream.last["path"] == "/v1/messages" and upstream.last["headers"]["authorization"] == "Bearer gw-key"
+    for _ in range(3):
+        await client.post("/v1/messages", json=BASIC)
+    await post_stream(client, BASIC)
+    url = str(client.make_url("/"))
+    shot = tmp_path / "dashboard.png"
+    await run_chromium(tmp_path / "p1", f"--screenshot={shot}", url)
+    dom = await run_chromium(tmp_path / "p2", "--dump-dom", url)
+    assert shot.stat().st_size > 10_000
+    assert 'data-loaded="1"' in dom
+    totals = await (await client.get("/metrics/running-totals")).json()
+    for field in ("requests", "input_tokens", "output_tokens", "errors"):
+        match = re.search(rf'id="total-{field}"[^>]*data-value="(\d+)"|data-value="(\d+)"[^>]*id="total-{field}"', dom)
+        assert match, field
+        assert int(match.group(1) or match.group(2)) == totals["totals"][field], field
+    row = re.search(r'<tr[^>]*data-provider="openai"[^>]*>(.*?)</tr>', dom, re.S)
+    assert row and re.search(rf'data-field="requests"[^>]*data-value="{totals["providers"]["openai"]["requests"]}"',
+                             row.group(1))
+    routes = (await (await client.get("/v1/aliases")).json())["routes"]
+    shown = re.findall(r'<tr data-route="([^"]+)"><td class="mono">[^<]*</td><td class="mono">([^<]*)</td>', dom)
+    assert shown == [(r["name"], ", then ".join(f"{t['provider']}:{t['model']}" for t in r["targets"]))
+                     for r in routes]
+    await client.post("/v1/v1/messages", json=BASIC)                       # a rejected request shows too
+    upstream.add(Reply({"error": {"message": "quota exceeded for this org"}}, status=403))
+    await client.post("/v1/messages", json=BASIC)
+    dom = await run_chromium(tmp_path / "p3", "--dump-dom", url)
+    assert "/v1/v1/messages" in dom and "quota exceeded for this org" in dom
 
 
-@pytest.mark.parametrize(("base", "path", "query"), [
-    pytest.param("/azure", "/azure/openai/deployments/gpt-4o-dep/chat/completions", {"api-version": "2024-10-21"},
-                 id="deployments"),
-    pytest.param("/azure/openai/v1", "/azure/openai/v1/chat/completions", {}, id="v1"),
-])
-async def test_azure_url_query_and_header(proxy: Any, upstream: FakeUpstream, base: str, path: str,
-                                          query: dict) -> None:
-    client = await proxy({"AZURE_API_KEY": "az-key-000000", "AZURE_BASE_URL": "{upstream}" + base,
-                          "AZURE_API_VERSION": "2024-10-21"})
-    response = await client.post("/v1/messages", json={**BASIC, "model": "azure:gpt-4o-dep"})
-    assert response.status == 200
-    assert upstream.last["path"] == path and upstream.last["query"] == query
-    assert upstream.last["headers"]["api-key"] == "az-key-000000" and "authorization" not in upstream.last["headers"]
-
-
-GEMINI_SIG = "CiQB0e2Kb+/abc=="
-
-
-async def test_gemini_thought_signature_round_trip_survives_restart(proxy: Any, upstream: FakeUpstream) -> None:
-    env = {"GEMINI_API_KEY": "g-key", "GEMINI_BASE_URL": "{upstream}/v1beta/openai"}
-    call = {"index": 0, "id": "fc_1", "type": "function", "function": {"name": "Bash", "arguments": '{"command":"ls"}'},
-            "extra_content": {"google": {"thought_signature": GEMINI_SIG}}}
-    for stream in (False, True):
-        first = await proxy(env)
-        if stream:
-            upstream.add(Reply(stream=sse(delta(tool_calls=[call]), finish("tool_calls"))))
-            _r, frames = await post_stream(first, {**BASIC, "model": "gemini:gemini-2.5-pro", "tools": [BASH_TOOL]})
-            content = final_message(frames)["content"]
-        else:
-            upstream.add(Reply(completion(None, tool_calls=[call], finish_reason="tool_calls")))
-            content = (await (await first.post("/v1/messages", json={**BASIC, "model": "gemini:gemini-2.5-pro",
-                                                                     "tools": [BASH_TOOL]})).json())["content"]
-        tool_id = content[0]["id"]
-        assert re.fullmatch(r"[a-zA-Z0-9_-]+", tool_id) and tool_id.startswith("fc_1")
-        await first.close()
-        second = await proxy(env)                           # a fresh instance: no shared state
-        turn2 = {**BASIC, "model": "gemini:gemini-2.5-pro", "tools": [BASH_TOOL], "messages": [
-            user("go"), assistant(content), user([{"type": "tool_result", "tool_use_id": tool_id, "content": "ok"}])]}
-        assert (await second.post("/v1/messages", json=turn2)).status == 200
-        sent = upstream.last["body"]
-        assert sent["messages"][-2]["tool_calls"][0]["id"] == "fc_1"
-        assert sent["messages"][-2]["tool_calls"][0]["extra_content"] == {"google": {"thought_signature": GEMINI_SIG}}
-        assert sent["messages"][-1]["tool_call_id"] == "fc_1"
-        assert "$schema" not in json.dumps(sent["tools"])
-        await second.close()
-
-
-async def test_gemini_signatures_can_be_disabled(proxy: Any, upstream: FakeUpstream) -> None:
-    client = await proxy({"GEMINI_API_KEY": "g", "GEMINI_BASE_URL": "{upstream}/v1beta/openai",
-                          "GEMINI_THOUGHT_SIGNATURES_ENABLED": "false"})
-    call = {"id": "fc_1", "type": "function", "function": {"name": "Bash", "arguments": "{}"},
-            "extra_content": {"google": {"thought_signature": GEMINI_SIG}}}
-    upstream.add(Reply(completion(None, tool_calls=[call], finish_reason="tool_calls")))
-    message = await (await client.post("/v1/messages", json={**BASIC, "model": "gemini:g"})).json()
-    assert message["content"][0]["id"] == "fc_1"
-
-
-async def test_deepseek_reasoning_content_round_trip(proxy: Any, upstream: FakeUpstream) -> None:
-    client = await proxy({"DEEPSEEK_API_KEY": "ds", "DEEPSEEK_BASE_URL": "{upstream}"})
-    upstream.add(Reply(stream=sse(delta(reasoning_content="I should list."),
-                                  delta(tool_calls=[tc(0, "c1", "Bash", "{}")]), finish("tool_calls"))))
-    _r, frames = await post_stream(client, {**BASIC, "model": "deepseek:deepseek-reasoner", "tools": [BASH_TOOL]})
-    content = final_message(frames)["content"]
-    assert content[0]["type"] == "thinking" and content[0]["signature"]
-    turn2 = {**BASIC, "model": "deepseek:deepseek-reasoner", "tools": [BASH_TOOL], "messages": [
-        user("go"), assistant(content), user([{"type": "tool_result", "tool_use_id": "c1", "content": "ok"}])]}
-    await client.post("/v1/messages", json=turn2)
-    sent = upstream.last["body"]["messages"]
-    assert sent[-2]["reasoning_content"] == "I should list." and sent[-2]["tool_calls"]
-    # providers without the setting never see it
-    await client.post("/v1/messages", json={**turn2, "model": "gpt-4o"})
-    assert "reasoning_content" not in upstream.last["body"]["messages"][-2]
-
-
-async def test_think_tags_become_thinking_blocks(proxy: Any, upstream: FakeUpstream) -> None:
-    client = await proxy({"OLLAMA_BASE_URL": "{upstream}/v1"})
-    upstream.add(Reply(stream=sse(delta(content="<thi"), delta(content="nk>weigh"), delta(content="ing</think>"),
-                                  delta(content="Result"), finish())))
-    _r, frames = await post_stream(client, {**BASIC, "model": "ollama:qwen3"})
-    content = final_message(frames)["content"]
-    assert [b["type"] for b in content] == ["thinking", "text"]
-    assert content[0]["thinking"] == "weighing" and content[1]["text"] == "Result"
-    assert "stream_options" not in upstream.last["body"]
-    upstream.add(Reply(completion("<think>plan</think>\n\nDone")))
-    message = await (await client.post("/v1/messages", json={**BASIC, "model": "ollama:qwen3"})).json()
-    assert message["content"][0]["thinking"] == "plan" and message["content"][1]["text"] == "Done"
-
-
-async def test_think_tags_partial_tag_at_stream_end_stays_visible(proxy: Any, upstream: FakeUpstream) -> None:
-    client = await proxy({"OLLAMA_BASE_URL": "{upstream}/v1"})
-    upstream.add(Reply(stream=sse(delta(content="<think>a</think>Use a <"), delta(content="thi"), finish())))
-    _r, frames = await post_stream(client, {**BASIC, "model": "ollama:qwen3"})
-    assert [b.get("text") for b in final_message(frames)["content"]] == [None, "Use a <thi"]
-
-
-MIDDLEWARE_FILE = '''
-def on_request(exchange, payload):
-    payload["messages"].insert(0, {"role": "system", "content": "house rules"})
-    payload["user"] = exchange.request_id
-
-def on_response(exchange, message):
-    message["content"][0]["text"] += " [checked]"
-
-def on_event(exchange, event):
-    if event["event"] == "content_block_delta" and event["data"]["delta"]["type"] == "text_delta":
-        event["data"]["delta"]["text"] = event["data"]["delta"]["text"].upper()
-'''
-
-
-async def test_readme_middleware_example_works(proxy: Any, upstream: FakeUpstream, tmp_path: Path,
-                                               capsys: Any) -> None:
-    readme = (HERE / "README.md").read_text()
-    start = readme.index("# hooks.py: python vandamme.py --middleware hooks.py")
-    path = tmp_path / "hooks.py"
-    path.write_text(readme[start:readme.index("```", start)])
-    client = await proxy(middleware=vd.load_middleware(str(path)))
-    message = await (await client.post("/v1/messages", json=BASIC)).json()
-    served = upstream.last["body"]["model"]
-    assert message["content"][-1]["text"].endswith(f"(served by {served})")
-    assert upstream.last["body"]["messages"][0]["content"] == "Answer in British English."
-    response, _frames = await post_stream(client, BASIC)
-    assert f"{response.headers['request-id']}: 11 characters streamed" in capsys.readouterr().out
-
-
-async def test_user_middleware_file_edits_request_and_response(proxy: Any, upstream: FakeUpstream,
-                                                               tmp_path: Path) -> None:
-    path = tmp_path / "hooks.py"
-    path.write_text(MIDDLEWARE_FILE)
-    client = await proxy(middleware=vd.load_middleware(str(path)))
-    message = await (await client.post("/v1/messages", json=BASIC)).json()
-    assert message["content"][0]["text"] == "Hello there [checked]"
-    assert upstream.last["body"]["messages"][0] == {"role": "system", "content": "house rules"}
-    assert upstream.last["body"]["user"].startswith("req_")
-    _r, frames = await post_stream(client, BASIC)
-    assert final_message(frames)["content"][0]["text"] == "HELLO THERE"
-
-
-async def test_failing_middleware_is_a_clean_api_error(proxy: Any, upstream: FakeUpstream) -> None:
-    class Broken(vd.Middleware):
-        name = "broken"
-
-        def on_upstream_chunk(self, exchange: Any, chunk: Any) -> None:
-            raise RuntimeError("bug in hook")
-
-        def on_request(self, exchange: Any, payload: Any) -> None:
-            if not exchange.stream:
-                raise ValueError("nope")
-
-    client = await proxy(middleware=[Broken()])
-    response = await client.post("/v1/messages", json=BASIC)
-    body = await response.json()
-    assert response.status == 500 and body["error"]["type"] == "api_error" and "broken" in body["error"]["message"]
-    response = await client.post("/v1/messages", json={**BASIC, "stream": True})
-    frames = validate_stream(await response.text())
-    assert frames[-1][0] == "error" and "bug in hook" in frames[-1][1]["error"]["message"]
-
-
-def test_middleware_file_that_fails_to_import_is_a_config_error(tmp_path: Path) -> None:
-    bad = tmp_path / "bad.py"
-    bad.write_text("raise ImportError('missing dependency')\n")
-    with pytest.raises(vd.ConfigError, match="missing dependency"):
-        vd.load_middleware(str(bad))
+async def test_dashboard_says_which_variable_to_set(aiohttp_client: Any, tmp_path: Path) -> None:
+    client = await aiohttp_client(vd.create_app(make_config({}, tmp_path)))
+    dom = await run_chromium(tmp_path / "p", "--dump-dom", str(client.make_url("/")))
+    hint = re.search(r'<div class="card bad" id="hint">([^<]*)</div>', dom)
+    assert hint and "OPENAI_API_KEY" in hint.group(1)
 
 
 # ---------------------------------------------------------------------------
-# Real processes: a lone copy, the SDK against `python vandamme.py`, shutdown, reload
+# §15 Application and server: real processes, a lone copy, shutdown, reload, workers
 # ---------------------------------------------------------------------------
 
 def free_port() -> int:
@@ -2835,474 +3562,6 @@ def test_workers_on_a_busy_port_say_so_in_one_line(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Reliability: retries, fallbacks, disconnects, hostile input
-# ---------------------------------------------------------------------------
-
-async def test_retries_on_5xx_and_connection_reset(proxy: Any, upstream: FakeUpstream) -> None:
-    client = await proxy({"MAX_RETRIES": "2"})
-    upstream.add(Reply({"error": {"message": "down"}}, status=503), Reply(reset=True))
-    response = await client.post("/v1/messages", json=BASIC)
-    assert response.status == 200 and len(upstream.requests) == 3
-    upstream.add(*(Reply({"error": {"message": "down"}}, status=502) for _ in range(3)))
-    response = await client.post("/v1/messages", json=BASIC)
-    assert response.status == 502 and len(upstream.requests) == 6
-    upstream.add(Reply({"error": {"message": "bad"}}, status=400))
-    assert (await client.post("/v1/messages", json=BASIC)).status == 400 and len(upstream.requests) == 7
-
-
-async def test_retry_after_is_honoured(proxy: Any, upstream: FakeUpstream) -> None:
-    client = await proxy({"MAX_RETRIES": "1"})
-    upstream.add(Reply({"error": {"message": "busy"}}, status=529, headers={"retry-after": "0.6"}))
-    started = time.monotonic()
-    assert (await client.post("/v1/messages", json=BASIC)).status == 200
-    assert time.monotonic() - started >= 0.55
-
-
-async def test_fallback_chain_serves_from_next_target(proxy: Any, upstream: FakeUpstream) -> None:
-    client = await proxy({"BACKUP_API_KEY": "b-key", "BACKUP_BASE_URL": "{upstream}/backup",
-                          "OPENAI_ALIAS_SONNET": "gpt-main,backup:backup-model"})
-    upstream.add(Reply({"error": {"message": "down"}}, status=503))
-    response = await client.post("/v1/messages", json={**BASIC, "stream": True})
-    frames = validate_stream(await response.text())
-    assert frames[0][1]["message"]["model"] == BASIC["model"]
-    assert [r["body"]["model"] for r in upstream.requests] == ["gpt-main", "backup-model"]
-    assert upstream.last["path"] == "/backup/chat/completions"
-    totals = await (await client.get("/metrics/running-totals")).json()
-    assert totals["providers"]["backup"]["requests"] == 1
-    upstream.add(Reply({"error": {"message": "wrong"}}, status=400))   # not retryable: no fallback
-    assert (await client.post("/v1/messages", json=BASIC)).status == 400
-
-
-async def test_client_disconnects_close_upstream_and_leave_nothing_behind(proxy: Any, upstream: FakeUpstream) -> None:
-    """200 streams cut part-way: the upstream sees every connection end; tasks return to baseline."""
-    client = await proxy()
-    slow = [sse(delta(content=f"{i} "), done=False) for i in range(50)]
-    await client.post("/v1/messages", json=BASIC)
-    baseline = len(asyncio.all_tasks())
-    url = client.make_url("/v1/messages")
-    for _ in range(200):
-        upstream.add(Reply(stream=slow, chunk_delay=0.05))
-
-    async def one(session: aiohttp.ClientSession) -> None:
-        async with session.post(url, json={**BASIC, "stream": True}) as response:
-            await response.content.readline()
-            await response.content.readline()
-        # leaving the block without reading closes the connection
-
-    async with aiohttp.ClientSession() as session:
-        await asyncio.gather(*(one(session) for _ in range(200)))
-    await until(lambda: upstream.active == 0 and len(asyncio.all_tasks()) <= baseline + 1)
-    assert upstream.ended >= 201
-    totals = await (await client.get("/metrics/running-totals")).json()
-    assert totals["totals"]["in_flight"] == 0
-    assert totals["totals"]["errors_by_type"].get("client_closed", 0) >= 150
-
-
-async def test_disconnect_before_first_byte_cancels_upstream(proxy: Any, upstream: FakeUpstream) -> None:
-    client = await proxy()
-    upstream.add(Reply(completion("late"), delay=3))      # answers only after the assertion below
-    task = asyncio.create_task(client.post("/v1/messages", json=BASIC))
-    await until(lambda: upstream.active == 1)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    await until(lambda: upstream.active == 0, timeout=1.5)   # well before the upstream would have answered
-
-
-def json_containers(inner: Any) -> Any:
-    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
-
-
-JSON_SCALARS = (st.none() | st.booleans() | st.integers(-5, 10 ** 6) | st.floats(allow_nan=False, allow_infinity=False)
-                | st.text(max_size=20))
-JSON_VALUES = st.recursive(JSON_SCALARS, json_containers, max_leaves=20)
-FIELDS = ("model", "messages", "max_tokens", "system", "tools", "tool_choice", "stream", "thinking", "temperature",
-          "stop_sequences", "metadata")
-BLOCK = st.fixed_dictionaries({"type": st.sampled_from(["text", "image", "tool_use", "tool_result", "document",
-                                                         "thinking", "nope"])}, optional={
-    "text": JSON_VALUES, "source": JSON_VALUES, "id": JSON_VALUES, "name": JSON_VALUES, "input": JSON_VALUES,
-    "tool_use_id": JSON_VALUES, "content": JSON_VALUES, "is_error": JSON_VALUES})
-MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "x"]),
-                                 "content": st.one_of(st.text(max_size=10), st.lists(BLOCK, max_size=3), JSON_VALUES)})
-BODY = st.one_of(JSON_VALUES, st.fixed_dictionaries({"model": st.sampled_from(["claude-sonnet-5-5", "gpt-x"]),
-                                                     "messages": st.lists(MESSAGE, max_size=3)},
-                                                    optional=dict.fromkeys(FIELDS[2:], JSON_VALUES)))
-
-
-@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
-@given(body=BODY)
-def test_any_body_converts_or_is_a_400(body: Any) -> None:
-    try:
-        vd.validate_messages_request(body)
-        payload, _conv = vd.anthropic_to_openai(body, OPENAI, "gpt-4o")
-    except vd.InvalidRequestError as exc:
-        assert exc.status == 400 and str(exc)
-    else:
-        json.dumps(payload)
-
-
-def _paths(value: Any, prefix: tuple = ()) -> list[tuple]:
-    found = [prefix] if prefix else []
-    if isinstance(value, dict):
-        for key, item in value.items():
-            found += _paths(item, (*prefix, key))
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            found += _paths(item, (*prefix, index))
-    return found
-
-
-def _replaced(value: Any, path: tuple, new: Any) -> Any:
-    if not path:
-        return new
-    copy = dict(value) if isinstance(value, dict) else list(value)
-    copy[path[0]] = _replaced(copy[path[0]], path[1:], new)
-    return copy
-
-
-async def test_wrong_type_at_every_field_is_never_a_5xx(proxy: Any) -> None:
-    """Every field of a full tool round-trip body, replaced by each JSON type in turn."""
-    client = await proxy()
-    body = {**BASIC, "system": [{"type": "text", "text": "s"}], "tools": [BASH_TOOL], "tool_choice": {"type": "auto"},
-            "thinking": {"type": "enabled", "budget_tokens": 2000}, "stop_sequences": ["x"], "temperature": 0.5,
-            "metadata": {"user_id": "u"}, "messages": [
-                user([{"type": "text", "text": "go"}, IMAGE]), assistant([TOOL_USE]),
-                user([{"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "r"}]}])]}
-    checked = 0
-    for path in _paths(body):
-        for wrong in (None, 7, "x", [], {}, True, [1, {"a": None}]):
-            mutated = _replaced(body, path, wrong)
-            response = await client.post("/v1/messages", json=mutated)
-            data = await response.read()
-            assert response.status < 500, (path, wrong, data)
-            if response.status >= 400:
-                error = json.loads(data)
-                assert error["type"] == "error" and error["error"]["message"] and b"Traceback" not in data
-            checked += 1
-    assert checked > 300
-
-
-CHUNK = st.one_of(JSON_VALUES, st.fixed_dictionaries({"choices": st.lists(st.fixed_dictionaries({}, optional={
-    "index": st.sampled_from([0, 0, 1, None, "0"]),
-    "finish_reason": st.sampled_from([None, "stop", "length", "tool_calls", "content_filter", "error", 3]),
-    "delta": st.fixed_dictionaries({}, optional={
-        "content": st.one_of(st.text(max_size=8), JSON_VALUES),
-        "reasoning_content": st.text(max_size=8),
-        "tool_calls": st.lists(st.fixed_dictionaries({}, optional={
-            "index": st.sampled_from([0, 1, 2, None]), "id": st.sampled_from([None, "a", "b", "", 7]),
-            "function": st.fixed_dictionaries({}, optional={
-                "name": st.sampled_from([None, "Bash", "Read"]),
-                "arguments": st.sampled_from(['{"a"', ": 1}", "{}", '{"x": [1, 2]}', "", "}{", '"s"'])})}),
-            max_size=3)})}), max_size=2)}, optional={"usage": JSON_VALUES}),
-                  st.fixed_dictionaries({"error": JSON_VALUES}))      # in-band errors (a falsy one is none)
-
-
-def is_in_band_error(chunk: Any) -> bool:
-    """An OpenAI-format chunk reporting an upstream error: a truthy `error`, or a choice finishing with "error"."""
-    if not isinstance(chunk, dict):
-        return False
-    choices = chunk.get("choices") if isinstance(chunk.get("choices"), list) else []
-    return bool(chunk.get("error")) or any(isinstance(c, dict) and c.get("index", 0) in (0, None)
-                                           and c.get("finish_reason") == "error" for c in choices)
-
-
-@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
-@given(chunks=st.lists(CHUNK, max_size=12))
-def test_any_chunk_sequence_gives_a_grammatical_stream(chunks: list) -> None:
-    """Any chunks give a valid stream; an in-band upstream error ends it with an `error` event.
-
-    The translator raises UpstreamError for such a chunk and the relay writes `exc`'s error
-    event after what was already sent; this does the same.
-    """
-    translator = vd.StreamTranslator("m", input_tokens=1)
-    events = translator.start()
-    try:
-        for chunk in chunks:
-            events += translator.feed(chunk)
-        events += translator.finish()
-    except vd.UpstreamError as exc:
-        assert exc.status == 502 and exc.error_type == "api_error" and str(exc)
-        events.append(("error", vd.error_body(exc.error_type, str(exc))))
-    frames = validate_stream(vd.encode_events(events).decode())
-    assert (frames[-1][0] == "error") == any(is_in_band_error(chunk) for chunk in chunks), frames[-1]
-
-
-@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
-@given(value=JSON_VALUES, indent=st.sampled_from([None, 1, 4]))
-def test_decode_with_spans_equals_json_loads(value: Any, indent: Any) -> None:
-    text = json.dumps(value, indent=indent)
-    decoded, spans = vd.decode_with_spans(text)
-    assert decoded == json.loads(text)
-    for key, (start, end) in spans.items():
-        assert json.loads(text[start:end]) == value[key]
-    for bad in ("{", '{"a" 1}', '{"a": 1,}', '{"a": 1} x', "[1,"):
-        with pytest.raises(ValueError):
-            vd.decode_with_spans(bad)
-
-
-def test_decode_with_spans_reuses_unchanged_values_only() -> None:
-    known: dict = {}
-    tools = [{"name": "t" * 600}]
-    first, _ = vd.decode_with_spans(json.dumps({"model": "m", "tools": tools}), known)
-    again, _ = vd.decode_with_spans(json.dumps({"tools": tools, "model": "n"}), known)
-    assert again["tools"] is first["tools"] and again["model"] == "n"
-    longer = [*tools, {"name": "u"}]
-    changed, _ = vd.decode_with_spans(json.dumps({"tools": longer}), known)
-    assert changed["tools"] == longer
-    prefix_text = json.dumps({"tools": longer})[:-1] + ', "x": 1}'
-    assert vd.decode_with_spans(prefix_text, known)[0] == {"tools": longer, "x": 1}
-
-
-async def test_unchanged_tools_are_converted_once_and_spliced(proxy: Any, upstream: FakeUpstream) -> None:
-    client = await proxy()
-    body = {**BASIC, "tools": [BASH_TOOL, {"name": "mcp__server__a_really_long_tool_name_" + "x" * 60,
-                                           "input_schema": {"type": "object"}}],
-            "tool_choice": {"type": "any"}}
-    for _ in range(2):
-        assert (await client.post("/v1/messages", json=body)).status == 200
-    first, second = (r["body"] for r in upstream.requests[-2:])
-    assert first == second and first["tool_choice"] == "required"
-    assert first["tools"][0]["function"]["name"] == "Bash"
-    assert len(first["tools"][1]["function"]["name"]) <= 64
-    app_runtime = client.server.app[vd.RUNTIME]
-    assert len(app_runtime.converted_tools) == 1
-
-
-@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
-@given(data=st.binary(max_size=300), cuts=st.lists(st.integers(0, 300), max_size=6))
-def test_sse_decoder_split_invariance_on_any_bytes(data: bytes, cuts: list) -> None:
-    whole = vd.SSEDecoder()
-    expected = whole.feed(data) + whole.close()
-    decoder, got, last = vd.SSEDecoder(), [], 0
-    for cut in sorted(c for c in cuts if c <= len(data)):
-        got += decoder.feed(data[last:cut])
-        last = cut
-    assert got + decoder.feed(data[last:]) + decoder.close() == expected
-
-
-# ---------------------------------------------------------------------------
-# §13 Operator endpoints
-# ---------------------------------------------------------------------------
-
-async def test_metrics_endpoints_count_requests(proxy: Any, upstream: FakeUpstream) -> None:
-    client = await proxy()
-    await client.post("/v1/messages", json=BASIC)
-    await post_stream(client, BASIC)
-    upstream.add(Reply({"error": {"message": "slow"}}, status=429))
-    await client.post("/v1/messages", json=BASIC)
-    totals = await (await client.get("/metrics/running-totals?provider=openai")).json()
-    assert totals["totals"]["requests"] == 3 and totals["totals"]["errors_by_type"] == {"rate_limit_error": 1}
-    model = totals["providers"]["openai"]["models"]["gpt-5.1"]
-    assert model["requests"] == 3 and model["output_tokens"] == 5 + 7 and model["ttft_ms"]["p50"] is not None
-    assert totals["recent"][0]["status"] == 429 and totals["recent"][1]["streamed"] is True
-    text = await (await client.get("/metrics")).text()
-    assert 'vandamme_requests_total{provider="openai",model="gpt-5.1",status="200"} 2' in text
-
-
-async def test_json_access_log(proxy: Any, caplog: Any) -> None:
-    client = await proxy({"LOG_FORMAT": "json"})
-    with caplog.at_level("INFO", logger="vandamme"):
-        await client.post("/v1/messages", json=BASIC, headers={"x-request-id": "rid-7"})
-    line = next(r.getMessage() for r in caplog.records if "rid-7" in r.getMessage())
-    record = json.loads(line)
-    assert record["request_id"] == "rid-7" and record["model"] == BASIC["model"] and record["provider"] == "openai"
-    assert record["status"] == 200 and record["key"] == vd.key_fingerprint("sk-test-0000000000001")
-    assert "sk-test" not in line
-
-
-async def test_dashboard_served_self_contained(proxy: Any) -> None:
-    client = await proxy()
-    response = await client.get("/")
-    html = await response.text()
-    assert response.status == 200 and response.headers["Content-Type"].startswith("text/html")
-    assert "<svg" in html or "createElementNS" in html
-    assert not re.search(r"""(src|href)=["']https?://""", html)
-
-
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1400,1000", "--virtual-time-budget=5000")
-
-
-async def run_chromium(profile: Path, *args: str) -> str:
-    """Headless Chromium (skips the test when absent); returns its stdout."""
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not chromium:
-        pytest.skip("chromium not installed (Debian: apt-get install chromium)")
-    proc = await asyncio.create_subprocess_exec(chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
-    return (await asyncio.wait_for(proc.communicate(), 60))[0].decode()
-
-
-async def test_dashboard_in_real_chromium(proxy: Any, upstream: FakeUpstream, tmp_path: Path) -> None:
-    client = await proxy()
-    for _ in range(3):
-        await client.post("/v1/messages", json=BASIC)
-    await post_stream(client, BASIC)
-    url = str(client.make_url("/"))
-    shot = tmp_path / "dashboard.png"
-    await run_chromium(tmp_path / "p1", f"--screenshot={shot}", url)
-    dom = await run_chromium(tmp_path / "p2", "--dump-dom", url)
-    assert shot.stat().st_size > 10_000
-    assert 'data-loaded="1"' in dom
-    totals = await (await client.get("/metrics/running-totals")).json()
-    for field in ("requests", "input_tokens", "output_tokens", "errors"):
-        match = re.search(rf'id="total-{field}"[^>]*data-value="(\d+)"|data-value="(\d+)"[^>]*id="total-{field}"', dom)
-        assert match, field
-        assert int(match.group(1) or match.group(2)) == totals["totals"][field], field
-    row = re.search(r'<tr[^>]*data-provider="openai"[^>]*>(.*?)</tr>', dom, re.S)
-    assert row and re.search(rf'data-field="requests"[^>]*data-value="{totals["providers"]["openai"]["requests"]}"',
-                             row.group(1))
-    routes = (await (await client.get("/v1/aliases")).json())["routes"]
-    shown = re.findall(r'<tr data-route="([^"]+)"><td class="mono">[^<]*</td><td class="mono">([^<]*)</td>', dom)
-    assert shown == [(r["name"], ", then ".join(f"{t['provider']}:{t['model']}" for t in r["targets"]))
-                     for r in routes]
-    await client.post("/v1/v1/messages", json=BASIC)                       # a rejected request shows too
-    upstream.add(Reply({"error": {"message": "quota exceeded for this org"}}, status=403))
-    await client.post("/v1/messages", json=BASIC)
-    dom = await run_chromium(tmp_path / "p3", "--dump-dom", url)
-    assert "/v1/v1/messages" in dom and "quota exceeded for this org" in dom
-
-
-async def test_dashboard_says_which_variable_to_set(aiohttp_client: Any, tmp_path: Path) -> None:
-    client = await aiohttp_client(vd.create_app(make_config({}, tmp_path)))
-    dom = await run_chromium(tmp_path / "p", "--dump-dom", str(client.make_url("/")))
-    hint = re.search(r'<div class="card bad" id="hint">([^<]*)</div>', dom)
-    assert hint and "OPENAI_API_KEY" in hint.group(1)
-
-
-# ---------------------------------------------------------------------------
-# Real client: the Claude Code CLI, offline, through a real proxy process
-# ---------------------------------------------------------------------------
-
-CLAUDE_VERSION = "2.1.332"
-
-
-def find_claude() -> str | None:
-    candidates = [os.environ.get("CLAUDE_BIN")]
-    if os.environ.get("VDM_CLAUDE_PREFIX"):
-        candidates.append(str(Path(os.environ["VDM_CLAUDE_PREFIX"]) / "node_modules/.bin/claude"))
-    candidates += ["/tmp/cc/node_modules/.bin/claude", shutil.which("claude")]
-    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
-
-
-@pytest.fixture
-def claude_bin() -> str:
-    path = find_claude()
-    if path is None:
-        pytest.skip("Claude Code CLI not installed: "
-                    f"npm install --prefix /tmp/cc @anthropic-ai/claude-code@{CLAUDE_VERSION}")
-    return path
-
-
-async def run_claude(claude: str, base_url: str, prompt: str, work: Path, *tools: str,
-                     env_changes: dict[str, str | None] | None = None) -> tuple[int, dict, str]:
-    """One offline print-mode run: explicit environment, throw-away HOME, no retries to wait for.
-    `env_changes` sets variables, or removes those given as None."""
-    home = work.parent / f"{work.name}-home"
-    home.mkdir(exist_ok=True)
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "TERM": "dumb",
-           "ANTHROPIC_BASE_URL": base_url, "ANTHROPIC_API_KEY": "test-key",
-           "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_TELEMETRY": "1", "DISABLE_AUTOUPDATER": "1",
-           "DISABLE_ERROR_REPORTING": "1", "CLAUDE_CODE_MAX_RETRIES": "1"}
-    for name, value in (env_changes or {}).items():
-        env.pop(name, None)
-        if value is not None:
-            env[name] = value
-    args = ["-p", prompt, "--model", "sonnet", "--output-format", "json"]
-    if tools:
-        args += ["--allowedTools", *tools]
-    proc = await asyncio.create_subprocess_exec(claude, *args, cwd=work, env=env, stdin=asyncio.subprocess.DEVNULL,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 90)
-    except TimeoutError:
-        proc.kill()
-        out, err = await proc.communicate()
-    text = out.decode(errors="replace")
-    result = next((json.loads(line) for line in reversed(text.splitlines()) if line.startswith("{")), {})
-    return proc.returncode or 0, result, f"{text}\n{err.decode(errors='replace')}"
-
-
-def streamed_tool_call(call_id: str, name: str, arguments: dict, *, text: str = "", reasoning: tuple = ()) -> Reply:
-    args = json.dumps(arguments)
-    pieces = [args[i:i + 7] for i in range(0, len(args), 7)]
-    chunks = [delta(role="assistant", content="")]
-    chunks += [delta(reasoning_content=r) for r in reasoning]
-    chunks += [delta(content=text)] if text else []
-    chunks.append(delta(tool_calls=[tc(0, call_id, name, pieces[0])]))
-    chunks += [delta(tool_calls=[tc(0, args=p)]) for p in pieces[1:]]
-    return Reply(stream=sse(*chunks, finish("tool_calls"), usage_chunk()))
-
-
-def streamed_text(text: str) -> Reply:
-    return Reply(stream=sse(delta(role="assistant", content=text[:5]), delta(content=text[5:]), finish(),
-                            usage_chunk()))
-
-
-def tool_answer(body: dict) -> tuple[list, list]:
-    """The last assistant tool calls of an upstream request, and the tool messages after them."""
-    messages = body["messages"]
-    i = max(n for n, m in enumerate(messages) if m.get("tool_calls"))
-    following = []
-    for message in messages[i + 1:]:
-        if message["role"] != "tool":
-            break
-        following.append(message)
-    return messages[i]["tool_calls"], following
-
-
-@pytest.fixture
-async def cc_proxy(claude_bin: str, upstream: FakeUpstream, tmp_path: Path) -> Any:
-    proc = ProxyProcess(HERE / "vandamme.py", {"OPENAI_API_KEY": "sk-cc", "OPENAI_BASE_URL": f"{upstream.url}/v1"},
-                        tmp_path)
-    try:
-        await proc.wait_ready()
-        yield proc
-    finally:
-        proc.stop()
-
-
-async def test_claude_code_plain_prompt(claude_bin: str, cc_proxy: Any, upstream: FakeUpstream, tmp_path: Path) -> None:
-    upstream.add(streamed_text("Hello from upstream: banana-7731."))
-    (tmp_path / "work").mkdir()
-    code, result, output = await run_claude(claude_bin, cc_proxy.url, "say hi", tmp_path / "work")
-    assert code == 0 and result.get("is_error") is False, output + cc_proxy.log()
-    assert "banana-7731" in result["result"]
-    chat = [r for r in upstream.requests if r["path"].endswith("/chat/completions")]
-    assert len(chat) == 1 and chat[0]["body"]["stream"] is True
-
-
-async def test_claude_code_bash_round_trip(claude_bin: str, cc_proxy: Any, upstream: FakeUpstream,
-                                           tmp_path: Path) -> None:
-    upstream.add(streamed_tool_call("call_bash_1", "Bash", {"command": "echo hi", "description": "Print hi"},
-                                    text="Running it."),
-                 streamed_text("The command printed hi (done-5150)."))
-    (tmp_path / "work").mkdir()
-    code, result, output = await run_claude(claude_bin, cc_proxy.url, "run echo hi", tmp_path / "work", "Bash")
-    assert code == 0 and "done-5150" in result.get("result", ""), output + cc_proxy.log()
-    calls, answers = tool_answer(upstream.requests[-1]["body"])
-    assert calls[0]["function"]["name"] == "Bash"
-    assert json.loads(calls[0]["function"]["arguments"])["command"] == "echo hi"
-    assert answers[0]["tool_call_id"] == calls[0]["id"] == "call_bash_1" and "hi" in answers[0]["content"]
-
-
-async def test_claude_code_thinking_then_tool(claude_bin: str, cc_proxy: Any, upstream: FakeUpstream,
-                                              tmp_path: Path) -> None:
-    work = tmp_path / "work"
-    work.mkdir()
-    (work / "note.txt").write_text("fixture-content-42\n")
-    upstream.add(streamed_tool_call("call_read_1", "Read", {"file_path": str(work / "note.txt")},
-                                    reasoning=("The user wants the file; ", "I will read it.")),
-                 streamed_text("The file says fixture-content-42 (ok-9921)."))
-    code, result, output = await run_claude(claude_bin, cc_proxy.url, "read note.txt", work, "Read")
-    assert code == 0 and "ok-9921" in result.get("result", ""), output + cc_proxy.log()
-    calls, answers = tool_answer(upstream.requests[-1]["body"])
-    assert calls[0]["function"]["name"] == "Read" and answers[0]["tool_call_id"] == "call_read_1"
-    assert "fixture-content-42" in answers[0]["content"]
-
-
-# ---------------------------------------------------------------------------
 # §16 Command line
 # ---------------------------------------------------------------------------
 
@@ -3427,7 +3686,7 @@ async def test_dashboard_asks_for_the_key_when_proxy_key_is_set(proxy: Any, tmp_
 
 
 # ---------------------------------------------------------------------------
-# First run: every mistake gets a clear answer within seconds, on a real process (issue 12)
+# §16 Command line: first run, every mistake gets a clear answer within seconds, on a real process
 # ---------------------------------------------------------------------------
 
 def vandamme_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, stdin: str = "",
@@ -3833,6 +4092,239 @@ def test_no_cli_command_ever_prints_a_traceback(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------
+# Real client: the official anthropic SDK against every upstream shape
+# ---------------------------------------------------------------------------
+
+SDK_SHAPES = {
+    "text": (sse(delta(role="assistant", content="Hi "), delta(content="there"), finish(), usage_chunk()),
+             completion("Hi there"),
+             [{"type": "text", "text": "Hi there"}], "end_turn"),
+    "tool-split-args": (sse(delta(tool_calls=[tc(0, "call_1", "Bash", "")]),
+                            delta(tool_calls=[tc(0, args='{"command"')]), delta(tool_calls=[tc(0, args=': "ls"}')]),
+                            finish("tool_calls"), usage_chunk()),
+                        completion(None, tool_calls=[{"id": "call_1", "type": "function", "function": {
+                            "name": "Bash", "arguments": '{"command": "ls"}'}}], finish_reason="tool_calls"),
+                        [{"type": "tool_use", "id": "call_1", "name": "Bash", "input": {"command": "ls"}}], "tool_use"),
+    "parallel-tools-one-chunk": (
+        sse(delta(tool_calls=[tc(0, "a", "Read", '{"file_path": "/a"}'), tc(1, "b", "Read", '{"file_path": "/b"}')]),
+            finish("tool_calls")),
+        completion(None, tool_calls=[
+            {"id": "a", "type": "function", "function": {"name": "Read", "arguments": '{"file_path": "/a"}'}},
+            {"id": "b", "type": "function", "function": {"name": "Read", "arguments": '{"file_path": "/b"}'}}],
+                   finish_reason="tool_calls"),
+        [{"type": "tool_use", "id": "a", "name": "Read", "input": {"file_path": "/a"}},
+         {"type": "tool_use", "id": "b", "name": "Read", "input": {"file_path": "/b"}}], "tool_use"),
+    "reasoning-then-text": (sse(delta(reasoning_content="Let me think."), delta(content="Answer."), finish()),
+                            completion("Answer.", reasoning_content="Let me think."),
+                            [{"type": "thinking", "thinking": "Let me think."}, {"type": "text", "text": "Answer."}],
+                            "end_turn"),
+    "no-index-stop-with-tool": (
+        sse(delta(content="ok"), delta(tool_calls=[{"id": "g", "function": {"name": "Glob", "arguments": "{}"}}]),
+            finish("stop")),
+        completion("ok", tool_calls=[{"id": "g", "type": "function", "function": {"name": "Glob", "arguments": "{}"}}]),
+        [{"type": "text", "text": "ok"}, {"type": "tool_use", "id": "g", "name": "Glob", "input": {}}], "tool_use"),
+    "length": (sse(delta(content="trunc"), finish("length"), done=False), completion("trunc", finish_reason="length"),
+               [{"type": "text", "text": "trunc"}], "max_tokens"),
+}
+
+
+def _plain(blocks: list) -> list[dict]:
+    result = []
+    for block in blocks:
+        data = block.model_dump(exclude_none=True)
+        data.pop("signature", None)
+        data.pop("citations", None)
+        data.pop("parsed_output", None)
+        result.append(data)
+    return result
+
+
+@needs_anthropic_sdk
+@pytest.mark.parametrize("shape", list(SDK_SHAPES))
+async def test_anthropic_sdk_async_and_sync(proxy: Any, upstream: FakeUpstream, shape: str) -> None:
+    stream_body, json_body, expected, stop_reason = SDK_SHAPES[shape]
+    client = await proxy()
+    base = str(client.make_url("")).rstrip("/")
+    request = {"model": "claude-sonnet-5-5", "max_tokens": 100, "messages": [{"role": "user", "content": "go"}],
+               "tools": [BASH_TOOL]}
+    async_client = anthropic.AsyncAnthropic(base_url=base, api_key="k", max_retries=0)
+    upstream.add(Reply(json_body))
+    message = await async_client.messages.create(**request)
+    assert _plain(message.content) == expected and message.stop_reason == stop_reason
+    upstream.add(Reply(stream=stream_body))
+    async with async_client.messages.stream(**request) as stream:
+        final = await stream.get_final_message()
+    assert _plain(final.content) == expected and final.stop_reason == stop_reason
+    await async_client.close()
+
+    def sync_calls() -> list:
+        sync_client = anthropic.Anthropic(base_url=base, api_key="k", max_retries=0)
+        try:
+            created = sync_client.messages.create(**request)
+            with sync_client.messages.stream(**request) as stream:
+                streamed = stream.get_final_message()
+            return [created, streamed]
+        finally:
+            sync_client.close()
+
+    upstream.add(Reply(json_body), Reply(stream=stream_body))
+    for message in await asyncio.to_thread(sync_calls):
+        assert _plain(message.content) == expected and message.stop_reason == stop_reason
+    # the raw stream of the same shape passes the grammar validator
+    upstream.add(Reply(stream=stream_body))
+    await post_stream(client, request)
+
+
+@needs_anthropic_sdk
+async def test_anthropic_sdk_error_classes(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy()
+    sdk = anthropic.AsyncAnthropic(base_url=str(client.make_url("")).rstrip("/"), api_key="k", max_retries=0)
+    for status, cls in ((400, anthropic.BadRequestError), (401, anthropic.AuthenticationError),
+                        (404, anthropic.NotFoundError), (429, anthropic.RateLimitError),
+                        (529, anthropic.InternalServerError)):
+        upstream.add(Reply({"error": {"message": f"status {status}"}}, status=status))
+        with pytest.raises(cls) as info:
+            await sdk.messages.create(**BASIC)
+        assert f"status {status}" in str(info.value) and info.value.request_id
+    upstream.add(Reply(stream=[sse(delta(content="x"), done=False), b"<reset>"]))
+    with pytest.raises(anthropic.APIStatusError):
+        async with sdk.messages.stream(**BASIC) as stream:
+            await stream.get_final_message()
+    await sdk.close()
+
+
+# ---------------------------------------------------------------------------
+# Real client: the Claude Code CLI, offline, through a real proxy process
+# ---------------------------------------------------------------------------
+
+CLAUDE_VERSION = "2.1.332"
+
+
+def find_claude() -> str | None:
+    candidates = [os.environ.get("CLAUDE_BIN")]
+    if os.environ.get("VDM_CLAUDE_PREFIX"):
+        candidates.append(str(Path(os.environ["VDM_CLAUDE_PREFIX"]) / "node_modules/.bin/claude"))
+    candidates += ["/tmp/cc/node_modules/.bin/claude", shutil.which("claude")]
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+@pytest.fixture
+def claude_bin() -> str:
+    path = find_claude()
+    if path is None:
+        pytest.skip("Claude Code CLI not installed: "
+                    f"npm install --prefix /tmp/cc @anthropic-ai/claude-code@{CLAUDE_VERSION}")
+    return path
+
+
+async def run_claude(claude: str, base_url: str, prompt: str, work: Path, *tools: str,
+                     env_changes: dict[str, str | None] | None = None) -> tuple[int, dict, str]:
+    """One offline print-mode run: explicit environment, throw-away HOME, no retries to wait for.
+    `env_changes` sets variables, or removes those given as None."""
+    home = work.parent / f"{work.name}-home"
+    home.mkdir(exist_ok=True)
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "TERM": "dumb",
+           "ANTHROPIC_BASE_URL": base_url, "ANTHROPIC_API_KEY": "test-key",
+           "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_TELEMETRY": "1", "DISABLE_AUTOUPDATER": "1",
+           "DISABLE_ERROR_REPORTING": "1", "CLAUDE_CODE_MAX_RETRIES": "1"}
+    for name, value in (env_changes or {}).items():
+        env.pop(name, None)
+        if value is not None:
+            env[name] = value
+    args = ["-p", prompt, "--model", "sonnet", "--output-format", "json"]
+    if tools:
+        args += ["--allowedTools", *tools]
+    proc = await asyncio.create_subprocess_exec(claude, *args, cwd=work, env=env, stdin=asyncio.subprocess.DEVNULL,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 90)
+    except TimeoutError:
+        proc.kill()
+        out, err = await proc.communicate()
+    text = out.decode(errors="replace")
+    result = next((json.loads(line) for line in reversed(text.splitlines()) if line.startswith("{")), {})
+    return proc.returncode or 0, result, f"{text}\n{err.decode(errors='replace')}"
+
+
+def streamed_tool_call(call_id: str, name: str, arguments: dict, *, text: str = "", reasoning: tuple = ()) -> Reply:
+    args = json.dumps(arguments)
+    pieces = [args[i:i + 7] for i in range(0, len(args), 7)]
+    chunks = [delta(role="assistant", content="")]
+    chunks += [delta(reasoning_content=r) for r in reasoning]
+    chunks += [delta(content=text)] if text else []
+    chunks.append(delta(tool_calls=[tc(0, call_id, name, pieces[0])]))
+    chunks += [delta(tool_calls=[tc(0, args=p)]) for p in pieces[1:]]
+    return Reply(stream=sse(*chunks, finish("tool_calls"), usage_chunk()))
+
+
+def streamed_text(text: str) -> Reply:
+    return Reply(stream=sse(delta(role="assistant", content=text[:5]), delta(content=text[5:]), finish(),
+                            usage_chunk()))
+
+
+def tool_answer(body: dict) -> tuple[list, list]:
+    """The last assistant tool calls of an upstream request, and the tool messages after them."""
+    messages = body["messages"]
+    i = max(n for n, m in enumerate(messages) if m.get("tool_calls"))
+    following = []
+    for message in messages[i + 1:]:
+        if message["role"] != "tool":
+            break
+        following.append(message)
+    return messages[i]["tool_calls"], following
+
+
+@pytest.fixture
+async def cc_proxy(claude_bin: str, upstream: FakeUpstream, tmp_path: Path) -> Any:
+    proc = ProxyProcess(HERE / "vandamme.py", {"OPENAI_API_KEY": "sk-cc", "OPENAI_BASE_URL": f"{upstream.url}/v1"},
+                        tmp_path)
+    try:
+        await proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+async def test_claude_code_plain_prompt(claude_bin: str, cc_proxy: Any, upstream: FakeUpstream, tmp_path: Path) -> None:
+    upstream.add(streamed_text("Hello from upstream: banana-7731."))
+    (tmp_path / "work").mkdir()
+    code, result, output = await run_claude(claude_bin, cc_proxy.url, "say hi", tmp_path / "work")
+    assert code == 0 and result.get("is_error") is False, output + cc_proxy.log()
+    assert "banana-7731" in result["result"]
+    chat = [r for r in upstream.requests if r["path"].endswith("/chat/completions")]
+    assert len(chat) == 1 and chat[0]["body"]["stream"] is True
+
+
+async def test_claude_code_bash_round_trip(claude_bin: str, cc_proxy: Any, upstream: FakeUpstream,
+                                           tmp_path: Path) -> None:
+    upstream.add(streamed_tool_call("call_bash_1", "Bash", {"command": "echo hi", "description": "Print hi"},
+                                    text="Running it."),
+                 streamed_text("The command printed hi (done-5150)."))
+    (tmp_path / "work").mkdir()
+    code, result, output = await run_claude(claude_bin, cc_proxy.url, "run echo hi", tmp_path / "work", "Bash")
+    assert code == 0 and "done-5150" in result.get("result", ""), output + cc_proxy.log()
+    calls, answers = tool_answer(upstream.requests[-1]["body"])
+    assert calls[0]["function"]["name"] == "Bash"
+    assert json.loads(calls[0]["function"]["arguments"])["command"] == "echo hi"
+    assert answers[0]["tool_call_id"] == calls[0]["id"] == "call_bash_1" and "hi" in answers[0]["content"]
+
+
+async def test_claude_code_thinking_then_tool(claude_bin: str, cc_proxy: Any, upstream: FakeUpstream,
+                                              tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "note.txt").write_text("fixture-content-42\n")
+    upstream.add(streamed_tool_call("call_read_1", "Read", {"file_path": str(work / "note.txt")},
+                                    reasoning=("The user wants the file; ", "I will read it.")),
+                 streamed_text("The file says fixture-content-42 (ok-9921)."))
+    code, result, output = await run_claude(claude_bin, cc_proxy.url, "read note.txt", work, "Read")
+    assert code == 0 and "ok-9921" in result.get("result", ""), output + cc_proxy.log()
+    calls, answers = tool_answer(upstream.requests[-1]["body"])
+    assert calls[0]["function"]["name"] == "Read" and answers[0]["tool_call_id"] == "call_read_1"
+    assert "fixture-content-42" in answers[0]["content"]
+
+
+# ---------------------------------------------------------------------------
 # README: the first screen on a fresh machine, and every recipe
 # ---------------------------------------------------------------------------
 
@@ -3940,473 +4432,5 @@ async def test_mistake_9_base_url_ending_in_v1_is_explained_in_the_log(claude_bi
     assert upstream.requests == []
     assert re.search(r' 404 .*path="POST /v1/v1/messages" reason=".*ANTHROPIC_BASE_URL=http://HOST:PORT without /v1',
                      cc_proxy.log()), cc_proxy.log()
-# Responses API providers (api-format = "responses") and the tool-id fidelity rules
-# ---------------------------------------------------------------------------
-
-RESPONSES = vd.Provider(name="rs", base_url="http://x", api_format="responses", reasoning_effort="always")
-SIGNED = vd.REASONING_MARK + vd._b64(json.dumps(["rs:gpt-5-codex", "rs_1", "gAAAA-enc-1"]))
-OTHER_MODEL = vd.REASONING_MARK + vd._b64(json.dumps(["rs:gpt-5.1", "rs_9", "gAAAA-other"]))
-KIMI_ID = "functions.get_weather:0"
-REPLAYED = {"type": "reasoning", "summary": [{"type": "summary_text", "text": "plan"}],
-            "encrypted_content": "gAAAA-enc-1"}
 
 
-def to_responses(body: dict, model: str = "gpt-5-codex", **kw: Any) -> dict:
-    payload, _conv = vd.anthropic_to_responses({"max_tokens": 50, **body}, RESPONSES, model, **kw)
-    assert responses_rejection(payload) is None, (responses_rejection(payload), payload)
-    return payload
-
-
-@pytest.mark.parametrize(("body", "expected"), [
-    pytest.param({"system": [{"type": "text", "text": "A"}, {"type": "text", "text": "B"}], **msgs(user("hi"))},
-                 {"instructions": "A\n\nB", "input": [{"role": "user", "content": "hi"}]}, id="system-instructions"),
-    pytest.param(msgs(user([{"type": "text", "text": "see"}, IMAGE,
-                            {"type": "image", "source": {"type": "url", "url": "https://x/i.png"}},
-                            {"type": "document", "source": {"type": "base64", "media_type": "application/pdf",
-                                                            "data": "JVBE"}}])),
-                 {"input": [{"role": "user", "content": [
-                     {"type": "input_text", "text": "see"},
-                     {"type": "input_image", "image_url": "data:image/png;base64,iVBOR", "detail": "auto"},
-                     {"type": "input_image", "image_url": "https://x/i.png", "detail": "auto"},
-                     {"type": "input_file", "filename": "document.pdf",
-                      "file_data": "data:application/pdf;base64,JVBE"}]}]}, id="parts"),
-    pytest.param(msgs(user("go"), assistant([{"type": "text", "text": "Two."}, TOOL_USE, TOOL_USE_2]),
-                      user([{"type": "tool_result", "tool_use_id": "toolu_2", "content": "read", "is_error": True},
-                            {"type": "tool_result", "tool_use_id": "toolu_1",
-                             "content": [{"type": "text", "text": "shot"}, IMAGE]},
-                            {"type": "text", "text": "then?"}])),
-                 {"input": [{"role": "user", "content": "go"}, {"role": "assistant", "content": "Two."},
-                            {"type": "function_call", "call_id": "toolu_1", "name": "Bash",
-                             "arguments": '{"command": "ls"}'},
-                            {"type": "function_call", "call_id": "toolu_2", "name": "Read",
-                             "arguments": '{"file_path": "/x"}'},
-                            {"type": "function_call_output", "call_id": "toolu_1",
-                             "output": "shot\n[image attached below]"},
-                            {"type": "function_call_output", "call_id": "toolu_2", "output": "Error: read"},
-                            {"role": "user", "content": [
-                                {"type": "input_text", "text": "Attachments from the tool results above:"},
-                                {"type": "input_image", "image_url": "data:image/png;base64,iVBOR", "detail": "auto"}]},
-                            {"role": "user", "content": "then?"}]}, id="calls-results-in-call-order"),
-    pytest.param(msgs(user("go"), assistant([TOOL_USE]), user("interrupted")),
-                 {"input": [{"role": "user", "content": "go"},
-                            {"type": "function_call", "call_id": "toolu_1", "name": "Bash",
-                             "arguments": '{"command": "ls"}'},
-                            {"type": "function_call_output", "call_id": "toolu_1",
-                             "output": "Tool call was interrupted; no result."},
-                            {"role": "user", "content": "interrupted"}]}, id="unanswered-call-repaired"),
-    pytest.param(msgs(user("go"), assistant([{"type": "thinking", "thinking": "plan", "signature": SIGNED}, TOOL_USE]),
-                      user([{"type": "tool_result", "tool_use_id": "toolu_1", "content": "ok"}])),
-                 {"input": [{"role": "user", "content": "go"}, REPLAYED,
-                            {"type": "function_call", "call_id": "toolu_1", "name": "Bash",
-                             "arguments": '{"command": "ls"}'},
-                            {"type": "function_call_output", "call_id": "toolu_1", "output": "ok"}]},
-                 id="signed-thinking-replayed-before-its-call"),
-    pytest.param(msgs(user("go"), assistant([{"type": "thinking", "thinking": "a", "signature": "EqQBCkYIB"},
-                                             {"type": "thinking", "thinking": "b", "signature": OTHER_MODEL},
-                                             {"type": "redacted_thinking", "data": "xyz"},
-                                             {"type": "thinking", "thinking": "c", "signature": SIGNED[:-9]},
-                                             {"type": "text", "text": "ok"}])),
-                 {"input": [{"role": "user", "content": "go"}, {"role": "assistant", "content": "ok"}]},
-                 id="foreign-thinking-dropped"),
-])
-def test_responses_request_items(body: dict, expected: dict) -> None:
-    payload = to_responses(body)
-    assert {k: payload[k] for k in expected} == expected
-    assert "instructions" in payload or "instructions" not in expected
-
-
-@pytest.mark.parametrize(("body", "model", "expected", "absent"), [
-    pytest.param({"max_tokens": 1}, "gpt-5-codex", {"max_output_tokens": 16, "store": False}, ["reasoning"],
-                 id="max-tokens-probe-is-16"),
-    pytest.param({"max_tokens": 9000}, "gpt-5-codex", {"max_output_tokens": 4000}, [], id="max-tokens-limit"),
-    pytest.param({"thinking": {"type": "enabled", "budget_tokens": 10000}}, "gpt-5-codex",
-                 {"reasoning": {"effort": "high", "summary": "auto"}, "include": ["reasoning.encrypted_content"]},
-                 [], id="thinking-budget-effort"),
-    pytest.param({"thinking": {"type": "adaptive"}, "output_config": {"effort": "low"}}, "gpt-5.2-codex",
-                 {"reasoning": {"effort": "low", "summary": "auto"}}, ["output_config"], id="adaptive-output-config"),
-    pytest.param({"thinking": {"type": "adaptive"}}, "gpt-5-pro", {"reasoning": {"effort": "high", "summary": "auto"}},
-                 [], id="pro-only-high"),
-    pytest.param({"temperature": 0.2, "top_p": 0.9}, "gpt-4.1", {"temperature": 0.2, "top_p": 0.9}, [],
-                 id="sampling-where-accepted"),
-    pytest.param({"temperature": 0.2, "top_p": 0.9, "top_k": 5}, "gpt-5-codex", {}, ["temperature", "top_p", "top_k"],
-                 id="sampling-dropped-for-reasoning-models"),
-    pytest.param({"stop_sequences": ["X"], "metadata": {"user_id": "u"}, "service_tier": "auto", "stream": True,
-                  "context_management": {"edits": [{"type": "clear_tool_uses_20250919"}]}}, "gpt-5-codex",
-                 {"stream": True}, ["stop", "stop_sequences", "metadata", "service_tier", "context_management",
-                                    "stream_options", "messages", "max_tokens"], id="no-chat-or-anthropic-fields"),
-    pytest.param({"tools": [BASH_TOOL, {"type": "web_search_20250305", "name": "web_search"}],
-                  "tool_choice": {"type": "any", "disable_parallel_tool_use": True}}, "gpt-5-codex",
-                 {"tools": [{"type": "function", "name": "Bash", "description": "Run", "strict": False,
-                             "parameters": BASH_TOOL["input_schema"]}],
-                  "tool_choice": "required", "parallel_tool_calls": False}, [], id="tools-flat-server-tools-dropped"),
-    pytest.param({"tools": [BASH_TOOL], "tool_choice": {"type": "tool", "name": "Bash"}}, "gpt-5-codex",
-                 {"tool_choice": {"type": "function", "name": "Bash"}}, [], id="tool-choice-named"),
-    pytest.param({"output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}, "gpt-5-codex",
-                 {"text": {"format": {"type": "json_schema", "name": "output", "schema": {"type": "object"}}}}, [],
-                 id="json-schema-output"),
-])
-def test_responses_request_fields(body: dict, model: str, expected: dict, absent: list) -> None:
-    payload = to_responses({**msgs(user("hi")), **body}, model, max_tokens_limit=4000)
-    assert {k: payload.get(k) for k in expected} == expected
-    assert not set(absent) & set(payload)
-
-
-@pytest.mark.parametrize(("output", "status", "reason", "content", "stop_reason"), [
-    pytest.param([reasoning_item("Plan", "More"), call_item("call_1", "Bash", {"command": "ls"})], "completed", None,
-                 [{"type": "thinking", "thinking": "Plan\n\nMore"},
-                  {"type": "tool_use", "id": "call_1", "name": "Bash", "input": {"command": "ls"}}], "tool_use",
-                 id="reasoning-then-call"),
-    pytest.param([message_item("It is 15°C.")], "completed", None, [{"type": "text", "text": "It is 15°C."}],
-                 "end_turn", id="text"),
-    pytest.param([message_item("I can't", refusal=True)], "completed", None, [{"type": "text", "text": "I can't"}],
-                 "refusal", id="refusal"),
-    pytest.param([reasoning_item(encrypted=None)], "incomplete", "max_output_tokens", [{"type": "text", "text": ""}],
-                 "max_tokens", id="incomplete-empty"),
-    pytest.param([message_item("cut")], "incomplete", "content_filter", [{"type": "text", "text": "cut"}], "refusal",
-                 id="content-filter"),
-    pytest.param([call_item(KIMI_ID, "Bash", {})], "completed", None,
-                 [{"type": "tool_use", "id": vd.client_tool_id(KIMI_ID), "name": "Bash", "input": {}}], "tool_use",
-                 id="kimi-id-made-valid"),
-])
-def test_responses_response_conversion(output: list, status: str, reason: Any, content: list, stop_reason: str) -> None:
-    message = vd.responses_to_anthropic(resp_object(*output, status=status, reason=reason),
-                                        vd.Conversion(responses="rs:gpt-5-codex"), "claude-x")
-    signatures = [block.pop("signature") for block in message["content"] if block["type"] == "thinking"]
-    assert message["content"] == content and message["stop_reason"] == stop_reason
-    assert all(s.startswith(vd.REASONING_MARK) for s in signatures)
-    assert message["usage"] == {"input_tokens": 20, "cache_read_input_tokens": 10, "output_tokens": 9,
-                                "cache_creation_input_tokens": 0}
-
-
-def test_failed_response_is_an_upstream_error() -> None:
-    failed = {**resp_object(), "status": "failed", "error": {"code": "server_error", "message": "boom"}}
-    with pytest.raises(vd.UpstreamError, match="boom"):
-        vd.responses_to_anthropic(failed, vd.Conversion(responses="rs:m"), "claude-x")
-
-
-@pytest.mark.parametrize("upstream_id", ["functions.get_weather:0", "call_abc-1", "a b/c", "ünï:1", "x" * 80])
-def test_tool_ids_reach_the_client_valid_and_map_back(upstream_id: str) -> None:
-    client_id = vd.client_tool_id(upstream_id)
-    assert re.fullmatch(r"[a-zA-Z0-9_-]+", client_id)
-    assert (client_id == upstream_id) == bool(re.fullmatch(r"[a-zA-Z0-9_-]+", upstream_id))
-    assert vd.tool_id_for_upstream(client_id, "any") == upstream_id
-    mistral = vd.tool_id_for_upstream(client_id, "mistral")
-    assert re.fullmatch(r"[a-zA-Z0-9]{9}", mistral) and mistral == vd.tool_id_for_upstream(upstream_id, "mistral")
-
-
-NEWER_FEATURES = [
-    pytest.param({"thinking": {"type": "adaptive"}, "output_config": {"effort": "max"}}, id="adaptive-output-config"),
-    pytest.param({"context_management": {"edits": [{"type": "clear_tool_uses_20250919"}]}}, id="context-management"),
-    pytest.param({"system": [{"type": "text", "text": "s", "cache_control": {"type": "ephemeral", "ttl": "1h"}}],
-                  "messages": [user([{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral",
-                                                                                     "ttl": "5m"}}])]},
-                 id="cache-control-ttl"),
-    pytest.param({"service_tier": "standard_only", "metadata": {"user_id": "u-1"}, "top_k": 3},
-                 id="tier-metadata-top-k"),
-    pytest.param({"messages": [user([{"type": "document", "source": {"type": "url", "url": "https://x/a.pdf"}},
-                                     {"type": "document", "source": {"type": "text", "media_type": "text/plain",
-                                                                     "data": "notes"}, "citations": {"enabled": True}},
-                                     {"type": "image", "source": {"type": "url", "url": "https://x/i.png"}}])]},
-                 id="documents-url-images"),
-    pytest.param({"tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 2},
-                            {"type": "code_execution_20250825", "name": "code_execution"}, BASH_TOOL],
-                  "tool_choice": {"type": "tool", "name": "web_search"},
-                  "messages": [user("q"), assistant([{"type": "server_tool_use", "id": "srvtoolu_1",
-                                                      "name": "web_search", "input": {"query": "x"}},
-                                                     {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1",
-                                                      "content": []}, {"type": "text", "text": "found"}]),
-                               user("more")]}, id="server-tools"),
-]
-CHAT_KEYS = {"model", "messages", "tools", "tool_choice", "parallel_tool_calls", "max_tokens", "max_completion_tokens",
-             "temperature", "top_p", "stop", "stream", "stream_options", "reasoning_effort", "response_format"}
-
-
-@pytest.mark.parametrize("extra", NEWER_FEATURES)
-@pytest.mark.parametrize("model", ["gpt-5.1", "gpt-4.1"])
-def test_newer_request_features_never_reach_a_strict_upstream(extra: dict, model: str) -> None:
-    body = {"max_tokens": 50, **msgs(user("hi")), **extra}
-    chat = convert(body, OPENAI, model)
-    responses = to_responses(body, model)
-    for payload in (chat, responses):
-        text = json.dumps(payload)
-        assert not re.search(r'"(cache_control|ttl|top_k|metadata|service_tier|context_management|output_config|'
-                             r'citations|server_tool_use|web_search|code_execution|srvtoolu_1)"', text), text
-    assert set(chat) <= CHAT_KEYS
-    assert [t["function"]["name"] for t in chat.get("tools", [])] == [t["name"] for t in responses.get("tools", [])]
-
-
-def test_responses_models_setting_and_api_selection(tmp_path: Path) -> None:
-    config = make_config({"OPENAI_API_KEY": "k", "RS_BASE_URL": "http://h/v1", "RS_API_FORMAT": "responses",
-                          "MIX_BASE_URL": "http://m/v1", "MIX_RESPONSES_MODELS": "big-*, exact"}, tmp_path)
-    openai, rs, mix = (config.provider(n) for n in ("openai", "rs", "mix"))
-    assert [openai.api_for(m) for m in ("gpt-5-codex", "gpt-5.1-codex-max", "gpt-5.4-pro", "o3-pro", "gpt-5.1",
-                                        "gpt-4o")] == ["responses"] * 4 + ["openai"] * 2
-    assert rs.api_for("anything") == "responses" and rs.reasoning_effort == "always"
-    assert [mix.api_for(m) for m in ("big-1", "EXACT", "exact-2")] == ["responses", "responses", "openai"]
-    (tmp_path / "vandamme-config.toml").write_text('[mix]\nbase-url = "http://m/v1"\nresponses-models = ["t*"]\n')
-    assert make_config({}, tmp_path, cwd=tmp_path).provider("mix").responses_models == ("t*",)
-    (tmp_path / "vandamme-config.toml").write_text('[mix]\nbase-url = "http://m/v1"\nresponses-models = "t*"\n')
-    with pytest.raises(vd.ConfigError, match="responses-models"):
-        make_config({}, tmp_path, cwd=tmp_path)
-
-
-def test_cli_resolve_shows_the_api(capsys: Any, monkeypatch: Any, tmp_path: Path) -> None:
-    env = {"OPENAI_API_KEY": "k", "OPENAI_ALIAS_OPUS": "gpt-5-codex,gpt-5.1"}
-    code, out, _ = run_main(["resolve", "claude-opus-4-1"], env, tmp_path, capsys, monkeypatch)
-    assert code == 0 and "api: responses, then chat-completions" in out
-
-
-def test_fake_responses_upstream_refuses_what_the_real_api_refuses() -> None:
-    ok = {"model": "gpt-5-codex", "input": [{"role": "user", "content": "hi"}], "store": False}
-    assert responses_rejection(ok) is None
-    for bad, fragment in [({"max_tokens": 5}, "max_tokens"), ({"max_output_tokens": 1}, ">= 16"),
-                          ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]},
-                           "No tool call"),
-                          ({"input": [{"type": "reasoning", "summary": []}, message_item("x")]}, "encrypted_content"),
-                          ({"input": [REPLAYED | {"id": "rs_1"}, message_item("x")]}, "not persisted"),
-                          ({"temperature": 0.5}, "temperature"), ({"stream_options": {}, "messages": []}, "messages")]:
-        assert fragment in (responses_rejection({**ok, **bad}) or ""), bad
-
-
-def responses_proxy_env(**extra: str) -> dict[str, str]:
-    return {"OPENAI_API_FORMAT": "responses", **extra}
-
-
-THINK_TOOL = {**BASIC, "tools": [BASH_TOOL], "thinking": {"type": "enabled", "budget_tokens": 4000}}
-TURN_OUTPUT = (reasoning_item("**Plan** run ls", "then answer"), message_item("Let me look."),
-               call_item(KIMI_ID, "Bash", {"command": "ls -la"}))
-
-
-def turn_two(content: list) -> dict:
-    tool_id = next(b["id"] for b in content if b["type"] == "tool_use")
-    return {**THINK_TOOL, "messages": [user("list files"), assistant(content),
-                                       user([{"type": "tool_result", "tool_use_id": tool_id, "content": "a.txt"}])]}
-
-
-def assert_replayed(sent: dict) -> None:
-    """The second turn as the upstream got it: reasoning back before its call, the original call id."""
-    kinds = [item.get("type", "message") for item in sent["input"]]
-    assert kinds == ["message", "reasoning", "message", "function_call", "function_call_output"], sent["input"]
-    assert sent["input"][1]["encrypted_content"] == "gAAAA-enc-1" and "id" not in sent["input"][1]
-    assert sent["input"][3]["call_id"] == sent["input"][4]["call_id"] == KIMI_ID
-
-
-async def test_responses_provider_json_round_trip(proxy: Any, upstream: FakeUpstream) -> None:
-    client = await proxy(responses_proxy_env())
-    upstream.add(Reply(resp_object(*TURN_OUTPUT)))
-    response = await client.post("/v1/messages", json=THINK_TOOL)
-    message = await response.json()
-    assert response.status == 200, message
-    assert upstream.last["path"] == "/v1/responses" and upstream.last["body"]["reasoning"]["summary"] == "auto"
-    assert [b["type"] for b in message["content"]] == ["thinking", "text", "tool_use"]
-    assert message["content"][0]["thinking"] == "**Plan** run ls\n\nthen answer"
-    assert re.fullmatch(r"[a-zA-Z0-9_-]+", message["content"][2]["id"]) and message["stop_reason"] == "tool_use"
-    assert message["usage"]["input_tokens"] == 20 and message["usage"]["cache_read_input_tokens"] == 10
-    assert (await client.post("/v1/messages", json=turn_two(message["content"]))).status == 200
-    assert_replayed(upstream.last["body"])
-    assert (await client.post("/v1/messages", json={**BASIC, "max_tokens": 1})).status == 200   # Claude Code's probe
-    upstream.add(Reply({"error": {"message": "Unknown parameter: 'x'.", "type": "invalid_request_error",
-                                  "param": "x", "code": "unknown_parameter"}}, status=400))
-    refused = await client.post("/v1/messages", json=BASIC)
-    assert refused.status == 400 and (await refused.json())["error"] == {
-        "type": "invalid_request_error", "message": "openai: Unknown parameter: 'x'."}
-
-
-def translate_responses(data: bytes, splits: tuple[int, ...] = ()) -> list[tuple[str, dict]]:
-    """The gateway's own pipeline for one Responses stream: SSE decoder -> chunks -> translator -> events."""
-    decoder = vd.SSEDecoder()
-    translator = vd.ResponsesTranslator("claude-x", vd.Conversion(responses="openai:gpt-5.1"))
-    events = translator.start()
-    bounds = (0, *splits, len(data))
-    for start, end in itertools.pairwise(bounds):
-        for _name, payload in decoder.feed(data[start:end]):
-            for chunk in vd._decode_chunk(payload):
-                events += translator.feed(chunk)
-    return events + translator.finish()
-
-
-def test_responses_stream_same_events_at_every_split() -> None:
-    data = resp_sse(*resp_events(reasoning_item("ok"), call_item("c1", "Bash", {"c": "é"}), message_item("fin")))
-    whole = translate_responses(data)
-    expected = validate_stream(vd.encode_events(whole).decode())
-    assert [b["type"] for b in final_message(expected)["content"]] == ["thinking", "tool_use", "text"]
-    for split in range(1, len(data)):
-        events = translate_responses(data, (split,))
-        assert [(n, {k: v for k, v in d.items() if k != "message"}) for n, d in events] == [
-            (n, {k: v for k, v in d.items() if k != "message"}) for n, d in whole], split
-
-
-@pytest.mark.parametrize(("events", "content", "stop_reason"), [
-    pytest.param(resp_events(*TURN_OUTPUT), [{"type": "thinking", "thinking": "**Plan** run ls\n\nthen answer"},
-                                             {"type": "text", "text": "Let me look."},
-                                             {"type": "tool_use", "name": "Bash", "input": {"command": "ls -la"}}],
-                 "tool_use", id="reasoning-text-call"),
-    pytest.param(resp_events(message_item("partial"), status="incomplete", reason="max_output_tokens"),
-                 [{"type": "text", "text": "partial"}], "max_tokens", id="incomplete"),
-    pytest.param(resp_events(message_item("No.", refusal=True)), [{"type": "text", "text": "No."}], "refusal",
-                 id="refusal"),
-    pytest.param(resp_events(reasoning_item("a"), reasoning_item("b", item_id="rs_2"), message_item("x")),
-                 [{"type": "thinking", "thinking": "a"}, {"type": "thinking", "thinking": "b"},
-                  {"type": "text", "text": "x"}], "end_turn", id="two-reasoning-items-two-blocks"),
-    pytest.param([e for e in resp_events(call_item("c1", "Bash", {"command": "ls"}), reasoning_item("b"))
-                  if "arguments.d" not in e["type"]],
-                 [{"type": "tool_use", "name": "Bash", "input": {"command": "ls"}}, {"type": "thinking",
-                                                                                     "thinking": "b"}],
-                 "tool_use", id="arguments-only-in-the-item"),
-])
-async def test_responses_provider_stream_split_at_every_byte(proxy: Any, upstream: FakeUpstream, events: list,
-                                                             content: list, stop_reason: str) -> None:
-    client = await proxy(responses_proxy_env())
-    data = resp_sse(*events)
-    upstream.add(Reply(stream=[data[i:i + 1] for i in range(len(data))]))
-    _response, frames = await post_stream(client, THINK_TOOL)
-    message = final_message(frames)
-    for block in message["content"]:
-        block.pop("id", None)
-        assert block.pop("signature", vd.REASONING_MARK).startswith(vd.REASONING_MARK)
-    assert message["content"] == content and message["stop_reason"] == stop_reason
-    assert message["usage"]["output_tokens"] == 9 and upstream.last["body"]["stream"] is True
-
-
-@pytest.mark.parametrize("tail", [
-    pytest.param([{"type": "response.failed", "response": {"status": "failed",
-                                                            "error": {"code": "server_error", "message": "boom"}}}],
-                 id="response-failed"),
-    pytest.param([{"type": "error", "code": "rate_limit_exceeded", "message": "boom", "param": None}], id="error"),
-    pytest.param([], id="cut-before-the-final-event"),
-])
-async def test_responses_stream_failures_end_with_an_error_event(proxy: Any, upstream: FakeUpstream,
-                                                                 tail: list) -> None:
-    client = await proxy(responses_proxy_env())
-    upstream.add(Reply(stream=resp_sse(*resp_events(message_item("half"), terminal=False), *tail)))
-    _response, frames = await post_stream(client, BASIC)
-    assert frames[-1][0] == "error" and "message_stop" not in [name for name, _ in frames]
-    assert "boom" in frames[-1][1]["error"]["message"] or not tail
-
-
-async def test_responses_provider_keeps_keys_hooks_fallbacks_and_count_tokens(proxy: Any, upstream: FakeUpstream,
-                                                                              tmp_path: Path) -> None:
-    seen: dict[str, list] = {"request": [], "chunk": []}
-
-    class Spy(vd.Middleware):
-        def on_request(self, exchange: Any, payload: dict) -> None:
-            seen["request"].append(sorted(payload))
-
-        def on_upstream_chunk(self, exchange: Any, chunk: dict) -> None:
-            seen["chunk"].append(chunk.get("type"))
-
-    client = await proxy(responses_proxy_env(OPENAI_API_KEY="sk-one-0000000001 sk-two-0000000002",
-                                             BACK_BASE_URL="{upstream}/back", BACK_API_KEY="b-key-00000001",
-                                             OPENAI_ALIAS_SONNET="gpt-5.1,back:m"), middleware=[Spy()])
-    upstream.add(Reply({"error": {"message": "slow down"}}, status=429), Reply({"error": {"message": "again"}},
-                                                                               status=429))
-    _response, frames = await post_stream(client, BASIC)                  # both keys refused: the fallback answers
-    assert final_message(frames)["content"] == [{"type": "text", "text": "Hello there"}]
-    paths = [(r["path"], r["headers"]["authorization"][-4:]) for r in upstream.requests]
-    assert paths == [("/v1/responses", "0001"), ("/v1/responses", "0002"), ("/back/chat/completions", "0001")]
-    assert seen["request"][0] == ["input", "max_output_tokens", "model", "store", "stream"]
-    _response, frames = await post_stream(client, BASIC)
-    assert "response.output_text.delta" in seen["chunk"] and upstream.last["path"] == "/v1/responses"
-    counted = await (await client.post("/v1/messages/count_tokens", json=BASIC)).json()
-    totals = await (await client.get("/metrics/running-totals")).json()
-    assert counted["input_tokens"] > 0 and totals["providers"]["openai"]["requests"] >= 1
-
-
-@pytest.mark.parametrize(("base", "version", "url"), [
-    pytest.param("{upstream}", "2025-04-01-preview", "/openai/responses?api-version=2025-04-01-preview", id="dated"),
-    pytest.param("{upstream}/openai/v1", "preview", "/openai/v1/responses", id="v1"),
-])
-async def test_azure_responses_endpoint(proxy: Any, upstream: FakeUpstream, base: str, version: str,
-                                        url: str) -> None:
-    client = await proxy({"AZ_API_KEY": "az-key-000000001", "AZ_BASE_URL": base, "AZ_API_VERSION": version,
-                          "AZ_API_FORMAT": "responses"})
-    response = await client.post("/v1/messages", json={**BASIC, "model": "az:my-codex"})
-    assert response.status == 200, await response.text()
-    assert upstream.last["raw_path"] == url and upstream.last["body"]["model"] == "my-codex"
-    assert upstream.last["headers"]["api-key"] == "az-key-000000001"
-
-
-async def test_kimi_tool_ids_round_trip_on_chat_completions(proxy: Any, upstream: FakeUpstream) -> None:
-    client = await proxy({"MOON_API_KEY": "m-key-0000001", "MOON_BASE_URL": "{upstream}/v1"})
-    upstream.add(Reply(stream=sse(delta(tool_calls=[tc(0, KIMI_ID, "Bash", '{"command": "ls"}')]),
-                                  finish("tool_calls"))))
-    body = {**BASIC, "model": "moon:kimi-k2", "tools": [BASH_TOOL]}
-    _response, frames = await post_stream(client, body)
-    content = final_message(frames)["content"]
-    assert content[0]["id"] == vd.client_tool_id(KIMI_ID) and re.fullmatch(r"[a-zA-Z0-9_-]+", content[0]["id"])
-    turn2 = {**body, "messages": [user("go"), assistant(content),
-                                  user([{"type": "tool_result", "tool_use_id": content[0]["id"], "content": "ok"}])]}
-    assert (await client.post("/v1/messages", json=turn2)).status == 200
-    calls, answers = tool_answer(upstream.last["body"])
-    assert calls[0]["id"] == answers[0]["tool_call_id"] == KIMI_ID
-
-
-@needs_anthropic_sdk
-async def test_anthropic_sdk_through_a_responses_provider(proxy: Any, upstream: FakeUpstream) -> None:
-    client = await proxy(responses_proxy_env())
-    base = str(client.make_url("")).rstrip("/")
-    expected = [{"type": "thinking", "thinking": "**Plan** run ls\n\nthen answer"},
-                {"type": "text", "text": "Let me look."},
-                {"type": "tool_use", "id": vd.client_tool_id(KIMI_ID), "name": "Bash", "input": {"command": "ls -la"}}]
-    async_client = anthropic.AsyncAnthropic(base_url=base, api_key="k", max_retries=0)
-    upstream.add(Reply(resp_object(*TURN_OUTPUT)), Reply(stream=resp_sse(*resp_events(*TURN_OUTPUT))))
-    created = await async_client.messages.create(**THINK_TOOL)
-    async with async_client.messages.stream(**THINK_TOOL) as stream:
-        streamed = await stream.get_final_message()
-    await async_client.close()
-
-    def sync_calls() -> list:
-        sync_client = anthropic.Anthropic(base_url=base, api_key="k", max_retries=0)
-        try:
-            with sync_client.messages.stream(**THINK_TOOL) as stream:
-                return [sync_client.messages.create(**THINK_TOOL), stream.get_final_message()]
-        finally:
-            sync_client.close()
-
-    upstream.add(Reply(stream=resp_sse(*resp_events(*TURN_OUTPUT))), Reply(resp_object(*TURN_OUTPUT)))
-    for message in [created, streamed, *await asyncio.to_thread(sync_calls)]:
-        assert _plain(message.content) == expected and message.stop_reason == "tool_use"
-        assert message.content[0].signature.startswith(vd.REASONING_MARK)
-
-
-async def test_reasoning_continuity_across_two_gateway_processes(upstream: FakeUpstream, tmp_path: Path) -> None:
-    env = {"OPENAI_API_KEY": "sk-proc-000000001", "OPENAI_BASE_URL": f"{upstream.url}/v1",
-           "OPENAI_API_FORMAT": "responses"}
-    upstream.add(Reply(stream=resp_sse(*resp_events(*TURN_OUTPUT))))
-    contents = []
-    for turn in range(2):
-        proc = ProxyProcess(HERE / "vandamme.py", env, tmp_path)
-        try:
-            await proc.wait_ready()
-            async with aiohttp.ClientSession() as session:
-                body = turn_two(contents[0]) if turn else THINK_TOOL
-                async with session.post(f"{proc.url}/v1/messages", json={**body, "stream": True}) as response:
-                    contents.append(final_message(validate_stream(await response.text()))["content"])
-        finally:
-            assert proc.stop() == 0
-    assert_replayed(upstream.last["body"])
-    assert contents[1] == [{"type": "text", "text": "Hello there"}]
-
-
-async def test_claude_code_thinking_tool_round_trip_through_responses(claude_bin: str, upstream: FakeUpstream,
-                                                                      tmp_path: Path) -> None:
-    work = tmp_path / "work"
-    work.mkdir()
-    (work / "note.txt").write_text("fixture-content-77\n")
-    read = call_item(KIMI_ID, "Read", {"file_path": str(work / "note.txt")})
-    upstream.add(Reply(stream=resp_sse(*resp_events(reasoning_item("The user wants the file."), read))),
-                 Reply(stream=resp_sse(*resp_events(message_item("The file says fixture-content-77 (ok-3141).")))))
-    proc = ProxyProcess(HERE / "vandamme.py", {"OPENAI_API_KEY": "sk-cc", "OPENAI_BASE_URL": f"{upstream.url}/v1",
-                                               "OPENAI_API_FORMAT": "responses"}, tmp_path)
-    try:
-        await proc.wait_ready()
-        code, result, output = await run_claude(claude_bin, proc.url, "read note.txt", work, "Read")
-    finally:
-        proc.stop()
-    assert code == 0 and "ok-3141" in result.get("result", ""), output + proc.log()
-    sent = [r["body"] for r in upstream.requests if r["path"] == "/v1/responses"][-1]
-    kinds = [item.get("type", "message") for item in sent["input"]]
-    at = kinds.index("function_call")
-    assert kinds[at - 1:at + 2] == ["reasoning", "function_call", "function_call_output"], sent["input"]
-    assert sent["input"][at - 1]["encrypted_content"] == "gAAAA-enc-1" and sent["input"][at]["call_id"] == KIMI_ID
-    assert "fixture-content-77" in json.dumps(sent["input"][at + 1]["output"])

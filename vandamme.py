@@ -82,10 +82,15 @@ from aiohttp import web
 
 __version__ = "0.1.0"
 __all__ = [
-    "Config", "Exchange", "JsonPrefix", "KeyRing", "Metrics", "Middleware", "Provider", "Route",
-    "SSEDecoder", "StreamTranslator", "VandammeError", "anthropic_to_openai", "create_app",
-    "estimate_tokens", "gunicorn_app", "load_config", "main", "openai_to_anthropic", "parse_config", "parse_dotenv",
-    "resolve_model",
+    "ENV_VARS", "RUNTIME", "Alias", "AuthenticationError", "Config", "ConfigError", "Conversion", "Exchange",
+    "InvalidRequestError", "JsonPrefix", "KeyRing", "Metrics", "Middleware", "NotConfiguredError", "Provider",
+    "Redactor", "RequestRecord", "ResponsesTranslator", "Route", "Runtime", "SSEDecoder", "SSETooLarge",
+    "StreamTranslator", "Target", "ThinkSplitter", "UpstreamError", "VandammeError", "anthropic_to_openai",
+    "anthropic_to_responses", "clean_schema_for_gemini", "client_tool_id", "count_request_tokens", "create_app",
+    "defaults_toml", "encode_events", "error_body", "estimate_tokens", "gunicorn_app", "listed_routes",
+    "load_config", "load_middleware", "main", "message_events", "openai_to_anthropic", "parse_config",
+    "parse_dotenv", "parse_tool_arguments", "resolve_model", "responses_to_anthropic", "stated_output_limit",
+    "usage_to_anthropic", "validate_messages_request",
 ]
 
 logger = logging.getLogger("vandamme")
@@ -97,35 +102,35 @@ _V = TypeVar("_V")
 # §1  Constants and built-in defaults
 # ---------------------------------------------------------------------------
 
-ANTHROPIC_VERSION: Final = "2023-06-01"
-PING_INTERVAL: Final = 15.0           # Claude Code shows "waiting" after ~20 s of silence
-MAX_ALIAS_CHAIN: Final = 10
-MODELS_CACHE_SECONDS: Final = 600.0
-KEY_COOLDOWN: Final = MappingProxyType({401: 600.0, 402: 600.0, 403: 600.0, 429: 60.0})
-RETRY_STATUSES: Final = frozenset({500, 502, 503, 504, 529})
-RETRY_AFTER_CAP: Final = 30.0
+_ANTHROPIC_VERSION: Final = "2023-06-01"
+_PING_INTERVAL: Final = 15.0           # Claude Code shows "waiting" after ~20 s of silence
+_MAX_ALIAS_CHAIN: Final = 10
+_MODELS_CACHE_SECONDS: Final = 600.0
+_KEY_COOLDOWN: Final = MappingProxyType({401: 600.0, 402: 600.0, 403: 600.0, 429: 60.0})
+_RETRY_STATUSES: Final = frozenset({500, 502, 503, 504, 529})
+_RETRY_AFTER_CAP: Final = 30.0
 # Client headers an anthropic-format provider receives. Nothing else of the client's is
 # forwarded (an allowlist, so hop-by-hop headers, cookies and client keys never leave).
-RELAYED_REQUEST_HEADERS: Final = ("anthropic-version", "anthropic-beta")
-RELAYED_RESPONSE_HEADERS: Final = (
+_RELAYED_REQUEST_HEADERS: Final = ("anthropic-version", "anthropic-beta")
+_RELAYED_RESPONSE_HEADERS: Final = (
     "content-type", "retry-after", "request-id", "x-should-retry", "anthropic-ratelimit-requests-remaining",
     "anthropic-ratelimit-tokens-remaining",
 )
-SSE_HEADERS: Final = MappingProxyType({
+_SSE_HEADERS: Final = MappingProxyType({
     "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
 })
-STOP_REASON: Final = MappingProxyType({
+_STOP_REASON: Final = MappingProxyType({
     "stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
     "function_call": "tool_use", "content_filter": "refusal",
 })
-ERROR_TYPE_BY_STATUS: Final = MappingProxyType({
+_ERROR_TYPE_BY_STATUS: Final = MappingProxyType({
     400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
     403: "permission_error", 404: "not_found_error", 413: "request_too_large",
     422: "invalid_request_error", 429: "rate_limit_error", 500: "api_error",
     503: "overloaded_error", 504: "timeout_error", 508: "api_error", 529: "overloaded_error",
 })
 # Built once: json.dumps with options constructs a new encoder on every call.
-JSON_ENCODE: Final = json.JSONEncoder(separators=(",", ":")).encode
+_JSON_ENCODE: Final = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def _not_json(constant: str) -> Any:
@@ -133,13 +138,13 @@ def _not_json(constant: str) -> Any:
 
 
 # Strict: NaN and Infinity are Python's extensions, not JSON, and no upstream accepts them.
-JSON_DECODER: Final = json.JSONDecoder(parse_constant=_not_json)
-JSON_DECODE: Final = JSON_DECODER.decode
-REASONING_MODEL: Final = re.compile(r"^(?:[\w.-]+/)?(?:o\d|gpt-5|codex)", re.I)
-VALID_TOOL_NAME: Final = re.compile(r"^[a-zA-Z0-9_-]+$")
-TOOL_ID_MARK: Final = "vdmid_"        # + base64url of an upstream tool id Anthropic would reject
-REASONING_MARK: Final = "vdm-rs1."    # + base64url of a Responses reasoning item; versioned
-EFFORT_BY_NAME: Final = MappingProxyType({
+_JSON_DECODER: Final = json.JSONDecoder(parse_constant=_not_json)
+_JSON_DECODE: Final = _JSON_DECODER.decode
+_REASONING_MODEL: Final = re.compile(r"^(?:[\w.-]+/)?(?:o\d|gpt-5|codex)", re.I)
+_VALID_TOOL_NAME: Final = re.compile(r"^[a-zA-Z0-9_-]+$")
+_TOOL_ID_MARK: Final = "vdmid_"        # + base64url of an upstream tool id Anthropic would reject
+_REASONING_MARK: Final = "vdm-rs1."    # + base64url of a Responses reasoning item; versioned
+_EFFORT_BY_NAME: Final = MappingProxyType({
     "minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high",
 })
 
@@ -169,7 +174,7 @@ ENV_VARS: Final = MappingProxyType({
 
 # Built-in providers: (name, base URL, TOML lines of settings, haiku/sonnet/opus aliases).
 # defaults_toml() renders them as the embedded defaults; defaults.toml is that text (a test checks).
-BUILTIN_PROVIDERS: Final[tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...]] = (
+_BUILTIN_PROVIDERS: Final[tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], ...]] = (
     # responses-models: the models OpenAI serves only over the Responses API (codex, pro, deep research).
     ("openai", "https://api.openai.com/v1",
      ('reasoning-effort = "reasoning-models"',
@@ -220,7 +225,7 @@ def defaults_toml() -> str:
 default-provider = "openai"
 
 [defaults.aliases]"""]
-    for name, base_url, settings, aliases in BUILTIN_PROVIDERS:
+    for name, base_url, settings, aliases in _BUILTIN_PROVIDERS:
         lines += ["", f"[{name}]"] + ([] if aliases else ["# No aliases: model names go to this provider unchanged."])
         lines += [f"base-url = {json.dumps(base_url)}", *settings]
         if aliases:
@@ -248,7 +253,7 @@ class VandammeError(Exception):
         super().__init__(message)
         if status is not None:
             self.status = status
-            self.error_type = error_type or ERROR_TYPE_BY_STATUS.get(
+            self.error_type = error_type or _ERROR_TYPE_BY_STATUS.get(
                 status, "invalid_request_error" if status < 500 else "api_error")
             self.retryable = status in (408, 409, 429) or status >= 500
         elif error_type is not None:
@@ -382,7 +387,7 @@ class Config:
         return None
 
 
-NO_PROVIDER: Final = ("no provider is configured: set OPENAI_API_KEY (or another {PROVIDER}_API_KEY, or "
+_NO_PROVIDER: Final = ("no provider is configured: set OPENAI_API_KEY (or another {PROVIDER}_API_KEY, or "
                       "{PROVIDER}_BASE_URL for a local server) and restart vandamme")
 _PROVIDER_SETTINGS: Final = MappingProxyType({
     # TOML key -> (Provider field, type or allowed values)
@@ -459,7 +464,7 @@ def _norm(name: str) -> str:
     return name.lower().replace("_", "-")
 
 
-def mask(secret: str | None) -> str:
+def _mask(secret: str | None) -> str:
     """Show enough of a key to recognise it, never enough to use it."""
     if not secret:
         return "(unset)"
@@ -468,7 +473,7 @@ def mask(secret: str | None) -> str:
     return f"{secret[:3]}…{secret[-4:]}" if len(secret) >= 12 else "…" + "*" * 4
 
 
-def key_fingerprint(key: str | None) -> str:
+def _key_fingerprint(key: str | None) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:8] if key else "-"
 
 
@@ -490,19 +495,19 @@ class Redactor:
 
     def __call__(self, text: str, *extra: str | None) -> str:
         if self._pattern is not None:
-            text = self._pattern.sub(lambda match: mask(match.group()), text)
+            text = self._pattern.sub(lambda match: _mask(match.group()), text)
         for secret in extra:
             if secret and len(secret) >= 6 and secret in text:
-                text = text.replace(secret, mask(secret))
+                text = text.replace(secret, _mask(secret))
         return text
 
 
 _HEADER_NAME: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _HEADER_VALUE_BAD: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-TomlLayers = Sequence[tuple[str, Path, Mapping[str, Any]]]     # (source, path, data), lowest priority first
+_TomlLayers = Sequence[tuple[str, Path, Mapping[str, Any]]]     # (source, path, data), lowest priority first
 
 
-def parse_config(environ: Mapping[str, str], dotenv: Mapping[str, str], toml_layers: TomlLayers, *,
+def parse_config(environ: Mapping[str, str], dotenv: Mapping[str, str], toml_layers: _TomlLayers, *,
                  overrides: Mapping[str, Any] | None = None) -> Config:
     """Build the Config from command-line overrides, environment, .env, TOML layers (defaults included).
 
@@ -537,14 +542,14 @@ def parse_config(environ: Mapping[str, str], dotenv: Mapping[str, str], toml_lay
     # Default provider first, then alphabetical: the "provider order" of alias ranking.
     providers.sort(key=lambda p: (p.name != default, p.name))
     values["default_provider"] = default if providers else None
-    warnings += _near_misses(env, [*tables, *(b[0] for b in BUILTIN_PROVIDERS)])
+    warnings += _near_misses(env, [*tables, *(b[0] for b in _BUILTIN_PROVIDERS)])
     if not here.proxy_api_key and not (here.host in ("localhost", "::1") or here.host.startswith("127.")):
         warnings.append(f"HOST={here.host} is open to other machines and PROXY_API_KEY is unset: anyone who reaches "
                         "it spends your provider keys; set PROXY_API_KEY, or HOST=127.0.0.1")
     config = Config(**values, providers=tuple(providers),
                     aliases=tuple(sorted(aliases.values(), key=lambda a: (a.provider, a.name))),
                     warnings=tuple(warnings), sources=tuple(sources),
-                    known_providers=tuple(sorted({*named, *tables, *(b[0] for b in BUILTIN_PROVIDERS)})))
+                    known_providers=tuple(sorted({*named, *tables, *(b[0] for b in _BUILTIN_PROVIDERS)})))
     for alias in config.aliases:          # a cycle is a startup error, never a request error
         _follow_alias(config, alias)
     return config
@@ -573,7 +578,7 @@ def _near_misses(env: Iterable[str], providers: Iterable[str]) -> list[str]:
     return hints
 
 
-def _parse_globals(env: Mapping[str, str], env_source: Mapping[str, str], layers: TomlLayers,
+def _parse_globals(env: Mapping[str, str], env_source: Mapping[str, str], layers: _TomlLayers,
                    overrides: Mapping[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
     """Global settings: command line over environment over TOML [defaults] over built-in values."""
     values: dict[str, Any] = {}
@@ -596,7 +601,7 @@ def _parse_globals(env: Mapping[str, str], env_source: Mapping[str, str], layers
             raw = raw.split()[0].upper()
         value = _parse_setting(kind, raw, var)
         values[attr] = value.lower() if attr == "default_provider" else value
-        sources.append((var, mask(raw) if var == "PROXY_API_KEY" else raw, env_source[var]))
+        sources.append((var, _mask(raw) if var == "PROXY_API_KEY" else raw, env_source[var]))
     for key, value in overrides.items():
         if value is not None:
             kind = next(kind for attr, kind, _help in ENV_VARS.values() if attr == key)
@@ -605,7 +610,7 @@ def _parse_globals(env: Mapping[str, str], env_source: Mapping[str, str], layers
     return values, sources
 
 
-def _provider_tables(layers: TomlLayers, warnings: list[str]) -> tuple[
+def _provider_tables(layers: _TomlLayers, warnings: list[str]) -> tuple[
         dict[str, dict[str, tuple[Any, str]]], set[str], dict[str, tuple[str, str]]]:
     """Provider tables merged across TOML layers (name -> TOML key -> (value, source)), the providers a
     user's TOML names with a key or URL, and the [defaults.aliases]."""
@@ -707,7 +712,7 @@ def _parse_provider(name: str, table: Mapping[str, tuple[Any, str]], env: Mappin
         keys=() if passthrough else keys, passthrough=passthrough, headers=tuple(sorted(headers.items())),
         max_tokens=max_tokens, **fields)
     src = env_source.get(f"{upper}_API_KEY") or table.get("api-key", (None, "toml"))[1]
-    shown = "!PASSTHRU" if passthrough else (", ".join(mask(k) for k in keys) or "(none)")
+    shown = "!PASSTHRU" if passthrough else (", ".join(_mask(k) for k in keys) or "(none)")
     sources.append((f"{name}.keys", shown, src if raw_keys else "-"))
     sources.append((f"{name}.base_url", provider.base_url,
                     env_source.get(f"{upper}_BASE_URL") or table.get("base-url", (None, "-"))[1]))
@@ -726,7 +731,7 @@ def _provider_aliases(name: str, table: Mapping[str, tuple[Any, str]], default_a
     return [Alias(provider=name, name=alias, target=target, source=source) for alias, (target, source) in found]
 
 
-def provider_summary(config: Config, cooling: Mapping[str, int] | None = None) -> list[JSON]:
+def _provider_summary(config: Config, cooling: Mapping[str, int] | None = None) -> list[JSON]:
     """What /health, the startup banner, `config show` and `vandamme health` say about each provider (never a
     key). `cooling`: provider name -> how many of its keys are cooling down."""
     return [{"name": p.name, "format": p.api_format, "base_url": p.base_url, "keys": len(p.keys),
@@ -738,7 +743,7 @@ def provider_summary(config: Config, cooling: Mapping[str, int] | None = None) -
             for p in config.providers]
 
 
-def summary_cells(row: Mapping[str, Any]) -> tuple[str, str, str, str]:
+def _summary_cells(row: Mapping[str, Any]) -> tuple[str, str, str, str]:
     """A provider_summary row for terminals: provider (* = default), format, base URL, keys."""
     count = row["keys"]
     keys = "passthrough" if row["passthrough"] else f"{count} key{'' if count == 1 else 's'}"
@@ -785,8 +790,8 @@ def _split_target(config: Config, text: str, owner: str) -> tuple[str, str, bool
 def _follow_alias(config: Config, alias: Alias, seen: tuple[tuple[str, str], ...] = ()) -> list[Target]:
     """Expand an alias through chains (at most MAX_ALIAS_CHAIN steps) and fallback lists."""
     seen = (*seen, (alias.provider, alias.name))
-    if len(seen) > MAX_ALIAS_CHAIN:
-        raise ConfigError(f"alias chain too long (over {MAX_ALIAS_CHAIN} steps): "
+    if len(seen) > _MAX_ALIAS_CHAIN:
+        raise ConfigError(f"alias chain too long (over {_MAX_ALIAS_CHAIN} steps): "
                           + " -> ".join(f"{p}:{n}" for p, n in seen))
     targets: list[Target] = []
     for part in (p.strip() for p in alias.target.split(",")):
@@ -815,7 +820,7 @@ def resolve_model(config: Config, requested: str) -> Route:
     default provider, provider order, alphabetical.
     """
     if not config.providers or config.default_provider is None:
-        raise NotConfiguredError(NO_PROVIDER)
+        raise NotConfiguredError(_NO_PROVIDER)
     literal = requested.startswith("!")
     name = requested[1:] if literal else requested
     prefix, sep, rest = name.partition(":")
@@ -849,7 +854,7 @@ def resolve_model(config: Config, requested: str) -> Route:
                  rule=f"alias {best.provider}:{best.name} ({how} match, {best.source})")
 
 
-def route_text(route: Route) -> str:
+def _route_text(route: Route) -> str:
     return ", then ".join(f"{t.provider}:{t.model}" for t in route.targets)
 
 
@@ -866,7 +871,7 @@ def listed_routes(config: Config) -> list[tuple[str, Route]]:
     return [(name, resolve_model(config, name)) for name in names]
 
 
-def configured_output_limit(config: Config, provider: Provider, model: str) -> tuple[int | None, str]:
+def _configured_output_limit(config: Config, provider: Provider, model: str) -> tuple[int | None, str]:
     """The configured cap on a model's max_tokens, and where it is set."""
     for glob, limit in provider.max_tokens:
         if fnmatch.fnmatchcase(model, glob):
@@ -910,7 +915,7 @@ class KeyRing:
         return sum(1 for until in self._until.values() if until > now)
 
 
-class BoundedCache(collections.OrderedDict[_K, _V]):
+class _BoundedCache(collections.OrderedDict[_K, _V]):
     """A dict that forgets its least recently used entries beyond `limit`."""
 
     def __init__(self, limit: int) -> None:
@@ -956,21 +961,21 @@ def _expect(value: Any, kind: type | tuple[type, ...], path: str, what: str) -> 
     return value
 
 
-def tool_name_for_upstream(name: str, limit: int = 64) -> str:
+def _tool_name_for_upstream(name: str, limit: int = 64) -> str:
     """A name OpenAI accepts ([a-zA-Z0-9_-], at most `limit`), stable for the same input."""
-    if len(name) <= limit and VALID_TOOL_NAME.match(name):
+    if len(name) <= limit and _VALID_TOOL_NAME.match(name):
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:8]
     cleaned = re.sub(r"[^a-zA-Z0-9_-]+", "_", name).strip("_") or "tool"
     return f"{cleaned[: max(1, limit - 9)]}_{digest}"
 
 
-def tool_id_for_upstream(tool_id: str, id_format: str) -> str:
+def _tool_id_for_upstream(tool_id: str, id_format: str) -> str:
     """The upstream's own id again (see client_tool_id); Mistral wants exactly 9 alphanumerics, derived
     deterministically from it, so a call and its result always agree."""
-    if tool_id.startswith(TOOL_ID_MARK):
+    if tool_id.startswith(_TOOL_ID_MARK):
         with contextlib.suppress(ValueError):
-            tool_id = _unb64(tool_id[len(TOOL_ID_MARK):])
+            tool_id = _unb64(tool_id[len(_TOOL_ID_MARK):])
     if id_format != "mistral" or re.fullmatch(r"[a-zA-Z0-9]{9}", tool_id):
         return tool_id
     return hashlib.sha256(tool_id.encode()).hexdigest()[:9]
@@ -1077,7 +1082,7 @@ def _convert_user(content: Any, out: list[JSON], path: str, conv: Conversion, pr
                 parts.append({"type": "text", "text": text})
         elif kind == "tool_result":
             tool_id, text = _tool_result(block, where, attached)
-            tools.append((tool_id_for_upstream(tool_id, provider.tool_id_format), text))
+            tools.append((_tool_id_for_upstream(tool_id, provider.tool_id_format), text))
         elif kind == "image":
             image = _image_part(block, where)
             if image:
@@ -1138,15 +1143,15 @@ def _convert_assistant(content: Any, out: list[JSON], path: str, conv: Conversio
             tool_id = _expect(block.get("id"), str, f"{where}.id", "a string")
             name = _expect(block.get("name"), str, f"{where}.name", "a string")
             args = block.get("input", {})
-            upstream = tool_name_for_upstream(name, provider.tool_name_max)
+            upstream = _tool_name_for_upstream(name, provider.tool_name_max)
             conv.tool_names[upstream] = name
-            calls.append({"id": tool_id_for_upstream(tool_id, provider.tool_id_format), "type": "function",
+            calls.append({"id": _tool_id_for_upstream(tool_id, provider.tool_id_format), "type": "function",
                           "function": {"name": upstream,
                                        "arguments": json.dumps(args, ensure_ascii=False)}})
         elif kind == "thinking":
             if isinstance(block.get("thinking"), str):
                 thinking.append(block["thinking"])
-                if str(block.get("signature")).startswith(REASONING_MARK):
+                if str(block.get("signature")).startswith(_REASONING_MARK):
                     signed.append((block["signature"], block["thinking"]))
         elif kind == "redacted_thinking":
             pass
@@ -1193,7 +1198,7 @@ def _repair_tool_pairs(messages: list[JSON]) -> list[JSON]:
     return fixed
 
 
-def convert_tools(tools: Any, provider: Provider) -> tuple[list[JSON], dict[str, str]]:
+def _convert_tools(tools: Any, provider: Provider) -> tuple[list[JSON], dict[str, str]]:
     """Anthropic tools -> OpenAI functions and the upstream->client name map; server tools are dropped."""
     functions: list[JSON] = []
     names: dict[str, str] = {}
@@ -1210,7 +1215,7 @@ def convert_tools(tools: Any, provider: Provider) -> tuple[list[JSON], dict[str,
         if schema is None or schema == {}:
             schema = {"type": "object", "properties": {}}
         _expect(schema, dict, f"{where}.input_schema", "an object")
-        upstream = tool_name_for_upstream(name, provider.tool_name_max)
+        upstream = _tool_name_for_upstream(name, provider.tool_name_max)
         names[upstream] = name
         function: JSON = {"name": upstream, "parameters": schema}
         if isinstance(tool.get("description"), str):
@@ -1221,9 +1226,9 @@ def convert_tools(tools: Any, provider: Provider) -> tuple[list[JSON], dict[str,
     return functions, names
 
 
-def _convert_tools(body: JSON, payload: JSON, conv: Conversion, provider: Provider,
+def _add_tools(body: JSON, payload: JSON, conv: Conversion, provider: Provider,
                    converted: tuple[list[JSON], dict[str, str]] | None) -> None:
-    functions, names = converted or convert_tools(body.get("tools"), provider)
+    functions, names = converted or _convert_tools(body.get("tools"), provider)
     conv.tool_names.update(names)
     choice = body.get("tool_choice")
     if not functions:
@@ -1240,7 +1245,7 @@ def _convert_tools(body: JSON, payload: JSON, conv: Conversion, provider: Provid
         payload["tool_choice"] = "none"
     elif kind == "tool":
         name = _expect(choice.get("name"), str, "tool_choice.name", "a string")
-        upstream = tool_name_for_upstream(name, provider.tool_name_max)
+        upstream = _tool_name_for_upstream(name, provider.tool_name_max)
         if upstream in conv.tool_names:
             payload["tool_choice"] = {"type": "function", "function": {"name": upstream}}
     else:
@@ -1253,7 +1258,7 @@ def _reasoning_effort(body: JSON, provider: Provider, model: str) -> str | None:
     thinking = body.get("thinking")
     if not isinstance(thinking, dict) or provider.reasoning_effort == "never":
         return None
-    if provider.reasoning_effort == "reasoning-models" and not REASONING_MODEL.match(model):
+    if provider.reasoning_effort == "reasoning-models" and not _REASONING_MODEL.match(model):
         return None
     kind = thinking.get("type")
     if kind == "enabled":
@@ -1263,7 +1268,7 @@ def _reasoning_effort(body: JSON, provider: Provider, model: str) -> str | None:
     if kind == "adaptive":
         config = body.get("output_config")
         effort = config.get("effort") if isinstance(config, dict) else None
-        return EFFORT_BY_NAME.get(effort, "medium") if isinstance(effort, str) else "medium"
+        return _EFFORT_BY_NAME.get(effort, "medium") if isinstance(effort, str) else "medium"
     return None
 
 
@@ -1299,18 +1304,18 @@ def anthropic_to_openai(body: JSON, provider: Provider, model: str, *, max_token
         else:
             raise _bad(f"{path}.role", f"must be 'user', 'assistant' or 'system' (got {role!r})")
     payload: JSON = {"model": model, "messages": _repair_tool_pairs(messages)}
-    _convert_tools(body, payload, conv, provider, tools)
+    _add_tools(body, payload, conv, provider, tools)
     max_tokens = body.get("max_tokens")
     if max_tokens is not None:
         _expect(max_tokens, int, "max_tokens", "an integer")
         if max_tokens_limit is not None:
             max_tokens = min(max_tokens, max_tokens_limit)
-        reasoning = REASONING_MODEL.match(model) is not None
+        reasoning = _REASONING_MODEL.match(model) is not None
         name = provider.max_tokens_field
         if name == "auto":
             name = "max_completion_tokens" if reasoning else "max_tokens"
         payload[name] = max_tokens
-    reasoning_model = REASONING_MODEL.match(model) is not None
+    reasoning_model = _REASONING_MODEL.match(model) is not None
     for key in ("temperature", "top_p"):
         value = body.get(key)
         if value is not None:
@@ -1343,7 +1348,7 @@ def _responses_part(part: JSON) -> JSON:
     return {"type": "input_text", "text": part["text"]}
 
 
-def responses_tools(functions: list[JSON]) -> list[JSON]:
+def _responses_tools(functions: list[JSON]) -> list[JSON]:
     """Chat-completions functions as flat Responses tools; flat ones (the handler's cache) stay as they are.
     strict: false, or the API demands strict schemas, which Claude Code's tools are not."""
     if not functions or "function" not in functions[0]:
@@ -1352,11 +1357,11 @@ def responses_tools(functions: list[JSON]) -> list[JSON]:
              "parameters": f["parameters"], "strict": False} for f in (tool["function"] for tool in functions)]
 
 
-def replayed_reasoning(signature: str, text: str, origin: str) -> JSON | None:
+def _replayed_reasoning(signature: str, text: str, origin: str) -> JSON | None:
     """The reasoning item a thinking block's signature carries (see reasoning_signature), if it came from
     `origin` ("provider:model"): encrypted reasoning only decrypts where it was made."""
     try:
-        made_by, _item_id, encrypted = JSON_DECODE(_unb64(signature[len(REASONING_MARK):]))
+        made_by, _item_id, encrypted = _JSON_DECODE(_unb64(signature[len(_REASONING_MARK):]))
     except (ValueError, TypeError):
         return None
     if made_by != origin or not isinstance(encrypted, str):
@@ -1385,7 +1390,7 @@ def anthropic_to_responses(body: JSON, provider: Provider, model: str, *, max_to
         elif role == "tool":
             items.append({"type": "function_call_output", "call_id": message["tool_call_id"], "output": content})
         else:
-            items += filter(None, (replayed_reasoning(sig, text, conv.responses)
+            items += filter(None, (_replayed_reasoning(sig, text, conv.responses)
                                    for sig, text in signed.get(id(message), ())))
             if content:
                 items.append({"role": role, "content": content if isinstance(content, str)
@@ -1396,7 +1401,7 @@ def anthropic_to_responses(body: JSON, provider: Provider, model: str, *, max_to
     if instructions:
         payload["instructions"] = "\n\n".join(instructions)
     if chat.get("tools"):
-        payload["tools"] = responses_tools(chat["tools"])
+        payload["tools"] = _responses_tools(chat["tools"])
     choice = chat.get("tool_choice")
     payload.update({k: chat[k] for k in ("tool_choice", "parallel_tool_calls", "temperature", "top_p", "stream")
                     if k in chat})
@@ -1441,13 +1446,13 @@ _JSON_SPACE: Final = re.compile(r"[ \t\n\r]*")
 def _skip_space(text: str, i: int) -> int:
     match = _JSON_SPACE.match(text, i)
     return match.end() if match else i
-_RAW_DECODE: Final = JSON_DECODER.raw_decode
+_RAW_DECODE: Final = _JSON_DECODER.raw_decode
 
 
-REUSED_KEYS: Final = ("tools", "system")
+_REUSED_KEYS: Final = ("tools", "system")
 
 
-def decode_with_spans(text: str, known: dict[str, tuple[str, Any]] | None = None,
+def _decode_with_spans(text: str, known: dict[str, tuple[str, Any]] | None = None,
                       ) -> tuple[Any, dict[str, tuple[int, int]]]:
     """json.loads, plus where each top-level value of an object sits in `text`.
 
@@ -1460,7 +1465,7 @@ def decode_with_spans(text: str, known: dict[str, tuple[str, Any]] | None = None
     spans: dict[str, tuple[int, int]] = {}
     i = _skip_space(text, 0)
     if text[i:i + 1] != "{":
-        return JSON_DECODE(text), spans
+        return _JSON_DECODE(text), spans
     result: JSON = {}
     i = _skip_space(text, i + 1)
     if text[i:i + 1] == "}":
@@ -1470,7 +1475,7 @@ def decode_with_spans(text: str, known: dict[str, tuple[str, Any]] | None = None
             key, i = _RAW_DECODE(text, i)
             i = _skip_space(text, i)
             if not isinstance(key, str) or text[i:i + 1] != ":":
-                return JSON_DECODE(text), {}          # let the decoder report the error
+                return _JSON_DECODE(text), {}          # let the decoder report the error
             start = _skip_space(text, i + 1)
             seen = known.get(key) if known is not None else None
             end = start + len(seen[0]) if seen is not None and text.startswith(seen[0], start) else -1
@@ -1479,7 +1484,7 @@ def decode_with_spans(text: str, known: dict[str, tuple[str, Any]] | None = None
                 result[key], i = seen[1], end
             else:
                 result[key], i = _RAW_DECODE(text, start)
-                if known is not None and key in REUSED_KEYS and i - start > 512:
+                if known is not None and key in _REUSED_KEYS and i - start > 512:
                     known[key] = (text[start:i], result[key])
             spans[key] = (start, i)
             i = _skip_space(text, i)
@@ -1487,10 +1492,10 @@ def decode_with_spans(text: str, known: dict[str, tuple[str, Any]] | None = None
                 i += 1
                 break
             if text[i:i + 1] != ",":
-                return JSON_DECODE(text), {}
+                return _JSON_DECODE(text), {}
             i = _skip_space(text, i + 1)
     if _skip_space(text, i) < len(text):
-        return JSON_DECODE(text), {}                  # trailing data: the decoder's error
+        return _JSON_DECODE(text), {}                  # trailing data: the decoder's error
     return result, spans
 
 # ---------------------------------------------------------------------------
@@ -1528,34 +1533,34 @@ def _message_text(content: Any) -> str:
     return ""
 
 
-def thinking_signature(text: str) -> str:
+def _thinking_signature(text: str) -> str:
     """A stable opaque signature for thinking that did not come from Anthropic."""
     return "vdm-" + hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def new_message_id() -> str:
+def _new_message_id() -> str:
     return "msg_" + secrets.token_hex(12)
 
 
-def new_tool_id() -> str:
+def _new_tool_id() -> str:
     return "toolu_" + secrets.token_hex(12)
 
 
 def client_tool_id(upstream_id: str) -> str:
     """An id Anthropic accepts: a valid one as it is, else (Kimi's `functions.get_weather:0`) the mark and its
     base64url, which tool_id_for_upstream turns back into the original. Reversible, so no state."""
-    return upstream_id if VALID_TOOL_NAME.match(upstream_id) else TOOL_ID_MARK + _b64(upstream_id)
+    return upstream_id if _VALID_TOOL_NAME.match(upstream_id) else _TOOL_ID_MARK + _b64(upstream_id)
 
 
-def reasoning_signature(item: JSON, origin: str) -> str | None:
+def _reasoning_signature(item: JSON, origin: str) -> str | None:
     """A Responses reasoning item as a thinking block's signature: its origin, id and encrypted content."""
     encrypted = item.get("encrypted_content")
     if not isinstance(encrypted, str) or not encrypted:
         return None
-    return REASONING_MARK + _b64(JSON_ENCODE([origin, str(item.get("id") or ""), encrypted]))
+    return _REASONING_MARK + _b64(_JSON_ENCODE([origin, str(item.get("id") or ""), encrypted]))
 
 
-def upstream_error_message(data: Any) -> str | None:
+def _upstream_error_message(data: Any) -> str | None:
     """The message inside an OpenAI/Azure/Gemini/Anthropic error body, if there is one."""
     if isinstance(data, list) and data:
         data = data[0]
@@ -1604,13 +1609,13 @@ def openai_to_anthropic(data: Any, conv: Conversion, client_model: str) -> JSON:
         raise UpstreamError("upstream returned a body that is not a JSON object", status=502)
     choices = data.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise UpstreamError(upstream_error_message(data) or "upstream response has no choices", status=502)
+        raise UpstreamError(_upstream_error_message(data) or "upstream response has no choices", status=502)
     choice = choices[0]
     message = _obj(choice.get("message"))
     content: list[JSON] = []
     reasoning = message.get("reasoning_content") or message.get("reasoning")
     if isinstance(reasoning, str) and reasoning:
-        content.append({"type": "thinking", "thinking": reasoning, "signature": thinking_signature(reasoning)})
+        content.append({"type": "thinking", "thinking": reasoning, "signature": _thinking_signature(reasoning)})
     text = _message_text(message.get("content"))
     if text:
         content.append({"type": "text", "text": text})
@@ -1629,7 +1634,7 @@ def openai_to_anthropic(data: Any, conv: Conversion, client_model: str) -> JSON:
 
 def _tool_use(conv: Conversion, tool_id: Any, name: Any, arguments: Any) -> JSON:
     name = name if isinstance(name, str) and name else "unknown_tool"
-    return {"type": "tool_use", "id": client_tool_id(str(tool_id)) if tool_id else new_tool_id(),
+    return {"type": "tool_use", "id": client_tool_id(str(tool_id)) if tool_id else _new_tool_id(),
             "name": conv.tool_names.get(name, name), "input": parse_tool_arguments(arguments)}
 
 
@@ -1642,16 +1647,16 @@ def _assistant_message(content: list[JSON], finish: Any, refused: bool, usage: A
     elif refused:
         stop_reason = "refusal"
     else:
-        stop_reason = STOP_REASON.get(finish, "end_turn") if isinstance(finish, str) else "end_turn"
-    return {"id": new_message_id(), "type": "message", "role": "assistant", "model": client_model,
+        stop_reason = _STOP_REASON.get(finish, "end_turn") if isinstance(finish, str) else "end_turn"
+    return {"id": _new_message_id(), "type": "message", "role": "assistant", "model": client_model,
             "content": content, "stop_reason": stop_reason, "stop_sequence": None,
             "usage": usage_to_anthropic(usage)}
 
 
-def responses_finish(response: JSON) -> str:
+def _responses_finish(response: JSON) -> str:
     """A Responses status as a chat-completions finish_reason (STOP_REASON maps both); failure raises."""
     if response.get("status") == "failed":
-        raise UpstreamError(upstream_error_message(response) or "upstream response failed", status=502)
+        raise UpstreamError(_upstream_error_message(response) or "upstream response failed", status=502)
     details = response.get("incomplete_details")
     reason = str(details.get("reason")) if isinstance(details, dict) else ""
     return {"max_output_tokens": "length", "content_filter": "content_filter"}.get(reason, "stop")
@@ -1667,14 +1672,14 @@ def _reasoning_text(item: JSON) -> str:
 def responses_to_anthropic(data: Any, conv: Conversion, client_model: str) -> JSON:
     """Convert a Responses API response object into an Anthropic Message, items in their order."""
     if not isinstance(data, dict) or not isinstance(data.get("output"), list):
-        raise UpstreamError(upstream_error_message(data) or "upstream response has no output", status=502)
-    finish, content, refused = responses_finish(data), [], False
+        raise UpstreamError(_upstream_error_message(data) or "upstream response has no output", status=502)
+    finish, content, refused = _responses_finish(data), [], False
     for item in data["output"]:
         kind = item.get("type") if isinstance(item, dict) else None
         if kind == "reasoning":
-            thought, signature = _reasoning_text(item), reasoning_signature(item, conv.responses)
+            thought, signature = _reasoning_text(item), _reasoning_signature(item, conv.responses)
             if thought or signature:
-                signature = signature or thinking_signature(thought)
+                signature = signature or _thinking_signature(thought)
                 content.append({"type": "thinking", "thinking": thought, "signature": signature})
         elif kind == "function_call":
             content.append(_tool_use(conv, item.get("call_id"), item.get("name"), item.get("arguments")))
@@ -1765,7 +1770,7 @@ class SSEDecoder:
 def _decode_chunk(data: bytes) -> list[Any]:
     """One SSE data payload as chunks; servers that forget blank lines get their lines split."""
     try:
-        return [JSON_DECODE(data.decode())]
+        return [_JSON_DECODE(data.decode())]
     except ValueError:
         pass
     chunks = []
@@ -1799,9 +1804,9 @@ def encode_events(events: Iterable[tuple[str, JSON]]) -> bytes:
             if key is not None and len(delta) == 2:
                 out.append(b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
                            b'"delta":{"type":"%s","%s":%s}}\n\n'
-                           % (data["index"], delta["type"].encode(), key.encode(), JSON_ENCODE(delta[key]).encode()))
+                           % (data["index"], delta["type"].encode(), key.encode(), _JSON_ENCODE(delta[key]).encode()))
                 continue
-        out.append(b"event: %s\ndata: %s\n\n" % (name.encode(), JSON_ENCODE(data).encode()))
+        out.append(b"event: %s\ndata: %s\n\n" % (name.encode(), _JSON_ENCODE(data).encode()))
     return b"".join(out)
 
 
@@ -1973,7 +1978,7 @@ class _BlockWriter:
     def __init__(self, model: str, tool_names: Mapping[str, str] = MappingProxyType({}), *,
                  input_tokens: int = 0, message_id: str | None = None) -> None:
         self.model, self.tool_names, self.input_tokens = model, tool_names, input_tokens
-        self.message_id = message_id or new_message_id()
+        self.message_id = message_id or _new_message_id()
         self.events: list[tuple[str, JSON]] = []
         self.next_index = self.output_chars = 0
         self.open_kind: str | None = None
@@ -2065,7 +2070,7 @@ class _BlockWriter:
         kind, call = self.open_kind, self.open_call
         if kind == "thinking":
             self._delta({"type": "signature_delta",
-                         "signature": self.signature or thinking_signature("".join(self.thought))})
+                         "signature": self.signature or _thinking_signature("".join(self.thought))})
             self.thought, self.signature = [], None
         elif call is not None:
             # The client parses the concatenated fragments: they must close into an object.
@@ -2097,7 +2102,7 @@ class _BlockWriter:
     def _start_call(self, call: _ToolCall) -> None:
         self._close_open()
         name = call.name or "unknown_tool"
-        call.id = call.id or new_tool_id()
+        call.id = call.id or _new_tool_id()
         self._open({"type": "tool_use", "id": client_tool_id(call.id), "name": self.tool_names.get(name, name),
                     "input": {}}, "tool")
         self.open_call, call.state, self.tool_used = call, "open", True
@@ -2118,7 +2123,7 @@ def message_events(message: JSON) -> list[tuple[str, JSON]]:
     events = writer.start(message["usage"])
     for key, block in enumerate(message["content"]):
         if block["type"] == "tool_use":
-            writer.tool_call(key, block["id"], block["name"], JSON_ENCODE(block["input"]))
+            writer.tool_call(key, block["id"], block["name"], _JSON_ENCODE(block["input"]))
         elif block["type"] == "thinking":
             writer.thinking(block["thinking"], block.get("signature"))
         else:
@@ -2157,7 +2162,7 @@ class StreamTranslator:
         if not isinstance(chunk, dict) or self.finished:
             return []
         if chunk.get("error"):
-            raise UpstreamError(upstream_error_message(chunk) or "upstream stream error", status=502)
+            raise UpstreamError(_upstream_error_message(chunk) or "upstream stream error", status=502)
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
         writer, choices = self.writer, chunk.get("choices")
@@ -2185,7 +2190,7 @@ class StreamTranslator:
             if isinstance(finish, str) and finish:
                 if finish == "error":
                     error = choice.get("error")
-                    raise UpstreamError(upstream_error_message({"error": error}) or "upstream error", status=502)
+                    raise UpstreamError(_upstream_error_message({"error": error}) or "upstream error", status=502)
                 self.finish_reason = finish
                 writer.close()
         return writer.take()
@@ -2195,7 +2200,7 @@ class StreamTranslator:
         if self.finished:
             return []
         self.finished = True
-        stop_reason = "refusal" if self.refused else STOP_REASON.get(self.finish_reason or "stop", "end_turn")
+        stop_reason = "refusal" if self.refused else _STOP_REASON.get(self.finish_reason or "stop", "end_turn")
         return self.writer.finish(stop_reason, None if self.usage is None else usage_to_anthropic(self.usage))
 
     def _tool_delta(self, delta: JSON) -> None:
@@ -2248,10 +2253,10 @@ class ResponsesTranslator(StreamTranslator):
             self._item(key, chunk.get("item"), kind.endswith("done"))
         elif kind in ("response.completed", "response.incomplete"):
             response: JSON = chunk["response"] if isinstance(chunk.get("response"), dict) else {}
-            self.finish_reason, self.usage = responses_finish(response), response.get("usage")
+            self.finish_reason, self.usage = _responses_finish(response), response.get("usage")
         elif kind in ("error", "response.failed") or chunk.get("error"):
             failure = chunk.get("response") if kind == "response.failed" else chunk
-            raise UpstreamError(upstream_error_message(failure) or "upstream stream error", status=502)
+            raise UpstreamError(_upstream_error_message(failure) or "upstream stream error", status=502)
         return writer.take()
 
     def _item(self, key: Any, item: Any, done: bool) -> None:
@@ -2263,7 +2268,7 @@ class ResponsesTranslator(StreamTranslator):
             writer.tool_call(key, str(call_id) if call_id else None, item.get("name") or None,
                              str(item.get("arguments") or ""))
         elif item.get("type") == "reasoning" and done:
-            signature = reasoning_signature(item, self.responses)
+            signature = _reasoning_signature(item, self.responses)
             if signature or writer.open_kind == "thinking":
                 writer.thinking("", signature)
             writer.close()             # the next reasoning item is a block of its own
@@ -2319,9 +2324,9 @@ class Middleware:
     def on_event(self, exchange: Exchange, event: JSON) -> Any: ...
 
 
-HOOK_POINTS: Final = ("on_request", "on_upstream_response", "on_upstream_chunk", "on_response", "on_event")
-SIGNATURE_MARK: Final = "__vdmsig_"
-GEMINI_SCHEMA_KEYS: Final = frozenset({
+_HOOK_POINTS: Final = ("on_request", "on_upstream_response", "on_upstream_chunk", "on_response", "on_event")
+_SIGNATURE_MARK: Final = "__vdmsig_"
+_GEMINI_SCHEMA_KEYS: Final = frozenset({
     "type", "format", "title", "description", "nullable", "enum", "maxItems", "minItems", "properties",
     "required", "minProperties", "maxProperties", "minLength", "maxLength", "pattern", "example", "anyOf",
     "propertyOrdering", "default", "items", "minimum", "maximum",
@@ -2336,7 +2341,7 @@ def clean_schema_for_gemini(schema: Any) -> Any:
         return schema
     cleaned: JSON = {}
     for key, value in schema.items():
-        if key not in GEMINI_SCHEMA_KEYS:
+        if key not in _GEMINI_SCHEMA_KEYS:
             continue
         if key == "properties" and isinstance(value, dict):
             cleaned[key] = {k: clean_schema_for_gemini(v) for k, v in value.items()}
@@ -2366,7 +2371,7 @@ def _unb64(text: str) -> str:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
 
 
-class GeminiDialect(Middleware):
+class _GeminiDialect(Middleware):
     """Gemini's OpenAI endpoint: clean tool schemas; carry thought signatures through the client.
 
     Gemini rejects a replayed tool call without its `extra_content.google.thought_signature`.
@@ -2387,14 +2392,14 @@ class GeminiDialect(Middleware):
             tool["function"]["parameters"] = clean_schema_for_gemini(tool["function"]["parameters"])
         for message in payload["messages"]:
             for call in message.get("tool_calls") or ():
-                tool_id, sep, signature = call["id"].partition(SIGNATURE_MARK)
+                tool_id, sep, signature = call["id"].partition(_SIGNATURE_MARK)
                 if sep:
                     call["id"] = tool_id
                     with contextlib.suppress(ValueError):
                         if self.signatures:
                             call["extra_content"] = {"google": {"thought_signature": _unb64(signature)}}
             if message["role"] == "tool":
-                message["tool_call_id"] = message["tool_call_id"].partition(SIGNATURE_MARK)[0]
+                message["tool_call_id"] = message["tool_call_id"].partition(_SIGNATURE_MARK)[0]
 
     def _mark(self, calls: Any) -> None:
         for call in calls if isinstance(calls, list) else ():
@@ -2402,7 +2407,7 @@ class GeminiDialect(Middleware):
             google = extra.get("google") if isinstance(extra, dict) else None
             signature = google.get("thought_signature") if isinstance(google, dict) else None
             if self.signatures and isinstance(signature, str) and signature:
-                call["id"] = f"{call.get('id') or new_tool_id()}{SIGNATURE_MARK}{_b64(signature)}"
+                call["id"] = f"{call.get('id') or _new_tool_id()}{_SIGNATURE_MARK}{_b64(signature)}"
 
     def on_upstream_response(self, exchange: Exchange, data: JSON) -> None:
         for choice in data.get("choices") or ():
@@ -2415,7 +2420,7 @@ class GeminiDialect(Middleware):
                 self._mark(choice["delta"].get("tool_calls"))
 
 
-class ReasoningHistoryDialect(Middleware):
+class _ReasoningHistoryDialect(Middleware):
     """DeepSeek-style servers want a turn's reasoning back on assistant tool-call messages."""
 
     name = "reasoning-history"
@@ -2466,7 +2471,7 @@ class ThinkSplitter:
         return {"choices": [{"index": 0, "delta": {"reasoning_content": reasoning, "content": visible}}]}
 
 
-class ThinkTagsDialect(Middleware):
+class _ThinkTagsDialect(Middleware):
     """Local reasoning models put their thinking in the content between <think> tags."""
 
     name = "think-tags"
@@ -2504,41 +2509,24 @@ class _ModuleMiddleware(Middleware):
 
     def __init__(self, module: Any, name: str) -> None:
         self.name = name
-        for point in HOOK_POINTS:
+        for point in _HOOK_POINTS:
             function = getattr(module, point, None)
             if callable(function):
                 setattr(self, point, function)
 
 
-def load_middleware(path: str) -> list[Middleware]:
-    """Load hooks from a Python file: a `MIDDLEWARE` list of objects, or module-level functions."""
-    file = Path(path).expanduser()
-    spec = importlib.util.spec_from_file_location(f"vandamme_middleware_{file.stem}", file)
-    if spec is None or spec.loader is None or not file.is_file():
-        raise ConfigError(f"middleware {path}: no such Python file")
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:  # a user's file may raise anything at import
-        raise ConfigError(f"middleware {path}: failed to load: {type(exc).__name__}: {exc}") from None
-    hooks = getattr(module, "MIDDLEWARE", None)
-    if hooks is not None:
-        return list(hooks)
-    return [_ModuleMiddleware(module, file.stem)]
+_BoundHooks = dict[str, list[tuple[str, Callable[..., Any]]]]      # hook point -> (name, hook) in order
 
 
-BoundHooks = dict[str, list[tuple[str, Callable[..., Any]]]]      # hook point -> (name, hook) in order
-
-
-class MiddlewareChain:
+class _MiddlewareChain:
     """The ordered hooks of the built-in dialects followed by the user's."""
 
     def __init__(self, hooks: Sequence[Any]) -> None:
         self.hooks = tuple(hooks)
 
-    def bound(self, exchange: Exchange) -> BoundHooks:
+    def bound(self, exchange: Exchange) -> _BoundHooks:
         """The hooks that apply to this exchange, per hook point (computed once per request)."""
-        result: BoundHooks = {p: [] for p in HOOK_POINTS}
+        result: _BoundHooks = {p: [] for p in _HOOK_POINTS}
         for hook in self.hooks:
             try:
                 applies = hook.applies(exchange) if hasattr(hook, "applies") else True
@@ -2546,7 +2534,7 @@ class MiddlewareChain:
                 raise _hook_error(getattr(hook, "name", type(hook).__name__), exc) from None
             if not applies:
                 continue
-            for point in HOOK_POINTS:
+            for point in _HOOK_POINTS:
                 method = getattr(hook, point, None)
                 base = getattr(Middleware, point)
                 if callable(method) and getattr(method, "__func__", method) is not base:
@@ -2558,7 +2546,7 @@ def _hook_error(name: str, exc: BaseException) -> VandammeError:
     return VandammeError(f"middleware {name!r} failed: {type(exc).__name__}: {exc}", status=500, retryable=False)
 
 
-def run_hooks(hooks: list[tuple[str, Callable[..., Any]]], exchange: Exchange, value: Any) -> Any:
+def _run_hooks(hooks: list[tuple[str, Callable[..., Any]]], exchange: Exchange, value: Any) -> Any:
     """Pass `value` through each hook; an exception becomes an Anthropic api_error."""
     for name, hook in hooks:
         try:
@@ -2574,7 +2562,7 @@ def _run_event_hooks(hooks: list[tuple[str, Callable[..., Any]]], exchange: Exch
                      events: list[tuple[str, JSON]]) -> list[tuple[str, JSON]]:
     result: list[tuple[str, JSON]] = []
     for name, data in events:
-        event = run_hooks(hooks, exchange, {"event": name, "data": data})
+        event = _run_hooks(hooks, exchange, {"event": name, "data": data})
         for item in event if isinstance(event, list) else [event]:
             if isinstance(item, dict) and isinstance(item.get("event"), str) and isinstance(item.get("data"), dict):
                 result.append((item["event"], item["data"]))
@@ -2585,7 +2573,7 @@ def _run_event_hooks(hooks: list[tuple[str, Callable[..., Any]]], exchange: Exch
 # §10  Token estimate
 # ---------------------------------------------------------------------------
 
-IMAGE_TOKENS: Final = 1600     # Anthropic charges ~1,600 tokens for a typical screenshot
+_IMAGE_TOKENS: Final = 1600     # Anthropic charges ~1,600 tokens for a typical screenshot
 
 # The estimate is a linear model over byte classes: one UTF-8 encode, two translate()
 # passes and a few count() passes, no Python loop over the text (~0.6 ms per 50 KB).
@@ -2649,10 +2637,10 @@ def count_request_tokens(body: JSON) -> int:
     """Estimate of the input tokens of an Anthropic request, over its OpenAI conversion."""
     probe = Provider(name="count", base_url="http://count")
     payload, conv = anthropic_to_openai({**body, "stream": False}, probe, "count")
-    return count_payload_tokens(payload, conv)
+    return _count_payload_tokens(payload, conv)
 
 
-def count_payload_tokens(payload: JSON, conv: Conversion) -> int:
+def _count_payload_tokens(payload: JSON, conv: Conversion) -> int:
     """Estimate of the input tokens of a converted (OpenAI) payload."""
     total = 3
     for message in payload["messages"]:
@@ -2668,7 +2656,7 @@ def count_payload_tokens(payload: JSON, conv: Conversion) -> int:
                     total += len(part["file"]["file_data"]) // 3 // 250 * 100 + 100
         for call in message.get("tool_calls") or ():
             total += 4 + estimate_tokens(call["function"]["name"]) + estimate_tokens(call["function"]["arguments"])
-    total += conv.images * IMAGE_TOKENS
+    total += conv.images * _IMAGE_TOKENS
     if payload.get("tools"):
         total += estimate_tokens(json.dumps(payload["tools"], ensure_ascii=False))
     return max(1, total)
@@ -2677,28 +2665,28 @@ def count_payload_tokens(payload: JSON, conv: Conversion) -> int:
 # §11  Metrics
 # ---------------------------------------------------------------------------
 
-LATENCY_BUCKETS_MS: Final = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000,
+_LATENCY_BUCKETS_MS: Final = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000,
                              300000, 600000)
-SERIES_SECONDS: Final = 10
-SERIES_LENGTH: Final = 60
-RECENT_LENGTH: Final = 50
-Sample = tuple[str, dict[str, Any], Any]        # a Prometheus sample: name suffix, labels, value
-MODELS_PER_PROVIDER: Final = 200     # per-model series; later models count as model "other"
+_SERIES_SECONDS: Final = 10
+_SERIES_LENGTH: Final = 60
+_RECENT_LENGTH: Final = 50
+_Sample = tuple[str, dict[str, Any], Any]        # a Prometheus sample: name suffix, labels, value
+_MODELS_PER_PROVIDER: Final = 200     # per-model series; later models count as model "other"
 _STATS_COUNTS: Final = ("requests", "in_flight", "errors", "input_tokens", "output_tokens", "cache_read_tokens",
                         "cache_creation_tokens")
 
 
-class Histogram:
+class _Histogram:
     """Fixed buckets, so memory stays bounded however many requests are observed."""
 
     __slots__ = ("counts", "sum")
 
     def __init__(self) -> None:
-        self.counts = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+        self.counts = [0] * (len(_LATENCY_BUCKETS_MS) + 1)
         self.sum = 0.0
 
     def observe(self, ms: float) -> None:
-        self.counts[bisect_left(LATENCY_BUCKETS_MS, ms)] += 1
+        self.counts[bisect_left(_LATENCY_BUCKETS_MS, ms)] += 1
         self.sum += ms
 
     def quantile(self, q: float) -> float | None:
@@ -2710,14 +2698,14 @@ class Histogram:
         seen = 0
         for i, n in enumerate(self.counts):
             if n and seen + n >= rank:
-                low = LATENCY_BUCKETS_MS[i - 1] if i else 0.0
-                high = LATENCY_BUCKETS_MS[i] if i < len(LATENCY_BUCKETS_MS) else low * 2
+                low = _LATENCY_BUCKETS_MS[i - 1] if i else 0.0
+                high = _LATENCY_BUCKETS_MS[i] if i < len(_LATENCY_BUCKETS_MS) else low * 2
                 return round(low + (high - low) * max(0.0, rank - seen) / n, 1)
             seen += n
-        return float(LATENCY_BUCKETS_MS[-1])
+        return float(_LATENCY_BUCKETS_MS[-1])
 
 
-class Stats:
+class _Stats:
     __slots__ = ("cache_creation_tokens", "cache_read_tokens", "errors", "errors_by_type", "in_flight",
                  "input_tokens", "last_error", "latency", "output_tokens", "requests", "statuses", "ttft")
 
@@ -2726,7 +2714,7 @@ class Stats:
         self.input_tokens = self.output_tokens = self.cache_read_tokens = self.cache_creation_tokens = 0
         self.errors_by_type: collections.Counter[str] = collections.Counter()
         self.statuses: collections.Counter[int] = collections.Counter()
-        self.latency, self.ttft = Histogram(), Histogram()
+        self.latency, self.ttft = _Histogram(), _Histogram()
         self.last_error: JSON | None = None
 
     def state(self) -> list[Any]:
@@ -2805,10 +2793,10 @@ class Metrics:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
         self.started = clock()
-        self.totals = Stats()
-        self.providers: dict[str, Stats] = {}
-        self.models: dict[tuple[str, str], Stats] = {}
-        self.recent: collections.deque[JSON] = collections.deque(maxlen=RECENT_LENGTH)
+        self.totals = _Stats()
+        self.providers: dict[str, _Stats] = {}
+        self.models: dict[tuple[str, str], _Stats] = {}
+        self.recent: collections.deque[JSON] = collections.deque(maxlen=_RECENT_LENGTH)
         self.series: collections.OrderedDict[int, list[int]] = collections.OrderedDict()
         self.model_count: collections.Counter[str] = collections.Counter()
 
@@ -2824,26 +2812,26 @@ class Metrics:
         self.started = min(self.started, state["started"])
         self.totals.absorb(state["totals"], live)
         for name, stats in state["providers"].items():
-            self.providers.setdefault(name, Stats()).absorb(stats, live)
+            self.providers.setdefault(name, _Stats()).absorb(stats, live)
         for p, m, stats in state["models"]:
-            self.models.setdefault((p, m), Stats()).absorb(stats, live)
+            self.models.setdefault((p, m), _Stats()).absorb(stats, live)
         recent = sorted([*self.recent, *state["recent"]], key=lambda r: r["time"], reverse=True)
-        self.recent = collections.deque(recent[:RECENT_LENGTH], maxlen=RECENT_LENGTH)
+        self.recent = collections.deque(recent[:_RECENT_LENGTH], maxlen=_RECENT_LENGTH)
         for t, slot in state["series"]:
             mine = self.series.setdefault(t, [0, 0, 0, 0])
             mine[:] = [a + b for a, b in zip(mine, slot, strict=True)]
-        self.series = collections.OrderedDict(sorted(self.series.items())[-SERIES_LENGTH:])
+        self.series = collections.OrderedDict(sorted(self.series.items())[-_SERIES_LENGTH:])
 
-    def _targets(self, provider: str, model: str) -> tuple[Stats, ...]:
+    def _targets(self, provider: str, model: str) -> tuple[_Stats, ...]:
         if provider == "-":
             return (self.totals,)
         by_model = self.models.get((provider, model))
         if by_model is None:         # a new model: clients choose names, so the series are bounded
-            key = (provider, model if self.model_count[provider] < MODELS_PER_PROVIDER else "other")
+            key = (provider, model if self.model_count[provider] < _MODELS_PER_PROVIDER else "other")
             if key not in self.models:
                 self.model_count[provider] += 1
-                self.providers.setdefault(provider, Stats())
-            by_model = self.models.setdefault(key, Stats())
+                self.providers.setdefault(provider, _Stats())
+            by_model = self.models.setdefault(key, _Stats())
         return self.totals, self.providers[provider], by_model
 
     def begin(self, provider: str, model: str) -> None:
@@ -2872,13 +2860,13 @@ class Metrics:
                 stats.errors += 1
                 stats.errors_by_type[rec.error_type or "api_error"] += 1
                 stats.last_error = {"type": rec.error_type or "api_error", "message": rec.error_message, "time": now}
-        bucket = int(now) // SERIES_SECONDS * SERIES_SECONDS
+        bucket = int(now) // _SERIES_SECONDS * _SERIES_SECONDS
         slot = self.series.setdefault(bucket, [0, 0, 0, 0])
         slot[0] += 1
         slot[1] += failed
         slot[2] += rec.input_tokens + rec.cache_read_tokens + rec.cache_creation_tokens
         slot[3] += rec.output_tokens
-        while len(self.series) > SERIES_LENGTH:
+        while len(self.series) > _SERIES_LENGTH:
             self.series.popitem(last=False)
         self.recent.appendleft({
             "time": round(now, 3), "request_id": rec.request_id, "client_model": rec.client_model,
@@ -2917,14 +2905,14 @@ class Metrics:
                        .replace("\n", "\\n") for v in values.values())
             return "{" + ",".join(f'{k}="{v}"' for k, v in zip(values, escaped, strict=True)) + "}"
 
-        def family(name: str, kind: str, help_text: str, samples: Callable[[Stats], Iterable[Sample]]) -> None:
+        def family(name: str, kind: str, help_text: str, samples: Callable[[_Stats], Iterable[_Sample]]) -> None:
             lines.extend((f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"))
             for (p, m), stats in self.models.items():
                 lines.extend(f"{name}{suffix}{labels(provider=p, model=m, **more)} {value}"
                              for suffix, more, value in samples(stats))
 
-        def histogram(hist: Histogram) -> Iterable[Sample]:
-            for bound, n in zip((*LATENCY_BUCKETS_MS, math.inf), accumulate(hist.counts), strict=True):
+        def histogram(hist: _Histogram) -> Iterable[_Sample]:
+            for bound, n in zip((*_LATENCY_BUCKETS_MS, math.inf), accumulate(hist.counts), strict=True):
                 yield "_bucket", {"le": "+Inf" if bound == math.inf else f"{bound / 1000:g}"}, n
             yield from (("_sum", {}, f"{hist.sum / 1000:.6f}"), ("_count", {}, sum(hist.counts)))
 
@@ -2956,7 +2944,7 @@ class Runtime:
     tested without waiting; `wall_clock` dates the metrics.
     """
 
-    def __init__(self, config: Config, chain: MiddlewareChain, *, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, config: Config, chain: _MiddlewareChain, *, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Any] = asyncio.sleep, wall_clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.chain = chain
@@ -2964,10 +2952,10 @@ class Runtime:
         self.metrics = Metrics(clock=wall_clock)
         self.keyrings: dict[str, KeyRing] = {}
         self.session: aiohttp.ClientSession | None = None
-        self.model_lists: BoundedCache[tuple[str, bytes], tuple[float, list[JSON]]] = BoundedCache(256)
-        self.token_counts: BoundedCache[bytes, int] = BoundedCache(1024)
-        self.converted_tools: BoundedCache[tuple[str, int, bool, str], Any] = BoundedCache(32)
-        self.learned_limits: BoundedCache[tuple[str, str], int] = BoundedCache(1024)
+        self.model_lists: _BoundedCache[tuple[str, bytes], tuple[float, list[JSON]]] = _BoundedCache(256)
+        self.token_counts: _BoundedCache[bytes, int] = _BoundedCache(1024)
+        self.converted_tools: _BoundedCache[tuple[str, int, bool, str], Any] = _BoundedCache(32)
+        self.learned_limits: _BoundedCache[tuple[str, str], int] = _BoundedCache(1024)
         self.known_values: dict[str, tuple[str, Any]] = {}     # last tools/system text and value
         self.user_hooks = False
         self.aborts: dict[int, Callable[[], None]] = {}   # in-flight upstream requests, for shutdown
@@ -2978,7 +2966,7 @@ class Runtime:
 
     def output_limit(self, provider: Provider, model: str) -> int | None:
         """The cap on a model's max_tokens: the configured one, else one learned from the upstream."""
-        configured, _where = configured_output_limit(self.config, provider, model)
+        configured, _where = _configured_output_limit(self.config, provider, model)
         return configured if configured is not None else self.learned_limits.lookup((provider.name, model))
 
     def route(self, model: str) -> Route:
@@ -2988,7 +2976,7 @@ class Runtime:
 
     def apply(self, config: Config) -> None:
         """Switch to a new configuration; key cool-downs survive when the keys did not change."""
-        self.routes: BoundedCache[str, Route] = BoundedCache(4096)
+        self.routes: _BoundedCache[str, Route] = _BoundedCache(4096)
         self.redact = Redactor(config)
         old = self.keyrings
         self.keyrings = {p.name: old[p.name] if p.name in old and old[p.name].keys == p.keys
@@ -2997,10 +2985,10 @@ class Runtime:
 
 
 RUNTIME: Final = web.AppKey("vandamme.runtime", Runtime)
-HOP_HEADER: Final = "x-vandamme-hop"      # the gateways a request passed: one that comes back is refused (508)
+_HOP_HEADER: Final = "x-vandamme-hop"      # the gateways a request passed: one that comes back is refused (508)
 
 
-def provider_url(provider: Provider, path: str, model: str | None = None) -> str:
+def _provider_url(provider: Provider, path: str, model: str | None = None) -> str:
     """The URL of one of a provider's endpoints (`chat/completions`, `models`, `messages`, ...).
 
     An Azure deployment name is one path segment, quoted so that `/`, `?` or `#` in a model
@@ -3015,10 +3003,10 @@ def provider_url(provider: Provider, path: str, model: str | None = None) -> str
     return f"{base}/{path}"
 
 
-def upstream_headers(provider: Provider, key: str | None, request_id: str) -> dict[str, str]:
+def _upstream_headers(provider: Provider, key: str | None, request_id: str) -> dict[str, str]:
     headers = {"Content-Type": "application/json", "x-request-id": request_id, **dict(provider.headers)}
     if provider.api_format == "anthropic":
-        headers["anthropic-version"] = ANTHROPIC_VERSION
+        headers["anthropic-version"] = _ANTHROPIC_VERSION
     if key:
         style = provider.auth_header
         if style == "auto":
@@ -3041,7 +3029,7 @@ def _is_proxy_key(value: str | None, proxy_key: str) -> bool:
     return hmac.compare_digest((value or "").encode(), proxy_key.encode())
 
 
-def client_key(request: web.Request, proxy_key: str | None) -> str | None:
+def _client_key(request: web.Request, proxy_key: str | None) -> str | None:
     """The client's own upstream key for !PASSTHRU providers.
 
     With PROXY_API_KEY set, one header carries the proxy key and the other the upstream key
@@ -3071,21 +3059,21 @@ def _upstream_failure(provider: Provider, status: int, raw: bytes, headers: Mapp
         return UpstreamError(f"{provider.name}: answered with a redirect (HTTP {status}) to {target}, which vandamme "
                              f"never follows: check {provider.name.upper()}_BASE_URL", status=502, retryable=False)
     try:
-        message = upstream_error_message(json.loads(raw))
+        message = _upstream_error_message(json.loads(raw))
     except ValueError:
         message = None
     if not message:
         message = raw.decode("utf-8", "replace").strip()[:500] or f"HTTP {status}"
     if key and key in message:
-        message = message.replace(key, mask(key))
+        message = message.replace(key, _mask(key))
     if status in (401, 403):        # say which key to fix; Claude Code hides any message that says "x-api-key"
         fix = ("the client's own key (!PASSTHRU) was refused" if provider.passthrough else
                f"{'fix' if provider.keys else 'set'} {provider.name.upper()}_API_KEY where vandamme runs")
         message = f"{re.sub('(?i)x-api-key', 'API key', message)} (HTTP {status}: {fix})"
-    client_status = 400 if status == 422 else status if status in ERROR_TYPE_BY_STATUS else (
+    client_status = 400 if status == 422 else status if status in _ERROR_TYPE_BY_STATUS else (
         400 if status < 500 else 502)
     return UpstreamError(f"{provider.name}: {message}", status=client_status, retry_after=_retry_after(headers),
-                         retryable=status in RETRY_STATUSES or status == 429,
+                         retryable=status in _RETRY_STATUSES or status == 429,
                          reply=(status, raw, headers.get("content-type", "application/json")))
 
 
@@ -3110,7 +3098,7 @@ async def _read_response(response: aiohttp.ClientResponse, provider: Provider, c
         raise
 
 
-async def open_upstream(rt: Runtime, provider: Provider, url: str, data: bytes, *, request_id: str,
+async def _open_upstream(rt: Runtime, provider: Provider, url: str, data: bytes, *, request_id: str,
                         key_override: str | None = None, read_body: bool,
                         extra_headers: Mapping[str, str] | None = None,
                         ) -> tuple[aiohttp.ClientResponse, bytes | None, str | None]:
@@ -3135,7 +3123,7 @@ async def open_upstream(rt: Runtime, provider: Provider, url: str, data: bytes, 
     attempt = key_index = 0
     while True:
         key = keys[key_index]
-        headers = {**upstream_headers(provider, key, request_id), HOP_HEADER: rt.instance, **(extra_headers or {})}
+        headers = {**_upstream_headers(provider, key, request_id), _HOP_HEADER: rt.instance, **(extra_headers or {})}
         response = None
         try:
             async with asyncio.timeout(config.request_timeout):
@@ -3155,10 +3143,10 @@ async def open_upstream(rt: Runtime, provider: Provider, url: str, data: bytes, 
                 return response, body, key
             response.release()
             error = _upstream_failure(provider, response.status, body or b"", response.headers, key)
-            cooldown = KEY_COOLDOWN.get(response.status)
+            cooldown = _KEY_COOLDOWN.get(response.status)
             if cooldown is not None and ring is not None and key is not None:
                 ring.cool(key, error.retry_after if response.status == 429 and error.retry_after else cooldown)
-                logger.warning("%s key %s failed with %d; cooling down", provider.name, key_fingerprint(key),
+                logger.warning("%s key %s failed with %d; cooling down", provider.name, _key_fingerprint(key),
                                response.status)
                 if key_index + 1 < len(keys):
                     key_index += 1
@@ -3168,7 +3156,7 @@ async def open_upstream(rt: Runtime, provider: Provider, url: str, data: bytes, 
             attempt += 1
             delay = min(8.0, 0.25 * 2 ** attempt) * (0.5 + random.random() / 2)
             if error.retry_after is not None:
-                delay = min(error.retry_after, RETRY_AFTER_CAP)
+                delay = min(error.retry_after, _RETRY_AFTER_CAP)
             logger.info("%s: %s; retry %d/%d in %.2fs", provider.name, error, attempt, config.max_retries, delay)
             await rt.sleep(delay)
             continue
@@ -3178,7 +3166,7 @@ async def open_upstream(rt: Runtime, provider: Provider, url: str, data: bytes, 
 _MODEL_FIELD: Final = re.compile(rb'"model"\s*:\s*("(?:[^"\\]|\\.)*")')
 
 
-def replace_model(raw: bytes, body: JSON, model: str) -> bytes:
+def _replace_model(raw: bytes, body: JSON, model: str) -> bytes:
     """The request bytes with only the top-level `model` changed (no re-encoding)."""
     if body.get("model") == model:
         return raw
@@ -3193,7 +3181,7 @@ def replace_model(raw: bytes, body: JSON, model: str) -> bytes:
     return json.dumps({**body, "model": model}).encode()
 
 
-async def fetch_models(rt: Runtime, provider: Provider, key: str | None) -> list[JSON]:
+async def _fetch_models(rt: Runtime, provider: Provider, key: str | None) -> list[JSON]:
     """A provider's model list (cached MODELS_CACHE_SECONDS); failures are logged and skipped.
 
     A list fetched with a client's own key (!PASSTHRU) is cached for that key only.
@@ -3203,18 +3191,18 @@ async def fetch_models(rt: Runtime, provider: Provider, key: str | None) -> list
     cache_key = (provider.name, hashlib.sha256(key.encode()).digest() if provider.passthrough and key else b"")
     now = rt.clock()
     cached = rt.model_lists.lookup(cache_key)
-    if cached and now - cached[0] < MODELS_CACHE_SECONDS:
+    if cached and now - cached[0] < _MODELS_CACHE_SECONDS:
         return cached[1]
     assert rt.session is not None
     try:
         async with asyncio.timeout(min(rt.config.request_timeout, 15.0)):
-            async with rt.session.get(provider_url(provider, "models"), allow_redirects=False,
-                                      headers={**upstream_headers(provider, key, "models"),
-                                               HOP_HEADER: rt.instance}) as response:
+            async with rt.session.get(_provider_url(provider, "models"), allow_redirects=False,
+                                      headers={**_upstream_headers(provider, key, "models"),
+                                               _HOP_HEADER: rt.instance}) as response:
                 raw = await _read_response(response, provider, rt.config)
                 if response.status >= 300:
                     raise _upstream_failure(provider, response.status, raw, response.headers)
-                data = JSON_DECODE(raw.decode())
+                data = _JSON_DECODE(raw.decode())
     except (aiohttp.ClientError, TimeoutError, OSError, ValueError, UpstreamError) as exc:
         logger.warning("model list of %s unavailable: %s", provider.name, exc)
         return []
@@ -3228,16 +3216,16 @@ async def fetch_models(rt: Runtime, provider: Provider, key: str | None) -> list
 # §13  HTTP handlers
 # ---------------------------------------------------------------------------
 
-RECORD: Final = web.RequestKey("vandamme.record", RequestRecord)
-REPORT_PATHS: Final = frozenset({"/health", "/metrics", "/metrics/running-totals", "/v1/models", "/v1/aliases"})
+_RECORD: Final = web.RequestKey("vandamme.record", RequestRecord)
+_REPORT_PATHS: Final = frozenset({"/health", "/metrics", "/metrics/running-totals", "/v1/models", "/v1/aliases"})
 # What answers without PROXY_API_KEY: Claude Code's probes, the dashboard's empty shell (it asks
 # for the key itself) and a /health that says only {"status": ...}. Everything else needs the key.
-PUBLIC_ROUTES: Final = frozenset({("HEAD", "/"), ("GET", "/"), ("HEAD", "/api/hello"), ("GET", "/api/hello"),
+_PUBLIC_ROUTES: Final = frozenset({("HEAD", "/"), ("GET", "/"), ("HEAD", "/api/hello"), ("GET", "/api/hello"),
                                   ("GET", "/health")})
 
 
 def _json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
-    return web.Response(body=JSON_ENCODE(data).encode(), status=status, headers=headers,
+    return web.Response(body=_JSON_ENCODE(data).encode(), status=status, headers=headers,
                         content_type="application/json")
 
 
@@ -3280,21 +3268,21 @@ def _as_error(exc: Exception, request: web.Request, config: Config) -> VandammeE
                    405: f"method {request.method} not allowed on {request.path}"}.get(exc.status, exc.reason)
         return VandammeError(message, status=exc.status,
                              error_type="not_found_error" if exc.status == 404 else None)
-    logger.error("request %s failed: %s", request[RECORD].request_id, exc, exc_info=exc)
+    logger.error("request %s failed: %s", request[_RECORD].request_id, exc, exc_info=exc)
     return VandammeError("internal error in vandamme; see its log", status=500)
 
 
 @web.middleware
-async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+async def _error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     """Request ids, client authentication, the request's record, and every error as Anthropic JSON."""
     rt = request.app[RUNTIME]
     rec = RequestRecord(request_id=request.headers.get("x-request-id", "")[:128] or "req_" + secrets.token_hex(12),
                         started=rt.clock(), path=request.path if request.path == "/v1/messages"
                         else f"{request.method} {request.path}")
-    request[RECORD] = rec
+    request[_RECORD] = rec
     response: web.StreamResponse | None = None
     try:
-        if (request.method, request.path) not in PUBLIC_ROUTES and not _has_proxy_key(request):
+        if (request.method, request.path) not in _PUBLIC_ROUTES and not _has_proxy_key(request):
             raise AuthenticationError("vandamme rejected the client's key: this gateway requires its PROXY_API_KEY; "
                                       "set ANTHROPIC_API_KEY (or ANTHROPIC_AUTH_TOKEN) to it where the client runs")
         response = await handler(request)
@@ -3312,7 +3300,7 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         _finish_record(rt, rec, response)
     if not response.prepared:
         response.headers["request-id"] = rec.request_id
-        if request.path in REPORT_PATHS and isinstance(response, web.Response) and response.text:
+        if request.path in _REPORT_PATHS and isinstance(response, web.Response) and response.text:
             response.text = _redaction(request)(response.text)
     return response
 
@@ -3323,7 +3311,7 @@ def _finish_record(rt: Runtime, rec: RequestRecord, response: web.StreamResponse
     rec.status = rec.status or (response.status if response is not None else 499)
     if rec.path == "/v1/messages" or rec.status >= 400:
         rt.metrics.record(rec)
-        log_access(rt, rec)
+        _log_access(rt, rec)
 
 
 def _has_proxy_key(request: web.Request) -> bool:
@@ -3336,7 +3324,7 @@ def _has_proxy_key(request: web.Request) -> bool:
     return _is_proxy_key(x_api_key, proxy_key) | _is_proxy_key(bearer, proxy_key)
 
 
-class Incoming:
+class _Incoming:
     """A request body in its three forms; `release()` drops them once the upstream committed.
 
     A stream can stay open for minutes: holding a 50 KB body as bytes, text and a decoded
@@ -3377,7 +3365,7 @@ async def _read_limited(content: aiohttp.StreamReader, limit: int, too_large: Ca
 
 
 async def _read_json(request: web.Request, config: Config,
-                     known: dict[str, tuple[str, Any]] | None = None) -> Incoming:
+                     known: dict[str, tuple[str, Any]] | None = None) -> _Incoming:
     # Read from the stream ourselves: request.read() would keep a copy on the request object.
     limit = config.max_request_bytes
     if request.content_length is not None and request.content_length > limit:
@@ -3392,15 +3380,15 @@ async def _read_json(request: web.Request, config: Config,
     except UnicodeDecodeError as exc:
         raise InvalidRequestError(f"request body is not valid UTF-8: {exc}") from None
     try:
-        body, spans = decode_with_spans(text, known)
+        body, spans = _decode_with_spans(text, known)
     except ValueError as exc:
         raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise InvalidRequestError("request body is nested too deeply to be decoded") from None
-    return Incoming(raw, text, body, spans)
+    return _Incoming(raw, text, body, spans)
 
 
-def log_access(rt: Runtime, rec: RequestRecord) -> None:
+def _log_access(rt: Runtime, rec: RequestRecord) -> None:
     """One line per answered request; a failure says why, escaped so that no client text can forge a line."""
     if not logger.isEnabledFor(logging.INFO):
         return
@@ -3426,18 +3414,18 @@ def log_access(rt: Runtime, rec: RequestRecord) -> None:
 def _hops(request: web.Request) -> dict[str, str]:
     """HOP_HEADER for the upstream: the gateways this request passed, this one last. Coming back is a loop."""
     rt = request.app[RUNTIME]
-    seen = request.headers.get(HOP_HEADER, "")
+    seen = request.headers.get(_HOP_HEADER, "")
     if rt.instance in seen.split(","):
         raise VandammeError("loop detected: this request came back to the vandamme that sent it; a provider's "
                             "base URL ({PROVIDER}_BASE_URL) points at this gateway", status=508, retryable=False)
-    return {HOP_HEADER: f"{seen},{rt.instance}" if seen else rt.instance}
+    return {_HOP_HEADER: f"{seen},{rt.instance}" if seen else rt.instance}
 
 
-async def handle_messages(request: web.Request) -> web.StreamResponse:
+async def _handle_messages(request: web.Request) -> web.StreamResponse:
     """POST /v1/messages: route, convert or relay, with fallbacks before the first byte."""
     rt = request.app[RUNTIME]
     config = rt.config
-    rec = request[RECORD]
+    rec = request[_RECORD]
     # Decoded values are shared between requests only while no user hook could change them.
     incoming = await _read_json(request, config, None if rt.user_hooks else rt.known_values)
     validate_messages_request(incoming.body)
@@ -3471,16 +3459,16 @@ def _tools_for(rt: Runtime, provider: Provider, body: JSON, tools_text: str | No
     key = (provider.name, provider.tool_name_max, responses, tools_text)
     cached = rt.converted_tools.lookup(key)
     if cached is None:
-        functions, names = convert_tools(body["tools"], provider)
-        functions = responses_tools(functions) if responses else functions
-        cached = rt.converted_tools.put(key, (functions, names, ',"tools":' + JSON_ENCODE(functions) if functions
+        functions, names = _convert_tools(body["tools"], provider)
+        functions = _responses_tools(functions) if responses else functions
+        cached = rt.converted_tools.put(key, (functions, names, ',"tools":' + _JSON_ENCODE(functions) if functions
                                               else ""))
     return cached
 
 
 async def _converted(request: web.Request, rt: Runtime, provider: Provider, model: str,
-                     incoming: Incoming) -> web.StreamResponse:
-    config, rec = rt.config, request[RECORD]
+                     incoming: _Incoming) -> web.StreamResponse:
+    config, rec = rt.config, request[_RECORD]
     body = incoming.body
     exchange = Exchange(request_id=rec.request_id, client_model=rec.client_model, provider=provider, model=model,
                         body=body, stream=rec.streamed, config=config)
@@ -3490,17 +3478,17 @@ async def _converted(request: web.Request, rt: Runtime, provider: Provider, mode
     convert = anthropic_to_responses if responses else anthropic_to_openai
     payload, exchange.conv = convert(body, provider, model, max_tokens_limit=rt.output_limit(provider, model),
                                      tools=cached[:2] if cached else None)
-    payload = run_hooks(hooks["on_request"], exchange, payload)
+    payload = _run_hooks(hooks["on_request"], exchange, payload)
     data = _encode_payload(payload, cached)
     # message_start carries an input estimate (Claude Code shows it); ~4.3 bytes a token
     # for compact JSON, and free, unlike a tokenizer pass on every streamed request.
     conv = exchange.conv
-    exchange.input_estimate = (len(data) - conv.attachment_chars) // 4 + conv.images * IMAGE_TOKENS
-    url = provider_url(provider, "responses" if responses else "chat/completions", model)
+    exchange.input_estimate = (len(data) - conv.attachment_chars) // 4 + conv.images * _IMAGE_TOKENS
+    url = _provider_url(provider, "responses" if responses else "chat/completions", model)
 
     async def send(data: bytes) -> tuple[aiohttp.ClientResponse, bytes | None, str | None]:
-        return await open_upstream(rt, provider, url, data, request_id=rec.request_id, read_body=not rec.streamed,
-                                   key_override=client_key(request, config.proxy_api_key),
+        return await _open_upstream(rt, provider, url, data, request_id=rec.request_id, read_body=not rec.streamed,
+                                   key_override=_client_key(request, config.proxy_api_key),
                                    extra_headers=_hops(request))
 
     try:
@@ -3509,13 +3497,13 @@ async def _converted(request: web.Request, rt: Runtime, provider: Provider, mode
         if not _lower_output_limit(rt, provider, model, payload, exc):
             raise
         response, raw, key = await send(_encode_payload(payload, cached))
-    rec.key = key_fingerprint(key)
+    rec.key = _key_fingerprint(key)
     if rec.streamed:
         del body, payload, data, cached
         exchange.body = incoming.release()
         return await _StreamRelay(rt, exchange, hooks, response, rec).run(request)
     message = _completion_message(exchange, hooks, raw or b"")
-    message = run_hooks(hooks["on_response"], exchange, message)
+    message = _run_hooks(hooks["on_response"], exchange, message)
     rec.use_usage(message["usage"])
     return _json_response(message)
 
@@ -3523,9 +3511,9 @@ async def _converted(request: web.Request, rt: Runtime, provider: Provider, mode
 def _encode_payload(payload: JSON, cached: Any) -> bytes:
     """The payload as bytes; tools converted by an earlier request are spliced in already encoded."""
     if not (cached and cached[2] and payload.get("tools") is cached[0]):
-        return JSON_ENCODE(payload).encode()
+        return _JSON_ENCODE(payload).encode()
     tools = payload.pop("tools")
-    data = (JSON_ENCODE(payload)[:-1] + cached[2] + "}").encode()
+    data = (_JSON_ENCODE(payload)[:-1] + cached[2] + "}").encode()
     payload["tools"] = tools
     return data
 
@@ -3545,14 +3533,14 @@ def _lower_output_limit(rt: Runtime, provider: Provider, model: str, payload: JS
     return True
 
 
-def _completion_message(exchange: Exchange, hooks: BoundHooks, raw: bytes) -> JSON:
+def _completion_message(exchange: Exchange, hooks: _BoundHooks, raw: bytes) -> JSON:
     """A whole (non-streamed) completion, through the hooks, as an Anthropic message."""
     try:
-        completion = JSON_DECODE(raw.decode())
+        completion = _JSON_DECODE(raw.decode())
     except ValueError:
         raise UpstreamError(f"{exchange.provider.name}: answered with invalid JSON: {raw[:200]!r}",
                             status=502) from None
-    completion = run_hooks(hooks["on_upstream_response"], exchange, completion)
+    completion = _run_hooks(hooks["on_upstream_response"], exchange, completion)
     convert = responses_to_anthropic if exchange.conv.responses else openai_to_anthropic
     return convert(completion, exchange.conv, exchange.client_model)
 
@@ -3566,12 +3554,12 @@ class _StreamRelay:
     silent for STREAM_IDLE_TIMEOUT is closed.
     """
 
-    def __init__(self, rt: Runtime, exchange: Exchange, hooks: BoundHooks, upstream: aiohttp.ClientResponse,
+    def __init__(self, rt: Runtime, exchange: Exchange, hooks: _BoundHooks, upstream: aiohttp.ClientResponse,
                  rec: RequestRecord) -> None:
         self.rt, self.exchange, self.hooks, self.upstream, self.rec = rt, exchange, hooks, upstream, rec
         translator = ResponsesTranslator if exchange.conv.responses else StreamTranslator
         self.translator = translator(rec.client_model, exchange.conv, input_tokens=exchange.input_estimate)
-        self.response = web.StreamResponse(status=200, headers={**SSE_HEADERS, "request-id": rec.request_id})
+        self.response = web.StreamResponse(status=200, headers={**_SSE_HEADERS, "request-id": rec.request_id})
         self.last_read = self.last_write = rt.clock()
         self.closed_because = ""                  # "idle" or "shutdown" once we cut the upstream
 
@@ -3635,7 +3623,7 @@ class _StreamRelay:
                     break
                 for chunk in _decode_chunk(payload):
                     if chunk_hooks and isinstance(chunk, dict):
-                        chunk = run_hooks(chunk_hooks, self.exchange, chunk)
+                        chunk = _run_hooks(chunk_hooks, self.exchange, chunk)
                     events.extend(translator.feed(chunk))
             await self._emit(events)
             if data is None:
@@ -3660,12 +3648,12 @@ class _StreamRelay:
 
     async def _keepalive(self) -> None:
         while True:
-            await asyncio.sleep(PING_INTERVAL / 3)
+            await asyncio.sleep(_PING_INTERVAL / 3)
             now = self.rt.clock()
             if now - self.last_read >= self.rt.config.stream_idle_timeout:
                 self.close_upstream("idle")
                 return
-            if now - self.last_write >= PING_INTERVAL:
+            if now - self.last_write >= _PING_INTERVAL:
                 self.last_write = now
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     await self.response.write(b'event: ping\ndata: {"type":"ping"}\n\n')
@@ -3706,25 +3694,25 @@ async def _end_stream_with_error(response: web.StreamResponse, rec: RequestRecor
         await response.write_eof()
 
 
-async def _relay_anthropic(request: web.Request, rt: Runtime, provider: Provider, model: str, incoming: Incoming,
+async def _relay_anthropic(request: web.Request, rt: Runtime, provider: Provider, model: str, incoming: _Incoming,
                            path: str) -> web.StreamResponse:
     """Anthropic-format provider: forward the body with only `model` replaced; relay the bytes back."""
-    rec = request[RECORD]
-    data = replace_model(incoming.raw, incoming.body, model)
-    extra = {**{name: request.headers[name] for name in RELAYED_REQUEST_HEADERS if name in request.headers},
+    rec = request[_RECORD]
+    data = _replace_model(incoming.raw, incoming.body, model)
+    extra = {**{name: request.headers[name] for name in _RELAYED_REQUEST_HEADERS if name in request.headers},
              **_hops(request)}
     streamed = path == "messages" and incoming.body.get("stream") is True
     try:
-        upstream, raw_reply, key = await open_upstream(
-            rt, provider, provider_url(provider, path), data, request_id=rec.request_id, read_body=not streamed,
-            key_override=client_key(request, rt.config.proxy_api_key), extra_headers=extra)
+        upstream, raw_reply, key = await _open_upstream(
+            rt, provider, _provider_url(provider, path), data, request_id=rec.request_id, read_body=not streamed,
+            key_override=_client_key(request, rt.config.proxy_api_key), extra_headers=extra)
     except UpstreamError as exc:
         exc.verbatim = exc.status not in (401, 403)     # the provider's own status and body, but say which key
         raise
-    rec.key = key_fingerprint(key)
+    rec.key = _key_fingerprint(key)
     del data
     incoming.release()
-    headers = {k: v for k in RELAYED_RESPONSE_HEADERS if (v := upstream.headers.get(k))}
+    headers = {k: v for k in _RELAYED_RESPONSE_HEADERS if (v := upstream.headers.get(k))}
     headers["request-id"] = rec.request_id
     if not streamed:
         with contextlib.suppress(ValueError, AttributeError):
@@ -3755,7 +3743,7 @@ async def _relay_anthropic(request: web.Request, rt: Runtime, provider: Provider
     return response
 
 
-async def handle_count_tokens(request: web.Request) -> web.StreamResponse:
+async def _handle_count_tokens(request: web.Request) -> web.StreamResponse:
     """POST /v1/messages/count_tokens: the provider's own count for Anthropic-format ones, else an estimate."""
     rt = request.app[RUNTIME]
     incoming = await _read_json(request, rt.config)
@@ -3782,7 +3770,7 @@ def _model_entry(model_id: str, display_name: str, created: Any = None) -> JSON:
     return {"type": "model", "id": model_id, "display_name": display_name, "created_at": created}
 
 
-async def handle_models(request: web.Request) -> web.StreamResponse:
+async def _handle_models(request: web.Request) -> web.StreamResponse:
     """GET /v1/models: the alias names, then each provider's own models as provider:model.
 
     Every id comes with where a request for it goes, as resolve_model decides it.
@@ -3790,23 +3778,23 @@ async def handle_models(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     config = rt.config
     _hops(request)
-    entries = {name: _model_entry(name, f"{name} -> {route_text(route)}") for name, route in listed_routes(config)}
-    key = client_key(request, config.proxy_api_key)
-    lists = await asyncio.gather(*(fetch_models(rt, p, key) for p in config.providers))
+    entries = {name: _model_entry(name, f"{name} -> {_route_text(route)}") for name, route in listed_routes(config)}
+    key = _client_key(request, config.proxy_api_key)
+    lists = await asyncio.gather(*(_fetch_models(rt, p, key) for p in config.providers))
     for provider, models in zip(config.providers, lists, strict=True):
         for model in models:
             name = f"{provider.name}:{model['id']}"
             route = rt.route(name)
             shown = model.get("display_name") or model["id"]
             if route.targets[0] != Target(provider.name, model["id"]):
-                shown = f"{shown} -> {route_text(route)}"
+                shown = f"{shown} -> {_route_text(route)}"
             entries.setdefault(name, _model_entry(name, shown, model.get("created") or model.get("created_at")))
     data = list(entries.values())
     return _json_response({"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
                            "last_id": data[-1]["id"] if data else None})
 
 
-async def handle_aliases(request: web.Request) -> web.StreamResponse:
+async def _handle_aliases(request: web.Request) -> web.StreamResponse:
     config = request.app[RUNTIME].config
     return _json_response({"default_provider": config.default_provider, "aliases": [
         {"provider": a.provider, "name": a.name, "target": a.target, "source": a.source} for a in config.aliases],
@@ -3814,49 +3802,49 @@ async def handle_aliases(request: web.Request) -> web.StreamResponse:
                     "rule": route.rule} for name, route in listed_routes(config)]})
 
 
-async def instance_view(app: web.Application) -> tuple[Metrics, dict[str, int], int]:
+async def _instance_view(app: web.Application) -> tuple[Metrics, dict[str, int], int]:
     """The whole instance's metrics, key cool-downs (the most any worker has) and live worker count."""
-    rt, worker = app[RUNTIME], app.get(WORKER)
+    rt, worker = app[RUNTIME], app.get(_WORKER)
     if worker is None:           # one process: its own numbers, no extra work
         return rt.metrics, {name: ring.cooling() for name, ring in rt.keyrings.items()}, 1
     return await worker.gather()
 
 
-async def health(app: web.Application) -> JSON:
+async def _health(app: web.Application) -> JSON:
     config = app[RUNTIME].config
-    metrics, cooling, workers = await instance_view(app)
+    metrics, cooling, workers = await _instance_view(app)
     return {"status": "ok" if config.providers else "no_providers", "version": __version__,
             "default_provider": config.default_provider, "workers": workers,
             "uptime_s": round(metrics.clock() - metrics.started, 1),
-            "providers": provider_summary(config, cooling),
+            "providers": _provider_summary(config, cooling),
             "output_limits": {f"{p}:{m}": limit for (p, m), limit in app[RUNTIME].learned_limits.items()},
-            **({"hint": NO_PROVIDER}
+            **({"hint": _NO_PROVIDER}
                if not config.providers else {})}
 
 
-async def handle_health(request: web.Request) -> web.StreamResponse:
+async def _handle_health(request: web.Request) -> web.StreamResponse:
     """The detailed view needs the proxy key; without it only the status is public."""
     if not _has_proxy_key(request):
         return _json_response({"status": "ok" if request.app[RUNTIME].config.providers else "no_providers"})
-    return _json_response(await health(request.app))
+    return _json_response(await _health(request.app))
 
 
-async def handle_running_totals(request: web.Request) -> web.StreamResponse:
-    metrics = (await instance_view(request.app))[0]
+async def _handle_running_totals(request: web.Request) -> web.StreamResponse:
+    metrics = (await _instance_view(request.app))[0]
     return _json_response(metrics.snapshot(request.query.get("provider"), request.query.get("model")))
 
 
-async def handle_prometheus(request: web.Request) -> web.StreamResponse:
-    return web.Response(text=(await instance_view(request.app))[0].prometheus(),
+async def _handle_prometheus(request: web.Request) -> web.StreamResponse:
+    return web.Response(text=(await _instance_view(request.app))[0].prometheus(),
                         content_type="text/plain", charset="utf-8", headers={"X-Content-Version": "0.0.4"})
 
 
-async def handle_ok(request: web.Request) -> web.StreamResponse:
+async def _handle_ok(request: web.Request) -> web.StreamResponse:
     return _json_response({"ok": True})
 
 
-async def handle_dashboard(request: web.Request) -> web.StreamResponse:
-    return web.Response(text=DASHBOARD_HTML, content_type="text/html", charset="utf-8",
+async def _handle_dashboard(request: web.Request) -> web.StreamResponse:
+    return web.Response(text=_DASHBOARD_HTML, content_type="text/html", charset="utf-8",
                         headers={"Cache-Control": "no-store"})
 
 # ---------------------------------------------------------------------------
@@ -3865,7 +3853,7 @@ async def handle_dashboard(request: web.Request) -> web.StreamResponse:
 
 # One self-contained page (inline CSS, JS and SVG; no external assets). It polls /health and
 # /metrics/running-totals every 2 s and asks for the key when PROXY_API_KEY is set.
-DASHBOARD_HTML: Final = """<!DOCTYPE html>
+_DASHBOARD_HTML: Final = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
 <title>vandamme</title>
 <style>
@@ -4181,7 +4169,7 @@ def _default_toml_text() -> str:
         return defaults_toml()
 
 
-def read_toml_layers(*, cwd: Path, home: Path, config_path: str | None) -> list[tuple[str, Path, dict[str, Any]]]:
+def _read_toml_layers(*, cwd: Path, home: Path, config_path: str | None) -> list[tuple[str, Path, dict[str, Any]]]:
     """The TOML files in effect, lowest priority first, as (source, path, data)."""
     layers = [("defaults", Path("defaults.toml"), _read_toml(Path("defaults.toml"), _default_toml_text()))]
     if config_path:
@@ -4212,23 +4200,40 @@ def load_config(environ: Mapping[str, str], *, cwd: Path | str | None = None,
             dotenv = parse_dotenv(dotenv_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{dotenv_path}: cannot read: {exc}") from None
-    layers = read_toml_layers(cwd=cwd, home=home, config_path=config_path)
+    layers = _read_toml_layers(cwd=cwd, home=home, config_path=config_path)
     return parse_config(environ, dotenv, layers, overrides=overrides)
 
 
-def builtin_middleware(config: Config) -> list[Middleware]:
+def load_middleware(path: str) -> list[Middleware]:
+    """Load hooks from a Python file: a `MIDDLEWARE` list of objects, or module-level functions."""
+    file = Path(path).expanduser()
+    spec = importlib.util.spec_from_file_location(f"vandamme_middleware_{file.stem}", file)
+    if spec is None or spec.loader is None or not file.is_file():
+        raise ConfigError(f"middleware {path}: no such Python file")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # a user's file may raise anything at import
+        raise ConfigError(f"middleware {path}: failed to load: {type(exc).__name__}: {exc}") from None
+    hooks = getattr(module, "MIDDLEWARE", None)
+    if hooks is not None:
+        return list(hooks)
+    return [_ModuleMiddleware(module, file.stem)]
+
+
+def _builtin_middleware(config: Config) -> list[Middleware]:
     """The provider dialects, written as ordinary middleware."""
-    return [GeminiDialect(config.gemini_signatures), ReasoningHistoryDialect(), ThinkTagsDialect()]
+    return [_GeminiDialect(config.gemini_signatures), _ReasoningHistoryDialect(), _ThinkTagsDialect()]
 
 
 def create_app(config: Config, *, middleware: Sequence[Any] | None = None) -> web.Application:
     """Build the aiohttp application for `config` (tests call this directly)."""
-    hooks = builtin_middleware(config) + list(middleware or ())
+    hooks = _builtin_middleware(config) + list(middleware or ())
     if middleware is None and config.middleware:
         hooks += load_middleware(config.middleware)
-    rt = Runtime(config, MiddlewareChain(hooks))
-    rt.user_hooks = len(hooks) > len(builtin_middleware(config))
-    app = web.Application(client_max_size=config.max_request_bytes, middlewares=[error_middleware])
+    rt = Runtime(config, _MiddlewareChain(hooks))
+    rt.user_hooks = len(hooks) > len(_builtin_middleware(config))
+    app = web.Application(client_max_size=config.max_request_bytes, middlewares=[_error_middleware])
     app[RUNTIME] = rt
 
     async def client_session(app: web.Application) -> Any:
@@ -4258,17 +4263,17 @@ def create_app(config: Config, *, middleware: Sequence[Any] | None = None) -> we
     app.cleanup_ctx.append(client_session)
     app.on_shutdown.append(drain)
     router = app.router
-    router.add_post("/v1/messages", handle_messages)
-    router.add_post("/v1/messages/count_tokens", handle_count_tokens)
+    router.add_post("/v1/messages", _handle_messages)
+    router.add_post("/v1/messages/count_tokens", _handle_count_tokens)
     # A HEAD never runs a GET handler's work (a HEAD of /v1/models must not fetch model lists).
-    for path, handler in (("/v1/models", handle_models), ("/v1/aliases", handle_aliases),
-                          ("/metrics", handle_prometheus), ("/metrics/running-totals", handle_running_totals)):
+    for path, handler in (("/v1/models", _handle_models), ("/v1/aliases", _handle_aliases),
+                          ("/metrics", _handle_prometheus), ("/metrics/running-totals", _handle_running_totals)):
         router.add_get(path, handler, allow_head=False)
-    router.add_get("/health", handle_health)
-    router.add_get("/", handle_dashboard)
-    router.add_get("/api/hello", handle_ok)            # HEAD /api/hello too: Claude Code's probe
-    router.add_post("/api/event_logging/batch", handle_ok)
-    router.add_post("/api/event_logging/v2/batch", handle_ok)
+    router.add_get("/health", _handle_health)
+    router.add_get("/", _handle_dashboard)
+    router.add_get("/api/hello", _handle_ok)            # HEAD /api/hello too: Claude Code's probe
+    router.add_post("/api/event_logging/batch", _handle_ok)
+    router.add_post("/api/event_logging/v2/batch", _handle_ok)
     return app
 
 
@@ -4313,7 +4318,7 @@ class _QuietParserErrors(logging.Filter):
         return True
 
 
-def setup_logging(config: Config) -> None:
+def _setup_logging(config: Config) -> None:
     logging.getLogger("aiohttp.server").addFilter(_QuietParserErrors())
     handler = logging.StreamHandler()
     handler.setFormatter(_LogFormatter(config))
@@ -4323,20 +4328,20 @@ def setup_logging(config: Config) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
-def startup_banner(config: Config, port: int) -> str:
+def _startup_banner(config: Config, port: int) -> str:
     host = "localhost" if config.host in ("127.0.0.1", "0.0.0.0", "::") else config.host
     lines = [f"vandamme {__version__} listening on http://{config.host}:{port}",
              f"  export ANTHROPIC_BASE_URL=http://{host}:{port}"]
     if not config.providers:
-        lines.append(f"  {NO_PROVIDER}")
+        lines.append(f"  {_NO_PROVIDER}")
     lines += [f"  provider {name:<14} {fmt:<14} {url}  {keys}" for name, fmt, url, keys
-              in map(summary_cells, provider_summary(config))]
+              in map(_summary_cells, _provider_summary(config))]
     lines.append(f"  default provider: {config.default_provider or '-'}; {len(config.aliases)} aliases")
     lines.extend(f"  warning: {w}" for w in config.warnings)
     return "\n".join(lines)
 
 
-class Worker:
+class _Worker:
     """One of `--workers N`. It answers its live numbers on RUN_DIR/PID-RANDOM.sock to the sibling serving a scrape, and
     keeps RUN_DIR/PID-RANDOM.json no older than anything it handed out (rewritten then, and each second): so a worker
     that dies keeps its counts, and merged counters never go down, whichever worker answers."""
@@ -4413,16 +4418,16 @@ class Worker:
         os.kill(self.pid, signal.SIGTERM)
 
 
-WORKER: Final = web.AppKey("vandamme.worker", Worker)
+_WORKER: Final = web.AppKey("vandamme.worker", _Worker)
 
 
-async def serve(config: Config, reload: Callable[[], Config] | None = None, *, reuse_port: bool = False,
+async def _serve(config: Config, reload: Callable[[], Config] | None = None, *, reuse_port: bool = False,
                 announce: bool = True, worker: tuple[Path, int] | None = None) -> None:
     """Run until SIGTERM/SIGINT; then drain gracefully. SIGHUP reloads the configuration."""
     app = create_app(config)
     if worker:
-        app[WORKER] = Worker(app[RUNTIME], *worker)
-        app.cleanup_ctx.append(app[WORKER].run)
+        app[_WORKER] = _Worker(app[RUNTIME], *worker)
+        app.cleanup_ctx.append(app[_WORKER].run)
     # Startup objects never die: keep them out of every future full collection. (Raising
     # the GC thresholds saved little CPU and let the soak test's memory grow by a third.)
     gc.freeze()
@@ -4441,7 +4446,7 @@ async def serve(config: Config, reload: Callable[[], Config] | None = None, *, r
         raise ConfigError(f"cannot listen on {config.host}:{config.port}: {why}") from None
     port = runner.addresses[0][1] if runner.addresses else config.port
     if announce:
-        print(startup_banner(config, port), flush=True)
+        print(_startup_banner(config, port), flush=True)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -4476,14 +4481,14 @@ def _fork_worker(config: Config, reload: Callable[[], Config], run_dir: Path, an
         signal.signal(sig, signal.SIG_DFL)     # until serve() installs its own: never the parent's
     code = 0
     try:
-        asyncio.run(serve(config, reload, reuse_port=True, announce=announce, worker=(run_dir, parent)))
+        asyncio.run(_serve(config, reload, reuse_port=True, announce=announce, worker=(run_dir, parent)))
     except BaseException as exc:
         logger.error("worker %d stopped: %s", os.getpid(), exc)
         code = 1
     os._exit(code)
 
 
-def run_server(config: Config, reload: Callable[[], Config], workers: int) -> int:
+def _run_server(config: Config, reload: Callable[[], Config], workers: int) -> int:
     """Serve in this process, or supervise `workers` processes sharing the port (SO_REUSEPORT): a worker that
     dies is restarted (backoff 0.5 s doubling to 30 s while it keeps dying young); SIGTERM/SIGINT/SIGHUP are
     forwarded; after SIGTERM/SIGINT, wait for the workers to drain, then exit 0."""
@@ -4492,7 +4497,7 @@ def run_server(config: Config, reload: Callable[[], Config], workers: int) -> in
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
         logger.debug("using uvloop")
     if workers <= 1:
-        asyncio.run(serve(config, reload))
+        asyncio.run(_serve(config, reload))
         return 0
     try:    # workers bind with SO_REUSEPORT, which could share a port another process holds the same way
         with socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET) as probe:
@@ -4547,7 +4552,7 @@ def _style(text: str, code: str, stream: Any = None) -> str:
     return f"\033[{code}m{text}\033[0m"
 
 
-def format_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+def _format_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     """Aligned columns for terminals."""
     rows = [[str(c) for c in row] for row in rows]
     widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h)) for i, h in enumerate(header)]
@@ -4557,7 +4562,7 @@ def format_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _build_parser() -> argparse.ArgumentParser:
     serve_options = argparse.ArgumentParser(add_help=False)
     serve_options.add_argument("--host", default=argparse.SUPPRESS, help="address to bind (HOST)")
     serve_options.add_argument("--port", type=int, default=argparse.SUPPRESS, help="port (PORT, default 8082)")
@@ -4639,16 +4644,16 @@ def _command(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> i
     if argv[:1] == ["claude"]:        # everything after `claude` belongs to claude, options included
         rest = argv[1:]
         config_path = rest[1] if rest[:1] == ["--config"] and len(rest) > 1 else None
-        return cli_claude(environ, argparse.Namespace(config=config_path, args=rest[2:] if config_path else rest))
-    args = build_parser().parse_args(argv)
+        return _cli_claude(environ, argparse.Namespace(config=config_path, args=rest[2:] if config_path else rest))
+    args = _build_parser().parse_args(argv)
     command = args.command or "serve"
     if command == "version":
         print(f"vandamme {__version__}")
         return 0
     if command == "config" and args.config_command == "init":
-        return config_init(args, environ)
+        return _config_init(args, environ)
     if command == "health" and args.url:
-        return cli_health(args.url, environ.get("PROXY_API_KEY"))
+        return _cli_health(args.url, environ.get("PROXY_API_KEY"))
     overrides = {"host": getattr(args, "host", None), "port": getattr(args, "port", None),
                  "log_level": getattr(args, "log_level", None), "middleware": getattr(args, "middleware", None)}
     if overrides["log_level"]:
@@ -4685,48 +4690,48 @@ class _Redacted:
 def _configured_command(command: str, args: argparse.Namespace, config: Config, load: Callable[[], Config]) -> int:
     if command == "health":
         host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "::1": "[::1]"}.get(config.host, config.host)
-        return cli_health(f"http://{host}:{config.port}", config.proxy_api_key)
+        return _cli_health(f"http://{host}:{config.port}", config.proxy_api_key)
     if command == "config":
         if args.config_command == "validate":
             for warning in config.warnings:
                 print(f"warning: {warning}")
             if not config.providers:
-                return _fail(NO_PROVIDER)
+                return _fail(_NO_PROVIDER)
             print(f"configuration is valid: {len(config.providers)} providers, {len(config.aliases)} aliases")
             return 0
-        return config_show(config)
+        return _config_show(config)
     if command == "resolve":
         try:
             route = resolve_model(config, args.model)
         except VandammeError as exc:
             return _fail(exc)
         apis = [p.api_for(t.model) for t in route.targets if (p := config.provider(t.provider))]
-        print(f"{args.model} -> {route_text(route)}\n  rule: {route.rule}\n  api: "
+        print(f"{args.model} -> {_route_text(route)}\n  rule: {route.rule}\n  api: "
               + ", then ".join({"openai": "chat-completions"}.get(api, api) for api in apis))
         first = route.targets[0]
         provider = config.provider(first.provider)
-        limit, where = configured_output_limit(config, provider, first.model) if provider else (None, "")
+        limit, where = _configured_output_limit(config, provider, first.model) if provider else (None, "")
         if limit is not None:
             print(f"  max output tokens: {limit} ({where})")
         return 0
     if command in ("check", "models"):
-        return asyncio.run(cli_probe(config, command, args))
-    setup_logging(config)
+        return asyncio.run(_cli_probe(config, command, args))
+    _setup_logging(config)
     workers = getattr(args, "workers", "1")
     count = os.cpu_count() or 1 if workers == "auto" else int(workers) if str(workers).isdigit() else 0
     if count < 1:
         return _fail(f"--workers {workers}: a positive number or 'auto'", 2)
-    return run_server(config, load, count)
+    return _run_server(config, load, count)
 
 
-def config_show(config: Config) -> int:
+def _config_show(config: Config) -> int:
     print(f"vandamme {__version__}")
-    print(format_table(("setting", "value", "source"), config.sources))
+    print(_format_table(("setting", "value", "source"), config.sources))
     print()
-    print(format_table(("provider", "format", "base URL", "keys", "capabilities"), (
-        (*summary_cells(row), " ".join(row["capabilities"])) for row in provider_summary(config))))
+    print(_format_table(("provider", "format", "base URL", "keys", "capabilities"), (
+        (*_summary_cells(row), " ".join(row["capabilities"])) for row in _provider_summary(config))))
     print()
-    print(format_table(("model name", "routes to"), ((name, route_text(route)) for name, route in
+    print(_format_table(("model name", "routes to"), ((name, _route_text(route)) for name, route in
                                                      listed_routes(config))))
     for warning in config.warnings:
         print(_style(f"warning: {warning}", "33"))
@@ -4742,7 +4747,7 @@ def _ask(question: str, default: str = "", *, secret: bool = False) -> str:
     return answer or default
 
 
-def config_init(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+def _config_init(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """Write .env or vandamme-config.toml from answers (or flags, with --yes)."""
     builtin = tomllib.loads(_default_toml_text())
     known = tuple(name for name in builtin if name != "defaults")
@@ -4811,7 +4816,7 @@ def config_init(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     return 0
 
 
-def cli_health(url: str, proxy_key: str | None) -> int:
+def _cli_health(url: str, proxy_key: str | None) -> int:
     """Exit 0 only when the gateway answers, has providers, and some key of each is not cooling down.
 
     The detailed /health needs PROXY_API_KEY when the gateway has one: the same environment gives it.
@@ -4824,7 +4829,7 @@ def cli_health(url: str, proxy_key: str | None) -> int:
             return await response.json(content_type=None)
     try:
         data = asyncio.run(fetch())
-        rows = [(*summary_cells(row), row["cooling_keys"]) for row in data.get("providers", ())]
+        rows = [(*_summary_cells(row), row["cooling_keys"]) for row in data.get("providers", ())]
         down = [row[0] for row in data.get("providers", ()) if row["keys"] and row["cooling_keys"] >= row["keys"]]
     except (aiohttp.ClientError, TimeoutError, OSError, ValueError, AttributeError, KeyError, TypeError) as exc:
         print(_style(f"unreachable: no vandamme answers at {url}: {exc or type(exc).__name__}", "31"))
@@ -4833,11 +4838,11 @@ def cli_health(url: str, proxy_key: str | None) -> int:
     status = "healthy" if ok else f"all keys cooling down: {', '.join(down)}" if down else data.get("status") or "?"
     print(f"{_style(str(status), '32' if ok else '31')}: vandamme {data.get('version') or '?'} at {url}, "
           f"up {data.get('uptime_s') or 0}s, default provider {data.get('default_provider') or 'none'}")
-    print(data.get("hint") or format_table(("provider", "format", "base URL", "keys", "cooling"), rows))
+    print(data.get("hint") or _format_table(("provider", "format", "base URL", "keys", "cooling"), rows))
     return 0 if ok else 1
 
 
-async def cli_probe(config: Config, command: str, args: argparse.Namespace) -> int:
+async def _cli_probe(config: Config, command: str, args: argparse.Namespace) -> int:
     """`check` and `models`: talk to each provider directly, no server needed."""
     app = create_app(config, middleware=())
     rt = app[RUNTIME]
@@ -4847,16 +4852,16 @@ async def cli_probe(config: Config, command: str, args: argparse.Namespace) -> i
                   if command == "check" or not args.provider or p.name == args.provider.lower()]
         if not wanted:
             return _fail(f"no configured provider {args.provider!r}" if getattr(args, "provider", None)
-                         else NO_PROVIDER)
+                         else _NO_PROVIDER)
         if command == "models":
-            lists = [await fetch_models(rt, provider, None) for provider in wanted]
+            lists = [await _fetch_models(rt, provider, None) for provider in wanted]
             for provider, models in zip(wanted, lists, strict=True):
-                print(format_table((f"{provider.name} models",), ((m["id"],) for m in models)))
+                print(_format_table((f"{provider.name} models",), ((m["id"],) for m in models)))
             return 0 if all(lists) else 1
         rows, failures = [], 0
         for provider in wanted:
             started = time.monotonic()
-            models = await fetch_models(rt, provider, None)
+            models = await _fetch_models(rt, provider, None)
             status = f"{len(models)} models" if models else "no model list"
             live = "-"
             if args.live:
@@ -4867,13 +4872,13 @@ async def cli_probe(config: Config, command: str, args: argparse.Namespace) -> i
                 try:
                     if provider.api_format == "anthropic":
                         data = json.dumps(body).encode()
-                        url = provider_url(provider, "messages")
-                        extra = {"anthropic-version": ANTHROPIC_VERSION}
+                        url = _provider_url(provider, "messages")
+                        extra = {"anthropic-version": _ANTHROPIC_VERSION}
                     else:
                         payload, _ = anthropic_to_openai(body, provider, model)
-                        url, extra = provider_url(provider, "chat/completions", model), {}
+                        url, extra = _provider_url(provider, "chat/completions", model), {}
                         data = json.dumps(payload).encode()
-                    await open_upstream(rt, provider, url, data, request_id="check", read_body=True,
+                    await _open_upstream(rt, provider, url, data, request_id="check", read_body=True,
                                         extra_headers=extra)
                     live = f"ok ({model})"
                 except VandammeError as exc:
@@ -4882,12 +4887,12 @@ async def cli_probe(config: Config, command: str, args: argparse.Namespace) -> i
                 failures += 1
             latency = f"{(time.monotonic() - started) * 1000:.0f}ms"
             rows.append((provider.name, provider.api_format, status, live, latency))
-        print(format_table(("provider", "format", "models", "live request", "latency"), rows))
+        print(_format_table(("provider", "format", "models", "live request", "latency"), rows))
         rt.session = None
     return 1 if failures else 0
 
 
-def cli_claude(environ: Mapping[str, str], args: argparse.Namespace) -> int:
+def _cli_claude(environ: Mapping[str, str], args: argparse.Namespace) -> int:
     """Start vandamme on a free local port, run `claude ARGS...` through it, return claude's exit code."""
     claude = shutil.which("claude", path=environ.get("PATH"))
     if claude is None:
