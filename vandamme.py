@@ -3354,8 +3354,10 @@ async def _read_limited(content: aiohttp.StreamReader, limit: int, too_large: Ca
     chunks: list[bytes] = []
     size = 0
     while True:
-        async with asyncio.timeout(timeout):
-            chunk = await content.readany()
+        chunk = content.read_nowait()           # what has arrived already needs no timer (most bodies)
+        if not chunk and not content.at_eof():
+            async with asyncio.timeout(timeout):
+                chunk = await content.readany()
         if not chunk:
             return b"".join(chunks)
         size += len(chunk)
