@@ -3897,6 +3897,16 @@ def test_mistake_5_old_python_gets_one_line(tmp_path: Path) -> None:
     assert run.stderr.startswith("vandamme needs Python 3.11 or newer") and run.stderr.count("\n") == 1
 
 
+def test_a_python_without_aiohttp_gets_one_line(tmp_path: Path) -> None:
+    """The newcomer's first mistake: a lone copy run by the system python3, before any `pip install`."""
+    pretend = ("import sys; sys.modules['aiohttp'] = None; sys.argv = ['vandamme.py', '--help']; "
+               f"exec(compile(open({str(HERE / 'vandamme.py')!r}).read(), 'vandamme.py', 'exec'), "
+               "{'__name__': '__main__'})")
+    run = subprocess.run([sys.executable, "-c", pretend], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert run.returncode == 1 and run.stdout == "" and run.stderr.count("\n") == 1
+    assert run.stderr.startswith("vandamme needs aiohttp: ") and "pip install aiohttp" in run.stderr
+
+
 def test_mistake_6_validate_without_provider_and_near_misses(tmp_path: Path) -> None:
     empty = vandamme_cli("config", "validate", cwd=tmp_path)
     assert empty.returncode == 1 and "OPENAI_API_KEY" in empty.stderr and "Traceback" not in empty.stderr

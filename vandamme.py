@@ -77,8 +77,12 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, TypeVar
 
-import aiohttp
-from aiohttp import web
+try:
+    import aiohttp
+    from aiohttp import web
+except ImportError:                     # a lone copy run by a python3 without aiohttp: say what to do
+    raise SystemExit("vandamme needs aiohttp: python3 -m venv .venv && . .venv/bin/activate && pip install aiohttp"
+                     " (or run it with: uv run vandamme.py)") from None
 
 __version__ = "0.1.0"
 __all__ = [
