@@ -2962,6 +2962,111 @@ async def test_unreachable_upstream_is_502(proxy: Any) -> None:
     assert "cannot reach" in body["error"]["message"]
 
 
+# Found by a second review: failures at the edges of the relays.
+
+ANTHROPIC_ENV = {"ANTHROPIC_API_KEY": "sk-ant-000000000001", "ANTHROPIC_BASE_URL": "{upstream}",
+                 "VDM_DEFAULT_PROVIDER": "anthropic"}
+MESSAGE_START = (b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","type":"message",'
+                 b'"role":"assistant","model":"claude-x","content":[],"stop_reason":null,"stop_sequence":null,'
+                 b'"usage":{"input_tokens":3,"output_tokens":1}}}\n\n')
+
+
+async def test_a_failure_of_our_own_mid_stream_is_an_sse_error(proxy: Any, upstream: FakeUpstream) -> None:
+    class Garbage(vd.Middleware):          # a hook that returns an event without a delta type
+        def on_event(self, exchange: Any, event: dict) -> Any:
+            if event["event"] == "content_block_delta":
+                return {"event": "content_block_delta", "data": {"type": "content_block_delta", "index": 0,
+                                                                 "delta": {}}}
+            return None
+
+    client = await proxy(middleware=[Garbage()])
+    response = await client.post("/v1/messages", json={**BASIC, "stream": True})
+    frames = parse_sse(await response.text())
+    assert response.status == 200 and frames[-1][0] == "error"
+    assert frames[-1][1]["error"]["message"] == "internal error in vandamme; see its log"
+
+
+async def test_anthropic_relay_cut_mid_event_ends_with_a_whole_error_event(proxy: Any,
+                                                                           upstream: FakeUpstream) -> None:
+    client = await proxy(ANTHROPIC_ENV)
+    half = (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+            b'"delta":{"type":"text_delta","text":"hel')
+    upstream.add(Reply(stream=[MESSAGE_START, half, b"<reset>"]))
+    response = await client.post("/v1/messages", json={**BASIC, "model": "claude-x", "stream": True})
+    text = await response.text()
+    frames = parse_sse(text)                       # every frame parses: no error glued to half an event
+    assert [name for name, _ in frames] == ["message_start", "error"] and '"text":"hel' not in text
+
+
+async def test_anthropic_relay_has_an_idle_timeout(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy({**ANTHROPIC_ENV, "STREAM_IDLE_TIMEOUT": "0.5"})
+    upstream.add(Reply(stream=[MESSAGE_START], hang=5))
+    response = await client.post("/v1/messages", json={**BASIC, "model": "claude-x", "stream": True})
+    frames = parse_sse(await response.text())
+    assert frames[-1][0] == "error" and "STREAM_IDLE_TIMEOUT=0.5" in frames[-1][1]["error"]["message"]
+
+
+@pytest.mark.parametrize(("reply", "verbatim"), [
+    pytest.param(Reply(b"<html><body>Bad Gateway</body></html>", status=502, headers={"Content-Type": "text/html"}),
+                 False, id="html-page"),
+    pytest.param(Reply({"detail": "Not Found"}, status=404), False, id="other-json"),
+    pytest.param(Reply({"type": "error", "error": {"type": "invalid_request_error", "message": "bad field x"}},
+                       status=400), True, id="anthropic-error"),
+])
+async def test_anthropic_relay_passes_on_only_anthropic_errors(proxy: Any, upstream: FakeUpstream, reply: Reply,
+                                                               verbatim: bool) -> None:
+    client = await proxy(ANTHROPIC_ENV)
+    upstream.add(reply)
+    response = await client.post("/v1/messages", json={**BASIC, "model": "claude-x"})
+    body = await response.json()
+    assert response.status == reply.status and body["type"] == "error" and body["error"]["message"]
+    assert (body == reply.body) is verbatim
+
+
+async def test_a_stream_answered_by_a_cut_json_is_a_502(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy()
+    upstream.add(Reply(stream=[b'{"id": "x", "choices": [', b"<reset>"], headers={"Content-Type": "application/json"}))
+    response = await client.post("/v1/messages", json={**BASIC, "stream": True})
+    body = await response.json()
+    assert response.status == 502 and "the answer was cut" in body["error"]["message"]
+
+
+async def test_a_generation_that_runs_out_of_time_is_not_sent_again(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy({"REQUEST_TIMEOUT": "0.5", "MAX_RETRIES": "2"})
+    upstream.add(Reply(stream=[b'{"id": "x", '], hang=3, headers={"Content-Type": "application/json"}))
+    response = await client.post("/v1/messages", json=BASIC)
+    body = await response.json()
+    assert response.status == 504 and response.headers["x-should-retry"] == "false"
+    assert "did not complete within REQUEST_TIMEOUT" in body["error"]["message"] and len(upstream.requests) == 1
+
+
+async def test_the_proxy_key_is_never_forwarded_as_a_client_key(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy({"PROXY_API_KEY": "proxy-secret-123456", "PT_API_KEY": "!PASSTHRU",
+                          "PT_BASE_URL": "{upstream}/v1"})
+    both = {"x-api-key": "proxy-secret-123456", "Authorization": "Bearer proxy-secret-123456"}
+    response = await client.post("/v1/messages", json={**BASIC, "model": "pt:m"}, headers=both)
+    assert response.status == 401 and upstream.requests == []
+
+
+async def test_a_learned_limit_caps_a_higher_configured_one(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy({"MAX_TOKENS_LIMIT": "50000"})
+    upstream.add(Reply({"error": {"message": "Invalid max_tokens value, the valid range of max_tokens is [1, 8192]"}},
+                       status=400))
+    body = {**BASIC, "model": "openai:gpt-4o", "max_tokens": 64000}
+    for _ in range(2):
+        assert (await client.post("/v1/messages", json=body)).status == 200
+    assert [r["body"]["max_tokens"] for r in upstream.requests] == [50000, 8192, 8192]
+
+
+async def test_odd_upstream_model_entries_do_not_break_the_listing(proxy: Any, upstream: FakeUpstream) -> None:
+    client = await proxy()
+    upstream.add(Reply({"data": [{"id": ""}, {"id": "x" * 300}, {"id": "ok", "created": 10 ** 18}, {"id": 7}]}))
+    response = await client.get("/v1/models")
+    ids = [m["id"] for m in (await response.json())["data"]]
+    assert response.status == 200 and "openai:ok" in ids and not any(i.startswith("openai:x") for i in ids)
+
+
+
 # ---------------------------------------------------------------------------
 # §13 Security: secrets, redirects, limits, routes, hostile input
 # ---------------------------------------------------------------------------

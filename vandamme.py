@@ -2269,7 +2269,8 @@ class ResponsesTranslator(StreamTranslator):
             return
         if item.get("type") == "function_call":
             call_id = item.get("call_id") or item.get("id")
-            writer.tool_call(key, str(call_id) if call_id else None, item.get("name") or None,
+            name = item.get("name")
+            writer.tool_call(key, str(call_id) if call_id else None, name if isinstance(name, str) and name else None,
                              str(item.get("arguments") or ""))
         elif item.get("type") == "reasoning" and done:
             signature = _reasoning_signature(item, self.responses)
@@ -2969,9 +2970,11 @@ class Runtime:
         self.apply(config)
 
     def output_limit(self, provider: Provider, model: str) -> int | None:
-        """The cap on a model's max_tokens: the configured one, else one learned from the upstream."""
+        """The cap on a model's max_tokens: the configured one; a limit the upstream stated still caps it
+        (it would refuse more, and every request would cost a refusal and a retry)."""
         configured, _where = _configured_output_limit(self.config, provider, model)
-        return configured if configured is not None else self.learned_limits.lookup((provider.name, model))
+        learned = self.learned_limits.lookup((provider.name, model))
+        return min(filter(None, (configured, learned)), default=None)
 
     def route(self, model: str) -> Route:
         """resolve_model, remembered per model name until the configuration changes."""
@@ -3039,10 +3042,9 @@ def _client_key(request: web.Request, proxy_key: str | None) -> str | None:
     With PROXY_API_KEY set, one header carries the proxy key and the other the upstream key
     (Claude Code sends ANTHROPIC_API_KEY as x-api-key and ANTHROPIC_AUTH_TOKEN as Bearer).
     """
-    x_api_key, bearer = _offered_keys(request)
-    if proxy_key:
-        return bearer if _is_proxy_key(x_api_key, proxy_key) else x_api_key
-    return x_api_key or bearer
+    offered = [key for key in _offered_keys(request) if key]
+    # The proxy key is never an upstream key, even when a client sends it in both headers.
+    return next((key for key in offered if not (proxy_key and _is_proxy_key(key, proxy_key))), None)
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
@@ -3081,7 +3083,14 @@ def _upstream_failure(provider: Provider, status: int, raw: bytes, headers: Mapp
                          reply=(status, raw, headers.get("content-type", "application/json")))
 
 
-def _connection_failure(provider: Provider, config: Config, exc: BaseException) -> UpstreamError:
+def _connection_failure(provider: Provider, config: Config, exc: BaseException, *,
+                        answered: bool = False) -> UpstreamError:
+    """A failure to talk to a provider; `answered`: its headers had arrived (only the body failed)."""
+    if isinstance(exc, TimeoutError) and answered:      # a generation that ran out of time: retrying repeats it
+        return UpstreamError(f"{provider.name}: the answer did not complete within REQUEST_TIMEOUT="
+                             f"{config.request_timeout:g}s", status=504, error_type="api_error", retryable=False)
+    if answered:
+        return UpstreamError(f"{provider.name}: the answer was cut: {type(exc).__name__}: {exc}", status=502)
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return UpstreamError(f"{provider.name}: no connection within CONNECT_TIMEOUT={config.connect_timeout:g}s "
                              f"(host slow, or all POOL_LIMIT={config.pool_limit} connections busy)", status=529)
@@ -3139,7 +3148,7 @@ async def _open_upstream(rt: Runtime, provider: Provider, url: str, data: bytes,
                 response.close()
             if rt.draining:
                 raise UpstreamError("server is shutting down", status=503) from None
-            error = _connection_failure(provider, config, exc)
+            error = _connection_failure(provider, config, exc, answered=response is not None)
         else:
             if response.status < 300:
                 if read_body:
@@ -3211,8 +3220,9 @@ async def _fetch_models(rt: Runtime, provider: Provider, key: str | None) -> lis
         logger.warning("model list of %s unavailable: %s", provider.name, exc)
         return []
     items = data.get("data") if isinstance(data, dict) else data
-    models = [m for m in items if isinstance(m, dict) and isinstance(m.get("id"), str)] \
-        if isinstance(items, list) else []
+    # Only ids a client could send back: a request for one of them must be valid.
+    models = [m for m in items if isinstance(m, dict) and isinstance(m.get("id"), str) and m["id"].strip()
+              and len(m["id"]) <= 200 and not _UNPRINTABLE.search(m["id"])] if isinstance(items, list) else []
     rt.model_lists.put(cache_key, (now, models))
     return models
 
@@ -3592,7 +3602,10 @@ class _StreamRelay:
             self.rec.fail("client_closed", "client disconnected mid-stream")
             if isinstance(exc, asyncio.CancelledError):
                 raise
-        except (VandammeError, SSETooLarge, aiohttp.ClientError, TimeoutError, OSError) as exc:
+        except Exception as exc:        # after the 200 every failure travels in-band, even one of our own
+            if not isinstance(exc, (VandammeError, SSETooLarge, aiohttp.ClientError, TimeoutError, OSError)):
+                logger.error("request %s failed mid-stream: %s", self.rec.request_id, exc, exc_info=exc)
+                exc = VandammeError("internal error in vandamme; see its log")
             await self._fail(exc)
         finally:
             pinger.cancel()
@@ -3603,9 +3616,12 @@ class _StreamRelay:
         return self.response
 
     async def _whole_message(self) -> JSON:
+        provider, config = self.exchange.provider, self.rt.config
         try:
-            async with asyncio.timeout(self.rt.config.request_timeout):
-                raw = await _read_response(self.upstream, self.exchange.provider, self.rt.config)
+            async with asyncio.timeout(config.request_timeout):
+                raw = await _read_response(self.upstream, provider, config)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise _connection_failure(provider, config, exc, answered=True) from None
         finally:
             self.upstream.release()
         message = _completion_message(self.exchange, self.hooks, raw)
@@ -3688,6 +3704,8 @@ class _StreamRelay:
 def _stream_failure(exc: BaseException, config: Config) -> str:
     if isinstance(exc, SSETooLarge):
         return f"an event larger than MAX_RESPONSE_BYTES={config.max_response_bytes}"
+    if isinstance(exc, TimeoutError):
+        return f"no data for STREAM_IDLE_TIMEOUT={config.stream_idle_timeout:g}s"
     return f"{type(exc).__name__} {exc}"
 
 
@@ -3713,7 +3731,9 @@ async def _relay_anthropic(request: web.Request, rt: Runtime, provider: Provider
             rt, provider, _provider_url(provider, path), data, request_id=rec.request_id, read_body=not streamed,
             key_override=_client_key(request, rt.config.proxy_api_key), extra_headers=extra)
     except UpstreamError as exc:
-        exc.verbatim = exc.status not in (401, 403)     # the provider's own status and body, but say which key
+        # The provider's own Anthropic error relayed as is; anything else (an HTML page, another JSON) and
+        # 401/403 (to say which key) become our own Anthropic error.
+        exc.verbatim = exc.status not in (401, 403) and _is_anthropic_error(exc.reply)
         raise
     rec.key = _key_fingerprint(key)
     del data
@@ -3727,26 +3747,65 @@ async def _relay_anthropic(request: web.Request, rt: Runtime, provider: Provider
     response = web.StreamResponse(status=upstream.status, headers=headers)
     await response.prepare(request)
     rec.status = upstream.status
-    decoder = SSEDecoder(rt.config.max_response_bytes)
+    rt.aborts[id(response)] = upstream.close
     try:
-        async for chunk in upstream.content.iter_any():
-            if rec.ttft_ms is None:
-                rec.ttft_ms = (rt.clock() - rec.started) * 1000
-            await response.write(chunk)
-            for name, payload in decoder.feed(chunk):     # usage for metrics only
-                if name in ("message_start", "message_delta"):
-                    with contextlib.suppress(ValueError, AttributeError):
-                        event = json.loads(payload)
-                        rec.use_usage((event.get("message") or event).get("usage") or {}, keep=True)
-        await response.write_eof()
+        await _relay_events(request, rt, upstream, response)
     except ConnectionResetError:
         rec.fail("client_closed", "client disconnected mid-stream")
     except (SSETooLarge, aiohttp.ClientError, TimeoutError, OSError) as exc:
+        kind = "overloaded_error" if rt.draining else "api_error"
         message = f"{provider.name}: stream interrupted: {_stream_failure(exc, rt.config)}"
-        await _end_stream_with_error(response, rec, "api_error", _redaction(request)(message))
+        await _end_stream_with_error(response, rec, kind, _redaction(request)(message))
     finally:
+        rt.aborts.pop(id(response), None)
         upstream.close()
     return response
+
+
+def _is_anthropic_error(reply: tuple[int, bytes, str] | None) -> bool:
+    try:
+        data = _JSON_DECODE(reply[1].decode()) if reply else None
+    except ValueError:
+        return False
+    return isinstance(data, dict) and data.get("type") == "error" and isinstance(data.get("error"), dict)
+
+
+def _event_end(data: bytes) -> int:
+    """Where the last complete SSE event in `data` ends (0: none)."""
+    lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
+async def _relay_events(request: web.Request, rt: Runtime, upstream: aiohttp.ClientResponse,
+                        response: web.StreamResponse) -> None:
+    """Relay an Anthropic stream's bytes whole events at a time, so that an error event after a cut never
+    lands inside half an event; at most STREAM_IDLE_TIMEOUT of silence."""
+    rec, decoder = request[_RECORD], SSEDecoder(rt.config.max_response_bytes)
+    received = upstream.content.iter_any().__aiter__()
+    held: list[bytes] = []                 # the start of an event whose end has not arrived yet
+    tail = b""                             # the last bytes seen: an event's end may straddle two pieces
+    while True:
+        async with asyncio.timeout(rt.config.stream_idle_timeout):
+            chunk = await anext(received, None)
+        if chunk is None:
+            break
+        for name, payload in decoder.feed(chunk):     # usage for metrics; it also bounds an event's size
+            if name in ("message_start", "message_delta"):
+                with contextlib.suppress(ValueError, AttributeError):
+                    event = json.loads(payload)
+                    rec.use_usage((event.get("message") or event).get("usage") or {}, keep=True)
+        cut = _event_end(tail + chunk) - len(tail)
+        tail = (tail + chunk)[-3:]
+        if cut <= 0:
+            held.append(chunk)
+            continue
+        if rec.ttft_ms is None:
+            rec.ttft_ms = (rt.clock() - rec.started) * 1000
+        await response.write(b"".join((*held, chunk[:cut])))
+        held = [chunk[cut:]] if cut < len(chunk) else []
+    if held:
+        await response.write(b"".join(held))
+    await response.write_eof()
 
 
 async def _handle_count_tokens(request: web.Request) -> web.StreamResponse:
@@ -3772,7 +3831,8 @@ async def _handle_count_tokens(request: web.Request) -> web.StreamResponse:
 
 def _model_entry(model_id: str, display_name: str, created: Any = None) -> JSON:
     if not isinstance(created, str):
-        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created if isinstance(created, int) else 0))
+        seconds = created if isinstance(created, int) and 0 <= created < 253402300800 else 0    # up to 9999
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
     return {"type": "model", "id": model_id, "display_name": display_name, "created_at": created}
 
 
