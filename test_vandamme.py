@@ -3763,6 +3763,16 @@ async def test_cli_health_check_and_models(upstream: FakeUpstream, tmp_path: Pat
     assert code == 0 and "model-a" in out and "model-b" in out
 
 
+async def test_check_live_probes_the_api_each_model_uses(upstream: FakeUpstream, tmp_path: Path) -> None:
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "OPENAI_API_KEY": "k",
+           "OPENAI_BASE_URL": f"{upstream.url}/v1", "OPENAI_API_FORMAT": "responses"}
+    run = await asyncio.to_thread(subprocess.run, [sys.executable, str(HERE / "vandamme.py"), "check", "--live"],
+                                  cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    posted = [r for r in upstream.requests if r["method"] == "POST"]
+    assert run.returncode == 0 and [r["path"] for r in posted] == ["/v1/responses"], run.stdout + run.stderr
+    assert posted[0]["body"]["max_output_tokens"] >= 16 and "messages" not in posted[0]["body"]
+
+
 def test_cli_claude_runs_the_cli_through_a_fresh_proxy(tmp_path: Path) -> None:
     fake = tmp_path / "bin" / "claude"
     fake.parent.mkdir()

@@ -4936,16 +4936,15 @@ async def _cli_probe(config: Config, command: str, args: argparse.Namespace) -> 
                 model = model or (models[0]["id"] if models else "unknown")
                 body = {"model": model, "max_tokens": 1, "messages": [{"role": "user", "content": "ping"}]}
                 try:
-                    if provider.api_format == "anthropic":
-                        data = json.dumps(body).encode()
-                        url = _provider_url(provider, "messages")
-                        extra = {"anthropic-version": _ANTHROPIC_VERSION}
+                    api = provider.api_for(model)
+                    if api == "anthropic":
+                        data, url = json.dumps(body).encode(), _provider_url(provider, "messages")
                     else:
-                        payload, _ = anthropic_to_openai(body, provider, model)
-                        url, extra = _provider_url(provider, "chat/completions", model), {}
+                        convert = anthropic_to_responses if api == "responses" else anthropic_to_openai
+                        payload, _ = convert(body, provider, model)
+                        url = _provider_url(provider, "responses" if api == "responses" else "chat/completions", model)
                         data = json.dumps(payload).encode()
-                    await _open_upstream(rt, provider, url, data, request_id="check", read_body=True,
-                                        extra_headers=extra)
+                    await _open_upstream(rt, provider, url, data, request_id="check", read_body=True)
                     live = f"ok ({model})"
                 except VandammeError as exc:
                     live, failures = f"failed: {str(exc)[:60]}", failures + 1
