@@ -3259,7 +3259,8 @@ def _error_response(exc: VandammeError, request_id: str, redact: Callable[[str],
     if isinstance(exc, UpstreamError) and exc.verbatim and exc.reply:
         status, data, content_type = exc.reply
         text = data.decode("utf-8", "replace")
-        data = data if redact(text) == text else redact(text).encode()
+        masked = redact(text)
+        data = data if masked == text else masked.encode()
         return web.Response(body=data, status=status, headers={**headers, "Content-Type": content_type})
     return _json_response(error_body(exc.error_type, redact(str(exc))), exc.status, headers)
 
@@ -4385,8 +4386,8 @@ class _QuietParserErrors(logging.Filter):
 
 
 def _setup_logging(config: Config) -> None:
-    logging.getLogger("aiohttp.server").addFilter(_QuietParserErrors())
     handler = logging.StreamHandler()
+    handler.addFilter(_QuietParserErrors())         # on the handler: a reload replaces both together
     handler.setFormatter(_LogFormatter(config))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -4512,7 +4513,7 @@ async def _serve(config: Config, reload: Callable[[], Config] | None = None, *, 
         raise ConfigError(f"cannot listen on {config.host}:{config.port}: {why}") from None
     port = runner.addresses[0][1] if runner.addresses else config.port
     if announce:
-        print(_startup_banner(config, port), flush=True)
+        print(app[RUNTIME].redact(_startup_banner(config, port)), flush=True)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -4527,6 +4528,7 @@ async def _serve(config: Config, reload: Callable[[], Config] | None = None, *, 
             logger.error("SIGHUP: configuration refused, keeping the old one: %s", exc)
             return
         app[RUNTIME].apply(fresh)
+        _setup_logging(fresh)               # the log redaction knows the new keys too
         logger.info("SIGHUP: configuration reloaded (%d providers, %d aliases)", len(fresh.providers),
                     len(fresh.aliases))
 
@@ -4734,6 +4736,8 @@ def _command(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> i
             load_middleware(config.middleware)
     except ConfigError as exc:
         return _fail(f"{exc}\nconfiguration is invalid" if command == "config" else exc)
+    if command == "serve":              # the server redacts its own banner and logs (_LogFormatter)
+        return _configured_command(command, args, config, load)
     redact = Redactor(config)           # whatever the command prints, the configuration's secrets stay masked
     with contextlib.redirect_stdout(_Redacted(sys.stdout, redact)), \
             contextlib.redirect_stderr(_Redacted(sys.stderr, redact)):
