@@ -2677,8 +2677,9 @@ _SERIES_LENGTH: Final = 60
 _RECENT_LENGTH: Final = 50
 _Sample = tuple[str, dict[str, Any], Any]        # a Prometheus sample: name suffix, labels, value
 _MODELS_PER_PROVIDER: Final = 200     # per-model series; later models count as model "other"
-_STATS_COUNTS: Final = ("requests", "in_flight", "errors", "input_tokens", "output_tokens", "cache_read_tokens",
-                        "cache_creation_tokens")
+_TOKEN_COUNTS: Final = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens")
+_STATS_COUNTS: Final = ("requests", "in_flight", "errors", *_TOKEN_COUNTS)
+_USAGE_COUNTS: Final = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
 
 
 class _Histogram:
@@ -2742,9 +2743,7 @@ class _Stats:
 
     def as_json(self) -> JSON:
         return {"requests": self.requests, "in_flight": self.in_flight, "errors": self.errors,
-                "errors_by_type": dict(self.errors_by_type), "input_tokens": self.input_tokens,
-                "output_tokens": self.output_tokens, "cache_read_tokens": self.cache_read_tokens,
-                "cache_creation_tokens": self.cache_creation_tokens,
+                "errors_by_type": dict(self.errors_by_type), **{name: getattr(self, name) for name in _TOKEN_COUNTS},
                 "latency_ms": {"p50": self.latency.quantile(0.5), "p95": self.latency.quantile(0.95)},
                 "ttft_ms": {"p50": self.ttft.quantile(0.5), "p95": self.ttft.quantile(0.95)},
                 "last_error": self.last_error}
@@ -2775,9 +2774,7 @@ class RequestRecord:
 
     def use_usage(self, usage: JSON, *, keep: bool = False) -> None:
         """Take an Anthropic usage object; with `keep`, fields it lacks keep their value (stream events)."""
-        for attr, name in (("input_tokens", "input_tokens"), ("output_tokens", "output_tokens"),
-                           ("cache_read_tokens", "cache_read_input_tokens"),
-                           ("cache_creation_tokens", "cache_creation_input_tokens")):
+        for attr, name in zip(_TOKEN_COUNTS, _USAGE_COUNTS, strict=True):
             value = _int(usage.get(name))
             if value or not keep:
                 setattr(self, attr, value)
@@ -2791,9 +2788,7 @@ class RequestRecord:
 
 class Metrics:
     """Per-process counters: totals, per provider, per provider+model; series and recent requests.
-
-    Synchronous methods only, so they are safe to call from `finally` under cancellation.
-    """
+    Synchronous methods only, so they are safe to call from `finally` under cancellation."""
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
@@ -2848,17 +2843,14 @@ class Metrics:
             stats.in_flight -= 1
 
     def record(self, rec: RequestRecord) -> None:
-        latency = rec.latency_ms
         now = self.clock()
         failed = rec.status >= 400 or rec.error_type is not None
         for stats in self._targets(rec.provider, rec.model):
             stats.requests += 1
             stats.statuses[rec.status] += 1
-            stats.input_tokens += rec.input_tokens
-            stats.output_tokens += rec.output_tokens
-            stats.cache_read_tokens += rec.cache_read_tokens
-            stats.cache_creation_tokens += rec.cache_creation_tokens
-            stats.latency.observe(latency)
+            for name in _TOKEN_COUNTS:
+                setattr(stats, name, getattr(stats, name) + getattr(rec, name))
+            stats.latency.observe(rec.latency_ms)
             if rec.ttft_ms is not None:
                 stats.ttft.observe(rec.ttft_ms)
             if failed:
@@ -2866,17 +2858,15 @@ class Metrics:
                 stats.errors_by_type[rec.error_type or "api_error"] += 1
                 stats.last_error = {"type": rec.error_type or "api_error", "message": rec.error_message, "time": now}
         bucket = int(now) // _SERIES_SECONDS * _SERIES_SECONDS
-        slot = self.series.setdefault(bucket, [0, 0, 0, 0])
-        slot[0] += 1
-        slot[1] += failed
-        slot[2] += rec.input_tokens + rec.cache_read_tokens + rec.cache_creation_tokens
-        slot[3] += rec.output_tokens
+        slot = self.series.setdefault(bucket, [0, 0, 0, 0])       # requests, errors, input and output tokens
+        added = (1, failed, rec.input_tokens + rec.cache_read_tokens + rec.cache_creation_tokens, rec.output_tokens)
+        slot[:] = [a + b for a, b in zip(slot, added, strict=True)]
         while len(self.series) > _SERIES_LENGTH:
             self.series.popitem(last=False)
         self.recent.appendleft({
             "time": round(now, 3), "request_id": rec.request_id, "client_model": rec.client_model,
             "provider": rec.provider, "model": rec.model, "status": rec.status, "streamed": rec.streamed,
-            "latency_ms": round(latency, 1), "ttft_ms": None if rec.ttft_ms is None else round(rec.ttft_ms, 1),
+            "latency_ms": round(rec.latency_ms, 1), "ttft_ms": None if rec.ttft_ms is None else round(rec.ttft_ms, 1),
             "input_tokens": rec.input_tokens, "output_tokens": rec.output_tokens, "error_type": rec.error_type,
             "error_message": rec.error_message, "fallbacks": rec.fallbacks,
             "path": None if rec.path == "/v1/messages" else rec.path})
@@ -2927,8 +2917,7 @@ class Metrics:
         family("vandamme_errors_total", "counter", "Failed requests by Anthropic error type.",
                lambda s: (("", {"type": kind}, n) for kind, n in sorted(s.errors_by_type.items())))
         family("vandamme_tokens_total", "counter", "Tokens by direction (input, output, cache_read, cache_creation).",
-               lambda s: (("", {"type": kind}, getattr(s, f"{kind}_tokens"))
-                          for kind in ("input", "output", "cache_read", "cache_creation")))
+               lambda s: (("", {"type": name.removesuffix("_tokens")}, getattr(s, name)) for name in _TOKEN_COUNTS))
         family("vandamme_request_duration_seconds", "histogram", "Time from request to last byte.",
                lambda s: histogram(s.latency))
         family("vandamme_time_to_first_token_seconds", "histogram", "Time from request to the first streamed token.",
