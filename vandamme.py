@@ -2696,11 +2696,8 @@ class _Histogram:
         self.sum += ms
 
     def quantile(self, q: float) -> float | None:
-        """Linear interpolation inside the bucket holding the q-th observation."""
-        count = sum(self.counts)
-        if not count:
-            return None
-        rank = q * count
+        """Linear interpolation inside the bucket holding the q-th observation; None before any."""
+        rank = q * sum(self.counts)
         seen = 0
         for i, n in enumerate(self.counts):
             if n and seen + n >= rank:
@@ -2708,7 +2705,7 @@ class _Histogram:
                 high = _LATENCY_BUCKETS_MS[i] if i < len(_LATENCY_BUCKETS_MS) else low * 2
                 return round(low + (high - low) * max(0.0, rank - seen) / n, 1)
             seen += n
-        return float(_LATENCY_BUCKETS_MS[-1])
+        return None
 
 
 class _Stats:
@@ -2932,15 +2929,11 @@ class Metrics:
 # ---------------------------------------------------------------------------
 
 class Runtime:
-    """Mutable per-process state, owned by the app (no module-level state anywhere).
-
-    `clock` (monotonic seconds) and `sleep` are injected so retries and latencies can be
-    tested without waiting; `wall_clock` dates the metrics.
-    """
+    """Mutable per-process state, owned by the app (no module-level state anywhere). `clock` (monotonic seconds)
+    and `sleep` can be injected to test retries and latencies without waiting; `wall_clock` dates the metrics."""
 
     def __init__(self, config: Config, chain: _MiddlewareChain, *, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Any] = asyncio.sleep, wall_clock: Callable[[], float] = time.time) -> None:
-        self.config = config
         self.chain = chain
         self.clock, self.sleep = clock, sleep
         self.metrics = Metrics(clock=wall_clock)
@@ -2985,11 +2978,8 @@ _HOP_HEADER: Final = "x-vandamme-hop"      # the gateways a request passed: one 
 
 
 def _provider_url(provider: Provider, path: str, model: str | None = None) -> str:
-    """The URL of one of a provider's endpoints (`chat/completions`, `models`, `messages`, ...).
-
-    An Azure deployment name is one path segment, quoted so that `/`, `?` or `#` in a model
-    name cannot leave it.
-    """
+    """The URL of one of a provider's endpoints (`chat/completions`, `models`, `messages`, ...); an Azure
+    deployment name is one path segment, quoted so that `/`, `?` or `#` in a model name cannot leave it."""
     base = provider.base_url
     if provider.api_format == "anthropic":
         return f"{base.removesuffix('/v1')}/v1/{path}"
@@ -2999,18 +2989,17 @@ def _provider_url(provider: Provider, path: str, model: str | None = None) -> st
     return f"{base}/{path}"
 
 
-def _upstream_headers(provider: Provider, key: str | None, request_id: str) -> dict[str, str]:
-    headers = {"Content-Type": "application/json", "x-request-id": request_id, **dict(provider.headers)}
+def _upstream_headers(rt: Runtime, provider: Provider, key: str | None, request_id: str) -> dict[str, str]:
+    headers = {"Content-Type": "application/json", "x-request-id": request_id, **dict(provider.headers),
+               _HOP_HEADER: rt.instance}
     if provider.api_format == "anthropic":
         headers["anthropic-version"] = _ANTHROPIC_VERSION
     if key:
         style = provider.auth_header
         if style == "auto":
             style = "api-key" if provider.azure else "x-api-key" if provider.api_format == "anthropic" else "bearer"
-        if style == "bearer":
-            headers["Authorization"] = f"Bearer {key}"
-        else:
-            headers[style] = key
+        name, value = ("Authorization", f"Bearer {key}") if style == "bearer" else (style, key)
+        headers[name] = value
     return headers
 
 
@@ -3026,23 +3015,17 @@ def _is_proxy_key(value: str | None, proxy_key: str) -> bool:
 
 
 def _client_key(request: web.Request, proxy_key: str | None) -> str | None:
-    """The client's own upstream key for !PASSTHRU providers.
-
-    With PROXY_API_KEY set, one header carries the proxy key and the other the upstream key
-    (Claude Code sends ANTHROPIC_API_KEY as x-api-key and ANTHROPIC_AUTH_TOKEN as Bearer).
-    """
-    offered = [key for key in _offered_keys(request) if key]
-    # The proxy key is never an upstream key, even when a client sends it in both headers.
+    """The client's own upstream key for !PASSTHRU providers. With PROXY_API_KEY set, one header carries the
+    proxy key and the other the upstream key (Claude Code sends ANTHROPIC_API_KEY as x-api-key and
+    ANTHROPIC_AUTH_TOKEN as Bearer); the proxy key is never an upstream key, even when sent in both headers."""
+    offered = (key for key in _offered_keys(request) if key)
     return next((key for key in offered if not (proxy_key and _is_proxy_key(key, proxy_key))), None)
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
-    value = headers.get("retry-after")
-    if value is None:
-        return None
     try:
-        return max(0.0, float(value))
-    except ValueError:
+        return max(0.0, float(headers["retry-after"]))
+    except (KeyError, ValueError):
         return None
 
 
@@ -3053,10 +3036,9 @@ def _upstream_failure(provider: Provider, status: int, raw: bytes, headers: Mapp
         target = urllib.parse.urlsplit(headers.get("location", "")).hostname or "another path"
         return UpstreamError(f"{provider.name}: answered with a redirect (HTTP {status}) to {target}, which vandamme "
                              f"never follows: check {provider.name.upper()}_BASE_URL", status=502, retryable=False)
-    try:
+    message = None
+    with contextlib.suppress(ValueError):
         message = _upstream_error_message(json.loads(raw))
-    except ValueError:
-        message = None
     if not message:
         message = raw.decode("utf-8", "replace").strip()[:500] or f"HTTP {status}"
     if key and key in message:
@@ -3100,17 +3082,15 @@ async def _read_response(response: aiohttp.ClientResponse, provider: Provider, c
         raise
 
 
-async def _open_upstream(rt: Runtime, provider: Provider, url: str, data: bytes, *, request_id: str,
-                        key_override: str | None = None, read_body: bool,
-                        extra_headers: Mapping[str, str] | None = None,
-                        ) -> tuple[aiohttp.ClientResponse, bytes | None, str | None]:
+async def _open_upstream(rt: Runtime, provider: Provider, url: str, data: bytes, *, request_id: str, read_body: bool,
+                         key_override: str | None = None, extra_headers: Mapping[str, str] | None = None,
+                         ) -> tuple[aiohttp.ClientResponse, bytes | None, str | None]:
     """POST to a provider with key rotation and retries; return a 2xx response.
 
-    Retries (MAX_RETRIES, exponential backoff with jitter, retry-after honoured) happen on
-    connection errors, timeouts before the first byte, and 500/502/503/504/529. 401/402/403/429
-    move on to the next key and cool the failed one down. Nothing has been sent to the client
-    yet, so every failure can still become a proper HTTP error. With `read_body` the whole
-    body is read inside the same first-byte deadline and the response released.
+    Retries (MAX_RETRIES, exponential backoff with jitter, retry-after honoured) happen on connection errors,
+    timeouts before the first byte, and 500/502/503/504/529. 401/402/403/429 move on to the next key and cool
+    the failed one down. Nothing has been sent to the client yet, so every failure can still become a proper
+    HTTP error. With `read_body` the whole body is read inside the first-byte deadline and the response released.
     """
     config = rt.config
     assert rt.session is not None
@@ -3125,7 +3105,7 @@ async def _open_upstream(rt: Runtime, provider: Provider, url: str, data: bytes,
     attempt = key_index = 0
     while True:
         key = keys[key_index]
-        headers = {**_upstream_headers(provider, key, request_id), _HOP_HEADER: rt.instance, **(extra_headers or {})}
+        headers = {**_upstream_headers(rt, provider, key, request_id), **(extra_headers or {})}
         response = None
         try:
             async with asyncio.timeout(config.request_timeout):
@@ -3184,10 +3164,8 @@ def _replace_model(raw: bytes, body: JSON, model: str) -> bytes:
 
 
 async def _fetch_models(rt: Runtime, provider: Provider, key: str | None) -> list[JSON]:
-    """A provider's model list (cached MODELS_CACHE_SECONDS); failures are logged and skipped.
-
-    A list fetched with a client's own key (!PASSTHRU) is cached for that key only.
-    """
+    """A provider's model list (cached MODELS_CACHE_SECONDS; for !PASSTHRU, per client key); failures are
+    logged and skipped."""
     ring = rt.keyrings.get(provider.name)
     key = key if provider.passthrough else (ring.order()[0] if ring else None)
     cache_key = (provider.name, hashlib.sha256(key.encode()).digest() if provider.passthrough and key else b"")
@@ -3199,8 +3177,7 @@ async def _fetch_models(rt: Runtime, provider: Provider, key: str | None) -> lis
     try:
         async with asyncio.timeout(min(rt.config.request_timeout, 15.0)):
             async with rt.session.get(_provider_url(provider, "models"), allow_redirects=False,
-                                      headers={**_upstream_headers(provider, key, "models"),
-                                               _HOP_HEADER: rt.instance}) as response:
+                                      headers=_upstream_headers(rt, provider, key, "models")) as response:
                 raw = await _read_response(response, provider, rt.config)
                 if response.status >= 300:
                     raise _upstream_failure(provider, response.status, raw, response.headers)
