@@ -2872,13 +2872,10 @@ class Metrics:
         """The JSON of /metrics/running-totals, optionally filtered by provider and/or model."""
         providers: JSON = {}
         for name, stats in sorted(self.providers.items()):
-            if provider and name != provider.lower():
-                continue
             models = {m: s.as_json() for (p, m), s in sorted(self.models.items())
                       if p == name and (not model or m == model)}
-            if model and not models:
-                continue
-            providers[name] = {**stats.as_json(), "models": models}
+            if (not provider or name == provider.lower()) and (models or not model):
+                providers[name] = {**stats.as_json(), "models": models}
         recent = [r for r in self.recent if (not provider or r["provider"] == provider.lower())
                   and (not model or r["model"] == model)]
         return {"uptime_s": round(self.clock() - self.started, 1), "totals": self.totals.as_json(),
@@ -3054,8 +3051,7 @@ def _upstream_failure(provider: Provider, status: int, raw: bytes, headers: Mapp
                          reply=(status, raw, headers.get("content-type", "application/json")))
 
 
-def _connection_failure(provider: Provider, config: Config, exc: BaseException, *,
-                        answered: bool = False) -> UpstreamError:
+def _connection_failure(provider: Provider, config: Config, exc: BaseException, *, answered: bool) -> UpstreamError:
     """A failure to talk to a provider; `answered`: its headers had arrived (only the body failed)."""
     if isinstance(exc, TimeoutError) and answered:      # a generation that ran out of time: retrying repeats it
         return UpstreamError(f"{provider.name}: the answer did not complete within REQUEST_TIMEOUT="
@@ -3119,11 +3115,10 @@ async def _open_upstream(rt: Runtime, provider: Provider, url: str, data: bytes,
                 raise UpstreamError("server is shutting down", status=503) from None
             error = _connection_failure(provider, config, exc, answered=response is not None)
         else:
+            if body is not None:        # read whole: the connection can go back to the pool
+                response.release()
             if response.status < 300:
-                if read_body:
-                    response.release()
                 return response, body, key
-            response.release()
             error = _upstream_failure(provider, response.status, body or b"", response.headers, key)
             cooldown = _KEY_COOLDOWN.get(response.status)
             if cooldown is not None and ring is not None and key is not None:
