@@ -2682,14 +2682,12 @@ _STATS_COUNTS: Final = ("requests", "in_flight", "errors", *_TOKEN_COUNTS)
 _USAGE_COUNTS: Final = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
 
 
+@dataclass(slots=True)
 class _Histogram:
     """Fixed buckets, so memory stays bounded however many requests are observed."""
 
-    __slots__ = ("counts", "sum")
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(_LATENCY_BUCKETS_MS) + 1)
-        self.sum = 0.0
+    counts: list[int] = field(default_factory=lambda: [0] * (len(_LATENCY_BUCKETS_MS) + 1))
+    sum: float = 0.0
 
     def observe(self, ms: float) -> None:
         self.counts[bisect_left(_LATENCY_BUCKETS_MS, ms)] += 1
