@@ -70,7 +70,7 @@ import time
 import tomllib
 import urllib.parse
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
@@ -523,20 +523,22 @@ def parse_config(environ: Mapping[str, str], dotenv: Mapping[str, str], toml_lay
     values, sources = _parse_globals(env, env_source, toml_layers, overrides or {})
     tables, user_named, default_aliases = _provider_tables(toml_layers, warnings)
     providers: list[Provider] = []
-    aliases: dict[tuple[str, str], Alias] = {}
+    aliases: list[Alias] = []
     named = _named_providers(env, tables, user_named, values.get("default_provider"))
     here = Config(**values)
     for name in named:
-        provider = _parse_provider(name, tables.get(name, {}), env, env_source, warnings, sources, tables)
-        if provider is not None and _is_gateway(provider.base_url, here.host, here.port):
+        table = dict(tables.get(name, {}))
+        for var, key, value in _provider_variables(name, env):     # the environment wins over TOML
+            _merge_setting(table, key, value, env_source[var], var)
+        provider = _parse_provider(name, table, warnings, sources, tables)
+        if provider is None:
+            continue
+        if _is_gateway(provider.base_url, here.host, here.port):
             warnings.append(f"provider {name!r} disabled: its base URL {provider.base_url} is this gateway itself, so "
                             f"requests would loop; unset {name.upper()}_BASE_URL in the shell that starts vandamme")
             continue
-        if provider is None:
-            continue
         providers.append(provider)
-        aliases.update(((name, a.name), a) for a in _provider_aliases(name, tables.get(name, {}), default_aliases,
-                                                                      env, env_source))
+        aliases += _provider_aliases(name, table, default_aliases)
     names = [p.name for p in providers]
     default = values.get("default_provider") or "openai"
     if providers and default not in names:
@@ -551,7 +553,7 @@ def parse_config(environ: Mapping[str, str], dotenv: Mapping[str, str], toml_lay
         warnings.append(f"HOST={here.host} is open to other machines and PROXY_API_KEY is unset: anyone who reaches "
                         "it spends your provider keys; set PROXY_API_KEY, or HOST=127.0.0.1")
     config = Config(**values, providers=tuple(providers),
-                    aliases=tuple(sorted(aliases.values(), key=lambda a: (a.provider, a.name))),
+                    aliases=tuple(sorted(aliases, key=lambda a: (a.provider, a.name))),
                     warnings=tuple(warnings), sources=tuple(sources),
                     known_providers=tuple(sorted({*named, *tables, *(b[0] for b in _BUILTIN_PROVIDERS)})))
     for alias in config.aliases:          # a cycle is a startup error, never a request error
@@ -614,11 +616,29 @@ def _parse_globals(env: Mapping[str, str], env_source: Mapping[str, str], layers
     return values, sources
 
 
+_Table = dict[str, tuple[Any, str]]     # one provider's settings: TOML key -> (value, source)
+
+
+def _merge_setting(table: _Table, key: str, value: Any, source: str, where: str) -> None:
+    """Check one provider setting and put it over lower layers; the tables (aliases, headers, max-tokens) merge
+    entry by entry, as (text, source), alias names normalised."""
+    if key == "reasoning-effort" and isinstance(value, bool):     # `= true` reads naturally
+        value = "always" if value else "never"
+    value = _parse_setting(_PROVIDER_SETTINGS[key][1], value, where)
+    for header, text in value.items() if key == "headers" else ():    # a CR/LF would smuggle in other headers
+        if not _HEADER_NAME.fullmatch(header) or _HEADER_VALUE_BAD.search(str(text)):
+            raise ConfigError(f"{where} {header!r}: a header name or value with a character HTTP does not allow")
+    if isinstance(value, dict):
+        entries = {_norm(k) if key == "aliases" else k: (str(v), source) for k, v in value.items()}
+        value = {**table.get(key, ({}, source))[0], **entries}
+    table[key] = (value, source)
+
+
 def _provider_tables(layers: _TomlLayers, warnings: list[str]) -> tuple[
-        dict[str, dict[str, tuple[Any, str]]], set[str], dict[str, tuple[str, str]]]:
-    """Provider tables merged across TOML layers (name -> TOML key -> (value, source)), the providers a
-    user's TOML names with a key or URL, and the [defaults.aliases]."""
-    tables: dict[str, dict[str, tuple[Any, str]]] = {}
+        dict[str, _Table], set[str], dict[str, tuple[str, str]]]:
+    """Provider tables merged across TOML layers, the providers a user's TOML names with a key or URL, and the
+    [defaults.aliases]."""
+    tables: dict[str, _Table] = {}
     user_named: set[str] = set()
     default_aliases: dict[str, tuple[str, str]] = {}
     for source, path, data in layers:
@@ -631,23 +651,17 @@ def _provider_tables(layers: _TomlLayers, warnings: list[str]) -> tuple[
                 raise ConfigError(f"{path}: [{name}] must be a table")
             merged = tables.setdefault(name.lower(), {})
             for key, value in table.items():
-                if key not in _PROVIDER_SETTINGS:
+                if key in _PROVIDER_SETTINGS:
+                    _merge_setting(merged, key, value, source, f"{path} [{name}]: {key}")
+                else:
                     warnings.append(f"{path}: [{name}] unknown setting {key!r} ignored")
-                    continue
-                if key == "reasoning-effort" and isinstance(value, bool):     # `= true` reads naturally
-                    value = "always" if value else "never"
-                value = _parse_setting(_PROVIDER_SETTINGS[key][1], value, f"{path} [{name}]: {key}")
-                if key in ("aliases", "headers", "max-tokens"):
-                    previous = merged.get(key, ({}, source))[0]
-                    value = {**previous, **{k: (str(v), source) for k, v in value.items()}}
-                merged[key] = (value, source)
             if source != "defaults" and ("base-url" in table or "api-key" in table):
                 user_named.add(name.lower())
     return tables, user_named, default_aliases
 
 
-def _named_providers(env: Mapping[str, str], tables: Mapping[str, Mapping[str, tuple[Any, str]]],
-                     user_named: set[str], wanted_default: str | None) -> list[str]:
+def _named_providers(env: Mapping[str, str], tables: Mapping[str, _Table], user_named: set[str],
+                     wanted_default: str | None) -> list[str]:
     """Which providers exist: a key or base URL in the environment, a user TOML table with
     either, or a keyless built-in named anywhere (e.g. OLLAMA_ALIAS_X or the default)."""
     named: dict[str, None] = {}
@@ -664,17 +678,31 @@ def _named_providers(env: Mapping[str, str], tables: Mapping[str, Mapping[str, t
     return list(named)
 
 
-def _parse_provider(name: str, table: Mapping[str, tuple[Any, str]], env: Mapping[str, str],
-                    env_source: Mapping[str, str], warnings: list[str],
-                    sources: list[tuple[str, str, str]], known: Iterable[str] = ()) -> Provider | None:
-    """One provider from its merged TOML table and its {NAME}_* variables; None (warned) without a URL."""
+def _provider_variables(name: str, env: Mapping[str, str]) -> Iterator[tuple[str, str, Any]]:
+    """A provider's {NAME}_* variables as the settings they stand for: (variable, TOML key, value)."""
+    prefix = f"{name.upper()}_"
+    for var, text in env.items():
+        suffix, value = var[len(prefix):], text.strip()
+        if not var.upper().startswith(prefix) or not value:
+            continue
+        if suffix.upper() in ("BASE_URL", "API_KEY", "API_FORMAT", "API_VERSION"):
+            yield var, suffix.lower().replace("_", "-"), value
+        elif suffix.upper() == "RESPONSES_MODELS":
+            yield var, "responses-models", value.split(",")
+        elif suffix.upper() == "MAX_TOKENS":            # "glob=N,glob=N", or a bare N for every model
+            pairs = (part.rpartition("=") for part in value.split(",") if part.strip())
+            yield var, "max-tokens", {glob.strip() or "*": number for glob, _sep, number in pairs}
+        for marker, key in (("ALIAS_", "aliases"), ("CUSTOM_HEADER_", "headers")):
+            if suffix.upper().startswith(marker) and len(suffix) > len(marker):
+                yield var, key, {suffix[len(marker):].replace("_", "-"): value}
+
+
+def _parse_provider(name: str, table: _Table, warnings: list[str], sources: list[tuple[str, str, str]],
+                    known: Iterable[str]) -> Provider | None:
+    """One provider from its settings (TOML and {NAME}_* merged); None (warned) without a base URL."""
     upper = name.upper()
     setting = {k: v[0] for k, v in table.items()}
-
-    def variable(suffix: str) -> str:
-        return (env.get(f"{upper}_{suffix}") or "").strip()
-
-    base_url = variable("BASE_URL") or setting.get("base-url")
+    base_url = setting.get("base-url")
     if not base_url:
         near = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
         warnings.append(f"provider {name!r} skipped: " + (f"did you mean {near[0].upper()}_API_KEY?" if near else
@@ -682,57 +710,34 @@ def _parse_provider(name: str, table: Mapping[str, tuple[Any, str]], env: Mappin
         return None
     if not re.match(r"^https?://[^/\s]+", base_url):
         raise ConfigError(f"{upper}_BASE_URL={base_url!r}: must start with http:// or https://")
-    fmt = variable("API_FORMAT") or setting.get("api-format", "openai")
-    fmt = _parse_setting(_PROVIDER_SETTINGS["api-format"][1], fmt, f"{upper}_API_FORMAT")
-    raw_keys = variable("API_KEY") or setting.get("api-key", "")
-    keys = tuple(raw_keys.split())
+    keys = tuple(setting.get("api-key", "").split())
     passthrough = "!PASSTHRU" in keys
     if passthrough and len(keys) > 1:
         raise ConfigError(f"{upper}_API_KEY: '!PASSTHRU' cannot be mixed with static keys")
-    marker = f"{upper}_CUSTOM_HEADER_"
-    origin = {k: f"[{name}.headers] {k!r}" for k in setting.get("headers", {})}
-    origin.update({var[len(marker):].replace("_", "-"): var for var in env
-                   if var.upper().startswith(marker) and len(var) > len(marker)})
-    headers = {k: v[0] for k, v in setting.get("headers", {}).items()}
-    headers.update({header: env[var] for header, var in origin.items() if var in env})
-    for header, value in headers.items():       # a CR/LF here would let one header smuggle in others
-        if not _HEADER_NAME.fullmatch(header) or _HEADER_VALUE_BAD.search(value):
-            raise ConfigError(f"{origin[header]}: a header name or value with a character HTTP does not allow")
     fields = {attr: setting[key] for key, (attr, _kind) in _PROVIDER_SETTINGS.items()
-              if attr and attr not in ("base_url", "keys", "api_format", "api_version") and key in setting}
-    limits = {glob: value for glob, (value, _source) in setting.get("max-tokens", {}).items()}
-    for part in filter(None, (p.strip() for p in variable("MAX_TOKENS").split(","))):
-        glob, _sep, number = part.rpartition("=")          # "glob=N", or a bare N for every model
-        limits[glob.strip() or "*"] = number
-    max_tokens = tuple((glob, _parse_setting(int, number, f"{upper}_MAX_TOKENS / [{name}.max-tokens] {glob!r}"))
-                       for glob, number in limits.items())
-    globs = raw.split(",") if (raw := variable("RESPONSES_MODELS")) else fields.get("responses_models", ())
-    fields["responses_models"] = tuple(str(glob).strip() for glob in globs if str(glob).strip())
-    if fmt == "responses":                  # the Responses API is made for reasoning models
+              if attr and attr not in ("base_url", "keys", "api_version") and key in setting}
+    globs = (str(glob).strip() for glob in fields.get("responses_models", ()))
+    fields["responses_models"] = tuple(filter(None, globs))
+    if fields.get("api_format") == "responses":     # the Responses API is made for reasoning models
         fields.setdefault("reasoning_effort", "always")
-    provider = Provider(
-        name=name, base_url=base_url.rstrip("/"), api_format=fmt,
-        api_version=variable("API_VERSION") or setting.get("api-version") or None,
-        keys=() if passthrough else keys, passthrough=passthrough, headers=tuple(sorted(headers.items())),
-        max_tokens=max_tokens, **fields)
-    src = env_source.get(f"{upper}_API_KEY") or table.get("api-key", (None, "toml"))[1]
+    max_tokens = tuple((glob, _parse_setting(int, number, f"{upper}_MAX_TOKENS / [{name}.max-tokens] {glob!r}"))
+                       for glob, (number, _source) in setting.get("max-tokens", {}).items())
+    headers = tuple(sorted((header, value) for header, (value, _source) in setting.get("headers", {}).items()))
+    provider = Provider(name=name, base_url=base_url.rstrip("/"), api_version=setting.get("api-version") or None,
+                        keys=() if passthrough else keys, passthrough=passthrough, headers=headers,
+                        max_tokens=max_tokens, **fields)
     shown = "!PASSTHRU" if passthrough else (", ".join(_mask(k) for k in keys) or "(none)")
-    sources.append((f"{name}.keys", shown, src if raw_keys else "-"))
-    sources.append((f"{name}.base_url", provider.base_url,
-                    env_source.get(f"{upper}_BASE_URL") or table.get("base-url", (None, "-"))[1]))
+    sources.append((f"{name}.keys", shown, table["api-key"][1] if keys else "-"))
+    sources.append((f"{name}.base_url", provider.base_url, table["base-url"][1]))
     return provider
 
 
-def _provider_aliases(name: str, table: Mapping[str, tuple[Any, str]], default_aliases: Mapping[str, tuple[str, str]],
-                      env: Mapping[str, str], env_source: Mapping[str, str]) -> list[Alias]:
-    """A provider's aliases, lowest priority first so later sources overwrite earlier ones."""
-    marker = f"{name.upper()}_ALIAS_"
-    found = list(default_aliases.items())
-    found += [(_norm(alias), (target.strip(), source)) for alias, (target, source)
-              in table.get("aliases", ({}, ""))[0].items() if target.strip()]
-    found += [(_norm(var[len(marker):]), (value.strip(), env_source[var])) for var, value in env.items()
-              if var.upper().startswith(marker) and len(var) > len(marker) and value.strip()]
-    return [Alias(provider=name, name=alias, target=target, source=source) for alias, (target, source) in found]
+def _provider_aliases(name: str, table: _Table, default_aliases: Mapping[str, tuple[str, str]]) -> list[Alias]:
+    """A provider's aliases: its own (environment over TOML layers) over the [defaults.aliases]."""
+    own = {alias: (target.strip(), source) for alias, (target, source) in table.get("aliases", ({}, ""))[0].items()
+           if target.strip()}
+    return [Alias(provider=name, name=alias, target=target, source=source)
+            for alias, (target, source) in {**default_aliases, **own}.items()]
 
 
 def _provider_summary(config: Config, cooling: Mapping[str, int] | None = None) -> list[JSON]:
