@@ -64,7 +64,6 @@ import secrets
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 import time
 import tomllib
@@ -242,11 +241,8 @@ default-provider = "openai"
 # ---------------------------------------------------------------------------
 
 class VandammeError(Exception):
-    """Base error: the HTTP status, Anthropic error type and retry advice a client sees.
-
-    `retryable` says whether the same request may succeed later; when it is False the
-    client gets `x-should-retry: false`, so SDKs (and Claude Code) stop at once.
-    """
+    """Base error: the HTTP status, Anthropic error type and retry advice a client sees. `retryable` False
+    sends `x-should-retry: false`, so SDKs (and Claude Code) stop at once."""
 
     status: int = 500
     error_type: str = "api_error"
@@ -257,13 +253,11 @@ class VandammeError(Exception):
         super().__init__(message)
         if status is not None:
             self.status = status
-            self.error_type = error_type or _ERROR_TYPE_BY_STATUS.get(
+            self.error_type = _ERROR_TYPE_BY_STATUS.get(
                 status, "invalid_request_error" if status < 500 else "api_error")
             self.retryable = status in (408, 409, 429) or status >= 500
-        elif error_type is not None:
-            self.error_type = error_type
-        if retryable is not None:
-            self.retryable = retryable
+        self.error_type = error_type or self.error_type
+        self.retryable = self.retryable if retryable is None else retryable
         self.retry_after = retry_after
 
 
@@ -288,19 +282,15 @@ class AuthenticationError(VandammeError):
 
 
 class UpstreamError(VandammeError):
-    """The upstream failed; `retryable` also decides whether the gateway retries or falls back.
+    """The upstream failed; `retryable` also decides whether the gateway retries or falls back. `reply` is the
+    provider's own answer (status, body, content type); `verbatim` relays it unchanged (Anthropic format only)."""
 
-    `reply` is the provider's own answer (status, body, content type); `verbatim` relays it
-    unchanged, which only an Anthropic-format provider's errors are.
-    """
+    verbatim = False
 
-    def __init__(self, message: str, *, status: int, retry_after: float | None = None,
-                 retryable: bool | None = None, error_type: str | None = None,
-                 reply: tuple[int, bytes, str] | None = None) -> None:
-        super().__init__(message, status=status, retry_after=retry_after, error_type=error_type,
-                         retryable=retryable)
+    def __init__(self, message: str, *, status: int, reply: tuple[int, bytes, str] | None = None,
+                 **options: Any) -> None:
+        super().__init__(message, status=status, **options)
         self.reply = reply
-        self.verbatim = False
 
 
 def error_body(error_type: str, message: str) -> JSON:
@@ -385,10 +375,7 @@ class Config:
 
     def provider(self, name: str) -> Provider | None:
         name = name.lower()
-        for provider in self.providers:
-            if provider.name == name:
-                return provider
-        return None
+        return next((provider for provider in self.providers if provider.name == name), None)
 
 
 _NO_PROVIDER: Final = ("no provider is configured: set OPENAI_API_KEY (or another {PROVIDER}_API_KEY, or "
@@ -416,8 +403,7 @@ def parse_dotenv(text: str) -> dict[str, str]:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        if line.startswith("export "):
-            line = line[7:].lstrip()
+        line = line.removeprefix("export ").lstrip()
         key, sep, value = line.partition("=")
         key = key.strip()
         if not sep or not key.replace("_", "").isalnum():
@@ -425,18 +411,13 @@ def parse_dotenv(text: str) -> dict[str, str]:
         value = value.strip()
         if value[:1] in ("'", '"'):
             quote = value[0]
-            end = value.find(quote, 1)
-            value = value[1:end] if end > 0 else value[1:]
+            value = value[1:].partition(quote)[0]
             if quote == '"':
                 value = value.replace("\\n", "\n")
         else:
             value = re.split(r"\s+#", value, maxsplit=1)[0].strip()
         result[key] = value
     return result
-
-
-def _parse_bool(text: str) -> bool:
-    return text.strip().lower() in ("1", "true", "yes", "on")
 
 
 def _parse_setting(kind: Any, value: Any, where: str) -> Any:
@@ -449,7 +430,7 @@ def _parse_setting(kind: Any, value: Any, where: str) -> Any:
         return word
     number = float if kind is float else int if kind is int or isinstance(kind, range) else None
     if isinstance(value, str) and kind is bool:
-        return _parse_bool(value)
+        return value.strip().lower() in ("1", "true", "yes", "on")
     if isinstance(value, str) and number:
         try:
             value = number(value)
@@ -482,12 +463,9 @@ def _key_fingerprint(key: str | None) -> str:
 
 
 class Redactor:
-    """Masks secrets in text that leaves the process: the one redaction step.
-
-    It knows the configuration's secrets (provider keys, PROXY_API_KEY, custom header
-    values, the user-info and query string of base URLs); a request's own client key is
-    passed as `extra`. Values shorter than 6 characters are not treated as secrets.
-    """
+    """Masks secrets in text that leaves the process: the one redaction step. It knows the configuration's
+    secrets (provider keys, PROXY_API_KEY, custom header values, the user-info and query string of base URLs);
+    a request's own client key is passed as `extra`. Values shorter than 6 characters are not secrets."""
 
     def __init__(self, config: Config) -> None:
         found = {config.proxy_api_key or ""}
@@ -513,18 +491,16 @@ _TomlLayers = Sequence[tuple[str, Path, Mapping[str, Any]]]     # (source, path,
 
 def parse_config(environ: Mapping[str, str], dotenv: Mapping[str, str], toml_layers: _TomlLayers, *,
                  overrides: Mapping[str, Any] | None = None) -> Config:
-    """Build the Config from command-line overrides, environment, .env, TOML layers (defaults included).
-
-    Pure: load_config (§15) reads the files. Raises ConfigError with one line naming the variable or file.
-    """
+    """The Config from command-line overrides, environment, .env, TOML layers (defaults included); pure (load_config
+    reads the files). Raises ConfigError with one line naming the variable or file."""
     env = {**dotenv, **environ}
     env_source = {**dict.fromkeys(dotenv, ".env"), **dict.fromkeys(environ, "env")}
     warnings: list[str] = []
     values, sources = _parse_globals(env, env_source, toml_layers, overrides or {})
-    tables, user_named, default_aliases = _provider_tables(toml_layers, warnings)
+    tables, default_aliases = _provider_tables(toml_layers, warnings)
     providers: list[Provider] = []
     aliases: list[Alias] = []
-    named = _named_providers(env, tables, user_named, values.get("default_provider"))
+    named = _named_providers(env, tables, values.get("default_provider"))
     here = Config(**values)
     for name in named:
         table = dict(tables.get(name, {}))
@@ -620,8 +596,7 @@ _Table = dict[str, tuple[Any, str]]     # one provider's settings: TOML key -> (
 
 
 def _merge_setting(table: _Table, key: str, value: Any, source: str, where: str) -> None:
-    """Check one provider setting and put it over lower layers; the tables (aliases, headers, max-tokens) merge
-    entry by entry, as (text, source), alias names normalised."""
+    """Check one provider setting and put it over lower layers; tables merge entry by entry, as (text, source)."""
     if key == "reasoning-effort" and isinstance(value, bool):     # `= true` reads naturally
         value = "always" if value else "never"
     value = _parse_setting(_PROVIDER_SETTINGS[key][1], value, where)
@@ -634,12 +609,10 @@ def _merge_setting(table: _Table, key: str, value: Any, source: str, where: str)
     table[key] = (value, source)
 
 
-def _provider_tables(layers: _TomlLayers, warnings: list[str]) -> tuple[
-        dict[str, _Table], set[str], dict[str, tuple[str, str]]]:
-    """Provider tables merged across TOML layers, the providers a user's TOML names with a key or URL, and the
-    [defaults.aliases]."""
+def _provider_tables(layers: _TomlLayers,
+                     warnings: list[str]) -> tuple[dict[str, _Table], dict[str, tuple[str, str]]]:
+    """Provider tables merged across TOML layers, and the [defaults.aliases]."""
     tables: dict[str, _Table] = {}
-    user_named: set[str] = set()
     default_aliases: dict[str, tuple[str, str]] = {}
     for source, path, data in layers:
         for name, table in data.items():
@@ -655,22 +628,21 @@ def _provider_tables(layers: _TomlLayers, warnings: list[str]) -> tuple[
                     _merge_setting(merged, key, value, source, f"{path} [{name}]: {key}")
                 else:
                     warnings.append(f"{path}: [{name}] unknown setting {key!r} ignored")
-            if source != "defaults" and ("base-url" in table or "api-key" in table):
-                user_named.add(name.lower())
-    return tables, user_named, default_aliases
+    return tables, default_aliases
 
 
-def _named_providers(env: Mapping[str, str], tables: Mapping[str, _Table], user_named: set[str],
-                     wanted_default: str | None) -> list[str]:
-    """Which providers exist: a key or base URL in the environment, a user TOML table with
-    either, or a keyless built-in named anywhere (e.g. OLLAMA_ALIAS_X or the default)."""
+def _named_providers(env: Mapping[str, str], tables: Mapping[str, _Table], wanted_default: str | None) -> list[str]:
+    """Which providers exist: a key or base URL in the environment, then in a user's TOML (not the defaults),
+    then a keyless built-in named anywhere (e.g. OLLAMA_ALIAS_X or the default)."""
     named: dict[str, None] = {}
     for var in sorted(env):
         match = re.fullmatch(r"(.+)_(?:API_KEY|BASE_URL)", var.upper())
         prefix = match.group(1) if match and env[var].strip() else "VDM"
         if prefix not in ("PROXY", "VDM") and not prefix.startswith("CUSTOM_"):
             named[prefix.lower()] = None
-    named.update(dict.fromkeys(sorted(user_named)))
+    user_set = {name for name, table in tables.items() for key in ("base-url", "api-key")
+                if table.get(key, ("", "defaults"))[1] != "defaults"}
+    named.update(dict.fromkeys(sorted(user_set)))
     for name, table in tables.items():
         mentioned = any(v.upper().startswith(name.upper() + "_") for v in env)
         if table.get("keyless", (False, ""))[0] and (mentioned or name == wanted_default):
@@ -682,19 +654,19 @@ def _provider_variables(name: str, env: Mapping[str, str]) -> Iterator[tuple[str
     """A provider's {NAME}_* variables as the settings they stand for: (variable, TOML key, value)."""
     prefix = f"{name.upper()}_"
     for var, text in env.items():
-        suffix, value = var[len(prefix):], text.strip()
+        suffix, value = var[len(prefix):].upper(), text.strip()
         if not var.upper().startswith(prefix) or not value:
             continue
-        if suffix.upper() in ("BASE_URL", "API_KEY", "API_FORMAT", "API_VERSION"):
+        if suffix in ("BASE_URL", "API_KEY", "API_FORMAT", "API_VERSION"):
             yield var, suffix.lower().replace("_", "-"), value
-        elif suffix.upper() == "RESPONSES_MODELS":
+        elif suffix == "RESPONSES_MODELS":
             yield var, "responses-models", value.split(",")
-        elif suffix.upper() == "MAX_TOKENS":            # "glob=N,glob=N", or a bare N for every model
+        elif suffix == "MAX_TOKENS":            # "glob=N,glob=N", or a bare N for every model
             pairs = (part.rpartition("=") for part in value.split(",") if part.strip())
             yield var, "max-tokens", {glob.strip() or "*": number for glob, _sep, number in pairs}
         for marker, key in (("ALIAS_", "aliases"), ("CUSTOM_HEADER_", "headers")):
-            if suffix.upper().startswith(marker) and len(suffix) > len(marker):
-                yield var, key, {suffix[len(marker):].replace("_", "-"): value}
+            if suffix.startswith(marker) and len(suffix) > len(marker):
+                yield var, key, {var[len(prefix) + len(marker):].replace("_", "-"): value}
 
 
 def _parse_provider(name: str, table: _Table, warnings: list[str], sources: list[tuple[str, str, str]],
@@ -780,10 +752,7 @@ class Route:
 
 def _exact_alias(config: Config, provider: str, model: str) -> Alias | None:
     wanted = _norm(model)
-    for alias in config.aliases:
-        if alias.provider == provider and alias.name == wanted:
-            return alias
-    return None
+    return next((alias for alias in config.aliases if alias.provider == provider and alias.name == wanted), None)
 
 
 def _split_target(config: Config, text: str, owner: str) -> tuple[str, str, bool]:
@@ -799,22 +768,18 @@ def _split_target(config: Config, text: str, owner: str) -> tuple[str, str, bool
 def _follow_alias(config: Config, alias: Alias, seen: tuple[tuple[str, str], ...] = ()) -> list[Target]:
     """Expand an alias through chains (at most MAX_ALIAS_CHAIN steps) and fallback lists."""
     seen = (*seen, (alias.provider, alias.name))
-    if len(seen) > _MAX_ALIAS_CHAIN:
-        raise ConfigError(f"alias chain too long (over {_MAX_ALIAS_CHAIN} steps): "
-                          + " -> ".join(f"{p}:{n}" for p, n in seen))
+    if seen[-1] in seen[:-1] or len(seen) > _MAX_ALIAS_CHAIN:
+        chain = " -> ".join(f"{p}:{n}" for p, n in seen)
+        if seen[-1] in seen[:-1]:
+            raise ConfigError(f"alias cycle: {chain}; change one of these aliases")
+        raise ConfigError(f"alias chain too long (over {_MAX_ALIAS_CHAIN} steps): {chain}")
     targets: list[Target] = []
     for part in (p.strip() for p in alias.target.split(",")):
         if not part:
             continue
         provider, model, literal = _split_target(config, part, alias.provider)
         nxt = None if literal else _exact_alias(config, provider, model)
-        if nxt is None:
-            targets.append(Target(provider, model))
-        elif (nxt.provider, nxt.name) in seen:
-            chain = " -> ".join(f"{p}:{n}" for p, n in (*seen, (nxt.provider, nxt.name)))
-            raise ConfigError(f"alias cycle: {chain}; change one of these aliases")
-        else:
-            targets.extend(_follow_alias(config, nxt, seen))
+        targets.extend(_follow_alias(config, nxt, seen) if nxt else [Target(provider, model)])
     if not targets:
         raise ConfigError(f"alias {alias.provider}:{alias.name} has an empty target")
     return targets
@@ -868,12 +833,9 @@ def _route_text(route: Route) -> str:
 
 
 def listed_routes(config: Config) -> list[tuple[str, Route]]:
-    """Every alias name the listings show, with the route resolve_model gives it.
-
-    /v1/models, /v1/aliases, `config show` and the dashboard all print these, so no listing
-    carries routing logic of its own. An unprefixed name goes wherever ranking sends it; each
-    alias is also listed in its prefixed form (`deepseek:sonnet`), which keeps its own target.
-    """
+    """Every alias name the listings (/v1/models, /v1/aliases, `config show`, the dashboard) show, with the route
+    resolve_model gives it, so no listing routes on its own. Each alias is listed unprefixed (wherever ranking
+    sends it) and prefixed (`deepseek:sonnet`, its own target)."""
     if not config.providers:
         return []
     names = sorted({a.name for a in config.aliases}) + [f"{a.provider}:{a.name}" for a in config.aliases]
