@@ -786,35 +786,30 @@ def _follow_alias(config: Config, alias: Alias, seen: tuple[tuple[str, str], ...
 
 
 def resolve_model(config: Config, requested: str) -> Route:
-    """Decide which provider and model serve `requested`.
-
-    `provider:model` with a configured provider goes there (exact aliases only); anything
-    else is a model of the default provider unless an alias name is a substring of it.
-    `!` in front bypasses aliases. Ranking of substring matches: exact, longest alias,
-    default provider, provider order, alphabetical.
-    """
+    """Decide which provider and model serve `requested`. `provider:model` with a configured provider goes there
+    (exact aliases only); anything else is a model of the default provider unless an alias name is a substring
+    of it. `!` in front bypasses aliases. Ranking of substring matches: exact, longest alias, default provider,
+    provider order, alphabetical."""
     if not config.providers or config.default_provider is None:
         raise NotConfiguredError(_NO_PROVIDER)
-    literal = requested.startswith("!")
-    name = requested[1:] if literal else requested
-    prefix, sep, rest = name.partition(":")
-    provider = config.provider(prefix) if sep else None
-    if sep and provider is None and prefix.lower() in config.known_providers:    # never a silent misroute
+    default = config.default_provider
+    owner, model, literal = _split_target(config, requested, default)
+    name = requested.removeprefix("!")
+    prefix, sep, _rest = name.partition(":")
+    prefixed = model != name                # a configured provider's name was taken off the front
+    if sep and not prefixed and prefix.lower() in config.known_providers:    # never a silent misroute
         raise InvalidRequestError(f"model {requested!r}: provider {prefix.lower()!r} is not configured; set "
                                   f"{prefix.upper()}_API_KEY (or {prefix.upper()}_BASE_URL) and restart vandamme, "
-                                  f"or ask for {config.default_provider}:{name} (the default provider's model)")
-    if provider is not None:
-        if not rest:
-            raise InvalidRequestError(f"model {requested!r}: no model name after '{prefix}:'")
-        alias = None if literal else _exact_alias(config, provider.name, rest)
-        if alias is None:
-            rule = "literal (! prefix)" if literal else f"provider prefix '{provider.name}:'"
-            return Route(requested=requested, targets=(Target(provider.name, rest),), rule=rule)
+                                  f"or ask for {default}:{name} (the default provider's model)")
+    if prefixed and not model:
+        raise InvalidRequestError(f"model {requested!r}: no model name after '{prefix}:'")
+    alias = _exact_alias(config, owner, model) if prefixed and not literal else None
+    if alias is not None:
         return Route(requested=requested, targets=tuple(_follow_alias(config, alias)),
                      rule=f"alias {alias.provider}:{alias.name} ({alias.source})")
-    default = config.default_provider
-    if literal:
-        return Route(requested=requested, targets=(Target(default, name),), rule="literal (! prefix)")
+    if literal or prefixed:
+        rule = "literal (! prefix)" if literal else f"provider prefix '{owner}:'"
+        return Route(requested=requested, targets=(Target(owner, model),), rule=rule)
     wanted = _norm(name)
     order = {p.name: i for i, p in enumerate(config.providers)}
     matches = [a for a in config.aliases if a.name in wanted]
@@ -855,11 +850,8 @@ def _configured_output_limit(config: Config, provider: Provider, model: str) -> 
 # ---------------------------------------------------------------------------
 
 class KeyRing:
-    """Round-robin over one provider's keys, skipping keys that are cooling down.
-
-    Methods are synchronous: asyncio runs one at a time, so no lock is needed.
-    State is per process (document: several workers rotate independently).
-    """
+    """Round-robin over one provider's keys, skipping keys that are cooling down. Methods are synchronous
+    (asyncio runs one at a time, so no lock); state is per process (several workers rotate independently)."""
 
     def __init__(self, keys: Sequence[str], clock: Callable[[], float] = time.monotonic) -> None:
         self.keys = tuple(keys)
