@@ -64,13 +64,12 @@ import secrets
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 import time
 import tomllib
 import urllib.parse
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
@@ -242,11 +241,8 @@ default-provider = "openai"
 # ---------------------------------------------------------------------------
 
 class VandammeError(Exception):
-    """Base error: the HTTP status, Anthropic error type and retry advice a client sees.
-
-    `retryable` says whether the same request may succeed later; when it is False the
-    client gets `x-should-retry: false`, so SDKs (and Claude Code) stop at once.
-    """
+    """Base error: the HTTP status, Anthropic error type and retry advice a client sees. `retryable` False
+    sends `x-should-retry: false`, so SDKs (and Claude Code) stop at once."""
 
     status: int = 500
     error_type: str = "api_error"
@@ -257,13 +253,11 @@ class VandammeError(Exception):
         super().__init__(message)
         if status is not None:
             self.status = status
-            self.error_type = error_type or _ERROR_TYPE_BY_STATUS.get(
+            self.error_type = _ERROR_TYPE_BY_STATUS.get(
                 status, "invalid_request_error" if status < 500 else "api_error")
             self.retryable = status in (408, 409, 429) or status >= 500
-        elif error_type is not None:
-            self.error_type = error_type
-        if retryable is not None:
-            self.retryable = retryable
+        self.error_type = error_type or self.error_type
+        self.retryable = self.retryable if retryable is None else retryable
         self.retry_after = retry_after
 
 
@@ -288,19 +282,15 @@ class AuthenticationError(VandammeError):
 
 
 class UpstreamError(VandammeError):
-    """The upstream failed; `retryable` also decides whether the gateway retries or falls back.
+    """The upstream failed; `retryable` also decides whether the gateway retries or falls back. `reply` is the
+    provider's own answer (status, body, content type); `verbatim` relays it unchanged (Anthropic format only)."""
 
-    `reply` is the provider's own answer (status, body, content type); `verbatim` relays it
-    unchanged, which only an Anthropic-format provider's errors are.
-    """
+    verbatim = False
 
-    def __init__(self, message: str, *, status: int, retry_after: float | None = None,
-                 retryable: bool | None = None, error_type: str | None = None,
-                 reply: tuple[int, bytes, str] | None = None) -> None:
-        super().__init__(message, status=status, retry_after=retry_after, error_type=error_type,
-                         retryable=retryable)
+    def __init__(self, message: str, *, status: int, reply: tuple[int, bytes, str] | None = None,
+                 **options: Any) -> None:
+        super().__init__(message, status=status, **options)
         self.reply = reply
-        self.verbatim = False
 
 
 def error_body(error_type: str, message: str) -> JSON:
@@ -385,10 +375,7 @@ class Config:
 
     def provider(self, name: str) -> Provider | None:
         name = name.lower()
-        for provider in self.providers:
-            if provider.name == name:
-                return provider
-        return None
+        return next((provider for provider in self.providers if provider.name == name), None)
 
 
 _NO_PROVIDER: Final = ("no provider is configured: set OPENAI_API_KEY (or another {PROVIDER}_API_KEY, or "
@@ -416,8 +403,7 @@ def parse_dotenv(text: str) -> dict[str, str]:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        if line.startswith("export "):
-            line = line[7:].lstrip()
+        line = line.removeprefix("export ").lstrip()
         key, sep, value = line.partition("=")
         key = key.strip()
         if not sep or not key.replace("_", "").isalnum():
@@ -425,18 +411,13 @@ def parse_dotenv(text: str) -> dict[str, str]:
         value = value.strip()
         if value[:1] in ("'", '"'):
             quote = value[0]
-            end = value.find(quote, 1)
-            value = value[1:end] if end > 0 else value[1:]
+            value = value[1:].partition(quote)[0]
             if quote == '"':
                 value = value.replace("\\n", "\n")
         else:
             value = re.split(r"\s+#", value, maxsplit=1)[0].strip()
         result[key] = value
     return result
-
-
-def _parse_bool(text: str) -> bool:
-    return text.strip().lower() in ("1", "true", "yes", "on")
 
 
 def _parse_setting(kind: Any, value: Any, where: str) -> Any:
@@ -449,7 +430,7 @@ def _parse_setting(kind: Any, value: Any, where: str) -> Any:
         return word
     number = float if kind is float else int if kind is int or isinstance(kind, range) else None
     if isinstance(value, str) and kind is bool:
-        return _parse_bool(value)
+        return value.strip().lower() in ("1", "true", "yes", "on")
     if isinstance(value, str) and number:
         try:
             value = number(value)
@@ -482,12 +463,9 @@ def _key_fingerprint(key: str | None) -> str:
 
 
 class Redactor:
-    """Masks secrets in text that leaves the process: the one redaction step.
-
-    It knows the configuration's secrets (provider keys, PROXY_API_KEY, custom header
-    values, the user-info and query string of base URLs); a request's own client key is
-    passed as `extra`. Values shorter than 6 characters are not treated as secrets.
-    """
+    """Masks secrets in text that leaves the process: the one redaction step. It knows the configuration's
+    secrets (provider keys, PROXY_API_KEY, custom header values, the user-info and query string of base URLs);
+    a request's own client key is passed as `extra`. Values shorter than 6 characters are not secrets."""
 
     def __init__(self, config: Config) -> None:
         found = {config.proxy_api_key or ""}
@@ -513,30 +491,30 @@ _TomlLayers = Sequence[tuple[str, Path, Mapping[str, Any]]]     # (source, path,
 
 def parse_config(environ: Mapping[str, str], dotenv: Mapping[str, str], toml_layers: _TomlLayers, *,
                  overrides: Mapping[str, Any] | None = None) -> Config:
-    """Build the Config from command-line overrides, environment, .env, TOML layers (defaults included).
-
-    Pure: load_config (§15) reads the files. Raises ConfigError with one line naming the variable or file.
-    """
+    """The Config from command-line overrides, environment, .env, TOML layers (defaults included); pure (load_config
+    reads the files). Raises ConfigError with one line naming the variable or file."""
     env = {**dotenv, **environ}
     env_source = {**dict.fromkeys(dotenv, ".env"), **dict.fromkeys(environ, "env")}
     warnings: list[str] = []
     values, sources = _parse_globals(env, env_source, toml_layers, overrides or {})
-    tables, user_named, default_aliases = _provider_tables(toml_layers, warnings)
+    tables, default_aliases = _provider_tables(toml_layers, warnings)
     providers: list[Provider] = []
-    aliases: dict[tuple[str, str], Alias] = {}
-    named = _named_providers(env, tables, user_named, values.get("default_provider"))
+    aliases: list[Alias] = []
+    named = _named_providers(env, tables, values.get("default_provider"))
     here = Config(**values)
     for name in named:
-        provider = _parse_provider(name, tables.get(name, {}), env, env_source, warnings, sources, tables)
-        if provider is not None and _is_gateway(provider.base_url, here.host, here.port):
+        table = dict(tables.get(name, {}))
+        for var, key, value in _provider_variables(name, env):     # the environment wins over TOML
+            _merge_setting(table, key, value, env_source[var], var)
+        provider = _parse_provider(name, table, warnings, sources, tables)
+        if provider is None:
+            continue
+        if _is_gateway(provider.base_url, here.host, here.port):
             warnings.append(f"provider {name!r} disabled: its base URL {provider.base_url} is this gateway itself, so "
                             f"requests would loop; unset {name.upper()}_BASE_URL in the shell that starts vandamme")
             continue
-        if provider is None:
-            continue
         providers.append(provider)
-        aliases.update(((name, a.name), a) for a in _provider_aliases(name, tables.get(name, {}), default_aliases,
-                                                                      env, env_source))
+        aliases += _provider_aliases(name, table, default_aliases)
     names = [p.name for p in providers]
     default = values.get("default_provider") or "openai"
     if providers and default not in names:
@@ -551,7 +529,7 @@ def parse_config(environ: Mapping[str, str], dotenv: Mapping[str, str], toml_lay
         warnings.append(f"HOST={here.host} is open to other machines and PROXY_API_KEY is unset: anyone who reaches "
                         "it spends your provider keys; set PROXY_API_KEY, or HOST=127.0.0.1")
     config = Config(**values, providers=tuple(providers),
-                    aliases=tuple(sorted(aliases.values(), key=lambda a: (a.provider, a.name))),
+                    aliases=tuple(sorted(aliases, key=lambda a: (a.provider, a.name))),
                     warnings=tuple(warnings), sources=tuple(sources),
                     known_providers=tuple(sorted({*named, *tables, *(b[0] for b in _BUILTIN_PROVIDERS)})))
     for alias in config.aliases:          # a cycle is a startup error, never a request error
@@ -614,12 +592,27 @@ def _parse_globals(env: Mapping[str, str], env_source: Mapping[str, str], layers
     return values, sources
 
 
-def _provider_tables(layers: _TomlLayers, warnings: list[str]) -> tuple[
-        dict[str, dict[str, tuple[Any, str]]], set[str], dict[str, tuple[str, str]]]:
-    """Provider tables merged across TOML layers (name -> TOML key -> (value, source)), the providers a
-    user's TOML names with a key or URL, and the [defaults.aliases]."""
-    tables: dict[str, dict[str, tuple[Any, str]]] = {}
-    user_named: set[str] = set()
+_Table = dict[str, tuple[Any, str]]     # one provider's settings: TOML key -> (value, source)
+
+
+def _merge_setting(table: _Table, key: str, value: Any, source: str, where: str) -> None:
+    """Check one provider setting and put it over lower layers; tables merge entry by entry, as (text, source)."""
+    if key == "reasoning-effort" and isinstance(value, bool):     # `= true` reads naturally
+        value = "always" if value else "never"
+    value = _parse_setting(_PROVIDER_SETTINGS[key][1], value, where)
+    for header, text in value.items() if key == "headers" else ():    # a CR/LF would smuggle in other headers
+        if not _HEADER_NAME.fullmatch(header) or _HEADER_VALUE_BAD.search(str(text)):
+            raise ConfigError(f"{where} {header!r}: a header name or value with a character HTTP does not allow")
+    if isinstance(value, dict):
+        entries = {_norm(k) if key == "aliases" else k: (str(v), source) for k, v in value.items()}
+        value = {**table.get(key, ({}, source))[0], **entries}
+    table[key] = (value, source)
+
+
+def _provider_tables(layers: _TomlLayers,
+                     warnings: list[str]) -> tuple[dict[str, _Table], dict[str, tuple[str, str]]]:
+    """Provider tables merged across TOML layers, and the [defaults.aliases]."""
+    tables: dict[str, _Table] = {}
     default_aliases: dict[str, tuple[str, str]] = {}
     for source, path, data in layers:
         for name, table in data.items():
@@ -631,32 +624,25 @@ def _provider_tables(layers: _TomlLayers, warnings: list[str]) -> tuple[
                 raise ConfigError(f"{path}: [{name}] must be a table")
             merged = tables.setdefault(name.lower(), {})
             for key, value in table.items():
-                if key not in _PROVIDER_SETTINGS:
+                if key in _PROVIDER_SETTINGS:
+                    _merge_setting(merged, key, value, source, f"{path} [{name}]: {key}")
+                else:
                     warnings.append(f"{path}: [{name}] unknown setting {key!r} ignored")
-                    continue
-                if key == "reasoning-effort" and isinstance(value, bool):     # `= true` reads naturally
-                    value = "always" if value else "never"
-                value = _parse_setting(_PROVIDER_SETTINGS[key][1], value, f"{path} [{name}]: {key}")
-                if key in ("aliases", "headers", "max-tokens"):
-                    previous = merged.get(key, ({}, source))[0]
-                    value = {**previous, **{k: (str(v), source) for k, v in value.items()}}
-                merged[key] = (value, source)
-            if source != "defaults" and ("base-url" in table or "api-key" in table):
-                user_named.add(name.lower())
-    return tables, user_named, default_aliases
+    return tables, default_aliases
 
 
-def _named_providers(env: Mapping[str, str], tables: Mapping[str, Mapping[str, tuple[Any, str]]],
-                     user_named: set[str], wanted_default: str | None) -> list[str]:
-    """Which providers exist: a key or base URL in the environment, a user TOML table with
-    either, or a keyless built-in named anywhere (e.g. OLLAMA_ALIAS_X or the default)."""
+def _named_providers(env: Mapping[str, str], tables: Mapping[str, _Table], wanted_default: str | None) -> list[str]:
+    """Which providers exist: a key or base URL in the environment, then in a user's TOML (not the defaults),
+    then a keyless built-in named anywhere (e.g. OLLAMA_ALIAS_X or the default)."""
     named: dict[str, None] = {}
     for var in sorted(env):
         match = re.fullmatch(r"(.+)_(?:API_KEY|BASE_URL)", var.upper())
         prefix = match.group(1) if match and env[var].strip() else "VDM"
         if prefix not in ("PROXY", "VDM") and not prefix.startswith("CUSTOM_"):
             named[prefix.lower()] = None
-    named.update(dict.fromkeys(sorted(user_named)))
+    user_set = {name for name, table in tables.items() for key in ("base-url", "api-key")
+                if table.get(key, ("", "defaults"))[1] != "defaults"}
+    named.update(dict.fromkeys(sorted(user_set)))
     for name, table in tables.items():
         mentioned = any(v.upper().startswith(name.upper() + "_") for v in env)
         if table.get("keyless", (False, ""))[0] and (mentioned or name == wanted_default):
@@ -664,17 +650,31 @@ def _named_providers(env: Mapping[str, str], tables: Mapping[str, Mapping[str, t
     return list(named)
 
 
-def _parse_provider(name: str, table: Mapping[str, tuple[Any, str]], env: Mapping[str, str],
-                    env_source: Mapping[str, str], warnings: list[str],
-                    sources: list[tuple[str, str, str]], known: Iterable[str] = ()) -> Provider | None:
-    """One provider from its merged TOML table and its {NAME}_* variables; None (warned) without a URL."""
+def _provider_variables(name: str, env: Mapping[str, str]) -> Iterator[tuple[str, str, Any]]:
+    """A provider's {NAME}_* variables as the settings they stand for: (variable, TOML key, value)."""
+    prefix = f"{name.upper()}_"
+    for var, text in env.items():
+        suffix, value = var[len(prefix):].upper(), text.strip()
+        if not var.upper().startswith(prefix) or not value:
+            continue
+        if suffix in ("BASE_URL", "API_KEY", "API_FORMAT", "API_VERSION"):
+            yield var, suffix.lower().replace("_", "-"), value
+        elif suffix == "RESPONSES_MODELS":
+            yield var, "responses-models", value.split(",")
+        elif suffix == "MAX_TOKENS":            # "glob=N,glob=N", or a bare N for every model
+            pairs = (part.rpartition("=") for part in value.split(",") if part.strip())
+            yield var, "max-tokens", {glob.strip() or "*": number for glob, _sep, number in pairs}
+        for marker, key in (("ALIAS_", "aliases"), ("CUSTOM_HEADER_", "headers")):
+            if suffix.startswith(marker) and len(suffix) > len(marker):
+                yield var, key, {var[len(prefix) + len(marker):].replace("_", "-"): value}
+
+
+def _parse_provider(name: str, table: _Table, warnings: list[str], sources: list[tuple[str, str, str]],
+                    known: Iterable[str]) -> Provider | None:
+    """One provider from its settings (TOML and {NAME}_* merged); None (warned) without a base URL."""
     upper = name.upper()
     setting = {k: v[0] for k, v in table.items()}
-
-    def variable(suffix: str) -> str:
-        return (env.get(f"{upper}_{suffix}") or "").strip()
-
-    base_url = variable("BASE_URL") or setting.get("base-url")
+    base_url = setting.get("base-url")
     if not base_url:
         near = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
         warnings.append(f"provider {name!r} skipped: " + (f"did you mean {near[0].upper()}_API_KEY?" if near else
@@ -682,57 +682,34 @@ def _parse_provider(name: str, table: Mapping[str, tuple[Any, str]], env: Mappin
         return None
     if not re.match(r"^https?://[^/\s]+", base_url):
         raise ConfigError(f"{upper}_BASE_URL={base_url!r}: must start with http:// or https://")
-    fmt = variable("API_FORMAT") or setting.get("api-format", "openai")
-    fmt = _parse_setting(_PROVIDER_SETTINGS["api-format"][1], fmt, f"{upper}_API_FORMAT")
-    raw_keys = variable("API_KEY") or setting.get("api-key", "")
-    keys = tuple(raw_keys.split())
+    keys = tuple(setting.get("api-key", "").split())
     passthrough = "!PASSTHRU" in keys
     if passthrough and len(keys) > 1:
         raise ConfigError(f"{upper}_API_KEY: '!PASSTHRU' cannot be mixed with static keys")
-    marker = f"{upper}_CUSTOM_HEADER_"
-    origin = {k: f"[{name}.headers] {k!r}" for k in setting.get("headers", {})}
-    origin.update({var[len(marker):].replace("_", "-"): var for var in env
-                   if var.upper().startswith(marker) and len(var) > len(marker)})
-    headers = {k: v[0] for k, v in setting.get("headers", {}).items()}
-    headers.update({header: env[var] for header, var in origin.items() if var in env})
-    for header, value in headers.items():       # a CR/LF here would let one header smuggle in others
-        if not _HEADER_NAME.fullmatch(header) or _HEADER_VALUE_BAD.search(value):
-            raise ConfigError(f"{origin[header]}: a header name or value with a character HTTP does not allow")
     fields = {attr: setting[key] for key, (attr, _kind) in _PROVIDER_SETTINGS.items()
-              if attr and attr not in ("base_url", "keys", "api_format", "api_version") and key in setting}
-    limits = {glob: value for glob, (value, _source) in setting.get("max-tokens", {}).items()}
-    for part in filter(None, (p.strip() for p in variable("MAX_TOKENS").split(","))):
-        glob, _sep, number = part.rpartition("=")          # "glob=N", or a bare N for every model
-        limits[glob.strip() or "*"] = number
-    max_tokens = tuple((glob, _parse_setting(int, number, f"{upper}_MAX_TOKENS / [{name}.max-tokens] {glob!r}"))
-                       for glob, number in limits.items())
-    globs = raw.split(",") if (raw := variable("RESPONSES_MODELS")) else fields.get("responses_models", ())
-    fields["responses_models"] = tuple(str(glob).strip() for glob in globs if str(glob).strip())
-    if fmt == "responses":                  # the Responses API is made for reasoning models
+              if attr and attr not in ("base_url", "keys", "api_version") and key in setting}
+    globs = (str(glob).strip() for glob in fields.get("responses_models", ()))
+    fields["responses_models"] = tuple(filter(None, globs))
+    if fields.get("api_format") == "responses":     # the Responses API is made for reasoning models
         fields.setdefault("reasoning_effort", "always")
-    provider = Provider(
-        name=name, base_url=base_url.rstrip("/"), api_format=fmt,
-        api_version=variable("API_VERSION") or setting.get("api-version") or None,
-        keys=() if passthrough else keys, passthrough=passthrough, headers=tuple(sorted(headers.items())),
-        max_tokens=max_tokens, **fields)
-    src = env_source.get(f"{upper}_API_KEY") or table.get("api-key", (None, "toml"))[1]
+    max_tokens = tuple((glob, _parse_setting(int, number, f"{upper}_MAX_TOKENS / [{name}.max-tokens] {glob!r}"))
+                       for glob, (number, _source) in setting.get("max-tokens", {}).items())
+    headers = tuple(sorted((header, value) for header, (value, _source) in setting.get("headers", {}).items()))
+    provider = Provider(name=name, base_url=base_url.rstrip("/"), api_version=setting.get("api-version") or None,
+                        keys=() if passthrough else keys, passthrough=passthrough, headers=headers,
+                        max_tokens=max_tokens, **fields)
     shown = "!PASSTHRU" if passthrough else (", ".join(_mask(k) for k in keys) or "(none)")
-    sources.append((f"{name}.keys", shown, src if raw_keys else "-"))
-    sources.append((f"{name}.base_url", provider.base_url,
-                    env_source.get(f"{upper}_BASE_URL") or table.get("base-url", (None, "-"))[1]))
+    sources.append((f"{name}.keys", shown, table["api-key"][1] if keys else "-"))
+    sources.append((f"{name}.base_url", provider.base_url, table["base-url"][1]))
     return provider
 
 
-def _provider_aliases(name: str, table: Mapping[str, tuple[Any, str]], default_aliases: Mapping[str, tuple[str, str]],
-                      env: Mapping[str, str], env_source: Mapping[str, str]) -> list[Alias]:
-    """A provider's aliases, lowest priority first so later sources overwrite earlier ones."""
-    marker = f"{name.upper()}_ALIAS_"
-    found = list(default_aliases.items())
-    found += [(_norm(alias), (target.strip(), source)) for alias, (target, source)
-              in table.get("aliases", ({}, ""))[0].items() if target.strip()]
-    found += [(_norm(var[len(marker):]), (value.strip(), env_source[var])) for var, value in env.items()
-              if var.upper().startswith(marker) and len(var) > len(marker) and value.strip()]
-    return [Alias(provider=name, name=alias, target=target, source=source) for alias, (target, source) in found]
+def _provider_aliases(name: str, table: _Table, default_aliases: Mapping[str, tuple[str, str]]) -> list[Alias]:
+    """A provider's aliases: its own (environment over TOML layers) over the [defaults.aliases]."""
+    own = {alias: (target.strip(), source) for alias, (target, source) in table.get("aliases", ({}, ""))[0].items()
+           if target.strip()}
+    return [Alias(provider=name, name=alias, target=target, source=source)
+            for alias, (target, source) in {**default_aliases, **own}.items()]
 
 
 def _provider_summary(config: Config, cooling: Mapping[str, int] | None = None) -> list[JSON]:
@@ -775,10 +752,7 @@ class Route:
 
 def _exact_alias(config: Config, provider: str, model: str) -> Alias | None:
     wanted = _norm(model)
-    for alias in config.aliases:
-        if alias.provider == provider and alias.name == wanted:
-            return alias
-    return None
+    return next((alias for alias in config.aliases if alias.provider == provider and alias.name == wanted), None)
 
 
 def _split_target(config: Config, text: str, owner: str) -> tuple[str, str, bool]:
@@ -794,57 +768,48 @@ def _split_target(config: Config, text: str, owner: str) -> tuple[str, str, bool
 def _follow_alias(config: Config, alias: Alias, seen: tuple[tuple[str, str], ...] = ()) -> list[Target]:
     """Expand an alias through chains (at most MAX_ALIAS_CHAIN steps) and fallback lists."""
     seen = (*seen, (alias.provider, alias.name))
-    if len(seen) > _MAX_ALIAS_CHAIN:
-        raise ConfigError(f"alias chain too long (over {_MAX_ALIAS_CHAIN} steps): "
-                          + " -> ".join(f"{p}:{n}" for p, n in seen))
+    if seen[-1] in seen[:-1] or len(seen) > _MAX_ALIAS_CHAIN:
+        chain = " -> ".join(f"{p}:{n}" for p, n in seen)
+        if seen[-1] in seen[:-1]:
+            raise ConfigError(f"alias cycle: {chain}; change one of these aliases")
+        raise ConfigError(f"alias chain too long (over {_MAX_ALIAS_CHAIN} steps): {chain}")
     targets: list[Target] = []
     for part in (p.strip() for p in alias.target.split(",")):
         if not part:
             continue
         provider, model, literal = _split_target(config, part, alias.provider)
         nxt = None if literal else _exact_alias(config, provider, model)
-        if nxt is None:
-            targets.append(Target(provider, model))
-        elif (nxt.provider, nxt.name) in seen:
-            chain = " -> ".join(f"{p}:{n}" for p, n in (*seen, (nxt.provider, nxt.name)))
-            raise ConfigError(f"alias cycle: {chain}; change one of these aliases")
-        else:
-            targets.extend(_follow_alias(config, nxt, seen))
+        targets.extend(_follow_alias(config, nxt, seen) if nxt else [Target(provider, model)])
     if not targets:
         raise ConfigError(f"alias {alias.provider}:{alias.name} has an empty target")
     return targets
 
 
 def resolve_model(config: Config, requested: str) -> Route:
-    """Decide which provider and model serve `requested`.
-
-    `provider:model` with a configured provider goes there (exact aliases only); anything
-    else is a model of the default provider unless an alias name is a substring of it.
-    `!` in front bypasses aliases. Ranking of substring matches: exact, longest alias,
-    default provider, provider order, alphabetical.
-    """
+    """Decide which provider and model serve `requested`. `provider:model` with a configured provider goes there
+    (exact aliases only); anything else is a model of the default provider unless an alias name is a substring
+    of it. `!` in front bypasses aliases. Ranking of substring matches: exact, longest alias, default provider,
+    provider order, alphabetical."""
     if not config.providers or config.default_provider is None:
         raise NotConfiguredError(_NO_PROVIDER)
-    literal = requested.startswith("!")
-    name = requested[1:] if literal else requested
-    prefix, sep, rest = name.partition(":")
-    provider = config.provider(prefix) if sep else None
-    if sep and provider is None and prefix.lower() in config.known_providers:    # never a silent misroute
+    default = config.default_provider
+    owner, model, literal = _split_target(config, requested, default)
+    name = requested.removeprefix("!")
+    prefix, sep, _rest = name.partition(":")
+    prefixed = model != name                # a configured provider's name was taken off the front
+    if sep and not prefixed and prefix.lower() in config.known_providers:    # never a silent misroute
         raise InvalidRequestError(f"model {requested!r}: provider {prefix.lower()!r} is not configured; set "
                                   f"{prefix.upper()}_API_KEY (or {prefix.upper()}_BASE_URL) and restart vandamme, "
-                                  f"or ask for {config.default_provider}:{name} (the default provider's model)")
-    if provider is not None:
-        if not rest:
-            raise InvalidRequestError(f"model {requested!r}: no model name after '{prefix}:'")
-        alias = None if literal else _exact_alias(config, provider.name, rest)
-        if alias is None:
-            rule = "literal (! prefix)" if literal else f"provider prefix '{provider.name}:'"
-            return Route(requested=requested, targets=(Target(provider.name, rest),), rule=rule)
+                                  f"or ask for {default}:{name} (the default provider's model)")
+    if prefixed and not model:
+        raise InvalidRequestError(f"model {requested!r}: no model name after '{prefix}:'")
+    alias = _exact_alias(config, owner, model) if prefixed and not literal else None
+    if alias is not None:
         return Route(requested=requested, targets=tuple(_follow_alias(config, alias)),
                      rule=f"alias {alias.provider}:{alias.name} ({alias.source})")
-    default = config.default_provider
-    if literal:
-        return Route(requested=requested, targets=(Target(default, name),), rule="literal (! prefix)")
+    if literal or prefixed:
+        rule = "literal (! prefix)" if literal else f"provider prefix '{owner}:'"
+        return Route(requested=requested, targets=(Target(owner, model),), rule=rule)
     wanted = _norm(name)
     order = {p.name: i for i, p in enumerate(config.providers)}
     matches = [a for a in config.aliases if a.name in wanted]
@@ -863,12 +828,9 @@ def _route_text(route: Route) -> str:
 
 
 def listed_routes(config: Config) -> list[tuple[str, Route]]:
-    """Every alias name the listings show, with the route resolve_model gives it.
-
-    /v1/models, /v1/aliases, `config show` and the dashboard all print these, so no listing
-    carries routing logic of its own. An unprefixed name goes wherever ranking sends it; each
-    alias is also listed in its prefixed form (`deepseek:sonnet`), which keeps its own target.
-    """
+    """Every alias name the listings (/v1/models, /v1/aliases, `config show`, the dashboard) show, with the route
+    resolve_model gives it, so no listing routes on its own. Each alias is listed unprefixed (wherever ranking
+    sends it) and prefixed (`deepseek:sonnet`, its own target)."""
     if not config.providers:
         return []
     names = sorted({a.name for a in config.aliases}) + [f"{a.provider}:{a.name}" for a in config.aliases]
@@ -888,11 +850,8 @@ def _configured_output_limit(config: Config, provider: Provider, model: str) -> 
 # ---------------------------------------------------------------------------
 
 class KeyRing:
-    """Round-robin over one provider's keys, skipping keys that are cooling down.
-
-    Methods are synchronous: asyncio runs one at a time, so no lock is needed.
-    State is per process (document: several workers rotate independently).
-    """
+    """Round-robin over one provider's keys, skipping keys that are cooling down. Methods are synchronous
+    (asyncio runs one at a time, so no lock); state is per process (several workers rotate independently)."""
 
     def __init__(self, keys: Sequence[str], clock: Callable[[], float] = time.monotonic) -> None:
         self.keys = tuple(keys)
