@@ -3504,8 +3504,7 @@ async def _converted(request: web.Request, rt: Runtime, provider: Provider, mode
         del body, payload, data, cached
         exchange.body = incoming.release()
         return await _StreamRelay(rt, exchange, hooks, response, rec).run(request)
-    message = _completion_message(exchange, hooks, raw or b"")
-    message = _run_hooks(hooks["on_response"], exchange, message)
+    message = _run_hooks(hooks["on_response"], exchange, _completion_message(exchange, hooks, raw or b""))
     rec.use_usage(message["usage"])
     return _json_response(message)
 
@@ -3705,10 +3704,9 @@ async def _relay_anthropic(request: web.Request, rt: Runtime, provider: Provider
     data = _replace_model(incoming.raw, incoming.body, model)
     extra = {**{name: request.headers[name] for name in _RELAYED_REQUEST_HEADERS if name in request.headers},
              **_hops(request)}
-    streamed = path == "messages" and incoming.body.get("stream") is True
-    try:
+    try:        # rec.streamed: only /v1/messages streams
         upstream, raw_reply, key = await _open_upstream(
-            rt, provider, _provider_url(provider, path), data, request_id=rec.request_id, read_body=not streamed,
+            rt, provider, _provider_url(provider, path), data, request_id=rec.request_id, read_body=not rec.streamed,
             key_override=_client_key(request, rt.config.proxy_api_key), extra_headers=extra)
     except UpstreamError as exc:
         # The provider's own Anthropic error relayed as is; anything else (an HTML page, another JSON) and
@@ -3720,7 +3718,7 @@ async def _relay_anthropic(request: web.Request, rt: Runtime, provider: Provider
     incoming.release()
     headers = {k: v for k in _RELAYED_RESPONSE_HEADERS if (v := upstream.headers.get(k))}
     headers["request-id"] = rec.request_id
-    if not streamed:
+    if not rec.streamed:
         with contextlib.suppress(ValueError, AttributeError):
             rec.use_usage(json.loads(raw_reply or b"{}").get("usage") or {})
         return web.Response(body=raw_reply, status=upstream.status, headers=headers)
@@ -3735,9 +3733,9 @@ def _is_anthropic_error(reply: tuple[int, bytes, str] | None) -> bool:
     return isinstance(data, dict) and data.get("type") == "error" and isinstance(data.get("error"), dict)
 
 
-def _event_end(data: bytes) -> int:
-    """Where the last complete SSE event in `data` ends (0: none)."""
-    lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
+def _event_end(data: bytearray, start: int) -> int:
+    """Where the last complete SSE event in `data` ends (0: none), for an end after `start`."""
+    lf, crlf = data.rfind(b"\n\n", start), data.rfind(b"\r\n\r\n", start)
     return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
 
 
@@ -3747,8 +3745,7 @@ async def _relay_events(request: web.Request, provider: str, upstream: aiohttp.C
     lands inside half an event; at most STREAM_IDLE_TIMEOUT of silence."""
     rt, rec = request.app[RUNTIME], request[_RECORD]
     decoder, received = SSEDecoder(rt.config.max_response_bytes), upstream.content.iter_any().__aiter__()
-    held: list[bytes] = []                 # the start of an event whose end has not arrived yet
-    tail = b""                             # the last bytes seen: an event's end may straddle two pieces
+    held = bytearray()                     # the start of an event whose end has not arrived yet
     response = web.StreamResponse(status=upstream.status, headers=headers)
     await response.prepare(request)
     rec.status = response.status
@@ -3764,17 +3761,16 @@ async def _relay_events(request: web.Request, provider: str, upstream: aiohttp.C
                     with contextlib.suppress(ValueError, AttributeError):
                         event = json.loads(payload)
                         rec.use_usage((event.get("message") or event).get("usage") or {}, keep=True)
-            cut = _event_end(tail + chunk) - len(tail)
-            tail = (tail + chunk)[-3:]
-            if cut <= 0:
-                held.append(chunk)
-                continue
-            if rec.ttft_ms is None:
-                rec.ttft_ms = (rt.clock() - rec.started) * 1000
-            await response.write(b"".join((*held, chunk[:cut])))
-            held = [chunk[cut:]] if cut < len(chunk) else []
+            seen = max(len(held) - 3, 0)        # held has no event end; one may straddle it and the chunk
+            held += chunk
+            cut = _event_end(held, seen)
+            if cut:
+                if rec.ttft_ms is None:
+                    rec.ttft_ms = (rt.clock() - rec.started) * 1000
+                await response.write(held[:cut])
+                del held[:cut]
         if held:
-            await response.write(b"".join(held))
+            await response.write(held)
         await response.write_eof()
     except ConnectionResetError:
         rec.fail("client_closed", "client disconnected mid-stream")
