@@ -3562,16 +3562,14 @@ class _StreamRelay:
         self.closed_because = ""                  # "idle" or "shutdown" once we cut the upstream
 
     async def run(self, request: web.Request) -> web.StreamResponse:
-        whole = None
-        if "json" in self.upstream.content_type:            # a server that ignored "stream": true
-            whole = await self._whole_message()
+        # A server that ignored "stream": true answers with one JSON message.
+        whole = await self._whole_message() if "json" in self.upstream.content_type else None
         await self.response.prepare(request)
         self.rec.status = 200
         self.rt.aborts[id(self)] = self.close_upstream
         pinger = asyncio.create_task(self._keepalive())
         try:
-            if whole is not None:
-                self.translator.finished = True
+            if whole is not None:       # the upstream is released already: closing it again is harmless
                 await self._emit(message_events(whole))
             else:
                 await self._emit(self.translator.start())
