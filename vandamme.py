@@ -3425,16 +3425,14 @@ def _hops(request: web.Request) -> dict[str, str]:
 
 async def _handle_messages(request: web.Request) -> web.StreamResponse:
     """POST /v1/messages: route, convert or relay, with fallbacks before the first byte."""
-    rt = request.app[RUNTIME]
-    config = rt.config
-    rec = request[_RECORD]
+    rt, rec = request.app[RUNTIME], request[_RECORD]
     # Decoded values are shared between requests only while no user hook could change them.
-    incoming = await _read_json(request, config, None if rt.user_hooks else rt.known_values)
+    incoming = await _read_json(request, rt.config, None if rt.user_hooks else rt.known_values)
     validate_messages_request(incoming.body)
     rec.client_model, rec.streamed = incoming.body["model"], incoming.body.get("stream") is True
     route = rt.route(rec.client_model)
     for n, target in enumerate(route.targets):
-        provider = config.provider(target.provider)
+        provider = rt.config.provider(target.provider)
         assert provider is not None
         rec.provider, rec.model, rec.fallbacks = provider.name, target.model, n
         rt.metrics.begin(rec.provider, rec.model)
@@ -3633,9 +3631,8 @@ class _StreamRelay:
         if self.hooks["on_event"]:
             events = _run_event_hooks(self.hooks["on_event"], self.exchange, events)
         if events:
-            rec = self.rec
-            if rec.ttft_ms is None and any(name == "content_block_delta" for name, _ in events):
-                rec.ttft_ms = (self.rt.clock() - rec.started) * 1000
+            if self.rec.ttft_ms is None and any(name == "content_block_delta" for name, _ in events):
+                self.rec.ttft_ms = (self.rt.clock() - self.rec.started) * 1000
             self.last_write = self.rt.clock()
             await self.response.write(encode_events(events))
 
