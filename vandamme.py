@@ -3167,9 +3167,11 @@ def _redaction(request: web.Request) -> Callable[[str], str]:
     return lambda text: redact(text, *offered)
 
 
-def _error_response(exc: VandammeError, request_id: str, redact: Callable[[str], str]) -> web.Response:
-    """The one place an error becomes an HTTP answer."""
-    headers = {"request-id": request_id}
+def _error_response(exc: VandammeError, request: web.Request) -> web.Response:
+    """The one place an error becomes an HTTP answer; the request's record notes the failure."""
+    redact = _redaction(request)
+    request[_RECORD].fail(exc.error_type, redact(str(exc)), status=exc.status)
+    headers = {}
     if exc.retry_after is not None:
         headers["retry-after"] = str(math.ceil(exc.retry_after))
     if not exc.retryable:
@@ -3184,23 +3186,19 @@ def _error_response(exc: VandammeError, request_id: str, redact: Callable[[str],
 
 
 def _too_large(limit: int) -> VandammeError:
-    return VandammeError(f"request body too large: the limit is MAX_REQUEST_BYTES={limit}", status=413,
-                         error_type="request_too_large")
+    return VandammeError(f"request body too large: the limit is MAX_REQUEST_BYTES={limit}", status=413)
 
 
-def _as_error(exc: Exception, request: web.Request, config: Config) -> VandammeError:
+def _as_error(exc: Exception, request: web.Request) -> VandammeError:
     """Any exception a handler raised, as the error the client sees."""
     if isinstance(exc, VandammeError):
         return exc
-    if isinstance(exc, web.HTTPException):
-        if exc.status == 413:
-            return _too_large(config.max_request_bytes)
+    if isinstance(exc, web.HTTPException):      # no handler reads a body through aiohttp: never its 413
         message = {404: f"not found: {request.method} {request.path}" + (
                        "; the client's base URL ends in /v1: set ANTHROPIC_BASE_URL=http://HOST:PORT without /v1"
                        if request.path.startswith("/v1/v1/") else ""),
                    405: f"method {request.method} not allowed on {request.path}"}.get(exc.status, exc.reason)
-        return VandammeError(message, status=exc.status,
-                             error_type="not_found_error" if exc.status == 404 else None)
+        return VandammeError(message, status=exc.status)
     logger.error("request %s failed: %s", request[_RECORD].request_id, exc, exc_info=exc)
     return VandammeError("internal error in vandamme; see its log", status=500)
 
@@ -3225,26 +3223,18 @@ async def _error_middleware(request: web.Request, handler: Any) -> web.StreamRes
     except Exception as exc:
         if isinstance(exc, web.HTTPException) and exc.status < 400:
             raise
-        error = _as_error(exc, request, rt.config)
-        redact = _redaction(request)
-        rec.fail(error.error_type, redact(str(error)), status=error.status)
-        response = _error_response(error, rec.request_id, redact)
-    finally:
-        _finish_record(rt, rec, response)
+        response = _error_response(_as_error(exc, request), request)
+    finally:        # count and log every /v1/messages call, and every refusal
+        rec.latency_ms = (rt.clock() - rec.started) * 1000
+        rec.status = rec.status or (response.status if response is not None else 499)
+        if rec.path == "/v1/messages" or rec.status >= 400:
+            rt.metrics.record(rec)
+            _log_access(rt, rec)
     if not response.prepared:
         response.headers["request-id"] = rec.request_id
         if request.path in _REPORT_PATHS and isinstance(response, web.Response) and response.text:
             response.text = _redaction(request)(response.text)
     return response
-
-
-def _finish_record(rt: Runtime, rec: RequestRecord, response: web.StreamResponse | None) -> None:
-    """Count and log a request once it is answered: every /v1/messages call, and every refusal."""
-    rec.latency_ms = (rt.clock() - rec.started) * 1000
-    rec.status = rec.status or (response.status if response is not None else 499)
-    if rec.path == "/v1/messages" or rec.status >= 400:
-        rt.metrics.record(rec)
-        _log_access(rt, rec)
 
 
 def _has_proxy_key(request: web.Request) -> bool:
@@ -3258,11 +3248,8 @@ def _has_proxy_key(request: web.Request) -> bool:
 
 
 class _Incoming:
-    """A request body in its three forms; `release()` drops them once the upstream committed.
-
-    A stream can stay open for minutes: holding a 50 KB body as bytes, text and a decoded
-    tree for all that time would cost ~200 KB per open stream.
-    """
+    """A request body in its three forms; `release()` drops them once the upstream committed: holding a
+    50 KB body as bytes, text and a decoded tree for a minutes-long stream costs ~200 KB per stream."""
 
     __slots__ = ("body", "raw", "spans", "text")
 
@@ -3282,8 +3269,7 @@ class _Incoming:
 
 async def _read_limited(content: aiohttp.StreamReader, limit: int, too_large: Callable[[], Exception],
                         timeout: float | None = None) -> bytes:
-    """A whole body, never more than `limit` bytes (counted after decompression), at most
-    `timeout` seconds between two reads."""
+    """A whole body, at most `limit` bytes (counted after decompression) and `timeout` seconds between reads."""
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -3309,13 +3295,12 @@ async def _read_json(request: web.Request, config: Config,
         raw = await _read_limited(request.content, limit, lambda: _too_large(limit), config.client_timeout)
     except TimeoutError:
         raise VandammeError(f"request body not received within CLIENT_TIMEOUT={config.client_timeout:g}s",
-                            status=408, error_type="invalid_request_error") from None
+                            status=408) from None
     try:
         text = raw.decode()
+        body, spans = _decode_with_spans(text, known)
     except UnicodeDecodeError as exc:
         raise InvalidRequestError(f"request body is not valid UTF-8: {exc}") from None
-    try:
-        body, spans = _decode_with_spans(text, known)
     except ValueError as exc:
         raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
     except RecursionError:
@@ -3358,16 +3343,14 @@ def _hops(request: web.Request) -> dict[str, str]:
 
 async def _handle_messages(request: web.Request) -> web.StreamResponse:
     """POST /v1/messages: route, convert or relay, with fallbacks before the first byte."""
-    rt = request.app[RUNTIME]
-    config = rt.config
-    rec = request[_RECORD]
+    rt, rec = request.app[RUNTIME], request[_RECORD]
     # Decoded values are shared between requests only while no user hook could change them.
-    incoming = await _read_json(request, config, None if rt.user_hooks else rt.known_values)
+    incoming = await _read_json(request, rt.config, None if rt.user_hooks else rt.known_values)
     validate_messages_request(incoming.body)
     rec.client_model, rec.streamed = incoming.body["model"], incoming.body.get("stream") is True
     route = rt.route(rec.client_model)
     for n, target in enumerate(route.targets):
-        provider = config.provider(target.provider)
+        provider = rt.config.provider(target.provider)
         assert provider is not None
         rec.provider, rec.model, rec.fallbacks = provider.name, target.model, n
         rt.metrics.begin(rec.provider, rec.model)
@@ -3437,8 +3420,7 @@ async def _converted(request: web.Request, rt: Runtime, provider: Provider, mode
         del body, payload, data, cached
         exchange.body = incoming.release()
         return await _StreamRelay(rt, exchange, hooks, response, rec).run(request)
-    message = _completion_message(exchange, hooks, raw or b"")
-    message = _run_hooks(hooks["on_response"], exchange, message)
+    message = _run_hooks(hooks["on_response"], exchange, _completion_message(exchange, hooks, raw or b""))
     rec.use_usage(message["usage"])
     return _json_response(message)
 
@@ -3481,13 +3463,10 @@ def _completion_message(exchange: Exchange, hooks: _BoundHooks, raw: bytes) -> J
 
 
 class _StreamRelay:
-    """One upstream OpenAI stream translated into Anthropic events as the bytes arrive.
-
-    The 200 and SSE headers go out only now, after the upstream answered 2xx. From here on
-    errors are in-band: an `error` event, then the end of the stream; never a fake
-    message_stop. A ping goes out after every PING_INTERVAL seconds of silence; an upstream
-    silent for STREAM_IDLE_TIMEOUT is closed.
-    """
+    """One upstream OpenAI stream translated into Anthropic events as the bytes arrive. The 200 and SSE headers
+    go out only after the upstream answered 2xx; from then on errors are in-band: an `error` event, then the end
+    of the stream, never a fake message_stop. A ping goes out after every PING_INTERVAL seconds of silence; an
+    upstream silent for STREAM_IDLE_TIMEOUT is closed."""
 
     def __init__(self, rt: Runtime, exchange: Exchange, hooks: _BoundHooks, upstream: aiohttp.ClientResponse,
                  rec: RequestRecord) -> None:
@@ -3499,18 +3478,14 @@ class _StreamRelay:
         self.closed_because = ""                  # "idle" or "shutdown" once we cut the upstream
 
     async def run(self, request: web.Request) -> web.StreamResponse:
-        whole = None
-        if "json" in self.upstream.content_type:            # a server that ignored "stream": true
-            whole = await self._whole_message()
+        # A server that ignored "stream": true answers with one JSON message.
+        whole = await self._whole_message() if "json" in self.upstream.content_type else None
         await self.response.prepare(request)
         self.rec.status = 200
-        self.redact = _redaction(request)
-        abort_id = id(self.response)
-        self.rt.aborts[abort_id] = self.close_upstream
+        self.rt.aborts[id(self)] = self.close_upstream
         pinger = asyncio.create_task(self._keepalive())
         try:
-            if whole is not None:
-                self.translator.finished = True
+            if whole is not None:       # the upstream is released already: closing it again is harmless
                 await self._emit(message_events(whole))
             else:
                 await self._emit(self.translator.start())
@@ -3522,13 +3497,10 @@ class _StreamRelay:
             if isinstance(exc, asyncio.CancelledError):
                 raise
         except Exception as exc:        # after the 200 every failure travels in-band, even one of our own
-            if not isinstance(exc, (VandammeError, SSETooLarge, aiohttp.ClientError, TimeoutError, OSError)):
-                logger.error("request %s failed mid-stream: %s", self.rec.request_id, exc, exc_info=exc)
-                exc = VandammeError("internal error in vandamme; see its log")
-            await self._fail(exc)
+            await _end_stream_with_error(request, self.response, *self._failure(exc))
         finally:
             pinger.cancel()
-            self.rt.aborts.pop(abort_id, None)
+            self.rt.aborts.pop(id(self), None)
             self.upstream.close() if not self.translator.finished else self.upstream.release()
             if whole is None:
                 self._count_usage()
@@ -3577,9 +3549,8 @@ class _StreamRelay:
         if self.hooks["on_event"]:
             events = _run_event_hooks(self.hooks["on_event"], self.exchange, events)
         if events:
-            rec = self.rec
-            if rec.ttft_ms is None and any(name == "content_block_delta" for name, _ in events):
-                rec.ttft_ms = (self.rt.clock() - rec.started) * 1000
+            if self.rec.ttft_ms is None and any(name == "content_block_delta" for name, _ in events):
+                self.rec.ttft_ms = (self.rt.clock() - self.rec.started) * 1000
             self.last_write = self.rt.clock()
             await self.response.write(encode_events(events))
 
@@ -3599,18 +3570,19 @@ class _StreamRelay:
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     await self.response.write(b'event: ping\ndata: {"type":"ping"}\n\n')
 
-    async def _fail(self, exc: BaseException) -> None:
-        name = self.exchange.provider.name
+    def _failure(self, exc: Exception) -> tuple[str, str]:
+        """The error event's type and message."""
+        name, config = self.exchange.provider.name, self.rt.config
+        if not isinstance(exc, (VandammeError, SSETooLarge, aiohttp.ClientError, TimeoutError, OSError)):
+            logger.error("request %s failed mid-stream: %s", self.rec.request_id, exc, exc_info=exc)
+            return "api_error", "internal error in vandamme; see its log"
         if isinstance(exc, VandammeError):
-            kind, message = exc.error_type, str(exc)
-        elif self.closed_because == "idle":
-            idle = self.rt.config.stream_idle_timeout
-            kind, message = "api_error", f"{name}: no data for STREAM_IDLE_TIMEOUT={idle:g}s"
-        elif self.closed_because == "shutdown":
-            kind, message = "overloaded_error", "vandamme is shutting down; retry the request"
-        else:
-            kind, message = "api_error", f"{name}: stream interrupted: {_stream_failure(exc, self.rt.config)}"
-        await _end_stream_with_error(self.response, self.rec, kind, self.redact(message))
+            return exc.error_type, str(exc)
+        if self.closed_because == "idle":
+            return "api_error", f"{name}: no data for STREAM_IDLE_TIMEOUT={config.stream_idle_timeout:g}s"
+        if self.closed_because == "shutdown":
+            return "overloaded_error", "vandamme is shutting down; retry the request"
+        return "api_error", f"{name}: stream interrupted: {_stream_failure(exc, config)}"
 
     def _count_usage(self) -> None:
         translator, rec = self.translator, self.rec
@@ -3628,8 +3600,9 @@ def _stream_failure(exc: BaseException, config: Config) -> str:
     return f"{type(exc).__name__} {exc}"
 
 
-async def _end_stream_with_error(response: web.StreamResponse, rec: RequestRecord, kind: str, message: str) -> None:
+async def _end_stream_with_error(request: web.Request, response: web.StreamResponse, kind: str, message: str) -> None:
     """After the 200 went out an error can only travel in-band: an SSE `error` event, then the end."""
+    rec, message = request[_RECORD], _redaction(request)(message)
     rec.fail(kind, message)
     logger.warning("%s: stream failed after start: %s", rec.request_id, message)
     with contextlib.suppress(ConnectionError, RuntimeError):
@@ -3644,10 +3617,9 @@ async def _relay_anthropic(request: web.Request, rt: Runtime, provider: Provider
     data = _replace_model(incoming.raw, incoming.body, model)
     extra = {**{name: request.headers[name] for name in _RELAYED_REQUEST_HEADERS if name in request.headers},
              **_hops(request)}
-    streamed = path == "messages" and incoming.body.get("stream") is True
-    try:
+    try:        # rec.streamed: only /v1/messages streams
         upstream, raw_reply, key = await _open_upstream(
-            rt, provider, _provider_url(provider, path), data, request_id=rec.request_id, read_body=not streamed,
+            rt, provider, _provider_url(provider, path), data, request_id=rec.request_id, read_body=not rec.streamed,
             key_override=_client_key(request, rt.config.proxy_api_key), extra_headers=extra)
     except UpstreamError as exc:
         # The provider's own Anthropic error relayed as is; anything else (an HTML page, another JSON) and
@@ -3659,26 +3631,11 @@ async def _relay_anthropic(request: web.Request, rt: Runtime, provider: Provider
     incoming.release()
     headers = {k: v for k in _RELAYED_RESPONSE_HEADERS if (v := upstream.headers.get(k))}
     headers["request-id"] = rec.request_id
-    if not streamed:
+    if not rec.streamed:
         with contextlib.suppress(ValueError, AttributeError):
             rec.use_usage(json.loads(raw_reply or b"{}").get("usage") or {})
         return web.Response(body=raw_reply, status=upstream.status, headers=headers)
-    response = web.StreamResponse(status=upstream.status, headers=headers)
-    await response.prepare(request)
-    rec.status = upstream.status
-    rt.aborts[id(response)] = upstream.close
-    try:
-        await _relay_events(request, rt, upstream, response)
-    except ConnectionResetError:
-        rec.fail("client_closed", "client disconnected mid-stream")
-    except (SSETooLarge, aiohttp.ClientError, TimeoutError, OSError) as exc:
-        kind = "overloaded_error" if rt.draining else "api_error"
-        message = f"{provider.name}: stream interrupted: {_stream_failure(exc, rt.config)}"
-        await _end_stream_with_error(response, rec, kind, _redaction(request)(message))
-    finally:
-        rt.aborts.pop(id(response), None)
-        upstream.close()
-    return response
+    return await _relay_events(request, provider.name, upstream, headers)
 
 
 def _is_anthropic_error(reply: tuple[int, bytes, str] | None) -> bool:
@@ -3689,42 +3646,54 @@ def _is_anthropic_error(reply: tuple[int, bytes, str] | None) -> bool:
     return isinstance(data, dict) and data.get("type") == "error" and isinstance(data.get("error"), dict)
 
 
-def _event_end(data: bytes) -> int:
-    """Where the last complete SSE event in `data` ends (0: none)."""
-    lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
+def _event_end(data: bytearray, start: int) -> int:
+    """Where the last complete SSE event in `data` ends (0: none), for an end after `start`."""
+    lf, crlf = data.rfind(b"\n\n", start), data.rfind(b"\r\n\r\n", start)
     return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
 
 
-async def _relay_events(request: web.Request, rt: Runtime, upstream: aiohttp.ClientResponse,
-                        response: web.StreamResponse) -> None:
+async def _relay_events(request: web.Request, provider: str, upstream: aiohttp.ClientResponse,
+                        headers: dict[str, str]) -> web.StreamResponse:
     """Relay an Anthropic stream's bytes whole events at a time, so that an error event after a cut never
     lands inside half an event; at most STREAM_IDLE_TIMEOUT of silence."""
-    rec, decoder = request[_RECORD], SSEDecoder(rt.config.max_response_bytes)
-    received = upstream.content.iter_any().__aiter__()
-    held: list[bytes] = []                 # the start of an event whose end has not arrived yet
-    tail = b""                             # the last bytes seen: an event's end may straddle two pieces
-    while True:
-        async with asyncio.timeout(rt.config.stream_idle_timeout):
-            chunk = await anext(received, None)
-        if chunk is None:
-            break
-        for name, payload in decoder.feed(chunk):     # usage for metrics; it also bounds an event's size
-            if name in ("message_start", "message_delta"):
-                with contextlib.suppress(ValueError, AttributeError):
-                    event = json.loads(payload)
-                    rec.use_usage((event.get("message") or event).get("usage") or {}, keep=True)
-        cut = _event_end(tail + chunk) - len(tail)
-        tail = (tail + chunk)[-3:]
-        if cut <= 0:
-            held.append(chunk)
-            continue
-        if rec.ttft_ms is None:
-            rec.ttft_ms = (rt.clock() - rec.started) * 1000
-        await response.write(b"".join((*held, chunk[:cut])))
-        held = [chunk[cut:]] if cut < len(chunk) else []
-    if held:
-        await response.write(b"".join(held))
-    await response.write_eof()
+    rt, rec = request.app[RUNTIME], request[_RECORD]
+    decoder, received = SSEDecoder(rt.config.max_response_bytes), upstream.content.iter_any().__aiter__()
+    held = bytearray()                     # the start of an event whose end has not arrived yet
+    response = web.StreamResponse(status=upstream.status, headers=headers)
+    await response.prepare(request)
+    rec.status = response.status
+    rt.aborts[id(response)] = upstream.close
+    try:
+        while True:
+            async with asyncio.timeout(rt.config.stream_idle_timeout):
+                chunk = await anext(received, None)
+            if chunk is None:
+                break
+            for name, payload in decoder.feed(chunk):     # usage for metrics; it also bounds an event's size
+                if name in ("message_start", "message_delta"):
+                    with contextlib.suppress(ValueError, AttributeError):
+                        event = json.loads(payload)
+                        rec.use_usage((event.get("message") or event).get("usage") or {}, keep=True)
+            seen = max(len(held) - 3, 0)        # held has no event end; one may straddle it and the chunk
+            held += chunk
+            cut = _event_end(held, seen)
+            if cut:
+                if rec.ttft_ms is None:
+                    rec.ttft_ms = (rt.clock() - rec.started) * 1000
+                await response.write(held[:cut])
+                del held[:cut]
+        if held:
+            await response.write(held)
+        await response.write_eof()
+    except ConnectionResetError:
+        rec.fail("client_closed", "client disconnected mid-stream")
+    except (SSETooLarge, aiohttp.ClientError, TimeoutError, OSError) as exc:
+        message = f"{provider}: stream interrupted: {_stream_failure(exc, rt.config)}"
+        await _end_stream_with_error(request, response, "overloaded_error" if rt.draining else "api_error", message)
+    finally:
+        rt.aborts.pop(id(response), None)
+        upstream.close()
+    return response
 
 
 async def _handle_count_tokens(request: web.Request) -> web.StreamResponse:
@@ -3756,10 +3725,8 @@ def _model_entry(model_id: str, display_name: str, created: Any = None) -> JSON:
 
 
 async def _handle_models(request: web.Request) -> web.StreamResponse:
-    """GET /v1/models: the alias names, then each provider's own models as provider:model.
-
-    Every id comes with where a request for it goes, as resolve_model decides it.
-    """
+    """GET /v1/models: the alias names, then each provider's own models as provider:model; every id comes
+    with where a request for it goes, as resolve_model decides it."""
     rt = request.app[RUNTIME]
     config = rt.config
     _hops(request)
@@ -3795,23 +3762,19 @@ async def _instance_view(app: web.Application) -> tuple[Metrics, dict[str, int],
     return await worker.gather()
 
 
-async def _health(app: web.Application) -> JSON:
-    config = app[RUNTIME].config
-    metrics, cooling, workers = await _instance_view(app)
-    return {"status": "ok" if config.providers else "no_providers", "version": __version__,
-            "default_provider": config.default_provider, "workers": workers,
-            "uptime_s": round(metrics.clock() - metrics.started, 1),
-            "providers": _provider_summary(config, cooling),
-            "output_limits": {f"{p}:{m}": limit for (p, m), limit in app[RUNTIME].learned_limits.items()},
-            **({"hint": _NO_PROVIDER}
-               if not config.providers else {})}
-
-
 async def _handle_health(request: web.Request) -> web.StreamResponse:
     """The detailed view needs the proxy key; without it only the status is public."""
+    rt = request.app[RUNTIME]
+    config = rt.config
+    status = "ok" if config.providers else "no_providers"
     if not _has_proxy_key(request):
-        return _json_response({"status": "ok" if request.app[RUNTIME].config.providers else "no_providers"})
-    return _json_response(await _health(request.app))
+        return _json_response({"status": status})
+    metrics, cooling, workers = await _instance_view(request.app)
+    return _json_response({
+        "status": status, "version": __version__, "default_provider": config.default_provider, "workers": workers,
+        "uptime_s": round(metrics.clock() - metrics.started, 1), "providers": _provider_summary(config, cooling),
+        "output_limits": {f"{p}:{m}": limit for (p, m), limit in rt.learned_limits.items()},
+        **({"hint": _NO_PROVIDER} if not config.providers else {})})
 
 
 async def _handle_running_totals(request: web.Request) -> web.StreamResponse:
