@@ -4255,10 +4255,8 @@ def _read_toml_layers(*, cwd: Path, home: Path, config_path: str | None) -> list
 def load_config(environ: Mapping[str, str], *, cwd: Path | str | None = None,
                 home: Path | str | None = None, config_path: str | None = None,
                 overrides: Mapping[str, Any] | None = None) -> Config:
-    """Read ./.env and the TOML files, then build the Config with parse_config.
-
-    `environ` is passed in (never read from os.environ here) so tests control it fully.
-    """
+    """Read ./.env and the TOML files, then build the Config with parse_config. `environ` is passed in
+    (never read from os.environ here) so tests control it fully."""
     cwd = Path(cwd) if cwd else Path.cwd()
     home = Path(home) if home else Path(environ.get("HOME") or Path.home())
     dotenv_path, dotenv = cwd / ".env", {}
@@ -4283,23 +4281,18 @@ def load_middleware(path: str) -> list[Middleware]:
     except Exception as exc:  # a user's file may raise anything at import
         raise ConfigError(f"middleware {path}: failed to load: {type(exc).__name__}: {exc}") from None
     hooks = getattr(module, "MIDDLEWARE", None)
-    if hooks is not None:
-        return list(hooks)
-    return [_ModuleMiddleware(module, file.stem)]
-
-
-def _builtin_middleware(config: Config) -> list[Middleware]:
-    """The provider dialects, written as ordinary middleware."""
-    return [_GeminiDialect(config.gemini_signatures), _ReasoningHistoryDialect(), _ThinkTagsDialect()]
+    return list(hooks) if hooks is not None else [_ModuleMiddleware(module, file.stem)]
 
 
 def create_app(config: Config, *, middleware: Sequence[Any] | None = None) -> web.Application:
     """Build the aiohttp application for `config` (tests call this directly)."""
-    hooks = _builtin_middleware(config) + list(middleware or ())
+    dialects: list[Middleware] = [_GeminiDialect(config.gemini_signatures), _ReasoningHistoryDialect(),
+                                  _ThinkTagsDialect()]      # the provider dialects, as ordinary middleware
+    hooks = dialects + list(middleware or ())
     if middleware is None and config.middleware:
         hooks += load_middleware(config.middleware)
     rt = Runtime(config, _MiddlewareChain(hooks))
-    rt.user_hooks = len(hooks) > len(_builtin_middleware(config))
+    rt.user_hooks = len(hooks) > len(dialects)
     app = web.Application(client_max_size=config.max_request_bytes, middlewares=[_error_middleware])
     app[RUNTIME] = rt
 
@@ -4488,7 +4481,7 @@ class _Worker:
 _WORKER: Final = web.AppKey("vandamme.worker", _Worker)
 
 
-async def _serve(config: Config, reload: Callable[[], Config] | None = None, *, reuse_port: bool = False,
+async def _serve(config: Config, reload: Callable[[], Config], *, reuse_port: bool = False,
                 announce: bool = True, worker: tuple[Path, int] | None = None) -> None:
     """Run until SIGTERM/SIGINT; then drain gracefully. SIGHUP reloads the configuration."""
     app = create_app(config)
@@ -4520,8 +4513,6 @@ async def _serve(config: Config, reload: Callable[[], Config] | None = None, *, 
         loop.add_signal_handler(sig, stop.set)
 
     def on_hup() -> None:
-        if reload is None:
-            return
         try:
             fresh = reload()
         except ConfigError as exc:
@@ -4547,13 +4538,12 @@ def _fork_worker(config: Config, reload: Callable[[], Config], run_dir: Path, an
         return pid
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # pragma: no cover - child process
         signal.signal(sig, signal.SIG_DFL)     # until serve() installs its own: never the parent's
-    code = 0
     try:
         asyncio.run(_serve(config, reload, reuse_port=True, announce=announce, worker=(run_dir, parent)))
     except BaseException as exc:
         logger.error("worker %d stopped: %s", os.getpid(), exc)
-        code = 1
-    os._exit(code)
+        os._exit(1)
+    os._exit(0)
 
 
 def _run_server(config: Config, reload: Callable[[], Config], workers: int) -> int:
@@ -4621,20 +4611,19 @@ def _style(text: str, code: str, stream: Any = None) -> str:
 
 
 def _format_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """Aligned columns for terminals."""
+    """Aligned columns for terminals: the header, a rule, the rows."""
     rows = [[str(c) for c in row] for row in rows]
-    widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h)) for i, h in enumerate(header)]
-    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
-    lines.append("  ".join("-" * w for w in widths))
-    lines.extend("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
-    return "\n".join(lines)
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
+    lines = [header, ["-" * w for w in widths], *rows]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines)
 
 
 def _build_parser() -> argparse.ArgumentParser:
     serve_options = argparse.ArgumentParser(add_help=False)
     serve_options.add_argument("--host", default=argparse.SUPPRESS, help="address to bind (HOST)")
     serve_options.add_argument("--port", type=int, default=argparse.SUPPRESS, help="port (PORT, default 8082)")
-    serve_options.add_argument("--log-level", default=argparse.SUPPRESS, help="DEBUG, INFO, WARNING, ERROR")
+    serve_options.add_argument("--log-level", type=str.upper, default=argparse.SUPPRESS,
+                               help="DEBUG, INFO, WARNING, ERROR")
     serve_options.add_argument("--workers", default=argparse.SUPPRESS,
                                help="processes sharing the port: a number or 'auto' (cores)")
     serve_options.add_argument("--middleware", default=argparse.SUPPRESS,
@@ -4712,20 +4701,17 @@ def _command(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> i
     if argv[:1] == ["claude"]:        # everything after `claude` belongs to claude, options included
         rest = argv[1:]
         config_path = rest[1] if rest[:1] == ["--config"] and len(rest) > 1 else None
-        return _cli_claude(environ, argparse.Namespace(config=config_path, args=rest[2:] if config_path else rest))
+        return _cli_claude(environ, rest[2:] if config_path else rest, config_path)
     args = _build_parser().parse_args(argv)
     command = args.command or "serve"
     if command == "version":
         print(f"vandamme {__version__}")
         return 0
     if command == "config" and args.config_command == "init":
-        return _config_init(args, environ)
+        return _config_init(args)
     if command == "health" and args.url:
         return _cli_health(args.url, environ.get("PROXY_API_KEY"))
-    overrides = {"host": getattr(args, "host", None), "port": getattr(args, "port", None),
-                 "log_level": getattr(args, "log_level", None), "middleware": getattr(args, "middleware", None)}
-    if overrides["log_level"]:
-        overrides["log_level"] = overrides["log_level"].upper()
+    overrides = {name: getattr(args, name, None) for name in ("host", "port", "log_level", "middleware")}
 
     def load() -> Config:
         return load_config(environ, config_path=getattr(args, "config", None), overrides=overrides)
@@ -4817,33 +4803,24 @@ def _ask(question: str, default: str = "", *, secret: bool = False) -> str:
     return answer or default
 
 
-def _config_init(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+def _config_init(args: argparse.Namespace) -> int:
     """Write .env or vandamme-config.toml from answers (or flags, with --yes)."""
     builtin = tomllib.loads(_default_toml_text())
     known = tuple(name for name in builtin if name != "defaults")
-    providers: list[tuple[str, str, str]] = []
     base_urls = dict(item.split("=", 1) for item in args.base_url if "=" in item)
-    for i, name in enumerate(args.provider):
-        key = args.api_key[i] if i < len(args.api_key) else ""
-        providers.append((name.lower(), key, base_urls.get(name, "")))
+    keys = args.api_key + [""] * len(args.provider)         # a --provider without its --api-key has none
+    providers = [(name.lower(), key, base_urls.get(name, "")) for name, key in zip(args.provider, keys, strict=False)]
     aliases = [item.split("=", 1) for item in args.alias if "=" in item]
-    default = args.default_provider
-    fmt = args.format
+    default, fmt = args.default_provider, args.format
     if not args.yes:
         print("vandamme setup. Known providers: " + ", ".join(known))
-        while True:
-            name = _ask("Provider to add (empty to finish)", "" if providers else "openai").lower()
-            if not name:
-                break
+        while name := _ask("Provider to add (empty to finish)", "" if providers else "openai").lower():
             key = _ask(f"{name}: API key (not shown; several separated by spaces, !PASSTHRU, or empty for local)",
                        secret=True)
             url = "" if name in known else _ask(f"{name}: base URL (e.g. http://localhost:8000/v1)")
             providers.append((name, key, url))
         default = _ask("Default provider", default or (providers[0][0] if providers else "openai"))
-        while True:
-            alias = _ask("Alias as NAME=TARGET (empty to finish)")
-            if not alias:
-                break
+        while alias := _ask("Alias as NAME=TARGET (empty to finish)"):
             if "=" in alias:
                 aliases.append(alias.split("=", 1))
         fmt = fmt or _ask("Write .env or toml", "env")
@@ -4874,10 +4851,9 @@ def _config_init(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
                 lines.append(f"api-key = {json.dumps(key)}")
             if url:
                 lines.append(f"base-url = {json.dumps(url)}")
-            own = [(a, t) for a, t in aliases if name == default]
-            if own:
+            if name == default and aliases:
                 lines.append(f"[{name}.aliases]")
-                lines += [f"{json.dumps(a)} = {json.dumps(t)}" for a, t in own]
+                lines += [f"{json.dumps(a)} = {json.dumps(t)}" for a, t in aliases]
     output.write_text("\n".join(lines) + "\n", encoding="utf-8")
     if fmt == "env":
         with contextlib.suppress(OSError):
@@ -4888,9 +4864,7 @@ def _config_init(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 def _cli_health(url: str, proxy_key: str | None) -> int:
     """Exit 0 only when the gateway answers, has providers, and some key of each is not cooling down.
-
-    The detailed /health needs PROXY_API_KEY when the gateway has one: the same environment gives it.
-    """
+    The detailed /health needs PROXY_API_KEY when the gateway has one: the same environment gives it."""
     url = url if "://" in url else f"http://{url}"
 
     async def fetch() -> JSON:
@@ -4914,54 +4888,49 @@ def _cli_health(url: str, proxy_key: str | None) -> int:
 
 async def _cli_probe(config: Config, command: str, args: argparse.Namespace) -> int:
     """`check` and `models`: talk to each provider directly, no server needed."""
-    app = create_app(config, middleware=())
-    rt = app[RUNTIME]
+    wanted = [p for p in config.providers if command == "check" or not args.provider or p.name == args.provider.lower()]
+    if not wanted:
+        return _fail(f"no configured provider {args.provider!r}" if getattr(args, "provider", None) else _NO_PROVIDER)
+    rt = create_app(config, middleware=())[RUNTIME]
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10)) as session:
         rt.session = session
-        wanted = [p for p in config.providers
-                  if command == "check" or not args.provider or p.name == args.provider.lower()]
-        if not wanted:
-            return _fail(f"no configured provider {args.provider!r}" if getattr(args, "provider", None)
-                         else _NO_PROVIDER)
         if command == "models":
             lists = [await _fetch_models(rt, provider, None) for provider in wanted]
             for provider, models in zip(wanted, lists, strict=True):
                 print(_format_table((f"{provider.name} models",), ((m["id"],) for m in models)))
             return 0 if all(lists) else 1
+        route = resolve_model(config, "sonnet") if args.live else None
         rows, failures = [], 0
         for provider in wanted:
             started = time.monotonic()
             models = await _fetch_models(rt, provider, None)
-            status = f"{len(models)} models" if models else "no model list"
             live = "-"
-            if args.live:
-                route = resolve_model(config, "sonnet") if config.providers else None
-                model = next((t.model for t in route.targets if t.provider == provider.name), None) if route else None
+            if route:           # a one-token request over the API this model uses
+                model = next((t.model for t in route.targets if t.provider == provider.name), None)
                 model = model or (models[0]["id"] if models else "unknown")
                 body = {"model": model, "max_tokens": 1, "messages": [{"role": "user", "content": "ping"}]}
+                api = provider.api_for(model)
                 try:
-                    api = provider.api_for(model)
                     if api == "anthropic":
-                        data, url = json.dumps(body).encode(), _provider_url(provider, "messages")
+                        payload, path = body, "messages"
+                    elif api == "responses":
+                        payload, path = anthropic_to_responses(body, provider, model)[0], "responses"
                     else:
-                        convert = anthropic_to_responses if api == "responses" else anthropic_to_openai
-                        payload, _ = convert(body, provider, model)
-                        url = _provider_url(provider, "responses" if api == "responses" else "chat/completions", model)
-                        data = json.dumps(payload).encode()
-                    await _open_upstream(rt, provider, url, data, request_id="check", read_body=True)
+                        payload, path = anthropic_to_openai(body, provider, model)[0], "chat/completions"
+                    await _open_upstream(rt, provider, _provider_url(provider, path, model),
+                                         json.dumps(payload).encode(), request_id="check", read_body=True)
                     live = f"ok ({model})"
                 except VandammeError as exc:
                     live, failures = f"failed: {str(exc)[:60]}", failures + 1
             elif not models:
                 failures += 1
-            latency = f"{(time.monotonic() - started) * 1000:.0f}ms"
-            rows.append((provider.name, provider.api_format, status, live, latency))
+            rows.append((provider.name, provider.api_format, f"{len(models)} models" if models else "no model list",
+                         live, f"{(time.monotonic() - started) * 1000:.0f}ms"))
         print(_format_table(("provider", "format", "models", "live request", "latency"), rows))
-        rt.session = None
     return 1 if failures else 0
 
 
-def _cli_claude(environ: Mapping[str, str], args: argparse.Namespace) -> int:
+def _cli_claude(environ: Mapping[str, str], args: Sequence[str], config_path: str | None) -> int:
     """Start vandamme on a free local port, run `claude ARGS...` through it, return claude's exit code."""
     claude = shutil.which("claude", path=environ.get("PATH"))
     if claude is None:
@@ -4971,8 +4940,8 @@ def _cli_claude(environ: Mapping[str, str], args: argparse.Namespace) -> int:
         port = probe.getsockname()[1]
     env = {**environ, "PORT": str(port), "HOST": "127.0.0.1"}
     command = [sys.executable, str(Path(__file__).resolve()), "--port", str(port), "--log-level", "WARNING"]
-    if getattr(args, "config", None):
-        command += ["--config", args.config]
+    if config_path:
+        command += ["--config", config_path]
     import subprocess
     server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
     try:
@@ -4983,12 +4952,9 @@ def _cli_claude(environ: Mapping[str, str], args: argparse.Namespace) -> int:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 break
             time.sleep(0.1)
-        child_env = {**environ, "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{port}"}
-        if config_key := environ.get("PROXY_API_KEY"):
-            child_env["ANTHROPIC_API_KEY"] = config_key
-        child_env.setdefault("ANTHROPIC_API_KEY", "vandamme")
-        args_list = [a for a in args.args if a != "--"]
-        return subprocess.call([claude, *args_list], env=child_env)
+        key = environ.get("PROXY_API_KEY") or environ.get("ANTHROPIC_API_KEY", "vandamme")
+        child_env = {**environ, "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{port}", "ANTHROPIC_API_KEY": key}
+        return subprocess.call([claude, *(a for a in args if a != "--")], env=child_env)
     finally:
         server.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
