@@ -4218,37 +4218,38 @@ chart($('chart-req'),[],[],$('leg-req'));chart($('chart-tok'),[],[],$('leg-tok')
 # §15  Application and server
 # ---------------------------------------------------------------------------
 
-def _read_toml(path: Path, text: str | None = None) -> dict[str, Any]:
+def _read_config_file(path: Path, parse: Callable[[str], _V], text: str | None = None) -> _V:
+    """`path` (or its `text`) parsed as .env or TOML; a failure is one line that names the file."""
     try:
-        return tomllib.loads(text if text is not None else path.read_text(encoding="utf-8"))
+        return parse(text if text is not None else path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
 
 
-def _default_toml_text() -> str:
+def _builtin_defaults() -> dict[str, Any]:
     """defaults.toml beside this file when present, else the embedded copy."""
-    beside = Path(__file__).with_name("defaults.toml")
     try:
-        return beside.read_text(encoding="utf-8")
+        text = Path(__file__).with_name("defaults.toml").read_text(encoding="utf-8")
     except OSError:
-        return defaults_toml()
+        text = defaults_toml()
+    return _read_config_file(Path("defaults.toml"), tomllib.loads, text)
 
 
 def _read_toml_layers(*, cwd: Path, home: Path, config_path: str | None) -> list[tuple[str, Path, dict[str, Any]]]:
     """The TOML files in effect, lowest priority first, as (source, path, data)."""
-    layers = [("defaults", Path("defaults.toml"), _read_toml(Path("defaults.toml"), _default_toml_text()))]
+    layers = [("defaults", Path("defaults.toml"), _builtin_defaults())]
     if config_path:
         path = Path(config_path).expanduser()
         if not path.is_file():
             raise ConfigError(f"--config {config_path}: no such file")
-        layers.append(("config", path, _read_toml(path)))
+        layers.append(("config", path, _read_config_file(path, tomllib.loads)))
         return layers
     for source, path in (("user", home / ".config" / "vandamme-proxy" / "vandamme-config.toml"),
                          ("local", cwd / "vandamme-config.toml")):
         if path.is_file():
-            layers.append((source, path, _read_toml(path)))
+            layers.append((source, path, _read_config_file(path, tomllib.loads)))
     return layers
 
 
@@ -4259,12 +4260,8 @@ def load_config(environ: Mapping[str, str], *, cwd: Path | str | None = None,
     (never read from os.environ here) so tests control it fully."""
     cwd = Path(cwd) if cwd else Path.cwd()
     home = Path(home) if home else Path(environ.get("HOME") or Path.home())
-    dotenv_path, dotenv = cwd / ".env", {}
-    if dotenv_path.is_file():
-        try:
-            dotenv = parse_dotenv(dotenv_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{dotenv_path}: cannot read: {exc}") from None
+    dotenv_path = cwd / ".env"
+    dotenv = _read_config_file(dotenv_path, parse_dotenv) if dotenv_path.is_file() else {}
     layers = _read_toml_layers(cwd=cwd, home=home, config_path=config_path)
     return parse_config(environ, dotenv, layers, overrides=overrides)
 
@@ -4805,7 +4802,7 @@ def _ask(question: str, default: str = "", *, secret: bool = False) -> str:
 
 def _config_init(args: argparse.Namespace) -> int:
     """Write .env or vandamme-config.toml from answers (or flags, with --yes)."""
-    builtin = tomllib.loads(_default_toml_text())
+    builtin = _builtin_defaults()
     known = tuple(name for name in builtin if name != "defaults")
     base_urls = dict(item.split("=", 1) for item in args.base_url if "=" in item)
     keys = args.api_key + [""] * len(args.provider)         # a --provider without its --api-key has none
