@@ -4616,17 +4616,15 @@ def _format_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    serve_options = argparse.ArgumentParser(add_help=False)
-    serve_options.add_argument("--host", default=argparse.SUPPRESS, help="address to bind (HOST)")
-    serve_options.add_argument("--port", type=int, default=argparse.SUPPRESS, help="port (PORT, default 8082)")
-    serve_options.add_argument("--log-level", type=str.upper, default=argparse.SUPPRESS,
-                               help="DEBUG, INFO, WARNING, ERROR")
-    serve_options.add_argument("--workers", default=argparse.SUPPRESS,
-                               help="processes sharing the port: a number or 'auto' (cores)")
-    serve_options.add_argument("--middleware", default=argparse.SUPPRESS,
-                               help="Python file with request/response hooks (VDM_MIDDLEWARE)")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH",
+    # An option not given is absent (SUPPRESS), not None: the environment and the files decide.
+    serve_options = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    serve_options.add_argument("--host", help="address to bind (HOST)")
+    serve_options.add_argument("--port", type=int, help="port (PORT, default 8082)")
+    serve_options.add_argument("--log-level", type=str.upper, help="DEBUG, INFO, WARNING, ERROR")
+    serve_options.add_argument("--workers", help="processes sharing the port: a number or 'auto' (cores)")
+    serve_options.add_argument("--middleware", help="Python file with request/response hooks (VDM_MIDDLEWARE)")
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    common.add_argument("--config", metavar="PATH",
                         help="read this TOML file instead of ./vandamme-config.toml and the user's")
     epilog = "environment variables:\n" + "\n".join(f"  {name:<34} {text}" for name, (_a, _k, text) in ENV_VARS.items())
     epilog += ("\n  {P}_API_KEY / _BASE_URL / _API_FORMAT / _API_VERSION / _ALIAS_{NAME} / _CUSTOM_HEADER_{NAME}"
@@ -4647,21 +4645,19 @@ def _build_parser() -> argparse.ArgumentParser:
     init.add_argument("--base-url", action="append", default=[], metavar="URL", help="NAME=URL base URL override")
     init.add_argument("--default-provider", metavar="NAME")
     init.add_argument("--alias", action="append", default=[], metavar="NAME=TARGET", help="default provider alias")
-    init.add_argument("--format", choices=("env", "toml"), default=None, help="write .env or vandamme-config.toml")
+    init.add_argument("--format", choices=("env", "toml"), help="write .env or vandamme-config.toml")
     init.add_argument("--output", metavar="PATH", help="file to write (default ./.env or ./vandamme-config.toml)")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
     init.add_argument("--yes", "-y", action="store_true", help="no questions: use the flags only")
-    resolve = commands.add_parser("resolve", parents=[common], help="where a model name goes, and why")
-    resolve.add_argument("model")
+    commands.add_parser("resolve", parents=[common], help="where a model name goes, and why").add_argument("model")
     commands.add_parser("version", help="print the version")
     health_cmd = commands.add_parser("health", parents=[common], help="check a running vandamme")
-    health_cmd.add_argument("--url", default=None, help="base URL (default http://127.0.0.1:PORT)")
+    health_cmd.add_argument("--url", help="base URL (default http://127.0.0.1:PORT)")
     check = commands.add_parser("check", parents=[common], help="probe each configured provider")
     for command in (health_cmd, check):           # PORT: which gateway, and which base URL would be a loop
         command.add_argument("--port", type=int, default=argparse.SUPPRESS, help="port (PORT, default 8082)")
     check.add_argument("--live", action="store_true", help="also send a one-token request")
-    models = commands.add_parser("models", parents=[common], help="models a provider offers")
-    models.add_argument("--provider", default=None)
+    commands.add_parser("models", parents=[common], help="models a provider offers").add_argument("--provider")
     claude = commands.add_parser("claude", parents=[common], help="start vandamme and run the claude CLI through it")
     claude.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to claude")
     return parser
