@@ -4675,15 +4675,13 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             code = _command(argv, environ)
         finally:
             sys.stdout.flush()          # here, not at exit: a closed pipe is then caught below (also after --help)
-    except ConfigError as exc:          # found by serve(): the port is in use, the host does not resolve
-        return _fail(exc)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:             # `config show | head -1`: the reader is gone; exit without a traceback
         with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except OSError as exc:              # e.g. `config init --output` into a missing folder
+    except (ConfigError, OSError) as exc:   # a busy port, an unresolvable host, a missing --output folder
         return _fail(exc)
     return code
 
@@ -4700,6 +4698,8 @@ def _command(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> i
     if command == "version":
         print(f"vandamme {__version__}")
         return 0
+    if command == "claude":            # options before it: `vandamme --config PATH claude ...`
+        return _cli_claude(environ, args.args, getattr(args, "config", None))
     if command == "config" and args.config_command == "init":
         return _config_init(args)
     if command == "health" and args.url:
@@ -4716,11 +4716,16 @@ def _command(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> i
     except ConfigError as exc:
         return _fail(f"{exc}\nconfiguration is invalid" if command == "config" else exc)
     if command == "serve":              # the server redacts its own banner and logs (_LogFormatter)
-        return _configured_command(command, args, config, load)
+        _setup_logging(config)
+        workers = getattr(args, "workers", "1")
+        count = os.cpu_count() or 1 if workers == "auto" else int(workers) if str(workers).isdigit() else 0
+        if count < 1:
+            return _fail(f"--workers {workers}: a positive number or 'auto'", 2)
+        return _run_server(config, load, count)
     redact = Redactor(config)           # whatever the command prints, the configuration's secrets stay masked
     with contextlib.redirect_stdout(_Redacted(sys.stdout, redact)), \
             contextlib.redirect_stderr(_Redacted(sys.stderr, redact)):
-        return _configured_command(command, args, config, load)
+        return _configured_command(command, args, config)
 
 
 class _Redacted:
@@ -4736,7 +4741,7 @@ class _Redacted:
         return getattr(self.stream, name)
 
 
-def _configured_command(command: str, args: argparse.Namespace, config: Config, load: Callable[[], Config]) -> int:
+def _configured_command(command: str, args: argparse.Namespace, config: Config) -> int:
     if command == "health":
         host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "::1": "[::1]"}.get(config.host, config.host)
         return _cli_health(f"http://{host}:{config.port}", config.proxy_api_key)
@@ -4763,14 +4768,7 @@ def _configured_command(command: str, args: argparse.Namespace, config: Config, 
         if limit is not None:
             print(f"  max output tokens: {limit} ({where})")
         return 0
-    if command in ("check", "models"):
-        return asyncio.run(_cli_probe(config, command, args))
-    _setup_logging(config)
-    workers = getattr(args, "workers", "1")
-    count = os.cpu_count() or 1 if workers == "auto" else int(workers) if str(workers).isdigit() else 0
-    if count < 1:
-        return _fail(f"--workers {workers}: a positive number or 'auto'", 2)
-    return _run_server(config, load, count)
+    return asyncio.run(_cli_probe(config, command, args))       # check, models
 
 
 def _config_show(config: Config) -> int:
