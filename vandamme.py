@@ -4340,8 +4340,9 @@ async def gunicorn_app() -> web.Application:
 
 
 class _LogFormatter(logging.Formatter):
-    """Log lines, text or JSON: secrets redacted, control characters escaped so that nothing a
-    client or an upstream sent (a model name, a header, an error message) can forge a line."""
+    """Log lines, text or JSON: secrets redacted, control characters escaped so that nothing a client or an
+    upstream sent (a model name, a header, an error message) can forge a line. aiohttp logs a malformed request
+    (e.g. oversized headers) as an error with a traceback: one warning line is enough."""
 
     def __init__(self, config: Config) -> None:
         super().__init__("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
@@ -4349,6 +4350,11 @@ class _LogFormatter(logging.Formatter):
         self.redact = Redactor(config)
 
     def format(self, record: logging.LogRecord) -> str:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, aiohttp.http_exceptions.HttpProcessingError):
+            record.msg, record.args, record.exc_info, record.levelno, record.levelname = (
+                "refused a malformed request: %s", (str(error).splitlines()[0][:200],), None,
+                logging.WARNING, "WARNING")
         message = self.redact(record.getMessage())
         if not self.json:
             record.message = _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode(), message)
@@ -4363,21 +4369,8 @@ class _LogFormatter(logging.Formatter):
         return json.dumps(data)
 
 
-class _QuietParserErrors(logging.Filter):
-    """aiohttp logs a malformed request (e.g. oversized headers) with a traceback; one line is enough."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, aiohttp.http_exceptions.HttpProcessingError):
-            record.msg, record.args, record.exc_info, record.levelno, record.levelname = (
-                "refused a malformed request: %s", (str(error).splitlines()[0][:200],), None,
-                logging.WARNING, "WARNING")
-        return True
-
-
 def _setup_logging(config: Config) -> None:
     handler = logging.StreamHandler()
-    handler.addFilter(_QuietParserErrors())         # on the handler: a reload replaces both together
     handler.setFormatter(_LogFormatter(config))
     root = logging.getLogger()
     root.handlers[:] = [handler]
