@@ -4858,7 +4858,7 @@ def _cli_health(url: str, proxy_key: str | None) -> int:
     try:
         data = asyncio.run(fetch())
         rows = [(*_summary_cells(row), row["cooling_keys"]) for row in data.get("providers", ())]
-        down = [row[0] for row in data.get("providers", ()) if row["keys"] and row["cooling_keys"] >= row["keys"]]
+        down = [row["name"] for row in data.get("providers", ()) if row["keys"] and row["cooling_keys"] >= row["keys"]]
     except (aiohttp.ClientError, TimeoutError, OSError, ValueError, AttributeError, KeyError, TypeError) as exc:
         print(_style(f"unreachable: no vandamme answers at {url}: {exc or type(exc).__name__}", "31"))
         return 1
