@@ -4237,32 +4237,26 @@ def _builtin_defaults() -> dict[str, Any]:
     return _read_config_file(Path("defaults.toml"), tomllib.loads, text)
 
 
-def _read_toml_layers(*, cwd: Path, home: Path, config_path: str | None) -> list[tuple[str, Path, dict[str, Any]]]:
-    """The TOML files in effect, lowest priority first, as (source, path, data)."""
+def load_config(environ: Mapping[str, str], *, cwd: Path | str | None = None,
+                home: Path | str | None = None, config_path: str | None = None,
+                overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read ./.env and the TOML files in effect (lowest priority first), then build the Config with parse_config.
+    `environ` is passed in (never read from os.environ here) so tests control it fully."""
+    cwd = Path(cwd) if cwd else Path.cwd()
+    home = Path(home) if home else Path(environ.get("HOME") or Path.home())
+    dotenv_path = cwd / ".env"
+    dotenv = _read_config_file(dotenv_path, parse_dotenv) if dotenv_path.is_file() else {}
     layers = [("defaults", Path("defaults.toml"), _builtin_defaults())]
     if config_path:
         path = Path(config_path).expanduser()
         if not path.is_file():
             raise ConfigError(f"--config {config_path}: no such file")
         layers.append(("config", path, _read_config_file(path, tomllib.loads)))
-        return layers
-    for source, path in (("user", home / ".config" / "vandamme-proxy" / "vandamme-config.toml"),
-                         ("local", cwd / "vandamme-config.toml")):
-        if path.is_file():
-            layers.append((source, path, _read_config_file(path, tomllib.loads)))
-    return layers
-
-
-def load_config(environ: Mapping[str, str], *, cwd: Path | str | None = None,
-                home: Path | str | None = None, config_path: str | None = None,
-                overrides: Mapping[str, Any] | None = None) -> Config:
-    """Read ./.env and the TOML files, then build the Config with parse_config. `environ` is passed in
-    (never read from os.environ here) so tests control it fully."""
-    cwd = Path(cwd) if cwd else Path.cwd()
-    home = Path(home) if home else Path(environ.get("HOME") or Path.home())
-    dotenv_path = cwd / ".env"
-    dotenv = _read_config_file(dotenv_path, parse_dotenv) if dotenv_path.is_file() else {}
-    layers = _read_toml_layers(cwd=cwd, home=home, config_path=config_path)
+    else:
+        for source, path in (("user", home / ".config" / "vandamme-proxy" / "vandamme-config.toml"),
+                             ("local", cwd / "vandamme-config.toml")):
+            if path.is_file():
+                layers.append((source, path, _read_config_file(path, tomllib.loads)))
     return parse_config(environ, dotenv, layers, overrides=overrides)
 
 
@@ -4471,8 +4465,8 @@ class _Worker:
 _WORKER: Final = web.AppKey("vandamme.worker", _Worker)
 
 
-async def _serve(config: Config, reload: Callable[[], Config], *, reuse_port: bool = False,
-                announce: bool = True, worker: tuple[Path, int] | None = None) -> None:
+async def _serve(config: Config, reload: Callable[[], Config], *, announce: bool = True,
+                 worker: tuple[Path, int] | None = None) -> None:
     """Run until SIGTERM/SIGINT; then drain gracefully. SIGHUP reloads the configuration."""
     app = create_app(config)
     if worker:
@@ -4485,7 +4479,7 @@ async def _serve(config: Config, reload: Callable[[], Config], *, reuse_port: bo
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0,
                            keepalive_timeout=config.client_timeout)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, reuse_port=reuse_port or None, backlog=1024)
+    site = web.TCPSite(runner, config.host, config.port, reuse_port=bool(worker) or None, backlog=1024)
     try:
         await site.start()
     except (OSError, UnicodeError) as exc:      # one line for the CLI, not a traceback
@@ -4529,7 +4523,7 @@ def _fork_worker(config: Config, reload: Callable[[], Config], run_dir: Path, an
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # pragma: no cover - child process
         signal.signal(sig, signal.SIG_DFL)     # until serve() installs its own: never the parent's
     try:
-        asyncio.run(_serve(config, reload, reuse_port=True, announce=announce, worker=(run_dir, parent)))
+        asyncio.run(_serve(config, reload, announce=announce, worker=(run_dir, parent)))
     except BaseException as exc:
         logger.error("worker %d stopped: %s", os.getpid(), exc)
         os._exit(1)
