@@ -4548,8 +4548,7 @@ def _run_server(config: Config, reload: Callable[[], Config], workers: int) -> i
         run_dir = Path(tempfile.mkdtemp(prefix="vandamme-", dir=os.environ.get("VDM_RUN_DIR") or None))
     except OSError as exc:
         where = exc.filename or f"cannot listen on {config.host}:{config.port}"
-        print(f"vandamme: error: {where}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return _fail(f"{where}: {exc.strerror or exc}")
     signals: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda sig, _frame: signals.append(sig))
@@ -4587,9 +4586,8 @@ def _run_server(config: Config, reload: Callable[[], Config], workers: int) -> i
 # §16  Command line
 # ---------------------------------------------------------------------------
 
-def _style(text: str, code: str, stream: Any = None) -> str:
-    stream = stream or sys.stdout
-    if os.environ.get("NO_COLOR") or not getattr(stream, "isatty", lambda: False)():
+def _style(text: str, code: str) -> str:
+    if os.environ.get("NO_COLOR") or not getattr(sys.stdout, "isatty", lambda: False)():
         return text
     return f"\033[{code}m{text}\033[0m"
 
