@@ -3763,6 +3763,17 @@ async def test_cli_health_check_and_models(upstream: FakeUpstream, tmp_path: Pat
     assert code == 0 and "model-a" in out and "model-b" in out
 
 
+async def test_cli_health_names_a_provider_whose_keys_all_cool_down(proxy: Any, upstream: FakeUpstream,
+                                                                     capsys: Any) -> None:
+    client = await proxy()
+    upstream.add(Reply({"error": {"message": "slow"}}, status=429, headers={"retry-after": "30"}))
+    await client.post("/v1/messages", json=BASIC)             # the only key is cooling down
+    url = str(client.make_url("")).rstrip("/")
+    code = await asyncio.to_thread(vd.main, ["health", "--url", url], {"HOME": "/nonexistent-vandamme-home"})
+    out = capsys.readouterr().out
+    assert code == 1 and out.startswith("all keys cooling down: openai:"), out
+
+
 async def test_check_live_probes_the_api_each_model_uses(upstream: FakeUpstream, tmp_path: Path) -> None:
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "OPENAI_API_KEY": "k",
            "OPENAI_BASE_URL": f"{upstream.url}/v1", "OPENAI_API_FORMAT": "responses"}

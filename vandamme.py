@@ -4099,56 +4099,45 @@ chart($('chart-req'),[],[],$('leg-req'));chart($('chart-tok'),[],[],$('leg-tok')
 # §15  Application and server
 # ---------------------------------------------------------------------------
 
-def _read_toml(path: Path, text: str | None = None) -> dict[str, Any]:
+def _read_config_file(path: Path, parse: Callable[[str], _V], text: str | None = None) -> _V:
+    """`path` (or its `text`) parsed as .env or TOML; a failure is one line that names the file."""
     try:
-        return tomllib.loads(text if text is not None else path.read_text(encoding="utf-8"))
+        return parse(text if text is not None else path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
 
 
-def _default_toml_text() -> str:
+def _builtin_defaults() -> dict[str, Any]:
     """defaults.toml beside this file when present, else the embedded copy."""
-    beside = Path(__file__).with_name("defaults.toml")
     try:
-        return beside.read_text(encoding="utf-8")
+        text = Path(__file__).with_name("defaults.toml").read_text(encoding="utf-8")
     except OSError:
-        return defaults_toml()
-
-
-def _read_toml_layers(*, cwd: Path, home: Path, config_path: str | None) -> list[tuple[str, Path, dict[str, Any]]]:
-    """The TOML files in effect, lowest priority first, as (source, path, data)."""
-    layers = [("defaults", Path("defaults.toml"), _read_toml(Path("defaults.toml"), _default_toml_text()))]
-    if config_path:
-        path = Path(config_path).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"--config {config_path}: no such file")
-        layers.append(("config", path, _read_toml(path)))
-        return layers
-    for source, path in (("user", home / ".config" / "vandamme-proxy" / "vandamme-config.toml"),
-                         ("local", cwd / "vandamme-config.toml")):
-        if path.is_file():
-            layers.append((source, path, _read_toml(path)))
-    return layers
+        text = defaults_toml()
+    return _read_config_file(Path("defaults.toml"), tomllib.loads, text)
 
 
 def load_config(environ: Mapping[str, str], *, cwd: Path | str | None = None,
                 home: Path | str | None = None, config_path: str | None = None,
                 overrides: Mapping[str, Any] | None = None) -> Config:
-    """Read ./.env and the TOML files, then build the Config with parse_config.
-
-    `environ` is passed in (never read from os.environ here) so tests control it fully.
-    """
+    """Read ./.env and the TOML files in effect (lowest priority first), then build the Config with parse_config.
+    `environ` is passed in (never read from os.environ here) so tests control it fully."""
     cwd = Path(cwd) if cwd else Path.cwd()
     home = Path(home) if home else Path(environ.get("HOME") or Path.home())
-    dotenv_path, dotenv = cwd / ".env", {}
-    if dotenv_path.is_file():
-        try:
-            dotenv = parse_dotenv(dotenv_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{dotenv_path}: cannot read: {exc}") from None
-    layers = _read_toml_layers(cwd=cwd, home=home, config_path=config_path)
+    dotenv_path = cwd / ".env"
+    dotenv = _read_config_file(dotenv_path, parse_dotenv) if dotenv_path.is_file() else {}
+    layers = [("defaults", Path("defaults.toml"), _builtin_defaults())]
+    if config_path:
+        path = Path(config_path).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"--config {config_path}: no such file")
+        layers.append(("config", path, _read_config_file(path, tomllib.loads)))
+    else:
+        for source, path in (("user", home / ".config" / "vandamme-proxy" / "vandamme-config.toml"),
+                             ("local", cwd / "vandamme-config.toml")):
+            if path.is_file():
+                layers.append((source, path, _read_config_file(path, tomllib.loads)))
     return parse_config(environ, dotenv, layers, overrides=overrides)
 
 
@@ -4164,23 +4153,18 @@ def load_middleware(path: str) -> list[Middleware]:
     except Exception as exc:  # a user's file may raise anything at import
         raise ConfigError(f"middleware {path}: failed to load: {type(exc).__name__}: {exc}") from None
     hooks = getattr(module, "MIDDLEWARE", None)
-    if hooks is not None:
-        return list(hooks)
-    return [_ModuleMiddleware(module, file.stem)]
-
-
-def _builtin_middleware(config: Config) -> list[Middleware]:
-    """The provider dialects, written as ordinary middleware."""
-    return [_GeminiDialect(config.gemini_signatures), _ReasoningHistoryDialect(), _ThinkTagsDialect()]
+    return list(hooks) if hooks is not None else [_ModuleMiddleware(module, file.stem)]
 
 
 def create_app(config: Config, *, middleware: Sequence[Any] | None = None) -> web.Application:
     """Build the aiohttp application for `config` (tests call this directly)."""
-    hooks = _builtin_middleware(config) + list(middleware or ())
+    dialects: list[Middleware] = [_GeminiDialect(config.gemini_signatures), _ReasoningHistoryDialect(),
+                                  _ThinkTagsDialect()]      # the provider dialects, as ordinary middleware
+    hooks = dialects + list(middleware or ())
     if middleware is None and config.middleware:
         hooks += load_middleware(config.middleware)
     rt = Runtime(config, _MiddlewareChain(hooks))
-    rt.user_hooks = len(hooks) > len(_builtin_middleware(config))
+    rt.user_hooks = len(hooks) > len(dialects)
     app = web.Application(client_max_size=config.max_request_bytes, middlewares=[_error_middleware])
     app[RUNTIME] = rt
 
@@ -4231,8 +4215,9 @@ async def gunicorn_app() -> web.Application:
 
 
 class _LogFormatter(logging.Formatter):
-    """Log lines, text or JSON: secrets redacted, control characters escaped so that nothing a
-    client or an upstream sent (a model name, a header, an error message) can forge a line."""
+    """Log lines, text or JSON: secrets redacted, control characters escaped so that nothing a client or an
+    upstream sent (a model name, a header, an error message) can forge a line. aiohttp logs a malformed request
+    (e.g. oversized headers) as an error with a traceback: one warning line is enough."""
 
     def __init__(self, config: Config) -> None:
         super().__init__("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
@@ -4240,6 +4225,11 @@ class _LogFormatter(logging.Formatter):
         self.redact = Redactor(config)
 
     def format(self, record: logging.LogRecord) -> str:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, aiohttp.http_exceptions.HttpProcessingError):
+            record.msg, record.args, record.exc_info, record.levelno, record.levelname = (
+                "refused a malformed request: %s", (str(error).splitlines()[0][:200],), None,
+                logging.WARNING, "WARNING")
         message = self.redact(record.getMessage())
         if not self.json:
             record.message = _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode(), message)
@@ -4254,21 +4244,8 @@ class _LogFormatter(logging.Formatter):
         return json.dumps(data)
 
 
-class _QuietParserErrors(logging.Filter):
-    """aiohttp logs a malformed request (e.g. oversized headers) with a traceback; one line is enough."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, aiohttp.http_exceptions.HttpProcessingError):
-            record.msg, record.args, record.exc_info, record.levelno, record.levelname = (
-                "refused a malformed request: %s", (str(error).splitlines()[0][:200],), None,
-                logging.WARNING, "WARNING")
-        return True
-
-
 def _setup_logging(config: Config) -> None:
     handler = logging.StreamHandler()
-    handler.addFilter(_QuietParserErrors())         # on the handler: a reload replaces both together
     handler.setFormatter(_LogFormatter(config))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -4369,8 +4346,8 @@ class _Worker:
 _WORKER: Final = web.AppKey("vandamme.worker", _Worker)
 
 
-async def _serve(config: Config, reload: Callable[[], Config] | None = None, *, reuse_port: bool = False,
-                announce: bool = True, worker: tuple[Path, int] | None = None) -> None:
+async def _serve(config: Config, reload: Callable[[], Config], *, announce: bool = True,
+                 worker: tuple[Path, int] | None = None) -> None:
     """Run until SIGTERM/SIGINT; then drain gracefully. SIGHUP reloads the configuration."""
     app = create_app(config)
     if worker:
@@ -4383,7 +4360,7 @@ async def _serve(config: Config, reload: Callable[[], Config] | None = None, *, 
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0,
                            keepalive_timeout=config.client_timeout)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, reuse_port=reuse_port or None, backlog=1024)
+    site = web.TCPSite(runner, config.host, config.port, reuse_port=bool(worker) or None, backlog=1024)
     try:
         await site.start()
     except (OSError, UnicodeError) as exc:      # one line for the CLI, not a traceback
@@ -4401,8 +4378,6 @@ async def _serve(config: Config, reload: Callable[[], Config] | None = None, *, 
         loop.add_signal_handler(sig, stop.set)
 
     def on_hup() -> None:
-        if reload is None:
-            return
         try:
             fresh = reload()
         except ConfigError as exc:
@@ -4428,13 +4403,12 @@ def _fork_worker(config: Config, reload: Callable[[], Config], run_dir: Path, an
         return pid
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # pragma: no cover - child process
         signal.signal(sig, signal.SIG_DFL)     # until serve() installs its own: never the parent's
-    code = 0
     try:
-        asyncio.run(_serve(config, reload, reuse_port=True, announce=announce, worker=(run_dir, parent)))
+        asyncio.run(_serve(config, reload, announce=announce, worker=(run_dir, parent)))
     except BaseException as exc:
         logger.error("worker %d stopped: %s", os.getpid(), exc)
-        code = 1
-    os._exit(code)
+        os._exit(1)
+    os._exit(0)
 
 
 def _run_server(config: Config, reload: Callable[[], Config], workers: int) -> int:
@@ -4455,8 +4429,7 @@ def _run_server(config: Config, reload: Callable[[], Config], workers: int) -> i
         run_dir = Path(tempfile.mkdtemp(prefix="vandamme-", dir=os.environ.get("VDM_RUN_DIR") or None))
     except OSError as exc:
         where = exc.filename or f"cannot listen on {config.host}:{config.port}"
-        print(f"vandamme: error: {where}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return _fail(f"{where}: {exc.strerror or exc}")
     signals: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda sig, _frame: signals.append(sig))
@@ -4494,34 +4467,30 @@ def _run_server(config: Config, reload: Callable[[], Config], workers: int) -> i
 # §16  Command line
 # ---------------------------------------------------------------------------
 
-def _style(text: str, code: str, stream: Any = None) -> str:
-    stream = stream or sys.stdout
-    if os.environ.get("NO_COLOR") or not getattr(stream, "isatty", lambda: False)():
+def _style(text: str, code: str) -> str:
+    if os.environ.get("NO_COLOR") or not getattr(sys.stdout, "isatty", lambda: False)():
         return text
     return f"\033[{code}m{text}\033[0m"
 
 
 def _format_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """Aligned columns for terminals."""
+    """Aligned columns for terminals: the header, a rule, the rows."""
     rows = [[str(c) for c in row] for row in rows]
-    widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h)) for i, h in enumerate(header)]
-    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
-    lines.append("  ".join("-" * w for w in widths))
-    lines.extend("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
-    return "\n".join(lines)
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
+    lines = [header, ["-" * w for w in widths], *rows]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines)
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    serve_options = argparse.ArgumentParser(add_help=False)
-    serve_options.add_argument("--host", default=argparse.SUPPRESS, help="address to bind (HOST)")
-    serve_options.add_argument("--port", type=int, default=argparse.SUPPRESS, help="port (PORT, default 8082)")
-    serve_options.add_argument("--log-level", default=argparse.SUPPRESS, help="DEBUG, INFO, WARNING, ERROR")
-    serve_options.add_argument("--workers", default=argparse.SUPPRESS,
-                               help="processes sharing the port: a number or 'auto' (cores)")
-    serve_options.add_argument("--middleware", default=argparse.SUPPRESS,
-                               help="Python file with request/response hooks (VDM_MIDDLEWARE)")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH",
+    # An option not given is absent (SUPPRESS), not None: the environment and the files decide.
+    serve_options = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    serve_options.add_argument("--host", help="address to bind (HOST)")
+    serve_options.add_argument("--port", type=int, help="port (PORT, default 8082)")
+    serve_options.add_argument("--log-level", type=str.upper, help="DEBUG, INFO, WARNING, ERROR")
+    serve_options.add_argument("--workers", help="processes sharing the port: a number or 'auto' (cores)")
+    serve_options.add_argument("--middleware", help="Python file with request/response hooks (VDM_MIDDLEWARE)")
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    common.add_argument("--config", metavar="PATH",
                         help="read this TOML file instead of ./vandamme-config.toml and the user's")
     epilog = "environment variables:\n" + "\n".join(f"  {name:<34} {text}" for name, (_a, _k, text) in ENV_VARS.items())
     epilog += ("\n  {P}_API_KEY / _BASE_URL / _API_FORMAT / _API_VERSION / _ALIAS_{NAME} / _CUSTOM_HEADER_{NAME}"
@@ -4542,21 +4511,19 @@ def _build_parser() -> argparse.ArgumentParser:
     init.add_argument("--base-url", action="append", default=[], metavar="URL", help="NAME=URL base URL override")
     init.add_argument("--default-provider", metavar="NAME")
     init.add_argument("--alias", action="append", default=[], metavar="NAME=TARGET", help="default provider alias")
-    init.add_argument("--format", choices=("env", "toml"), default=None, help="write .env or vandamme-config.toml")
+    init.add_argument("--format", choices=("env", "toml"), help="write .env or vandamme-config.toml")
     init.add_argument("--output", metavar="PATH", help="file to write (default ./.env or ./vandamme-config.toml)")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
     init.add_argument("--yes", "-y", action="store_true", help="no questions: use the flags only")
-    resolve = commands.add_parser("resolve", parents=[common], help="where a model name goes, and why")
-    resolve.add_argument("model")
+    commands.add_parser("resolve", parents=[common], help="where a model name goes, and why").add_argument("model")
     commands.add_parser("version", help="print the version")
     health_cmd = commands.add_parser("health", parents=[common], help="check a running vandamme")
-    health_cmd.add_argument("--url", default=None, help="base URL (default http://127.0.0.1:PORT)")
+    health_cmd.add_argument("--url", help="base URL (default http://127.0.0.1:PORT)")
     check = commands.add_parser("check", parents=[common], help="probe each configured provider")
     for command in (health_cmd, check):           # PORT: which gateway, and which base URL would be a loop
         command.add_argument("--port", type=int, default=argparse.SUPPRESS, help="port (PORT, default 8082)")
     check.add_argument("--live", action="store_true", help="also send a one-token request")
-    models = commands.add_parser("models", parents=[common], help="models a provider offers")
-    models.add_argument("--provider", default=None)
+    commands.add_parser("models", parents=[common], help="models a provider offers").add_argument("--provider")
     claude = commands.add_parser("claude", parents=[common], help="start vandamme and run the claude CLI through it")
     claude.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to claude")
     return parser
@@ -4574,15 +4541,13 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             code = _command(argv, environ)
         finally:
             sys.stdout.flush()          # here, not at exit: a closed pipe is then caught below (also after --help)
-    except ConfigError as exc:          # found by serve(): the port is in use, the host does not resolve
-        return _fail(exc)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:             # `config show | head -1`: the reader is gone; exit without a traceback
         with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except OSError as exc:              # e.g. `config init --output` into a missing folder
+    except (ConfigError, OSError) as exc:   # a busy port, an unresolvable host, a missing --output folder
         return _fail(exc)
     return code
 
@@ -4593,20 +4558,19 @@ def _command(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> i
     if argv[:1] == ["claude"]:        # everything after `claude` belongs to claude, options included
         rest = argv[1:]
         config_path = rest[1] if rest[:1] == ["--config"] and len(rest) > 1 else None
-        return _cli_claude(environ, argparse.Namespace(config=config_path, args=rest[2:] if config_path else rest))
+        return _cli_claude(environ, rest[2:] if config_path else rest, config_path)
     args = _build_parser().parse_args(argv)
     command = args.command or "serve"
     if command == "version":
         print(f"vandamme {__version__}")
         return 0
+    if command == "claude":            # options before it: `vandamme --config PATH claude ...`
+        return _cli_claude(environ, args.args, getattr(args, "config", None))
     if command == "config" and args.config_command == "init":
-        return _config_init(args, environ)
+        return _config_init(args)
     if command == "health" and args.url:
         return _cli_health(args.url, environ.get("PROXY_API_KEY"))
-    overrides = {"host": getattr(args, "host", None), "port": getattr(args, "port", None),
-                 "log_level": getattr(args, "log_level", None), "middleware": getattr(args, "middleware", None)}
-    if overrides["log_level"]:
-        overrides["log_level"] = overrides["log_level"].upper()
+    overrides = {name: getattr(args, name, None) for name in ("host", "port", "log_level", "middleware")}
 
     def load() -> Config:
         return load_config(environ, config_path=getattr(args, "config", None), overrides=overrides)
@@ -4618,11 +4582,16 @@ def _command(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> i
     except ConfigError as exc:
         return _fail(f"{exc}\nconfiguration is invalid" if command == "config" else exc)
     if command == "serve":              # the server redacts its own banner and logs (_LogFormatter)
-        return _configured_command(command, args, config, load)
+        _setup_logging(config)
+        workers = getattr(args, "workers", "1")
+        count = os.cpu_count() or 1 if workers == "auto" else int(workers) if str(workers).isdigit() else 0
+        if count < 1:
+            return _fail(f"--workers {workers}: a positive number or 'auto'", 2)
+        return _run_server(config, load, count)
     redact = Redactor(config)           # whatever the command prints, the configuration's secrets stay masked
     with contextlib.redirect_stdout(_Redacted(sys.stdout, redact)), \
             contextlib.redirect_stderr(_Redacted(sys.stderr, redact)):
-        return _configured_command(command, args, config, load)
+        return _configured_command(command, args, config)
 
 
 class _Redacted:
@@ -4638,7 +4607,7 @@ class _Redacted:
         return getattr(self.stream, name)
 
 
-def _configured_command(command: str, args: argparse.Namespace, config: Config, load: Callable[[], Config]) -> int:
+def _configured_command(command: str, args: argparse.Namespace, config: Config) -> int:
     if command == "health":
         host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "::1": "[::1]"}.get(config.host, config.host)
         return _cli_health(f"http://{host}:{config.port}", config.proxy_api_key)
@@ -4665,14 +4634,7 @@ def _configured_command(command: str, args: argparse.Namespace, config: Config, 
         if limit is not None:
             print(f"  max output tokens: {limit} ({where})")
         return 0
-    if command in ("check", "models"):
-        return asyncio.run(_cli_probe(config, command, args))
-    _setup_logging(config)
-    workers = getattr(args, "workers", "1")
-    count = os.cpu_count() or 1 if workers == "auto" else int(workers) if str(workers).isdigit() else 0
-    if count < 1:
-        return _fail(f"--workers {workers}: a positive number or 'auto'", 2)
-    return _run_server(config, load, count)
+    return asyncio.run(_cli_probe(config, command, args))       # check, models
 
 
 def _config_show(config: Config) -> int:
@@ -4698,33 +4660,24 @@ def _ask(question: str, default: str = "", *, secret: bool = False) -> str:
     return answer or default
 
 
-def _config_init(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+def _config_init(args: argparse.Namespace) -> int:
     """Write .env or vandamme-config.toml from answers (or flags, with --yes)."""
-    builtin = tomllib.loads(_default_toml_text())
+    builtin = _builtin_defaults()
     known = tuple(name for name in builtin if name != "defaults")
-    providers: list[tuple[str, str, str]] = []
     base_urls = dict(item.split("=", 1) for item in args.base_url if "=" in item)
-    for i, name in enumerate(args.provider):
-        key = args.api_key[i] if i < len(args.api_key) else ""
-        providers.append((name.lower(), key, base_urls.get(name, "")))
+    keys = args.api_key + [""] * len(args.provider)         # a --provider without its --api-key has none
+    providers = [(name.lower(), key, base_urls.get(name, "")) for name, key in zip(args.provider, keys, strict=False)]
     aliases = [item.split("=", 1) for item in args.alias if "=" in item]
-    default = args.default_provider
-    fmt = args.format
+    default, fmt = args.default_provider, args.format
     if not args.yes:
         print("vandamme setup. Known providers: " + ", ".join(known))
-        while True:
-            name = _ask("Provider to add (empty to finish)", "" if providers else "openai").lower()
-            if not name:
-                break
+        while name := _ask("Provider to add (empty to finish)", "" if providers else "openai").lower():
             key = _ask(f"{name}: API key (not shown; several separated by spaces, !PASSTHRU, or empty for local)",
                        secret=True)
             url = "" if name in known else _ask(f"{name}: base URL (e.g. http://localhost:8000/v1)")
             providers.append((name, key, url))
         default = _ask("Default provider", default or (providers[0][0] if providers else "openai"))
-        while True:
-            alias = _ask("Alias as NAME=TARGET (empty to finish)")
-            if not alias:
-                break
+        while alias := _ask("Alias as NAME=TARGET (empty to finish)"):
             if "=" in alias:
                 aliases.append(alias.split("=", 1))
         fmt = fmt or _ask("Write .env or toml", "env")
@@ -4755,10 +4708,9 @@ def _config_init(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
                 lines.append(f"api-key = {json.dumps(key)}")
             if url:
                 lines.append(f"base-url = {json.dumps(url)}")
-            own = [(a, t) for a, t in aliases if name == default]
-            if own:
+            if name == default and aliases:
                 lines.append(f"[{name}.aliases]")
-                lines += [f"{json.dumps(a)} = {json.dumps(t)}" for a, t in own]
+                lines += [f"{json.dumps(a)} = {json.dumps(t)}" for a, t in aliases]
     output.write_text("\n".join(lines) + "\n", encoding="utf-8")
     if fmt == "env":
         with contextlib.suppress(OSError):
@@ -4769,9 +4721,7 @@ def _config_init(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 def _cli_health(url: str, proxy_key: str | None) -> int:
     """Exit 0 only when the gateway answers, has providers, and some key of each is not cooling down.
-
-    The detailed /health needs PROXY_API_KEY when the gateway has one: the same environment gives it.
-    """
+    The detailed /health needs PROXY_API_KEY when the gateway has one: the same environment gives it."""
     url = url if "://" in url else f"http://{url}"
 
     async def fetch() -> JSON:
@@ -4781,7 +4731,7 @@ def _cli_health(url: str, proxy_key: str | None) -> int:
     try:
         data = asyncio.run(fetch())
         rows = [(*_summary_cells(row), row["cooling_keys"]) for row in data.get("providers", ())]
-        down = [row[0] for row in data.get("providers", ()) if row["keys"] and row["cooling_keys"] >= row["keys"]]
+        down = [row["name"] for row in data.get("providers", ()) if row["keys"] and row["cooling_keys"] >= row["keys"]]
     except (aiohttp.ClientError, TimeoutError, OSError, ValueError, AttributeError, KeyError, TypeError) as exc:
         print(_style(f"unreachable: no vandamme answers at {url}: {exc or type(exc).__name__}", "31"))
         return 1
@@ -4795,54 +4745,49 @@ def _cli_health(url: str, proxy_key: str | None) -> int:
 
 async def _cli_probe(config: Config, command: str, args: argparse.Namespace) -> int:
     """`check` and `models`: talk to each provider directly, no server needed."""
-    app = create_app(config, middleware=())
-    rt = app[RUNTIME]
+    wanted = [p for p in config.providers if command == "check" or not args.provider or p.name == args.provider.lower()]
+    if not wanted:
+        return _fail(f"no configured provider {args.provider!r}" if getattr(args, "provider", None) else _NO_PROVIDER)
+    rt = create_app(config, middleware=())[RUNTIME]
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10)) as session:
         rt.session = session
-        wanted = [p for p in config.providers
-                  if command == "check" or not args.provider or p.name == args.provider.lower()]
-        if not wanted:
-            return _fail(f"no configured provider {args.provider!r}" if getattr(args, "provider", None)
-                         else _NO_PROVIDER)
         if command == "models":
             lists = [await _fetch_models(rt, provider, None) for provider in wanted]
             for provider, models in zip(wanted, lists, strict=True):
                 print(_format_table((f"{provider.name} models",), ((m["id"],) for m in models)))
             return 0 if all(lists) else 1
+        route = resolve_model(config, "sonnet") if args.live else None
         rows, failures = [], 0
         for provider in wanted:
             started = time.monotonic()
             models = await _fetch_models(rt, provider, None)
-            status = f"{len(models)} models" if models else "no model list"
             live = "-"
-            if args.live:
-                route = resolve_model(config, "sonnet") if config.providers else None
-                model = next((t.model for t in route.targets if t.provider == provider.name), None) if route else None
+            if route:           # a one-token request over the API this model uses
+                model = next((t.model for t in route.targets if t.provider == provider.name), None)
                 model = model or (models[0]["id"] if models else "unknown")
                 body = {"model": model, "max_tokens": 1, "messages": [{"role": "user", "content": "ping"}]}
+                api = provider.api_for(model)
                 try:
-                    api = provider.api_for(model)
                     if api == "anthropic":
-                        data, url = json.dumps(body).encode(), _provider_url(provider, "messages")
+                        payload, path = body, "messages"
+                    elif api == "responses":
+                        payload, path = anthropic_to_responses(body, provider, model)[0], "responses"
                     else:
-                        convert = anthropic_to_responses if api == "responses" else anthropic_to_openai
-                        payload, _ = convert(body, provider, model)
-                        url = _provider_url(provider, "responses" if api == "responses" else "chat/completions", model)
-                        data = json.dumps(payload).encode()
-                    await _open_upstream(rt, provider, url, data, request_id="check", read_body=True)
+                        payload, path = anthropic_to_openai(body, provider, model)[0], "chat/completions"
+                    await _open_upstream(rt, provider, _provider_url(provider, path, model),
+                                         json.dumps(payload).encode(), request_id="check", read_body=True)
                     live = f"ok ({model})"
                 except VandammeError as exc:
                     live, failures = f"failed: {str(exc)[:60]}", failures + 1
             elif not models:
                 failures += 1
-            latency = f"{(time.monotonic() - started) * 1000:.0f}ms"
-            rows.append((provider.name, provider.api_format, status, live, latency))
+            rows.append((provider.name, provider.api_format, f"{len(models)} models" if models else "no model list",
+                         live, f"{(time.monotonic() - started) * 1000:.0f}ms"))
         print(_format_table(("provider", "format", "models", "live request", "latency"), rows))
-        rt.session = None
     return 1 if failures else 0
 
 
-def _cli_claude(environ: Mapping[str, str], args: argparse.Namespace) -> int:
+def _cli_claude(environ: Mapping[str, str], args: Sequence[str], config_path: str | None) -> int:
     """Start vandamme on a free local port, run `claude ARGS...` through it, return claude's exit code."""
     claude = shutil.which("claude", path=environ.get("PATH"))
     if claude is None:
@@ -4852,8 +4797,8 @@ def _cli_claude(environ: Mapping[str, str], args: argparse.Namespace) -> int:
         port = probe.getsockname()[1]
     env = {**environ, "PORT": str(port), "HOST": "127.0.0.1"}
     command = [sys.executable, str(Path(__file__).resolve()), "--port", str(port), "--log-level", "WARNING"]
-    if getattr(args, "config", None):
-        command += ["--config", args.config]
+    if config_path:
+        command += ["--config", config_path]
     import subprocess
     server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
     try:
@@ -4864,12 +4809,9 @@ def _cli_claude(environ: Mapping[str, str], args: argparse.Namespace) -> int:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 break
             time.sleep(0.1)
-        child_env = {**environ, "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{port}"}
-        if config_key := environ.get("PROXY_API_KEY"):
-            child_env["ANTHROPIC_API_KEY"] = config_key
-        child_env.setdefault("ANTHROPIC_API_KEY", "vandamme")
-        args_list = [a for a in args.args if a != "--"]
-        return subprocess.call([claude, *args_list], env=child_env)
+        key = environ.get("PROXY_API_KEY") or environ.get("ANTHROPIC_API_KEY", "vandamme")
+        child_env = {**environ, "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{port}", "ANTHROPIC_API_KEY": key}
+        return subprocess.call([claude, *(a for a in args if a != "--")], env=child_env)
     finally:
         server.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
