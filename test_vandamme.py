@@ -3362,10 +3362,11 @@ async def test_dashboard_in_real_chromium(proxy: Any, upstream: FakeUpstream, tm
     assert shown == [(r["name"], ", then ".join(f"{t['provider']}:{t['model']}" for t in r["targets"]))
                      for r in routes]
     await client.post("/v1/v1/messages", json=BASIC)                       # a rejected request shows too
-    upstream.add(Reply({"error": {"message": "quota exceeded for this org"}}, status=403))
+    upstream.add(Reply({"error": {"message": "quota exceeded for this org <i>x</i>"}}, status=403))
     await client.post("/v1/messages", json=BASIC)
     dom = await run_chromium(tmp_path / "p3", "--dump-dom", url)
     assert "/v1/v1/messages" in dom and "quota exceeded for this org" in dom
+    assert re.search(r'data-field="error_message">[^<]*&lt;i&gt;x&lt;/i&gt;', dom)    # shown as text, never markup
 
 
 async def test_dashboard_says_which_variable_to_set(aiohttp_client: Any, tmp_path: Path) -> None:

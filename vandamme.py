@@ -3800,297 +3800,293 @@ async def _handle_dashboard(request: web.Request) -> web.StreamResponse:
 # ---------------------------------------------------------------------------
 
 # One self-contained page (inline CSS, JS and SVG; no external assets). It polls /health and
-# /metrics/running-totals every 2 s and asks for the key when PROXY_API_KEY is set.
-_DASHBOARD_HTML: Final = """<!DOCTYPE html>
+# /metrics/running-totals every 2 s and asks for the key when PROXY_API_KEY is set. Everything dynamic goes
+# in through textContent and setAttribute, never innerHTML: model names and error messages are data.
+_DASHBOARD_HTML: Final = r"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
 <title>vandamme</title>
 <style>
 :root{color-scheme:light dark;--bg:#f5f6f8;--card:#fff;--fg:#1b1f24;--mut:#6b7380;--bd:#e3e6eb;--grid:#eceef2;
-  --acc:#2563eb;--acc2:#7c3aed;--ok:#15803d;--warn:#b45309;--bad:#dc2626;--okb:#dcfce7;--warnb:#fef3c7;--badb:#fee2e2;
-  --hov:#f8f9fb}
+  --acc:#2563eb;--acc2:#7c3aed;--ok:#15803d;--warn:#b45309;--bad:#dc2626;--okb:#dcfce7;--warnb:#fef3c7;--badb:#fee2e2}
 @media (prefers-color-scheme:dark){:root{--bg:#0e1115;--card:#161a20;--fg:#e5e7eb;--mut:#8d96a3;--bd:#262b33;
   --grid:#1f242b;--acc:#60a5fa;--acc2:#a78bfa;--ok:#4ade80;--warn:#fbbf24;--bad:#f87171;--okb:#14301f;--warnb:#3a2c0c;
-  --badb:#3b1518;--hov:#1b2027}}
-*{box-sizing:border-box}[hidden]{display:none!important}
-body{margin:0;background:var(--bg);color:var(--fg);font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,
-  Arial,sans-serif}
-.num,td.n,.val{font-variant-numeric:tabular-nums}
-header{display:flex;align-items:center;gap:14px;flex-wrap:wrap;padding:12px 24px;background:var(--card);
-  border-bottom:1px solid var(--bd)}
-.brand{display:flex;align-items:center;gap:8px;font-weight:700;font-size:18px;letter-spacing:.2px}
-.ver{color:var(--mut);font-size:12px;border:1px solid var(--bd);border-radius:10px;padding:1px 8px}
-.meta{margin-left:auto;color:var(--mut);font-size:13px;display:flex;gap:14px;align-items:center;flex-wrap:wrap}
-  .meta b{color:var(--fg);font-weight:600}
-.pill{display:inline-block;border-radius:10px;padding:1px 9px;font-size:12px;font-weight:600;background:var(--grid);
-  color:var(--mut)}
-.ok{background:var(--okb);color:var(--ok)}.warn{background:var(--warnb);color:var(--warn)}.bad{background:var(--badb);
-  color:var(--bad)}
-.dot{display:inline-block;width:8px;height:8px;border-radius:50%;background:var(--mut);margin-right:5px}.dot.ok{
-  background:var(--ok)}.dot.bad{background:var(--bad)}
+  --badb:#3b1518}}
+*{box-sizing:border-box}
+body{margin:0;background:var(--bg);color:var(--fg);font:14px/1.45 system-ui,sans-serif}
+body,.val{font-variant-numeric:tabular-nums}
+header{display:flex;align-items:center;gap:14px;flex-wrap:wrap;padding:12px 24px;background:var(--card);font-size:13px}
+.brand{display:flex;align-items:center;gap:8px;font-weight:700;font-size:18px}
+.meta,.leg{margin-left:auto;display:flex;flex-wrap:wrap;align-items:center;gap:4px 14px}
+.mut,.meta,.leg,.lbl,.sub,th,.tag,.pill,.empty,text{color:var(--mut);fill:var(--mut)}
+.leg,.lbl,.sub,th,.mono,.pill,.last{font-size:12px}
+.meta b{color:var(--fg)}
+.pill,.tag{display:inline-block;border-radius:10px;padding:0 8px;border:1px solid var(--bd)}
+.pill{font-weight:600;background:var(--grid);border-color:transparent;margin-right:6px}
+.tag{font-size:11px;padding:0 6px;margin-left:6px}
+.ok{background:var(--okb);color:var(--ok)}
+.warn{background:var(--warnb);color:var(--warn)}
+.bad{background:var(--badb);color:var(--bad)}
+.dot{display:inline-block;width:8px;height:8px;border-radius:50%;background:currentColor;margin-right:5px}
 main{max-width:1440px;margin:0 auto;padding:18px 24px 40px;display:grid;gap:16px}
-.tiles{display:grid;gap:12px;grid-template-columns:repeat(2,1fr)}
-@media (max-width:639px){.tile.two{grid-column:span 2}}@media (min-width:640px){.tiles{grid-template-columns:repeat(4,
-  1fr)}}@media (min-width:1200px){.tiles{grid-template-columns:repeat(6,1fr) 1.6fr 1.6fr}}
-.card,.tile{background:var(--card);border:1px solid var(--bd);border-radius:10px}
-.tile{padding:12px 14px;min-width:0}.lbl{color:var(--mut);font-size:12px;text-transform:uppercase;letter-spacing:.4px;
-  white-space:nowrap}
-.val{font-size:20px;font-weight:650;margin-top:2px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
-  .val .sep{color:var(--mut);font-weight:400;margin:0 4px}
-.sub{color:var(--mut);font-size:12px;margin-top:2px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
-.tile.err .val{color:var(--bad)}.tile.two .val{font-size:18px}
+.card,header{background:var(--card);border:1px solid var(--bd);border-radius:10px;padding:14px 16px;overflow-x:auto}
+header{border-radius:0;border-width:0 0 1px}
+.tiles{display:flex;flex-wrap:wrap;gap:12px}
+.tile{flex:1 1 140px;padding:12px 14px}
+.two{flex:1.6 1 180px}
+.lbl{text-transform:uppercase;letter-spacing:.4px}
+.val{font-size:20px;font-weight:650;margin:2px 0}
+.two .val{font-size:18px}
+.pair span+span:before{content:"/";color:var(--mut);font-weight:400;margin:0 4px}
+.val,.lbl,.sub,.err,.url{white-space:nowrap;overflow:hidden;text-overflow:ellipsis;max-width:300px}
+.err{color:var(--bad)}
 .row3{display:grid;gap:16px;grid-template-columns:repeat(auto-fit,minmax(340px,1fr))}
-.card{padding:14px 16px;min-width:0}.ch{display:flex;align-items:baseline;gap:10px;margin-bottom:6px}
-h2{font-size:14px;margin:0;font-weight:650}.leg{margin-left:auto;color:var(--mut);font-size:12px;display:flex;gap:10px}
-.sw{display:inline-block;width:10px;height:3px;border-radius:2px;vertical-align:middle;margin-right:4px}
-svg.chart{width:100%;height:180px;display:block}.foot{margin:6px 0 0;justify-content:flex-start;flex-wrap:wrap}
-svg text{fill:var(--mut);font-size:11px}.g{stroke:var(--grid);stroke-width:1}.ax{stroke:var(--bd)}
-.l0{stroke:var(--acc)}.l1{stroke:var(--bad)}.l2{stroke:var(--acc2)}.s0{background:var(--acc)}.s1{
-  background:var(--bad)}.s2{background:var(--acc2)}
-polyline{fill:none;stroke-width:2;stroke-linejoin:round}.area{fill:var(--acc);opacity:.12}
-.tw{overflow-x:auto}table{width:100%;border-collapse:collapse;font-size:13px}
-th{text-align:left;color:var(--mut);font-weight:600;font-size:12px;padding:6px 8px;border-bottom:1px solid var(--bd);
-  white-space:nowrap}
-td{padding:6px 8px;border-bottom:1px solid var(--grid);white-space:nowrap;vertical-align:top}tr:hover td{
-  background:var(--hov)}
-th.n,td.n{text-align:right}.mut{color:var(--mut)}.url{max-width:260px;overflow:hidden;text-overflow:ellipsis}
-.le{max-width:300px;overflow:hidden;text-overflow:ellipsis;color:var(--bad)}.mono{font-family:ui-monospace,
-  SFMono-Regular,Menlo,Consolas,monospace;font-size:12px}
-tr.sub td{font-size:12px;color:var(--mut);border-bottom-style:dashed}tr.sub td:first-child{padding-left:24px}
-.tag{font-size:11px;border:1px solid var(--bd);border-radius:8px;padding:0 6px;margin-left:6px;color:var(--mut)}
-.empty{color:var(--mut);text-align:center;padding:18px}
-.eb{display:grid;grid-template-columns:minmax(0,1fr) auto;gap:3px 10px;align-items:center;margin-top:4px}
-.bar{grid-column:1/3;height:5px;border-radius:3px;background:var(--grid);overflow:hidden}.bar i{display:block;
-  height:100%;background:var(--bad)}
-.last{margin-top:14px;padding-top:10px;border-top:1px solid var(--bd);font-size:12px;word-break:break-word}
-#auth{position:fixed;inset:0;background:rgba(0,0,0,.45);display:flex;align-items:center;justify-content:center;
-  z-index:9}
-#auth form{background:var(--card);border:1px solid var(--bd);border-radius:12px;padding:22px;width:340px;display:grid;
-  gap:10px}
-#auth input,#auth button{font:inherit;padding:8px 10px;border-radius:8px;border:1px solid var(--bd);
-  background:var(--bg);color:var(--fg)}
-#auth button{background:var(--acc);border-color:var(--acc);color:#fff;font-weight:600;cursor:pointer}
+.ch{display:flex;align-items:baseline;gap:10px;margin-bottom:6px}
+h2{font-size:14px;margin:0}
+.sw{display:inline-block;width:10px;height:3px;vertical-align:middle;margin-right:4px}
+.chart{display:block;width:100%;height:180px;margin-bottom:6px;font-size:11px}
+line{stroke:var(--bd)}
+.g{stroke:var(--grid)}
+polygon{fill:var(--acc);opacity:.12}
+polyline{fill:none;stroke-width:2;stroke-linejoin:round}
+table{width:100%;border-collapse:collapse;font-size:13px}
+th,td{padding:6px 8px;border-bottom:1px solid var(--grid);white-space:nowrap;text-align:left;vertical-align:top}
+th{border-color:var(--bd)}
+tr:hover td{background:var(--bg)}
+.n{text-align:right}
+.mono{font-family:ui-monospace,Menlo,Consolas,monospace}
+tr.sub td{border-bottom-style:dashed}
+tr.sub td:first-child{padding-left:24px}
+.empty{text-align:center;padding:18px}
+.eb{display:grid;grid-template-columns:minmax(0,1fr) auto;gap:3px 10px;margin-top:4px}
+.bar{grid-column:1/3;height:5px;border-radius:3px}
+.last{margin-top:14px;padding-top:10px;border-top:1px solid var(--bd);word-break:break-word}
+#auth:not([hidden]){position:fixed;inset:0;background:#0007;display:grid;place-items:center}
+#auth form{width:340px;display:grid;gap:10px}
+input,button{font:inherit;padding:8px 10px;border-radius:8px;border:1px solid var(--bd);background:var(--bg)}
+button{background:var(--acc);border-color:var(--acc);color:#fff;font-weight:600;cursor:pointer}
 </style></head>
 <body>
 <header>
-  <div class="brand"><svg width="22" height="22" viewBox="0 0 22 22" aria-hidden="true">
-    <rect width="22" height="22" rx="6" fill="#2563eb"/>
-    <path d="M5 6l6 11 6-11" fill="none" stroke="#fff" stroke-width="2.4" stroke-linejoin="round"/>
-    </svg>vandamme</div>
-  <span class="ver" id="version" data-value="">v?</span>
-  <span class="pill" id="status" data-value="">unknown</span>
-  <div class="meta"><span>uptime <b id="uptime" data-value="">-</b></span>
-    <span>default <b id="default-provider" data-value="">-</b></span><span id="conn"><span class="dot">
-    </span>connecting</span></div>
+  <div class="brand"><svg width="22" height="22" viewBox="0 0 22 22" aria-hidden="true"><rect width="22" height="22"
+    rx="6" fill="#2563eb"/><path d="M5 6l6 11 6-11" fill="none" stroke="#fff" stroke-width="2.4"/></svg>vandamme</div>
+  <span id="about"><span class="tag">v?</span> <span class="pill">unknown</span></span>
+  <div class="meta"><span id="facts">uptime <b>-</b> default <b>-</b></span>
+    <span id="conn"><span class="dot"></span>connecting</span></div>
 </header>
 <main>
   <div class="card bad" id="hint" hidden></div>
   <section class="tiles" id="tiles"></section>
   <section class="row3">
     <div class="card"><div class="ch"><h2>Requests / s</h2><span class="leg">last 10 min</span></div>
-      <svg class="chart" id="chart-req"></svg><div class="leg foot" id="leg-req"></div></div>
+      <svg class="chart" id="chart-req"></svg><div class="leg" id="leg-req"></div></div>
     <div class="card"><div class="ch"><h2>Tokens / s</h2><span class="leg">last 10 min</span></div>
-      <svg class="chart" id="chart-tok"></svg><div class="leg foot" id="leg-tok"></div></div>
+      <svg class="chart" id="chart-tok"></svg><div class="leg" id="leg-tok"></div></div>
     <div class="card"><div class="ch"><h2>Errors by type</h2><span class="leg" id="err-total"></span></div>
       <div id="errors"></div><div class="last" id="last-error" hidden></div></div>
   </section>
   <section class="card"><div class="ch"><h2>Providers</h2><span class="leg" id="prov-count"></span></div>
-    <div class="tw"><table id="providers">
-    <thead><tr><th>Provider</th><th>Format</th><th>Base URL</th><th class="n">Keys</th><th class="n">Requests</th>
-      <th class="n">Errors</th><th class="n">In flight</th><th class="n">Tokens in</th><th class="n">Tokens out</th>
-      <th class="n">p50 / p95</th><th>Last error</th></tr></thead><tbody></tbody></table></div></section>
+    <table id="providers"></table></section>
   <section class="card"><div class="ch"><h2>Routing</h2><span class="leg">where each listed name goes, as the router
-    decides it</span></div><div class="tw"><table id="routes"><thead><tr><th>Model name</th><th>Routes to</th>
-    <th>Rule</th></tr></thead><tbody></tbody></table></div></section>
+    decides it</span></div><table id="routes"></table></section>
   <section class="card"><div class="ch"><h2>Recent requests</h2><span class="leg" id="recent-count"></span></div>
-    <div class="tw"><table id="recent">
-    <thead><tr><th>Time</th><th>Request ID</th><th>Route</th><th>Status</th><th>Stream</th><th class="n">Latency</th>
-      <th class="n">TTFT</th><th class="n">In</th><th class="n">Out</th></tr></thead><tbody></tbody></table></div>
-      </section>
+    <table id="recent"></table></section>
 </main>
-<div id="auth" hidden><form id="authform"><h2>Proxy API key required</h2>
-  <div class="mut" style="font-size:13px">The gateway answered 401. The key is kept in this tab only
-  (sessionStorage) and sent as the x-api-key header.</div>
-  <input type="password" id="authkey" placeholder="API key" autocomplete="off"><button type="submit">Connect</button>
-    <div class="bad" id="autherr" style="background:none;font-size:12px"></div></form></div>
+<div id="auth" hidden><form class="card" id="authform"><h2>Proxy API key required</h2>
+  <div class="mut">The gateway answered 401. The key is kept in this tab only (sessionStorage) and sent as the
+    x-api-key header.</div><input type="password" id="authkey" placeholder="API key" autocomplete="off">
+  <button type="submit">Connect</button><div class="err" id="autherr"></div></form></div>
 <script type="application/json" id="last-totals"></script>
-<script>
-(function(){
-'use strict';
-var KEY='vandamme_api_key',NS='http://www.w3.org/2000/svg',D=String.fromCharCode(8212),
-  AR=' '+String.fromCharCode(8594)+' ',DOT=' '+String.fromCharCode(183)+' ';
-var nf=new Intl.NumberFormat('en-US'),timer=null,busy=false,again=false,authShown=false,health=null;
-function $(id){return document.getElementById(id)}
-function isN(v){return typeof v==='number'&&isFinite(v)}
-function fint(v){return isN(v)?nf.format(Math.round(v)):D}
-function fms(v){return !isN(v)?D:v<999.5?(v<10?v.toFixed(1):Math.round(v))+' ms':(v/1000).toFixed(v<10000?2:1)+' s'}
-function frate(v){return !isN(v)?D:v===0?'0':v<10?v.toFixed(2).replace(/0+$/,'').replace(/[.]$/,
-  ''):nf.format(Math.round(v))}
-function fbig(v){return !isN(v)||Math.abs(v)<1e6?fint(v):Math.abs(v)<1e9?(v/1e6).toFixed(2)+'M':(v/1e9).toFixed(2)+'B'}
-function fdur(s){s=Math.floor(s||0);var d=Math.floor(s/86400),h=Math.floor(s%86400/3600),m=Math.floor(s%3600/60),
-  x=s%60;return d?d+'d '+h+'h '+m+'m':h?h+'h '+m+'m '+x+'s':m?m+'m '+x+'s':x+'s'}
-function p2(n){return n<10?'0'+n:''+n}
-function ftime(t,sec){var d=new Date(t*1000);
-  return p2(d.getHours())+':'+p2(d.getMinutes())+(sec?':'+p2(d.getSeconds()):'')}
-function ago(t){var s=Date.now()/1000-t;return s<5?'just now':fdur(s)+' ago'}
-function raw(v){return v==null?'':typeof v==='object'?JSON.stringify(v):String(v)}
-function el(tag,a,kids){var e=document.createElement(tag),k;for(k in a||{})if(a[k]!=null){
-  if(k==='text')e.textContent=a[k];else if(k==='cls')e.className=a[k];else e.setAttribute(k,a[k])}
-  (kids||[]).forEach(function(c){if(c!=null)e.append(c)});return e}
-function sv(tag,a,text){var e=document.createElementNS(NS,tag),k;for(k in a)e.setAttribute(k,a[k]);
-  if(text!=null)e.textContent=text;return e}
-function td(field,v,text,cls){return el('td',{'data-field':field,'data-value':raw(v),cls:cls},
-  [text===undefined?fint(v):text])}
-function setv(id,v,text){var e=$(id);e.setAttribute('data-value',raw(v));e.textContent=text===undefined?fint(v):text;
-  return e}
-function st(s){s=s||{};return s}
-var TILES=[['requests','Requests'],['in_flight','In flight'],['errors','Errors'],['input_tokens','Input tokens'],
-  ['output_tokens','Output tokens'],['cache_read_tokens','Cache read'],['latency','Latency p50 / p95',1],['ttft',
-  'TTFT p50 / p95',1]];
-TILES.forEach(function(t){var v=t[2]?[el('span',{id:'total-'+t[0]+'_p50','data-field':t[0]+'_p50','data-value':''},
-  [D]),el('span',{cls:'sep',text:'/'}),el('span',{id:'total-'+t[0]+'_p95','data-field':t[0]+'_p95','data-value':''},
-  [D])]:[el('span',{id:'total-'+t[0],'data-field':t[0],'data-value':'0'},['0'])];
-  var sub=t[0]==='cache_read_tokens'?['write ',el('span',{id:'total-cache_creation_tokens',
-    'data-field':'cache_creation_tokens','data-value':'0'},['0'])]:[el('span',{id:'sub-'+t[0]},
-    [String.fromCharCode(160)])];
-  $('tiles').append(el('div',{cls:'tile'+(t[2]?' two':''),id:'tile-'+t[0]},[el('div',{cls:'lbl',text:t[1]}),el('div',{
-    cls:'val'},v),el('div',{cls:'sub'},sub)]))});
-function niceMax(m){if(!(m>0))return 1;var e=Math.pow(10,Math.floor(Math.log10(m))),f=m/e;
-  return (f<=1?1:f<=2?2:f<=2.5?2.5:f<=5?5:10)*e}
-function buckets(series){if(!series||!series.length)return [];var end=series[series.length-1].t,n=60,
-  start=end-(n-1)*10,out=[],i;
-  for(i=0;i<n;i++)out.push({t:start+i*10,requests:0,errors:0,input_tokens:0,output_tokens:0});
-  series.forEach(function(s){var j=Math.round((s.t-start)/10);if(j>=0&&j<n)out[j]=s});return out}
-function chart(svg,b,lines,legend){
-  var W=Math.max(280,Math.round(svg.clientWidth||600)),H=180,L=46,R=10,T=8,B=22,pw=W-L-R,ph=H-T-B,mx=0,n=b.length;
-    svg.replaceChildren();svg.setAttribute('viewBox','0 0 '+W+' '+H);
-  lines.forEach(function(l){l.v=b.map(l.f);l.v.forEach(function(v){if(v>mx)mx=v})});
-  var top=niceMax(mx),i;function X(i){return L+(n>1?pw*i/(n-1):0)}function Y(v){return T+ph-ph*(v/top)}
-  for(i=0;i<=4;i++){var y=T+ph-ph*i/4;svg.append(sv('line',{x1:L,x2:W-R,y1:y,y2:y,'class':i?'g':'ax'}));
-    svg.append(sv('text',{x:L-6,y:y+4,'text-anchor':'end'},frate(top*i/4)))}
-  if(!n){svg.append(sv('text',{x:L+pw/2,y:T+ph*0.375+4,'text-anchor':'middle'},'No data yet'));
-    legend.replaceChildren();return}
-  [0,12,24,36,48,59].forEach(function(k){if(k<n)svg.append(sv('text',{x:X(k),y:H-5,
-    'text-anchor':k===0?'start':k===n-1?'end':'middle'},ftime(b[k].t)))});
-  legend.replaceChildren();
-  lines.forEach(function(l,li){var pts=l.v.map(function(v,k){return X(k).toFixed(1)+','+Y(v).toFixed(1)}).join(' ');
-    if(li===0)svg.append(sv('polygon',{'class':'area',points:X(0)+','+(T+ph)+' '+pts+' '+X(n-1)+','+(T+ph)}));
-    svg.append(sv('polyline',{'class':'l'+l.c,points:pts}));
-    var avg=l.v.reduce(function(a,c){return a+c},0)/n,pk=Math.max.apply(null,l.v);
-    legend.append(el('span',{},[el('i',{cls:'sw s'+l.c}),l.name+': avg '+frate(avg)+DOT+'peak '+frate(pk)]))})}
-function renderHealth(h){health=h;setv('version',h.version,'v'+(h.version||'?'));
-  var s=$('status');s.setAttribute('data-value',raw(h.status));s.textContent=h.status||'unknown';
-    s.className='pill '+(h.status==='ok'?'ok':h.status==='degraded'?'warn':'bad');
-  setv('default-provider',h.default_provider,h.default_provider||D);if(isN(h.uptime_s))setv('uptime',h.uptime_s,
-    fdur(h.uptime_s));$('hint').hidden=!h.hint;$('hint').textContent=h.hint||''}
-function renderRoutes(a){var rows=(a.routes||[]).map(function(r){return el('tr',{'data-route':r.name},[
-    el('td',{cls:'mono',text:r.name}),el('td',{cls:'mono',text:r.targets.map(function(t){return t.provider+':'+
-    t.model}).join(', then ')}),el('td',{cls:'mut',text:r.rule})])});
-  if(!rows.length)rows.push(el('tr',{},[el('td',{colspan:3,cls:'empty',text:'No aliases'})]));
-  var tb=$('routes').tBodies[0];tb.replaceChildren.apply(tb,rows)}
-function provRow(name,hp,ps,isDef){
-  var keys=hp?(hp.passthrough?'passthrough':hp.keys):null,le=ps.last_error,lat=ps.latency_ms||{};
-  var nameC=el('td',{'data-field':'name','data-value':name},[el('b',{text:name}),isDef?el('span',{cls:'tag',
-    text:'default'}):null,hp&&hp.azure?el('span',{cls:'tag',text:'azure'}):null]);
-  var keysC=td('keys',keys,keys==null?D:keys==='passthrough'?'passthrough':fint(keys),'n');
-  if(hp&&hp.cooling_keys)keysC.append(el('span',{cls:'pill warn','data-field':'cooling_keys',
-    'data-value':hp.cooling_keys,title:'keys cooling down',style:'margin-left:6px',text:hp.cooling_keys+' cooling'}));
-  var lc=td('last_error',le?le.type:'',le?(le.type||'error')+': '+(le.message||'')+DOT+ago(le.time):D,le?'le':'mut');
-    if(le)lc.title=(le.type||'')+': '+(le.message||'');
-  return el('tr',{'data-provider':name},[nameC,td('format',hp&&hp.format,hp&&hp.format||D,'mut'),el('td',{
-    'data-field':'base_url','data-value':raw(hp&&hp.base_url),cls:'url mono',title:hp&&hp.base_url||''},
-    [hp&&hp.base_url||D]),keysC,
-    td('requests',ps.requests||0,undefined,'n'),td('errors',ps.errors||0,undefined,'n'+(ps.errors?' le':'')),
-      td('in_flight',ps.in_flight||0,undefined,'n'),td('input_tokens',ps.input_tokens||0,undefined,'n'),
-      td('output_tokens',ps.output_tokens||0,undefined,'n'),
-    el('td',{cls:'n'},[el('span',{'data-field':'latency_p50','data-value':raw(lat.p50)},[fms(lat.p50)]),' / ',
-      el('span',{'data-field':'latency_p95','data-value':raw(lat.p95)},[fms(lat.p95)])]),lc])}
-function modelRow(pname,m,ms){var lat=ms.latency_ms||{};return el('tr',{cls:'sub','data-model':m,'data-parent':pname},
-  [el('td',{colspan:4,cls:'mono',text:m}),
-  td('requests',ms.requests||0,undefined,'n'),td('errors',ms.errors||0,undefined,'n'),td('in_flight',ms.in_flight||0,
-    undefined,'n'),td('input_tokens',ms.input_tokens||0,undefined,'n'),td('output_tokens',ms.output_tokens||0,
-    undefined,'n'),el('td',{cls:'n',text:fms(lat.p50)+' / '+fms(lat.p95)}),el('td')])}
-function renderProviders(tp){var hp={},names=[],rows=[];((health&&health.providers)||[]).forEach(function(p){
-  hp[p.name]=p;names.push(p.name)});
-  Object.keys(tp||{}).forEach(function(n){if(names.indexOf(n)<0)names.push(n)});
-  names.forEach(function(n){var ps=st(tp&&tp[n]);rows.push(provRow(n,hp[n],ps,health&&health.default_provider===n));
-    var ms=ps.models||{};Object.keys(ms).sort(function(a,b){return (ms[b].requests||0)-(ms[a].requests||0)}
-      ).forEach(function(m){rows.push(modelRow(n,m,st(ms[m])))})});
-  if(!names.length)rows.push(el('tr',{},[el('td',{colspan:11,cls:'empty',text:'No providers configured'})]));
-  $('providers').tBodies[0].replaceChildren.apply($('providers').tBodies[0],rows);
-    $('prov-count').textContent=names.length+' provider'+(names.length===1?'':'s')}
-function renderErrors(t){var eb=t.errors_by_type||{},ks=Object.keys(eb).sort(function(a,b){return eb[b]-eb[a]}),
-  box=$('errors'),mx=0;box.replaceChildren();
-  ks.forEach(function(k){if(eb[k]>mx)mx=eb[k]});
-  ks.forEach(function(k){box.append(el('div',{cls:'eb','data-type':k},[el('span',{cls:'mono',text:k}),el('span',{
-    cls:'num','data-field':'errors_by_type','data-value':eb[k],text:fint(eb[k])}),el('div',{cls:'bar'},[el('i',{
-    style:'width:'+(100*eb[k]/mx).toFixed(1)+'%'})])]))});
-  if(!ks.length)box.append(el('div',{cls:'empty',text:'No errors'}));
-    $('err-total').textContent=fint(t.errors||0)+' total';
-  var le=t.last_error,lb=$('last-error');lb.hidden=!le;if(le)lb.replaceChildren(el('div',{cls:'mut',
-    text:'Last error'+DOT+ago(le.time)+' ('+ftime(le.time,1)+')'}),el('div',{},[el('b',{cls:'mono',
-    text:le.type||'error'}),' ',le.message||'']))}
-function renderRecent(rs){var rows=(rs||[]).map(function(r){
-  var c=r.status>=500||r.status===0?'bad':r.status>=400?'warn':'ok';
-  var sc=el('td',{'data-field':'status','data-value':raw(r.status)},[el('span',{cls:'pill '+c,
-    text:String(r.status==null?D:r.status)}),r.error_type?el('span',{cls:'mut',style:'margin-left:6px',
-    text:r.error_type}):null]);if(r.error_message){sc.title=r.error_message;sc.append(el('div',{cls:'le',
-    'data-field':'error_message',text:r.error_message}))}
-  return el('tr',{'data-request-id':r.request_id},[el('td',{cls:'mut','data-field':'time','data-value':raw(r.time),
-    text:isN(r.time)?ftime(r.time,1):D}),el('td',{cls:'mono',title:r.request_id||'',
-    text:String(r.request_id||D).slice(0,14)}),
-    el('td',{},r.path?[el('span',{cls:'mono',text:r.path})]:[el('span',{text:r.client_model||D}),
-      el('span',{cls:'mut',text:AR}),el('span',{cls:'mono',text:(r.provider||'?')+':'+(r.model||'?')}),
-      r.fallbacks?el('span',{cls:'tag',title:'served by fallback target '+r.fallbacks,text:'fallback'}):null]),sc,
-    td('streamed',r.streamed,r.streamed?'stream':'-','mut'),td('latency_ms',r.latency_ms,fms(r.latency_ms),'n'),
-      td('ttft_ms',r.ttft_ms,fms(r.ttft_ms),'n'),td('input_tokens',r.input_tokens,undefined,'n'),td('output_tokens',
-      r.output_tokens,undefined,'n')])});
-  if(!rows.length)rows.push(el('tr',{},[el('td',{colspan:9,cls:'empty',text:'No requests yet'})]));
-  var tb=$('recent').tBodies[0];tb.replaceChildren.apply(tb,rows);
-    $('recent-count').textContent=(rs||[]).length?'newest first'+DOT+'last '+rs.length:''}
-function renderTotals(j,text){var t=st(j.totals),b=buckets(j.series),last=b.slice(-7,-1);
-  ['requests','in_flight','errors','input_tokens','output_tokens','cache_read_tokens',
-    'cache_creation_tokens'].forEach(function(k){setv('total-'+k,t[k]||0,fbig(t[k]||0)).title=fint(t[k]||0)});
-  ['latency','ttft'].forEach(function(k){var p=t[k+'_ms']||{};setv('total-'+k+'_p50',p.p50,fms(p.p50));
-    setv('total-'+k+'_p95',p.p95,fms(p.p95))});
-  $('tile-errors').classList.toggle('err',(t.errors||0)>0);
-  function rate(f){return last.length?last.reduce(function(a,x){return a+f(x)},0)/(last.length*10):null}
-  $('sub-requests').textContent=last.length?frate(rate(function(x){return x.requests}))+' req/s (1m)':'no traffic yet';
-  $('sub-errors').textContent=t.requests?(100*(t.errors||0)/t.requests).toFixed(1)+'% error rate':'no requests';
-  $('sub-in_flight').textContent=Object.keys(j.providers||{}).length+' provider(s)';
-  $('sub-input_tokens').textContent=t.requests?fint((t.input_tokens||0)/t.requests)+' / request':
-    String.fromCharCode(160);
-  $('sub-output_tokens').textContent=last.length?frate(rate(function(x){return x.output_tokens}
-    ))+' tok/s (1m)':String.fromCharCode(160);
-  $('sub-latency').textContent='end to end';$('sub-ttft').textContent='time to first token';
-  if(isN(j.uptime_s))setv('uptime',j.uptime_s,fdur(j.uptime_s));
-  chart($('chart-req'),b,[{name:'requests',c:0,f:function(x){return (x.requests||0)/10}},{name:'errors',c:1,
-    f:function(x){return (x.errors||0)/10}}],$('leg-req'));
-  chart($('chart-tok'),b,[{name:'in+out',c:0,f:function(x){return ((x.input_tokens||0)+(x.output_tokens||0))/10}},{
-    name:'out',c:2,f:function(x){return (x.output_tokens||0)/10}}],$('leg-tok'));
-  renderProviders(j.providers);renderErrors(t);renderRecent(j.recent);
-  $('last-totals').textContent=text.split('</').join('<'+String.fromCharCode(92)+'/');document.body.dataset.loaded='1'}
-function get(path){var k=sessionStorage.getItem(KEY),h={Accept:'application/json'};if(k)h['x-api-key']=k;
-  return fetch(path,{headers:h,cache:'no-store'}).then(function(r){if(r.status===401){var e=new Error('401');
-    e.auth=true;throw e}if(!r.ok)throw new Error('HTTP '+r.status);
-    return r.text().then(function(tx){return {json:JSON.parse(tx),text:tx}})})}
-function conn(ok,msg){$('conn').replaceChildren(el('span',{cls:'dot '+(ok?'ok':'bad')}),msg)}
-function showAuth(){var a=$('auth');
-  $('autherr').textContent=sessionStorage.getItem(KEY)?'That key was rejected (401). Try again.':'';if(a.hidden){
-  a.hidden=false;$('authkey').focus()}}
-function tick(){if(busy)return;busy=true;clearTimeout(timer);
-  Promise.allSettled([get('/health'),get('/metrics/running-totals'),get('/v1/aliases')]).then(function(r){
-    var h=r[0],t=r[1],auth=false,err=null;if(r[2].status==='fulfilled')renderRoutes(r[2].value.json);
-    try{if(h.status==='fulfilled')renderHealth(h.value.json);else if(h.reason.auth)auth=true;else err=h.reason.message;
-      if(t.status==='fulfilled')renderTotals(t.value.json,t.value.text);else if(t.reason.auth)auth=true;
-        else err=err||t.reason.message;}catch(e){err=String(e)}
-    if(auth)showAuth();else $('auth').hidden=true;
-    conn(!auth&&!err,auth?'API key required':err?'error: '+err:'live'+DOT+ftime(Date.now()/1000,1))})
-  .finally(function(){busy=false;timer=setTimeout(tick,again?0:2000);again=false})}
-$('authform').addEventListener('submit',function(e){e.preventDefault();var v=$('authkey').value.trim();
-  if(v)sessionStorage.setItem(KEY,v);else sessionStorage.removeItem(KEY);$('authkey').value='';$('auth').hidden=true;
-  if(busy)again=true;else tick()});
-chart($('chart-req'),[],[],$('leg-req'));chart($('chart-tok'),[],[],$('leg-tok'));tick();
-})();
+<script type="module">
+const KEY = 'vandamme_api_key', D = '\u2014', DOT = ' \u00b7 ', NS = 'http://www.w3.org/2000/svg';
+const nf = new Intl.NumberFormat('en-US', {maximumFractionDigits: 2});
+const big = new Intl.NumberFormat('en-US', {notation: 'compact', maximumFractionDigits: 2});
+const $ = id => document.getElementById(id);
+const isN = v => typeof v === 'number' && isFinite(v);
+const fint = v => isN(v) ? nf.format(Math.round(v)) : D;
+const frate = v => isN(v) ? nf.format(v < 10 ? v : Math.round(v)) : D;
+const fbig = v => v >= 1e6 ? big.format(v) : fint(v);
+const fms = v => !isN(v) ? D
+  : v < 999.5 ? v.toFixed(v < 10 ? 1 : 0) + ' ms' : (v / 1000).toFixed(v < 1e4 ? 2 : 1) + ' s';
+const ftime = (t, sec) => isN(t) ? new Date(t * 1000).toTimeString().slice(0, sec ? 8 : 5) : D;
+const ago = t => Date.now() / 1000 - t < 5 ? 'just now' : fdur(Date.now() / 1000 - t) + ' ago';
+const sum = (x, keys) => keys.reduce((a, k) => a + (x[k] || 0), 0);
+let timer = null, health = {};
+function fdur(s) {
+  const [d, h, m, x] = [s / 86400, s % 86400 / 3600, s % 3600 / 60, s % 60].map(Math.floor);
+  return d ? `${d}d ${h}h ${m}m` : h ? `${h}h ${m}m ${x}s` : m ? `${m}m ${x}s` : `${x}s`;
+}
+// Text and attributes go in as data, never as HTML. Children that are null, undefined or false are left out.
+function el(tag, attrs, ...kids) {
+  const e = /^(line|text|poly)/.test(tag) ? document.createElementNS(NS, tag) : document.createElement(tag);
+  Object.entries(attrs || {}).filter(([, v]) => v != null).forEach(([k, v]) => e.setAttribute(k, v));
+  e.append(...kids.flat(2).filter(c => c != null && c !== false));
+  return e;
+}
+// data-field names a value and data-value holds it unformatted, for tools that read the page.
+const field = (tag, name, v, attrs, ...kids) => el(tag, {'data-field': name, 'data-value': v ?? '', ...attrs}, ...kids);
+const td = (name, v, cls = 'n', text = fint(v)) => field('td', name, v, {class: cls}, text);
+const tag = (text, title) => el('span', {class: 'tag', title}, text);
+function renderTiles(t, last, providers) {
+  const total = k => field('span', k, t[k] || 0, {id: 'total-' + k, title: fint(t[k] || 0)}, fbig(t[k] || 0));
+  const ms = k => ['p50', 'p95'].map(p => field('span', `${k}_${p}`, t[k + '_ms']?.[p], {id: `total-${k}_${p}`},
+    fms(t[k + '_ms']?.[p])));
+  const rate = k => frate(last.reduce((a, x) => a + (x[k] || 0), 0) / (last.length * 10));
+  const per = t.requests > 0, tiles = [
+    ['Requests', total('requests'), last.length ? rate('requests') + ' req/s (1m)' : 'no traffic yet'],
+    ['In flight', total('in_flight'), providers + ' provider(s)'],
+    ['Errors', total('errors'), per ? (100 * (t.errors || 0) / t.requests).toFixed(1) + '% error rate' : 'no requests'],
+    ['Input tokens', total('input_tokens'), per && fint((t.input_tokens || 0) / t.requests) + ' / request'],
+    ['Output tokens', total('output_tokens'), last.length > 0 && rate('output_tokens') + ' tok/s (1m)'],
+    ['Cache read', total('cache_read_tokens'), ['write ', total('cache_creation_tokens')]],
+    ['Latency p50 / p95', ms('latency'), 'end to end'], ['TTFT p50 / p95', ms('ttft'), 'time to first token']];
+  $('tiles').replaceChildren(...tiles.map(
+    ([label, val, sub]) => el('div', {class: val.length ? 'card tile two' : 'card tile'},
+    el('div', {class: 'lbl'}, label), el('div', {class: 'val pair'}, val), el('div', {class: 'sub'}, sub, '\u00a0'))));
+  $('total-errors').classList.toggle('err', t.errors > 0);
+}
+// Lines are [name, colour, fields summed]; a 10 s bucket's count / 10 is a rate per second.
+function chart(id, b, lines) {
+  const svg = $('chart-' + id), W = Math.max(280, Math.round(svg.clientWidth || 600)), n = b.length;
+  const vals = lines.map(([, , ...keys]) => b.map(x => sum(x, keys) / 10)), max = Math.max(0, ...vals.flat());
+  const e = 10 ** Math.floor(Math.log10(max || 1)), top = ([1, 2, 2.5, 5].find(s => max / e <= s) || 10) * e;
+  const X = k => 46 + (W - 56) * k / 59, Y = v => 158 - 150 * v / top;
+  const pts = vals.map(v => v.map((y, k) => X(k).toFixed(1) + ',' + Y(y).toFixed(1)).join(' '));
+  const ticks = [0, 1, 2, 3, 4].map(i => top * i / 4), times = n ? [0, 12, 24, 36, 48, 59] : [];
+  svg.setAttribute('viewBox', `0 0 ${W} 180`);
+  svg.replaceChildren(...ticks.map((v, i) => el('line', {x1: 46, x2: W - 10, y1: Y(v), y2: Y(v), class: i && 'g'})),
+    ...ticks.map(v => el('text', {x: 40, y: Y(v) + 4, 'text-anchor': 'end'}, frate(v))),
+    ...times.map((k, i) => el('text', {x: X(k), y: 175, 'text-anchor': ['start', 'middle', 'end'][Math.ceil(i / 4)]},
+      ftime(b[k].t))),
+    n ? el('polygon', {points: `46,158 ${pts[0]} ${W - 10},158`})
+      : el('text', {x: W / 2 + 18, y: 68, 'text-anchor': 'middle'}, 'No data yet'),
+    ...lines.map(([, colour], i) => el('polyline', {points: pts[i], style: `stroke:var(--${colour})`})));
+  $('leg-' + id).replaceChildren(...(n ? lines : []).map(([name, colour], i) => el('span', {},
+    el('i', {class: 'sw', style: `background:var(--${colour})`}),
+    `${name}: avg ${frate(vals[i].reduce((a, v) => a + v, 0) / n)}${DOT}peak ${frate(Math.max(...vals[i]))}`)));
+}
+function renderHealth(h) {
+  const pill = {ok: 'ok', degraded: 'warn'}[h.status] || 'bad';
+  health = h;
+  $('about').replaceChildren(field('span', 'version', h.version, {class: 'tag'}, 'v' + (h.version || '?')), ' ',
+    field('span', 'status', h.status, {class: 'pill ' + pill}, h.status || 'unknown'));
+  $('facts').replaceChildren('uptime ', field('b', 'uptime', h.uptime_s, {}, isN(h.uptime_s) ? fdur(h.uptime_s) : '-'),
+    ' \u2003default ', field('b', 'default_provider', h.default_provider, {}, h.default_provider || D));
+  Object.assign($('hint'), {hidden: !h.hint, textContent: h.hint || ''});
+}
+const errorText = le => `${le.type || 'error'}: ${le.message || ''}`;
+const STATS = [['#Requests', 'requests'], ['#Errors', s => td('errors', s.errors || 0, s.errors ? 'n err' : 'n')],
+  ['#In flight', 'in_flight'], ['#Tokens in', 'input_tokens'], ['#Tokens out', 'output_tokens'],
+  ['#p50 / p95', ({latency_ms: ms = {}}) => el('td', {class: 'n pair'},
+    ['p50', 'p95'].map(p => field('span', 'latency_' + p, ms[p], {}, fms(ms[p]))))]];
+const PROVIDERS = [
+  ['Provider', p => field('td', 'name', p.name, {}, el('b', {}, p.name), p.default && tag('default'),
+    p.azure && tag('azure'))],
+  ['Format', p => td('format', p.format, 'mut', p.format || D)],
+  ['Base URL', p => field('td', 'base_url', p.base_url, {class: 'url mono', title: p.base_url}, p.base_url || D)],
+  ['#Keys', p => td('keys', p.passthrough ? 'passthrough' : p.keys, 'n', [p.passthrough ? 'passthrough' : fint(p.keys),
+    p.cooling_keys > 0 && ' ', p.cooling_keys > 0 && field('span', 'cooling_keys', p.cooling_keys,
+      {class: 'pill warn', title: 'keys cooling down'}, p.cooling_keys + ' cooling')])],
+  ...STATS,
+  ['Last error', ({last_error: le}) => field('td', 'last_error', le?.type,
+    {class: le ? 'err' : 'mut', title: le && errorText(le)}, le ? errorText(le) + DOT + ago(le.time) : D)]];
+const ROUTES = [['Model name', r => el('td', {class: 'mono'}, r.name)],
+  ['Routes to', r => el('td', {class: 'mono'}, r.targets.map(t => t.provider + ':' + t.model).join(', then '))],
+  ['Rule', r => el('td', {class: 'mut'}, r.rule)]];
+// A rejected request (wrong key or path) has no route: its path is shown instead.
+const RECENT = [['Time', r => td('time', r.time, 'mut', ftime(r.time, 1))],
+  ['Request ID', r => el('td', {class: 'mono', title: r.request_id}, String(r.request_id || D).slice(0, 14))],
+  ['Route', r => el('td', {}, r.path ? el('span', {class: 'mono'}, r.path) : [r.client_model || D,
+    el('span', {class: 'mut'}, ' \u2192 '), el('span', {class: 'mono'}, `${r.provider || '?'}:${r.model || '?'}`),
+    r.fallbacks > 0 && tag('fallback', 'served by fallback target ' + r.fallbacks)])],
+  ['Status', r => field('td', 'status', r.status, {title: r.error_message},
+    el('span', {class: 'pill ' + (r.status >= 500 || r.status === 0 ? 'bad' : r.status >= 400 ? 'warn' : 'ok')},
+      String(r.status ?? D)), r.error_type && el('span', {class: 'mut'}, r.error_type),
+    r.error_message && el('div', {class: 'err', 'data-field': 'error_message'}, r.error_message))],
+  ['Stream', r => td('streamed', r.streamed, 'mut', r.streamed ? 'stream' : '-')],
+  ['#Latency', r => td('latency_ms', r.latency_ms, 'n', fms(r.latency_ms))],
+  ['#TTFT', r => td('ttft_ms', r.ttft_ms, 'n', fms(r.ttft_ms))], ['#In', 'input_tokens'], ['#Out', 'output_tokens']];
+// A table is its columns, [heading, cell]: a heading starting with '#' is a right-aligned number, and a cell is a
+// function of the row or the name of a numeric field. Rows are objects, or ready <tr> elements (a provider's models).
+const cell = ([, c], r) => typeof c === 'string' ? td(c, r[c] || 0) : c(r);
+function table(id, cols, attrs, rows = [], empty = '') {
+  const head = el('tr', {}, cols.map(([h]) => el('th', {class: h[0] === '#' ? 'n' : null}, h.replace('#', ''))));
+  const none = !rows.length && el('tr', {}, el('td', {colspan: cols.length, class: 'empty'}, empty));
+  $(id).replaceChildren(el('thead', {}, head), el('tbody', {},
+    rows.map(r => r instanceof Node ? r : el('tr', attrs(r), cols.map(c => cell(c, r)))), empty && none));
+}
+const renderRoutes = a => table('routes', ROUTES, r => ({'data-route': r.name}), a.routes || [], 'No aliases');
+function renderProviders(tp = {}) {
+  const hp = Object.fromEntries((health.providers || []).map(p => [p.name, p]));
+  const names = [...new Set([...Object.keys(hp), ...Object.keys(tp)])];
+  const byRequests = ([, a], [, b]) => (b.requests || 0) - (a.requests || 0);
+  const modelRows = name => Object.entries(tp[name]?.models || {}).sort(byRequests).map(([m, s]) =>
+    el('tr', {class: 'sub', 'data-model': m, 'data-parent': name}, el('td', {colspan: 4, class: 'mono'}, m),
+      STATS.map(c => cell(c, s)), el('td')));
+  $('prov-count').textContent = names.length + (names.length === 1 ? ' provider' : ' providers');
+  table('providers', PROVIDERS, p => ({'data-provider': p.name}),
+    names.flatMap(name => [{...tp[name], ...hp[name], name}, ...modelRows(name)]), 'No providers configured');
+}
+function renderErrors(t) {
+  const eb = t.errors_by_type || {}, ks = Object.keys(eb).sort((a, b) => eb[b] - eb[a]), le = t.last_error;
+  const bar = k => `background:linear-gradient(90deg,var(--bad) ${100 * eb[k] / eb[ks[0]]}%,var(--grid) 0)`;
+  $('errors').replaceChildren(...ks.map(k => el('div', {class: 'eb', 'data-type': k}, el('span', {class: 'mono'}, k),
+    field('span', 'errors_by_type', eb[k], {}, fint(eb[k])), el('div', {class: 'bar', style: bar(k)}))));
+  $('errors').append(ks.length ? '' : el('div', {class: 'empty'}, 'No errors'));
+  $('err-total').textContent = fint(t.errors || 0) + ' total';
+  $('last-error').hidden = !le;
+  $('last-error').replaceChildren(...(le ? [
+    el('div', {class: 'mut'}, `Last error${DOT}${ago(le.time)} (${ftime(le.time, 1)})`),
+    el('div', {}, el('b', {class: 'mono'}, le.type || 'error'), ' ', le.message)] : []));
+}
+function renderTotals(j) {
+  const t = j.totals || {}, recent = j.recent || [], series = j.series || [];
+  const byTime = new Map(series.map(s => [s.t, s])), end = series.at(-1)?.t;
+  const b = byTime.size ? Array.from({length: 60}, (_, i) => byTime.get(end - 590 + 10 * i) || {t: end - 590 + 10 * i})
+    : [];
+  renderTiles(t, b.slice(-7, -1), Object.keys(j.providers || {}).length);
+  chart('req', b, [['requests', 'acc', 'requests'], ['errors', 'bad', 'errors']]);
+  chart('tok', b, [['in+out', 'acc', 'input_tokens', 'output_tokens'], ['out', 'acc2', 'output_tokens']]);
+  renderProviders(j.providers);
+  renderErrors(t);
+  table('recent', RECENT, r => ({'data-request-id': r.request_id}), recent, 'No requests yet');
+  $('recent-count').textContent = recent.length ? `newest first${DOT}last ${recent.length}` : '';
+  $('last-totals').textContent = JSON.stringify(j).replaceAll('</', '<\\/');
+  document.body.dataset.loaded = '1';
+}
+async function get(path) {
+  const key = sessionStorage.getItem(KEY);
+  const headers = {Accept: 'application/json', ...(key && {'x-api-key': key})};
+  const r = await fetch(path, {headers, cache: 'no-store'});
+  if (r.ok) return r.json();
+  throw Object.assign(new Error('HTTP ' + r.status), {auth: r.status === 401});
+}
+// The three load at once; the totals render once health has (the provider table joins both). A failed
+// load or render is reported in the header.
+async function tick() {
+  const h = get('/health').then(renderHealth), t = get('/metrics/running-totals'), shown = !$('auth').hidden;
+  const done = await Promise.allSettled([get('/v1/aliases').then(renderRoutes), h,
+    t.then(j => h.catch(() => null).then(() => renderTotals(j)))]);
+  const failed = done.map(r => r.reason).filter(Boolean), err = failed.find(e => !e.auth);
+  const auth = failed.some(e => e.auth);
+  $('autherr').textContent = sessionStorage.getItem(KEY) ? 'That key was rejected (401). Try again.' : '';
+  $('auth').hidden = !auth;
+  if (auth && !shown) $('authkey').focus();
+  $('conn').replaceChildren(el('span', {class: 'dot ' + (auth || err ? 'bad' : 'ok')}),
+    auth ? 'API key required' : err ? 'error: ' + err.message : 'live' + DOT + ftime(Date.now() / 1000, 1));
+  clearTimeout(timer);
+  timer = setTimeout(tick, 2000);
+}
+$('authform').addEventListener('submit', e => {
+  e.preventDefault();
+  sessionStorage.setItem(KEY, $('authkey').value.trim());
+  $('authkey').value = '';
+  $('auth').hidden = true;
+  tick();
+});
+renderTiles({}, [], 0);
+[['providers', PROVIDERS], ['routes', ROUTES], ['recent', RECENT]].forEach(([id, cols]) => table(id, cols));
+['req', 'tok'].forEach(id => chart(id, [], []));
+tick();
 </script>
 </body></html>
 """
