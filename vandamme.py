@@ -999,70 +999,68 @@ def _text_of(content: Any, path: str) -> str:
     return "\n\n".join(p for p in parts if p)
 
 
-def _image_part(block: JSON, path: str) -> JSON | None:
+def _append_text(out: list[JSON], role: str, content: Any, path: str) -> None:
+    """A string or text blocks as one message of `role`, unless there is no text."""
+    text = _text_of(content, path)
+    if text:
+        out.append({"role": role, "content": text})
+
+
+_CONTENT_KINDS: Final = ("text", "search_result", "image", "document")
+_DEFAULT_MEDIA: Final = MappingProxyType({"image": "image/png", "document": "application/pdf"})
+
+
+def _content_part(block: JSON, kind: str, path: str) -> JSON | None:
+    """A block of one of _CONTENT_KINDS (a text one checked by the caller) as a content part, a document
+    with a text source as text; None when the source is one the upstream cannot take."""
+    if kind == "text":
+        return {"type": "text", "text": block["text"]}
+    if kind == "search_result":
+        return {"type": "text", "text": _text_of(block.get("content"), f"{path}.content")}
     source = _expect(block.get("source"), dict, f"{path}.source", "an object")
-    kind = source.get("type")
-    if kind == "base64":
-        media = source.get("media_type") or "image/png"
+    source_kind = source.get("type")
+    title = block.get("title") if isinstance(block.get("title"), str) else None
+    if source_kind == "base64":
         data = _expect(source.get("data"), str, f"{path}.source.data", "a base64 string")
-        return {"type": "image_url", "image_url": {"url": f"data:{media};base64,{data}"}}
-    if kind == "url":
+        url = f"data:{source.get('media_type') or _DEFAULT_MEDIA[kind]};base64,{data}"
+        if kind == "image":
+            return {"type": "image_url", "image_url": {"url": url}}
+        return {"type": "file", "file": {"filename": title or "document.pdf", "file_data": url}}
+    if kind == "image" and source_kind == "url":
         return {"type": "image_url", "image_url": {"url": _expect(source.get("url"), str,
                                                                   f"{path}.source.url", "a string")}}
-    logger.debug("image source %r not supported upstream; dropped", kind)
-    return None
-
-
-def _document_part(block: JSON, path: str) -> JSON | None:
-    source = _expect(block.get("source"), dict, f"{path}.source", "an object")
-    kind = source.get("type")
-    title = block.get("title") if isinstance(block.get("title"), str) else None
-    if kind == "base64":
-        data = _expect(source.get("data"), str, f"{path}.source.data", "a base64 string")
-        media = source.get("media_type") or "application/pdf"
-        return {"type": "file", "file": {"filename": title or "document.pdf",
-                                         "file_data": f"data:{media};base64,{data}"}}
-    if kind == "text":
-        text = _expect(source.get("data"), str, f"{path}.source.data", "a string")
-    elif kind == "content":
-        text = _text_of(source.get("content"), f"{path}.source.content")
-    elif kind == "url":
-        text = f"[document: {source.get('url')}]"
-    else:
-        logger.debug("document source %r not supported upstream; dropped", kind)
+    if kind == "image" or source_kind not in ("text", "content", "url"):
+        logger.debug("%s source %r not supported upstream; dropped", kind, source_kind)
         return None
+    if source_kind == "text":
+        text = _expect(source.get("data"), str, f"{path}.source.data", "a string")
+    elif source_kind == "content":
+        text = _text_of(source.get("content"), f"{path}.source.content")
+    else:
+        text = f"[document: {source.get('url')}]"
     return {"type": "text", "text": f"{title}\n\n{text}" if title else text}
 
 
-def _tool_result(block: JSON, path: str, images: list[JSON]) -> tuple[str, str]:
-    """A tool_result as (tool_call_id, text); its images go to `images` (tool messages are text only)."""
+def _tool_result(block: JSON, path: str, attached: list[JSON]) -> tuple[str, str]:
+    """A tool_result as (tool_call_id, text); its images and files go to `attached` (tool messages are text only)."""
     tool_id = _expect(block.get("tool_use_id"), str, f"{path}.tool_use_id", "a string")
     content = block.get("content")
     if isinstance(content, str) or content is None:
         text = content or ""
     else:
         pieces = []
-        for i, part in enumerate(_expect(content, list, f"{path}.content", "a string or a list")):
-            _expect(part, dict, f"{path}.content.{i}", "an object")
-            kind = part.get("type")
-            if kind == "text" and isinstance(part.get("text"), str):
-                pieces.append(part["text"])
-            elif kind == "image":
-                image = _image_part(part, f"{path}.content.{i}")
-                if image:
-                    images.append(image)
-                    pieces.append("[image attached below]")
-            elif kind == "document":
-                doc = _document_part(part, f"{path}.content.{i}")
-                if doc and doc["type"] == "text":
-                    pieces.append(doc["text"])
-                elif doc:
-                    images.append(doc)
-                    pieces.append("[document attached below]")
-            elif kind == "search_result":
-                pieces.append(_text_of(part.get("content"), f"{path}.content.{i}.content"))
-            else:
+        for i, item in enumerate(_expect(content, list, f"{path}.content", "a string or a list")):
+            where = f"{path}.content.{i}"
+            kind = _expect(item, dict, where, "an object").get("type")
+            if kind not in _CONTENT_KINDS or (kind == "text" and not isinstance(item.get("text"), str)):
                 logger.debug("tool_result part %r dropped", kind)
+                continue
+            part = _content_part(item, kind, where)
+            if part and part["type"] == "text":
+                pieces.append(part["text"])
+            elif part:
+                attached.append(part)
+                pieces.append(f"[{kind} attached below]")
         text = "\n".join(pieces)
     if block.get("is_error") is True:
         text = f"Error: {text}" if text else "Error"
@@ -1070,39 +1068,23 @@ def _tool_result(block: JSON, path: str, images: list[JSON]) -> tuple[str, str]:
 
 
 def _convert_user(content: Any, out: list[JSON], path: str, conv: Conversion, provider: Provider) -> None:
-    if isinstance(content, str):
-        if content:
-            out.append({"role": "user", "content": content})
-        return
     tools: list[tuple[str, str]] = []
     parts: list[JSON] = []
     attached: list[JSON] = []
     for i, block in enumerate(_expect(content, list, f"{path}.content", "a string or a list of blocks")):
         where = f"{path}.content.{i}"
         kind = _expect(block, dict, where, "an object").get("type")
-        if kind == "text":
-            text = _expect(block.get("text"), str, f"{where}.text", "a string")
-            if text:
-                parts.append({"type": "text", "text": text})
-        elif kind == "tool_result":
+        if kind == "tool_result":
             tool_id, text = _tool_result(block, where, attached)
             tools.append((_tool_id_for_upstream(tool_id, provider.tool_id_format), text))
-        elif kind == "image":
-            image = _image_part(block, where)
-            if image:
-                parts.append(image)
-        elif kind == "document":
-            doc = _document_part(block, where)
-            if doc:
-                parts.append(doc)
-        elif kind == "search_result":
-            text = _text_of(block.get("content"), f"{where}.content")
-            if text:
-                parts.append({"type": "text", "text": text})
         elif kind == "mid_conv_system":
-            text = _text_of(block.get("content"), f"{where}.content")
-            if text:
-                out.append({"role": "system", "content": text})
+            _append_text(out, "system", block.get("content"), f"{where}.content")
+        elif kind in _CONTENT_KINDS:
+            if kind == "text":
+                _expect(block.get("text"), str, f"{where}.text", "a string")
+            part = _content_part(block, kind, where)
+            if part and (kind in ("image", "document") or part["text"]):      # empty text is left out
+                parts.append(part)
         else:
             logger.debug("%s: block type %r dropped", where, kind)
     if tools:
@@ -1130,10 +1112,6 @@ def _convert_user(content: Any, out: list[JSON], path: str, conv: Conversion, pr
 
 def _convert_assistant(content: Any, out: list[JSON], path: str, conv: Conversion,
                        provider: Provider) -> None:
-    if isinstance(content, str):
-        if content:
-            out.append({"role": "assistant", "content": content})
-        return
     texts: list[str] = []
     calls: list[JSON] = []
     thinking: list[str] = []
@@ -1146,20 +1124,16 @@ def _convert_assistant(content: Any, out: list[JSON], path: str, conv: Conversio
         elif kind == "tool_use":
             tool_id = _expect(block.get("id"), str, f"{where}.id", "a string")
             name = _expect(block.get("name"), str, f"{where}.name", "a string")
-            args = block.get("input", {})
             upstream = _tool_name_for_upstream(name, provider.tool_name_max)
             conv.tool_names[upstream] = name
             calls.append({"id": _tool_id_for_upstream(tool_id, provider.tool_id_format), "type": "function",
                           "function": {"name": upstream,
-                                       "arguments": json.dumps(args, ensure_ascii=False)}})
-        elif kind == "thinking":
-            if isinstance(block.get("thinking"), str):
-                thinking.append(block["thinking"])
-                if str(block.get("signature")).startswith(_REASONING_MARK):
-                    signed.append((block["signature"], block["thinking"]))
-        elif kind == "redacted_thinking":
-            pass
-        else:
+                                       "arguments": json.dumps(block.get("input", {}), ensure_ascii=False)}})
+        elif kind == "thinking" and isinstance(block.get("thinking"), str):
+            thinking.append(block["thinking"])
+            if str(block.get("signature")).startswith(_REASONING_MARK):
+                signed.append((block["signature"], block["thinking"]))
+        elif kind not in ("thinking", "redacted_thinking"):
             logger.debug("%s: block type %r dropped", where, kind)
     text = "".join(texts)
     if not text and not calls:
@@ -1287,39 +1261,29 @@ def anthropic_to_openai(body: JSON, provider: Provider, model: str, *, max_token
     """
     conv = Conversion()
     messages: list[JSON] = []
-    system = body.get("system")
-    if system is not None:
-        text = _text_of(system, "system")
-        if text:
-            messages.append({"role": "system", "content": text})
-    raw_messages = _expect(body.get("messages"), list, "messages", "a list of messages")
-    for i, message in enumerate(raw_messages):
+    _append_text(messages, "system", body.get("system"), "system")
+    for i, message in enumerate(_expect(body.get("messages"), list, "messages", "a list of messages")):
         path = f"messages.{i}"
         role = _expect(message, dict, path, "an object").get("role")
         content = message.get("content")
-        if role == "user":
-            _convert_user(content, messages, path, conv, provider)
-        elif role == "assistant":
-            _convert_assistant(content, messages, path, conv, provider)
-        elif role == "system":
-            text = _text_of(content, f"{path}.content")
-            if text:
-                messages.append({"role": "system", "content": text})
-        else:
+        if role not in ("user", "assistant", "system"):
             raise _bad(f"{path}.role", f"must be 'user', 'assistant' or 'system' (got {role!r})")
+        if isinstance(content, str) or role == "system":
+            _append_text(messages, role, content, f"{path}.content")
+        elif role == "user":
+            _convert_user(content, messages, path, conv, provider)
+        else:
+            _convert_assistant(content, messages, path, conv, provider)
     payload: JSON = {"model": model, "messages": _repair_tool_pairs(messages)}
     _add_tools(body, payload, conv, provider, tools)
+    reasoning_model = _REASONING_MODEL.match(model) is not None
     max_tokens = body.get("max_tokens")
     if max_tokens is not None:
         _expect(max_tokens, int, "max_tokens", "an integer")
-        if max_tokens_limit is not None:
-            max_tokens = min(max_tokens, max_tokens_limit)
-        reasoning = _REASONING_MODEL.match(model) is not None
         name = provider.max_tokens_field
         if name == "auto":
-            name = "max_completion_tokens" if reasoning else "max_tokens"
-        payload[name] = max_tokens
-    reasoning_model = _REASONING_MODEL.match(model) is not None
+            name = "max_completion_tokens" if reasoning_model else "max_tokens"
+        payload[name] = max_tokens if max_tokens_limit is None else min(max_tokens, max_tokens_limit)
     for key in ("temperature", "top_p"):
         value = body.get(key)
         if value is not None:
