@@ -955,13 +955,9 @@ class Conversion:
     responses: str = ""                # "provider:model" when the Responses API serves the request
 
 
-def _bad(path: str, what: str) -> InvalidRequestError:
-    return InvalidRequestError(f"{path}: {what}")
-
-
 def _expect(value: Any, kind: type | tuple[type, ...], path: str, what: str) -> Any:
     if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float, (int, float))):
-        raise _bad(path, f"expected {what}, got {type(value).__name__}")
+        raise InvalidRequestError(f"{path}: expected {what}, got {type(value).__name__}")
     return value
 
 
@@ -987,10 +983,8 @@ def _tool_id_for_upstream(tool_id: str, id_format: str) -> str:
 
 def _text_of(content: Any, path: str) -> str:
     """Text of a string or a list of text-like blocks (system prompts, tool results)."""
-    if isinstance(content, str):
-        return content
-    if content is None:
-        return ""
+    if content is None or isinstance(content, str):
+        return content or ""
     parts = []
     for i, block in enumerate(_expect(content, list, path, "a string or a list of blocks")):
         _expect(block, dict, f"{path}.{i}", "an object")
@@ -1089,11 +1083,8 @@ def _convert_user(content: Any, out: list[JSON], path: str, conv: Conversion, pr
             logger.debug("%s: block type %r dropped", where, kind)
     if tools:
         # Claude Code sends results in completion order; OpenAI wants the calls' order.
-        order: dict[str, int] = {}
-        for message in reversed(out):
-            if message["role"] == "assistant":
-                order = {c["id"]: n for n, c in enumerate(message.get("tool_calls") or ())}
-                break
+        last = next((message for message in reversed(out) if message["role"] == "assistant"), {})
+        order = {c["id"]: n for n, c in enumerate(last.get("tool_calls") or ())}
         tools.sort(key=lambda t: order.get(t[0], len(order)))
         out.extend({"role": "tool", "tool_call_id": tid, "content": text} for tid, text in tools)
     for part in attached + parts:          # binary attachments are not text tokens
@@ -1148,32 +1139,27 @@ def _convert_assistant(content: Any, out: list[JSON], path: str, conv: Conversio
     out.append(message)
 
 
-def _repair_tool_pairs(messages: list[JSON]) -> list[JSON]:
-    """Every tool call answered right after its assistant turn; no orphan tool messages.
+def _interrupted(call_ids: list[str]) -> list[JSON]:
+    return [{"role": "tool", "tool_call_id": c, "content": "Tool call was interrupted; no result."} for c in call_ids]
 
-    Claude Code leaves a call unanswered when the user interrupts; OpenAI rejects both
-    unanswered calls and orphan results with a 400.
-    """
+
+def _repair_tool_pairs(messages: list[JSON]) -> list[JSON]:
+    """Every tool call answered right after its assistant turn; no orphan tool messages. Claude Code leaves
+    a call unanswered when the user interrupts; OpenAI rejects both unanswered calls and orphan results (400)."""
     fixed: list[JSON] = []
     pending: list[str] = []
     for message in messages:
         role = message["role"]
-        if role == "tool":
-            if message["tool_call_id"] in pending:
-                pending.remove(message["tool_call_id"])
-                fixed.append(message)
-            else:
-                fixed.append({"role": "user", "content": f"[result of tool call {message['tool_call_id']}]\n"
-                                                         f"{message['content']}"})
-            continue
-        for missing in pending:
-            fixed.append({"role": "tool", "tool_call_id": missing,
-                          "content": "Tool call was interrupted; no result."})
-        pending = [c["id"] for c in message.get("tool_calls") or ()] if role == "assistant" else []
+        if role == "tool" and message["tool_call_id"] in pending:
+            pending.remove(message["tool_call_id"])
+        elif role == "tool":
+            message = {"role": "user", "content": f"[result of tool call {message['tool_call_id']}]\n"
+                                                  f"{message['content']}"}
+        else:
+            fixed += _interrupted(pending)
+            pending = [c["id"] for c in message.get("tool_calls") or ()] if role == "assistant" else []
         fixed.append(message)
-    fixed.extend({"role": "tool", "tool_call_id": m, "content": "Tool call was interrupted; no result."}
-                 for m in pending)
-    return fixed
+    return fixed + _interrupted(pending)
 
 
 def _convert_tools(tools: Any, provider: Provider) -> tuple[list[JSON], dict[str, str]]:
@@ -1183,8 +1169,7 @@ def _convert_tools(tools: Any, provider: Provider) -> tuple[list[JSON], dict[str
     dropped: list[str] = []
     for i, tool in enumerate(_expect(tools, list, "tools", "a list") if tools is not None else ()):
         where = f"tools.{i}"
-        _expect(tool, dict, where, "an object")
-        kind = tool.get("type")
+        kind = _expect(tool, dict, where, "an object").get("type")
         if kind not in (None, "custom") and "input_schema" not in tool:
             dropped.append(str(tool.get("name") or kind))
             continue
@@ -1205,7 +1190,7 @@ def _convert_tools(tools: Any, provider: Provider) -> tuple[list[JSON], dict[str
 
 
 def _add_tools(body: JSON, payload: JSON, conv: Conversion, provider: Provider,
-                   converted: tuple[list[JSON], dict[str, str]] | None) -> None:
+               converted: tuple[list[JSON], dict[str, str]] | None) -> None:
     functions, names = converted or _convert_tools(body.get("tools"), provider)
     conv.tool_names.update(names)
     choice = body.get("tool_choice")
@@ -1215,19 +1200,15 @@ def _add_tools(body: JSON, payload: JSON, conv: Conversion, provider: Provider,
     if choice is None:
         return
     kind = _expect(choice, dict, "tool_choice", "an object").get("type")
-    if kind == "auto":
-        payload["tool_choice"] = "auto"
-    elif kind == "any":
-        payload["tool_choice"] = "required"
-    elif kind == "none":
-        payload["tool_choice"] = "none"
+    if kind in ("auto", "any", "none"):
+        payload["tool_choice"] = "required" if kind == "any" else kind
     elif kind == "tool":
         name = _expect(choice.get("name"), str, "tool_choice.name", "a string")
         upstream = _tool_name_for_upstream(name, provider.tool_name_max)
         if upstream in conv.tool_names:
             payload["tool_choice"] = {"type": "function", "function": {"name": upstream}}
     else:
-        raise _bad("tool_choice.type", f"must be auto, any, tool or none (got {kind!r})")
+        raise InvalidRequestError(f"tool_choice.type: must be auto, any, tool or none (got {kind!r})")
     if choice.get("disable_parallel_tool_use") is True and provider.parallel_tool_calls and kind != "none":
         payload["parallel_tool_calls"] = False
 
@@ -1251,14 +1232,11 @@ def _reasoning_effort(body: JSON, provider: Provider, model: str) -> str | None:
 
 
 def anthropic_to_openai(body: JSON, provider: Provider, model: str, *, max_tokens_limit: int | None = None,
-                        tools: tuple[list[JSON], dict[str, str]] | None = None,
-                        ) -> tuple[JSON, Conversion]:
+                        tools: tuple[list[JSON], dict[str, str]] | None = None) -> tuple[JSON, Conversion]:
     """Convert an Anthropic Messages request into an OpenAI chat-completions payload.
 
-    Pure. Raises InvalidRequestError (400) naming the offending field for client mistakes;
-    unknown fields and block types are ignored, never rejected. `tools` may pass in an
-    earlier `convert_tools` result for the same tools (the handler caches it).
-    """
+    Pure. Client mistakes raise InvalidRequestError (400) naming the field; unknown fields and block types are
+    ignored, never rejected. `tools` may be an earlier `_convert_tools` result for the same tools (cached)."""
     conv = Conversion()
     messages: list[JSON] = []
     _append_text(messages, "system", body.get("system"), "system")
@@ -1267,7 +1245,7 @@ def anthropic_to_openai(body: JSON, provider: Provider, model: str, *, max_token
         role = _expect(message, dict, path, "an object").get("role")
         content = message.get("content")
         if role not in ("user", "assistant", "system"):
-            raise _bad(f"{path}.role", f"must be 'user', 'assistant' or 'system' (got {role!r})")
+            raise InvalidRequestError(f"{path}.role: must be 'user', 'assistant' or 'system' (got {role!r})")
         if isinstance(content, str) or role == "system":
             _append_text(messages, role, content, f"{path}.content")
         elif role == "user":
@@ -1297,8 +1275,7 @@ def anthropic_to_openai(body: JSON, provider: Provider, model: str, *, max_token
         payload["stream"] = True
         if provider.stream_usage:
             payload["stream_options"] = {"include_usage": True}
-    effort = _reasoning_effort(body, provider, model)
-    if effort:
+    if effort := _reasoning_effort(body, provider, model):
         payload["reasoning_effort"] = effort
     output = body.get("output_config")
     fmt = output.get("format") if isinstance(output, dict) else None
@@ -1342,10 +1319,9 @@ def anthropic_to_responses(body: JSON, provider: Provider, model: str, *, max_to
                            tools: tuple[list[JSON], dict[str, str]] | None = None) -> tuple[JSON, Conversion]:
     """Convert an Anthropic Messages request into a Responses API payload (store: false, stateless).
 
-    The chat conversion does the walk (names, ids, result order, pairing repair, attachments); its
-    messages are re-shaped into items. Only fields the Responses API knows are set: it rejects others.
-    Replayed items carry no `id`: with store: false an id makes the API look the item up, and fail.
-    """
+    The chat conversion does the walk (names, ids, result order, pairing repair, attachments); its messages are
+    re-shaped into items. Only fields the Responses API knows are set: it rejects others. Replayed items carry
+    no `id`: with store: false an id makes the API look the item up, and fail."""
     chat, conv = anthropic_to_openai(body, provider, model, max_tokens_limit=max_tokens_limit, tools=tools)
     conv.responses = f"{provider.name}:{model}"
     signed = {id(message): pairs for message, pairs in conv.signed_thinking}
@@ -1370,11 +1346,10 @@ def anthropic_to_responses(body: JSON, provider: Provider, model: str, *, max_to
         payload["instructions"] = "\n\n".join(instructions)
     if chat.get("tools"):
         payload["tools"] = _responses_tools(chat["tools"])
-    choice = chat.get("tool_choice")
     payload.update({k: chat[k] for k in ("tool_choice", "parallel_tool_calls", "temperature", "top_p", "stream")
                     if k in chat})
-    if isinstance(choice, dict):
-        payload["tool_choice"] = {"type": "function", "name": choice["function"]["name"]}
+    if isinstance(chat.get("tool_choice"), dict):
+        payload["tool_choice"] = {"type": "function", "name": chat["tool_choice"]["function"]["name"]}
     limit = chat.get("max_tokens", chat.get("max_completion_tokens"))
     if limit is not None:       # the API's minimum is 16; Claude Code probes with max_tokens: 1
         payload["max_output_tokens"] = max(16, limit)
@@ -1408,37 +1383,32 @@ def validate_messages_request(body: Any, *, model_required: bool = True) -> JSON
         raise InvalidRequestError("stream: must be true or false")
     return body
 
+
 _JSON_SPACE: Final = re.compile(r"[ \t\n\r]*")
+_RAW_DECODE: Final = _JSON_DECODER.raw_decode
+_REUSED_KEYS: Final = ("tools", "system")
 
 
 def _skip_space(text: str, i: int) -> int:
     match = _JSON_SPACE.match(text, i)
     return match.end() if match else i
-_RAW_DECODE: Final = _JSON_DECODER.raw_decode
-
-
-_REUSED_KEYS: Final = ("tools", "system")
 
 
 def _decode_with_spans(text: str, known: dict[str, tuple[str, Any]] | None = None,
                       ) -> tuple[Any, dict[str, tuple[int, int]]]:
     """json.loads, plus where each top-level value of an object sits in `text`.
 
-    The same C decoder does the work value by value, so it costs what json.loads costs;
-    the spans let unchanged parts (Claude Code's 30 KB of tool schemas) be recognised
-    without hashing or encoding them again. With `known` (key -> (text, value) of the last
-    request), a `tools` or `system` value whose text is unchanged is not decoded again:
-    a complete JSON array, object or string is never a prefix of a different one.
-    """
+    The same C decoder does the work value by value, so it costs what json.loads costs; the spans let unchanged
+    parts (Claude Code's 30 KB of tool schemas) be recognised without hashing or encoding them again. With `known`
+    (key -> (text, value) of the last request), a `tools` or `system` value whose text is unchanged is not decoded
+    again: a complete JSON array, object or string is never a prefix of a different one."""
     spans: dict[str, tuple[int, int]] = {}
     i = _skip_space(text, 0)
     if text[i:i + 1] != "{":
         return _JSON_DECODE(text), spans
     result: JSON = {}
     i = _skip_space(text, i + 1)
-    if text[i:i + 1] == "}":
-        i += 1
-    else:
+    if text[i:i + 1] != "}":
         while True:
             key, i = _RAW_DECODE(text, i)
             i = _skip_space(text, i)
@@ -1456,14 +1426,11 @@ def _decode_with_spans(text: str, known: dict[str, tuple[str, Any]] | None = Non
                     known[key] = (text[start:i], result[key])
             spans[key] = (start, i)
             i = _skip_space(text, i)
-            if text[i:i + 1] == "}":
-                i += 1
-                break
             if text[i:i + 1] != ",":
-                return _JSON_DECODE(text), {}
+                break
             i = _skip_space(text, i + 1)
-    if _skip_space(text, i) < len(text):
-        return _JSON_DECODE(text), {}                  # trailing data: the decoder's error
+    if text[i:i + 1] != "}" or _skip_space(text, i + 1) < len(text):
+        return _JSON_DECODE(text), {}                  # the decoder reports the error (trailing data too)
     return result, spans
 
 # ---------------------------------------------------------------------------
@@ -1481,10 +1448,8 @@ def _int(value: Any) -> int:
 
 def usage_to_anthropic(usage: Any) -> JSON:
     """OpenAI usage (chat-completions or Responses) -> Anthropic usage; Anthropic's input_tokens excludes cache."""
-    if not isinstance(usage, dict):
-        usage = {}
-    details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
-    details = details if isinstance(details, dict) else {}
+    usage = _obj(usage)
+    details = _obj(usage.get("prompt_tokens_details") or usage.get("input_tokens_details"))
     cached = _int(details.get("cached_tokens")) or _int(usage.get("prompt_cache_hit_tokens"))
     written = _int(details.get("cache_write_tokens")) or _int(details.get("cache_creation_tokens"))
     prompt = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
@@ -1568,11 +1533,8 @@ def stated_output_limit(message: str) -> tuple[int, bool] | None:
 
 
 def openai_to_anthropic(data: Any, conv: Conversion, client_model: str) -> JSON:
-    """Convert an OpenAI chat completion into an Anthropic Message.
-
-    Content order: thinking, text, tool_use; at least one block; stop_reason never null;
-    `model` is the client's requested model string.
-    """
+    """Convert an OpenAI chat completion into an Anthropic Message: thinking, text, tool_use; at least one
+    block; stop_reason never null; `model` is the client's requested model string."""
     if not isinstance(data, dict):
         raise UpstreamError("upstream returned a body that is not a JSON object", status=502)
     choices = data.get("choices")
@@ -1588,7 +1550,8 @@ def openai_to_anthropic(data: Any, conv: Conversion, client_model: str) -> JSON:
     if text:
         content.append({"type": "text", "text": text})
     refusal = message.get("refusal")
-    if isinstance(refusal, str) and refusal:
+    refused = isinstance(refusal, str) and bool(refusal)
+    if refused:
         content.append({"type": "text", "text": refusal})
     calls = message.get("tool_calls")
     for call in calls if isinstance(calls, list) else ():
@@ -1596,7 +1559,6 @@ def openai_to_anthropic(data: Any, conv: Conversion, client_model: str) -> JSON:
             continue
         function = _obj(call.get("function"))
         content.append(_tool_use(conv, call.get("id"), function.get("name"), function.get("arguments")))
-    refused = isinstance(refusal, str) and bool(refusal)
     return _assistant_message(content, choice.get("finish_reason"), refused, data.get("usage"), client_model)
 
 
