@@ -955,6 +955,11 @@ class Conversion:
     responses: str = ""                # "provider:model" when the Responses API serves the request
 
 
+def _obj(value: Any) -> JSON:
+    """A JSON object (a client's or an upstream's), or an empty one in place of anything else."""
+    return value if isinstance(value, dict) else {}
+
+
 def _expect(value: Any, kind: type | tuple[type, ...], path: str, what: str) -> Any:
     if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float, (int, float))):
         raise InvalidRequestError(f"{path}: expected {what}, got {type(value).__name__}")
@@ -1035,8 +1040,8 @@ def _content_part(block: JSON, kind: str, path: str) -> JSON | None:
     return {"type": "text", "text": f"{title}\n\n{text}" if title else text}
 
 
-def _tool_result(block: JSON, path: str, attached: list[JSON]) -> tuple[str, str]:
-    """A tool_result as (tool_call_id, text); its images and files go to `attached` (tool messages are text only)."""
+def _tool_result(block: JSON, path: str, attached: list[JSON], id_format: str) -> tuple[str, str]:
+    """A tool_result as (upstream call id, text); images and files go to `attached` (tool messages are text only)."""
     tool_id = _expect(block.get("tool_use_id"), str, f"{path}.tool_use_id", "a string")
     content = block.get("content")
     if isinstance(content, str) or content is None:
@@ -1058,7 +1063,7 @@ def _tool_result(block: JSON, path: str, attached: list[JSON]) -> tuple[str, str
         text = "\n".join(pieces)
     if block.get("is_error") is True:
         text = f"Error: {text}" if text else "Error"
-    return tool_id, text
+    return _tool_id_for_upstream(tool_id, id_format), text
 
 
 def _convert_user(content: Any, out: list[JSON], path: str, conv: Conversion, provider: Provider) -> None:
@@ -1069,8 +1074,7 @@ def _convert_user(content: Any, out: list[JSON], path: str, conv: Conversion, pr
         where = f"{path}.content.{i}"
         kind = _expect(block, dict, where, "an object").get("type")
         if kind == "tool_result":
-            tool_id, text = _tool_result(block, where, attached)
-            tools.append((_tool_id_for_upstream(tool_id, provider.tool_id_format), text))
+            tools.append(_tool_result(block, where, attached, provider.tool_id_format))
         elif kind == "mid_conv_system":
             _append_text(out, "system", block.get("content"), f"{where}.content")
         elif kind in _CONTENT_KINDS:
@@ -1174,10 +1178,8 @@ def _convert_tools(tools: Any, provider: Provider) -> tuple[list[JSON], dict[str
             dropped.append(str(tool.get("name") or kind))
             continue
         name = _expect(tool.get("name"), str, f"{where}.name", "a string")
-        schema = tool.get("input_schema")
-        if schema is None or schema == {}:
-            schema = {"type": "object", "properties": {}}
-        _expect(schema, dict, f"{where}.input_schema", "an object")
+        schema = _expect(tool.get("input_schema"), (dict, type(None)), f"{where}.input_schema", "an object")
+        schema = schema or {"type": "object", "properties": {}}         # none, or {}: takes no input
         upstream = _tool_name_for_upstream(name, provider.tool_name_max)
         names[upstream] = name
         function: JSON = {"name": upstream, "parameters": schema}
@@ -1225,8 +1227,7 @@ def _reasoning_effort(body: JSON, provider: Provider, model: str) -> str | None:
         budget = budget if isinstance(budget, int) else 8192
         return "low" if budget <= 2048 else "medium" if budget <= 8192 else "high"
     if kind == "adaptive":
-        config = body.get("output_config")
-        effort = config.get("effort") if isinstance(config, dict) else None
+        effort = _obj(body.get("output_config")).get("effort")
         return _EFFORT_BY_NAME.get(effort, "medium") if isinstance(effort, str) else "medium"
     return None
 
@@ -1277,8 +1278,7 @@ def anthropic_to_openai(body: JSON, provider: Provider, model: str, *, max_token
             payload["stream_options"] = {"include_usage": True}
     if effort := _reasoning_effort(body, provider, model):
         payload["reasoning_effort"] = effort
-    output = body.get("output_config")
-    fmt = output.get("format") if isinstance(output, dict) else None
+    fmt = _obj(body.get("output_config")).get("format")
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and isinstance(fmt.get("schema"), dict):
         payload["response_format"] = {"type": "json_schema",
                                       "json_schema": {"name": "output", "schema": fmt["schema"]}}
@@ -1436,11 +1436,6 @@ def _decode_with_spans(text: str, known: dict[str, tuple[str, Any]] | None = Non
 # ---------------------------------------------------------------------------
 # §7  Response conversion: OpenAI -> Anthropic
 # ---------------------------------------------------------------------------
-
-def _obj(value: Any) -> JSON:
-    """An upstream's object, or an empty one in place of anything else."""
-    return value if isinstance(value, dict) else {}
-
 
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
