@@ -1012,10 +1012,9 @@ _DEFAULT_MEDIA: Final = MappingProxyType({"image": "image/png", "document": "app
 def _content_part(block: JSON, kind: str, path: str) -> JSON | None:
     """A block of one of _CONTENT_KINDS (a text one checked by the caller) as a content part, a document
     with a text source as text; None when the source is one the upstream cannot take."""
-    if kind == "text":
-        return {"type": "text", "text": block["text"]}
-    if kind == "search_result":
-        return {"type": "text", "text": _text_of(block.get("content"), f"{path}.content")}
+    if kind in ("text", "search_result"):
+        text = block["text"] if kind == "text" else _text_of(block.get("content"), f"{path}.content")
+        return {"type": "text", "text": text}
     source = _expect(block.get("source"), dict, f"{path}.source", "an object")
     source_kind = source.get("type")
     title = block.get("title") if isinstance(block.get("title"), str) else None
@@ -1376,8 +1375,7 @@ def validate_messages_request(body: Any, *, model_required: bool = True) -> JSON
             raise InvalidRequestError("model: must be at most 256 printable characters")
     if not isinstance(body.get("messages"), list):
         raise InvalidRequestError("messages: field required (a list of messages)")
-    if "max_tokens" in body and (not isinstance(body["max_tokens"], int) or isinstance(body["max_tokens"], bool)
-                                 or body["max_tokens"] < 0):
+    if "max_tokens" in body and (type(body["max_tokens"]) is not int or body["max_tokens"] < 0):     # not a bool either
         raise InvalidRequestError("max_tokens: must be a non-negative integer")
     if "stream" in body and not isinstance(body["stream"], bool):
         raise InvalidRequestError("stream: must be true or false")
@@ -1451,14 +1449,6 @@ def usage_to_anthropic(usage: Any) -> JSON:
     output = _int(usage.get("completion_tokens", usage.get("output_tokens")))
     return {"input_tokens": max(0, prompt - cached - written), "output_tokens": output,
             "cache_read_input_tokens": cached, "cache_creation_input_tokens": written}
-
-
-def _message_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):            # some servers send content parts
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return ""
 
 
 def _thinking_signature(text: str) -> str:
@@ -1541,8 +1531,10 @@ def openai_to_anthropic(data: Any, conv: Conversion, client_model: str) -> JSON:
     reasoning = message.get("reasoning_content") or message.get("reasoning")
     if isinstance(reasoning, str) and reasoning:
         content.append({"type": "thinking", "thinking": reasoning, "signature": _thinking_signature(reasoning)})
-    text = _message_text(message.get("content"))
-    if text:
+    text = message.get("content")
+    if isinstance(text, list):            # some servers send content parts
+        text = "".join(p["text"] for p in text if isinstance(p, dict) and isinstance(p.get("text"), str))
+    if isinstance(text, str) and text:
         content.append({"type": "text", "text": text})
     refusal = message.get("refusal")
     refused = isinstance(refusal, str) and bool(refusal)
@@ -1582,9 +1574,8 @@ def _responses_finish(response: JSON) -> str:
     """A Responses status as a chat-completions finish_reason (STOP_REASON maps both); failure raises."""
     if response.get("status") == "failed":
         raise UpstreamError(_upstream_error_message(response) or "upstream response failed", status=502)
-    details = response.get("incomplete_details")
-    reason = str(details.get("reason")) if isinstance(details, dict) else ""
-    return {"max_output_tokens": "length", "content_filter": "content_filter"}.get(reason, "stop")
+    reason = _obj(response.get("incomplete_details")).get("reason")
+    return {"max_output_tokens": "length", "content_filter": "content_filter"}.get(str(reason), "stop")
 
 
 def _reasoning_text(item: JSON) -> str:
