@@ -1072,13 +1072,15 @@ def _convert_user(content: Any, out: list[JSON], path: str, conv: Conversion, pr
     for i, block in enumerate(_expect(content, list, f"{path}.content", "a string or a list of blocks")):
         where = f"{path}.content.{i}"
         kind = _expect(block, dict, where, "an object").get("type")
-        if kind == "tool_result":
+        if kind == "text":
+            text = _expect(block.get("text"), str, f"{where}.text", "a string")
+            if text:
+                parts.append({"type": "text", "text": text})
+        elif kind == "tool_result":
             tools.append(_tool_result(block, where, attached, provider.tool_id_format))
         elif kind == "mid_conv_system":
             _append_text(out, "system", block.get("content"), f"{where}.content")
         elif kind in _CONTENT_KINDS:
-            if kind == "text":
-                _expect(block.get("text"), str, f"{where}.text", "a string")
             part = _content_part(block, kind, where)
             if part and (kind in ("image", "document") or part["text"]):      # empty text is left out
                 parts.append(part)
@@ -1086,8 +1088,11 @@ def _convert_user(content: Any, out: list[JSON], path: str, conv: Conversion, pr
             logger.debug("%s: block type %r dropped", where, kind)
     if tools:
         # Claude Code sends results in completion order; OpenAI wants the calls' order.
-        last = next((message for message in reversed(out) if message["role"] == "assistant"), {})
-        order = {c["id"]: n for n, c in enumerate(last.get("tool_calls") or ())}
+        order: dict[str, int] = {}
+        for message in reversed(out):
+            if message["role"] == "assistant":
+                order = {c["id"]: n for n, c in enumerate(message.get("tool_calls") or ())}
+                break
         tools.sort(key=lambda t: order.get(t[0], len(order)))
         out.extend({"role": "tool", "tool_call_id": tid, "content": text} for tid, text in tools)
     for part in attached + parts:          # binary attachments are not text tokens
@@ -1104,8 +1109,7 @@ def _convert_user(content: Any, out: list[JSON], path: str, conv: Conversion, pr
         out.append({"role": "user", "content": parts[0]["text"] if only_text else parts})
 
 
-def _convert_assistant(content: Any, out: list[JSON], path: str, conv: Conversion,
-                       provider: Provider) -> None:
+def _convert_assistant(content: Any, out: list[JSON], path: str, conv: Conversion, provider: Provider) -> None:
     texts: list[str] = []
     calls: list[JSON] = []
     thinking: list[str] = []
@@ -1159,7 +1163,8 @@ def _repair_tool_pairs(messages: list[JSON]) -> list[JSON]:
             message = {"role": "user", "content": f"[result of tool call {message['tool_call_id']}]\n"
                                                   f"{message['content']}"}
         else:
-            fixed += _interrupted(pending)
+            if pending:
+                fixed += _interrupted(pending)
             pending = [c["id"] for c in message.get("tool_calls") or ()] if role == "assistant" else []
         fixed.append(message)
     return fixed + _interrupted(pending)
@@ -1194,11 +1199,10 @@ def _add_tools(body: JSON, payload: JSON, conv: Conversion, provider: Provider,
                converted: tuple[list[JSON], dict[str, str]] | None) -> None:
     functions, names = converted or _convert_tools(body.get("tools"), provider)
     conv.tool_names.update(names)
+    if functions:
+        payload["tools"] = functions
     choice = body.get("tool_choice")
-    if not functions:
-        return
-    payload["tools"] = functions
-    if choice is None:
+    if not functions or choice is None:
         return
     kind = _expect(choice, dict, "tool_choice", "an object").get("type")
     if kind in ("auto", "any", "none"):
@@ -1415,8 +1419,7 @@ def _decode_with_spans(text: str, known: dict[str, tuple[str, Any]] | None = Non
             start = _skip_space(text, i + 1)
             seen = known.get(key) if known is not None else None
             end = start + len(seen[0]) if seen is not None and text.startswith(seen[0], start) else -1
-            after = _skip_space(text, end) if end >= 0 else 0
-            if seen is not None and end >= 0 and text[after:after + 1] in (",", "}"):
+            if seen is not None and end >= 0 and text.startswith((",", "}"), _skip_space(text, end)):
                 result[key], i = seen[1], end
             else:
                 result[key], i = _RAW_DECODE(text, start)
@@ -1531,21 +1534,19 @@ def openai_to_anthropic(data: Any, conv: Conversion, client_model: str) -> JSON:
     reasoning = message.get("reasoning_content") or message.get("reasoning")
     if isinstance(reasoning, str) and reasoning:
         content.append({"type": "thinking", "thinking": reasoning, "signature": _thinking_signature(reasoning)})
-    text = message.get("content")
+    text, refusal = message.get("content"), message.get("refusal")
     if isinstance(text, list):            # some servers send content parts
         text = "".join(p["text"] for p in text if isinstance(p, dict) and isinstance(p.get("text"), str))
-    if isinstance(text, str) and text:
-        content.append({"type": "text", "text": text})
-    refusal = message.get("refusal")
-    refused = isinstance(refusal, str) and bool(refusal)
-    if refused:
-        content.append({"type": "text", "text": refusal})
+    for piece in (text, refusal):
+        if isinstance(piece, str) and piece:
+            content.append({"type": "text", "text": piece})
     calls = message.get("tool_calls")
     for call in calls if isinstance(calls, list) else ():
         if not isinstance(call, dict):
             continue
         function = _obj(call.get("function"))
         content.append(_tool_use(conv, call.get("id"), function.get("name"), function.get("arguments")))
+    refused = isinstance(refusal, str) and bool(refusal)
     return _assistant_message(content, choice.get("finish_reason"), refused, data.get("usage"), client_model)
 
 
