@@ -914,13 +914,14 @@ class Conversion:
     responses: str = ""                # "provider:model" when the Responses API serves the request
 
 
-def _bad(path: str, what: str) -> InvalidRequestError:
-    return InvalidRequestError(f"{path}: {what}")
+def _obj(value: Any) -> JSON:
+    """A JSON object (a client's or an upstream's), or an empty one in place of anything else."""
+    return value if isinstance(value, dict) else {}
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], path: str, what: str) -> Any:
     if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float, (int, float))):
-        raise _bad(path, f"expected {what}, got {type(value).__name__}")
+        raise InvalidRequestError(f"{path}: expected {what}, got {type(value).__name__}")
     return value
 
 
@@ -946,10 +947,8 @@ def _tool_id_for_upstream(tool_id: str, id_format: str) -> str:
 
 def _text_of(content: Any, path: str) -> str:
     """Text of a string or a list of text-like blocks (system prompts, tool results)."""
-    if isinstance(content, str):
-        return content
-    if content is None:
-        return ""
+    if content is None or isinstance(content, str):
+        return content or ""
     parts = []
     for i, block in enumerate(_expect(content, list, path, "a string or a list of blocks")):
         _expect(block, dict, f"{path}.{i}", "an object")
@@ -958,81 +957,74 @@ def _text_of(content: Any, path: str) -> str:
     return "\n\n".join(p for p in parts if p)
 
 
-def _image_part(block: JSON, path: str) -> JSON | None:
+def _append_text(out: list[JSON], role: str, content: Any, path: str) -> None:
+    """A string or text blocks as one message of `role`, unless there is no text."""
+    text = _text_of(content, path)
+    if text:
+        out.append({"role": role, "content": text})
+
+
+_CONTENT_KINDS: Final = ("text", "search_result", "image", "document")
+_DEFAULT_MEDIA: Final = MappingProxyType({"image": "image/png", "document": "application/pdf"})
+
+
+def _content_part(block: JSON, kind: str, path: str) -> JSON | None:
+    """A block of one of _CONTENT_KINDS (a text one checked by the caller) as a content part, a document
+    with a text source as text; None when the source is one the upstream cannot take."""
+    if kind in ("text", "search_result"):
+        text = block["text"] if kind == "text" else _text_of(block.get("content"), f"{path}.content")
+        return {"type": "text", "text": text}
     source = _expect(block.get("source"), dict, f"{path}.source", "an object")
-    kind = source.get("type")
-    if kind == "base64":
-        media = source.get("media_type") or "image/png"
+    source_kind = source.get("type")
+    title = block.get("title") if isinstance(block.get("title"), str) else None
+    if source_kind == "base64":
         data = _expect(source.get("data"), str, f"{path}.source.data", "a base64 string")
-        return {"type": "image_url", "image_url": {"url": f"data:{media};base64,{data}"}}
-    if kind == "url":
+        url = f"data:{source.get('media_type') or _DEFAULT_MEDIA[kind]};base64,{data}"
+        if kind == "image":
+            return {"type": "image_url", "image_url": {"url": url}}
+        return {"type": "file", "file": {"filename": title or "document.pdf", "file_data": url}}
+    if kind == "image" and source_kind == "url":
         return {"type": "image_url", "image_url": {"url": _expect(source.get("url"), str,
                                                                   f"{path}.source.url", "a string")}}
-    logger.debug("image source %r not supported upstream; dropped", kind)
-    return None
-
-
-def _document_part(block: JSON, path: str) -> JSON | None:
-    source = _expect(block.get("source"), dict, f"{path}.source", "an object")
-    kind = source.get("type")
-    title = block.get("title") if isinstance(block.get("title"), str) else None
-    if kind == "base64":
-        data = _expect(source.get("data"), str, f"{path}.source.data", "a base64 string")
-        media = source.get("media_type") or "application/pdf"
-        return {"type": "file", "file": {"filename": title or "document.pdf",
-                                         "file_data": f"data:{media};base64,{data}"}}
-    if kind == "text":
-        text = _expect(source.get("data"), str, f"{path}.source.data", "a string")
-    elif kind == "content":
-        text = _text_of(source.get("content"), f"{path}.source.content")
-    elif kind == "url":
-        text = f"[document: {source.get('url')}]"
-    else:
-        logger.debug("document source %r not supported upstream; dropped", kind)
+    if kind == "image" or source_kind not in ("text", "content", "url"):
+        logger.debug("%s source %r not supported upstream; dropped", kind, source_kind)
         return None
+    if source_kind == "text":
+        text = _expect(source.get("data"), str, f"{path}.source.data", "a string")
+    elif source_kind == "content":
+        text = _text_of(source.get("content"), f"{path}.source.content")
+    else:
+        text = f"[document: {source.get('url')}]"
     return {"type": "text", "text": f"{title}\n\n{text}" if title else text}
 
 
-def _tool_result(block: JSON, path: str, images: list[JSON]) -> tuple[str, str]:
-    """A tool_result as (tool_call_id, text); its images go to `images` (tool messages are text only)."""
+def _tool_result(block: JSON, path: str, attached: list[JSON], id_format: str) -> tuple[str, str]:
+    """A tool_result as (upstream call id, text); images and files go to `attached` (tool messages are text only)."""
     tool_id = _expect(block.get("tool_use_id"), str, f"{path}.tool_use_id", "a string")
     content = block.get("content")
     if isinstance(content, str) or content is None:
         text = content or ""
     else:
         pieces = []
-        for i, part in enumerate(_expect(content, list, f"{path}.content", "a string or a list")):
-            _expect(part, dict, f"{path}.content.{i}", "an object")
-            kind = part.get("type")
-            if kind == "text" and isinstance(part.get("text"), str):
-                pieces.append(part["text"])
-            elif kind == "image":
-                image = _image_part(part, f"{path}.content.{i}")
-                if image:
-                    images.append(image)
-                    pieces.append("[image attached below]")
-            elif kind == "document":
-                doc = _document_part(part, f"{path}.content.{i}")
-                if doc and doc["type"] == "text":
-                    pieces.append(doc["text"])
-                elif doc:
-                    images.append(doc)
-                    pieces.append("[document attached below]")
-            elif kind == "search_result":
-                pieces.append(_text_of(part.get("content"), f"{path}.content.{i}.content"))
-            else:
+        for i, item in enumerate(_expect(content, list, f"{path}.content", "a string or a list")):
+            where = f"{path}.content.{i}"
+            kind = _expect(item, dict, where, "an object").get("type")
+            if kind not in _CONTENT_KINDS or (kind == "text" and not isinstance(item.get("text"), str)):
                 logger.debug("tool_result part %r dropped", kind)
+                continue
+            part = _content_part(item, kind, where)
+            if part and part["type"] == "text":
+                pieces.append(part["text"])
+            elif part:
+                attached.append(part)
+                pieces.append(f"[{kind} attached below]")
         text = "\n".join(pieces)
     if block.get("is_error") is True:
         text = f"Error: {text}" if text else "Error"
-    return tool_id, text
+    return _tool_id_for_upstream(tool_id, id_format), text
 
 
 def _convert_user(content: Any, out: list[JSON], path: str, conv: Conversion, provider: Provider) -> None:
-    if isinstance(content, str):
-        if content:
-            out.append({"role": "user", "content": content})
-        return
     tools: list[tuple[str, str]] = []
     parts: list[JSON] = []
     attached: list[JSON] = []
@@ -1044,24 +1036,13 @@ def _convert_user(content: Any, out: list[JSON], path: str, conv: Conversion, pr
             if text:
                 parts.append({"type": "text", "text": text})
         elif kind == "tool_result":
-            tool_id, text = _tool_result(block, where, attached)
-            tools.append((_tool_id_for_upstream(tool_id, provider.tool_id_format), text))
-        elif kind == "image":
-            image = _image_part(block, where)
-            if image:
-                parts.append(image)
-        elif kind == "document":
-            doc = _document_part(block, where)
-            if doc:
-                parts.append(doc)
-        elif kind == "search_result":
-            text = _text_of(block.get("content"), f"{where}.content")
-            if text:
-                parts.append({"type": "text", "text": text})
+            tools.append(_tool_result(block, where, attached, provider.tool_id_format))
         elif kind == "mid_conv_system":
-            text = _text_of(block.get("content"), f"{where}.content")
-            if text:
-                out.append({"role": "system", "content": text})
+            _append_text(out, "system", block.get("content"), f"{where}.content")
+        elif kind in _CONTENT_KINDS:
+            part = _content_part(block, kind, where)
+            if part and (kind in ("image", "document") or part["text"]):      # empty text is left out
+                parts.append(part)
         else:
             logger.debug("%s: block type %r dropped", where, kind)
     if tools:
@@ -1087,12 +1068,7 @@ def _convert_user(content: Any, out: list[JSON], path: str, conv: Conversion, pr
         out.append({"role": "user", "content": parts[0]["text"] if only_text else parts})
 
 
-def _convert_assistant(content: Any, out: list[JSON], path: str, conv: Conversion,
-                       provider: Provider) -> None:
-    if isinstance(content, str):
-        if content:
-            out.append({"role": "assistant", "content": content})
-        return
+def _convert_assistant(content: Any, out: list[JSON], path: str, conv: Conversion, provider: Provider) -> None:
     texts: list[str] = []
     calls: list[JSON] = []
     thinking: list[str] = []
@@ -1105,20 +1081,16 @@ def _convert_assistant(content: Any, out: list[JSON], path: str, conv: Conversio
         elif kind == "tool_use":
             tool_id = _expect(block.get("id"), str, f"{where}.id", "a string")
             name = _expect(block.get("name"), str, f"{where}.name", "a string")
-            args = block.get("input", {})
             upstream = _tool_name_for_upstream(name, provider.tool_name_max)
             conv.tool_names[upstream] = name
             calls.append({"id": _tool_id_for_upstream(tool_id, provider.tool_id_format), "type": "function",
                           "function": {"name": upstream,
-                                       "arguments": json.dumps(args, ensure_ascii=False)}})
-        elif kind == "thinking":
-            if isinstance(block.get("thinking"), str):
-                thinking.append(block["thinking"])
-                if str(block.get("signature")).startswith(_REASONING_MARK):
-                    signed.append((block["signature"], block["thinking"]))
-        elif kind == "redacted_thinking":
-            pass
-        else:
+                                       "arguments": json.dumps(block.get("input", {}), ensure_ascii=False)}})
+        elif kind == "thinking" and isinstance(block.get("thinking"), str):
+            thinking.append(block["thinking"])
+            if str(block.get("signature")).startswith(_REASONING_MARK):
+                signed.append((block["signature"], block["thinking"]))
+        elif kind not in ("thinking", "redacted_thinking"):
             logger.debug("%s: block type %r dropped", where, kind)
     text = "".join(texts)
     if not text and not calls:
@@ -1133,32 +1105,28 @@ def _convert_assistant(content: Any, out: list[JSON], path: str, conv: Conversio
     out.append(message)
 
 
-def _repair_tool_pairs(messages: list[JSON]) -> list[JSON]:
-    """Every tool call answered right after its assistant turn; no orphan tool messages.
+def _interrupted(call_ids: list[str]) -> list[JSON]:
+    return [{"role": "tool", "tool_call_id": c, "content": "Tool call was interrupted; no result."} for c in call_ids]
 
-    Claude Code leaves a call unanswered when the user interrupts; OpenAI rejects both
-    unanswered calls and orphan results with a 400.
-    """
+
+def _repair_tool_pairs(messages: list[JSON]) -> list[JSON]:
+    """Every tool call answered right after its assistant turn; no orphan tool messages. Claude Code leaves
+    a call unanswered when the user interrupts; OpenAI rejects both unanswered calls and orphan results (400)."""
     fixed: list[JSON] = []
     pending: list[str] = []
     for message in messages:
         role = message["role"]
-        if role == "tool":
-            if message["tool_call_id"] in pending:
-                pending.remove(message["tool_call_id"])
-                fixed.append(message)
-            else:
-                fixed.append({"role": "user", "content": f"[result of tool call {message['tool_call_id']}]\n"
-                                                         f"{message['content']}"})
-            continue
-        for missing in pending:
-            fixed.append({"role": "tool", "tool_call_id": missing,
-                          "content": "Tool call was interrupted; no result."})
-        pending = [c["id"] for c in message.get("tool_calls") or ()] if role == "assistant" else []
+        if role == "tool" and message["tool_call_id"] in pending:
+            pending.remove(message["tool_call_id"])
+        elif role == "tool":
+            message = {"role": "user", "content": f"[result of tool call {message['tool_call_id']}]\n"
+                                                  f"{message['content']}"}
+        else:
+            if pending:
+                fixed += _interrupted(pending)
+            pending = [c["id"] for c in message.get("tool_calls") or ()] if role == "assistant" else []
         fixed.append(message)
-    fixed.extend({"role": "tool", "tool_call_id": m, "content": "Tool call was interrupted; no result."}
-                 for m in pending)
-    return fixed
+    return fixed + _interrupted(pending)
 
 
 def _convert_tools(tools: Any, provider: Provider) -> tuple[list[JSON], dict[str, str]]:
@@ -1168,16 +1136,13 @@ def _convert_tools(tools: Any, provider: Provider) -> tuple[list[JSON], dict[str
     dropped: list[str] = []
     for i, tool in enumerate(_expect(tools, list, "tools", "a list") if tools is not None else ()):
         where = f"tools.{i}"
-        _expect(tool, dict, where, "an object")
-        kind = tool.get("type")
+        kind = _expect(tool, dict, where, "an object").get("type")
         if kind not in (None, "custom") and "input_schema" not in tool:
             dropped.append(str(tool.get("name") or kind))
             continue
         name = _expect(tool.get("name"), str, f"{where}.name", "a string")
-        schema = tool.get("input_schema")
-        if schema is None or schema == {}:
-            schema = {"type": "object", "properties": {}}
-        _expect(schema, dict, f"{where}.input_schema", "an object")
+        schema = _expect(tool.get("input_schema"), (dict, type(None)), f"{where}.input_schema", "an object")
+        schema = schema or {"type": "object", "properties": {}}         # none, or {}: takes no input
         upstream = _tool_name_for_upstream(name, provider.tool_name_max)
         names[upstream] = name
         function: JSON = {"name": upstream, "parameters": schema}
@@ -1190,29 +1155,24 @@ def _convert_tools(tools: Any, provider: Provider) -> tuple[list[JSON], dict[str
 
 
 def _add_tools(body: JSON, payload: JSON, conv: Conversion, provider: Provider,
-                   converted: tuple[list[JSON], dict[str, str]] | None) -> None:
+               converted: tuple[list[JSON], dict[str, str]] | None) -> None:
     functions, names = converted or _convert_tools(body.get("tools"), provider)
     conv.tool_names.update(names)
+    if functions:
+        payload["tools"] = functions
     choice = body.get("tool_choice")
-    if not functions:
-        return
-    payload["tools"] = functions
-    if choice is None:
+    if not functions or choice is None:
         return
     kind = _expect(choice, dict, "tool_choice", "an object").get("type")
-    if kind == "auto":
-        payload["tool_choice"] = "auto"
-    elif kind == "any":
-        payload["tool_choice"] = "required"
-    elif kind == "none":
-        payload["tool_choice"] = "none"
+    if kind in ("auto", "any", "none"):
+        payload["tool_choice"] = "required" if kind == "any" else kind
     elif kind == "tool":
         name = _expect(choice.get("name"), str, "tool_choice.name", "a string")
         upstream = _tool_name_for_upstream(name, provider.tool_name_max)
         if upstream in conv.tool_names:
             payload["tool_choice"] = {"type": "function", "function": {"name": upstream}}
     else:
-        raise _bad("tool_choice.type", f"must be auto, any, tool or none (got {kind!r})")
+        raise InvalidRequestError(f"tool_choice.type: must be auto, any, tool or none (got {kind!r})")
     if choice.get("disable_parallel_tool_use") is True and provider.parallel_tool_calls and kind != "none":
         payload["parallel_tool_calls"] = False
 
@@ -1229,56 +1189,42 @@ def _reasoning_effort(body: JSON, provider: Provider, model: str) -> str | None:
         budget = budget if isinstance(budget, int) else 8192
         return "low" if budget <= 2048 else "medium" if budget <= 8192 else "high"
     if kind == "adaptive":
-        config = body.get("output_config")
-        effort = config.get("effort") if isinstance(config, dict) else None
+        effort = _obj(body.get("output_config")).get("effort")
         return _EFFORT_BY_NAME.get(effort, "medium") if isinstance(effort, str) else "medium"
     return None
 
 
 def anthropic_to_openai(body: JSON, provider: Provider, model: str, *, max_tokens_limit: int | None = None,
-                        tools: tuple[list[JSON], dict[str, str]] | None = None,
-                        ) -> tuple[JSON, Conversion]:
+                        tools: tuple[list[JSON], dict[str, str]] | None = None) -> tuple[JSON, Conversion]:
     """Convert an Anthropic Messages request into an OpenAI chat-completions payload.
 
-    Pure. Raises InvalidRequestError (400) naming the offending field for client mistakes;
-    unknown fields and block types are ignored, never rejected. `tools` may pass in an
-    earlier `convert_tools` result for the same tools (the handler caches it).
-    """
+    Pure. Client mistakes raise InvalidRequestError (400) naming the field; unknown fields and block types are
+    ignored, never rejected. `tools` may be an earlier `_convert_tools` result for the same tools (cached)."""
     conv = Conversion()
     messages: list[JSON] = []
-    system = body.get("system")
-    if system is not None:
-        text = _text_of(system, "system")
-        if text:
-            messages.append({"role": "system", "content": text})
-    raw_messages = _expect(body.get("messages"), list, "messages", "a list of messages")
-    for i, message in enumerate(raw_messages):
+    _append_text(messages, "system", body.get("system"), "system")
+    for i, message in enumerate(_expect(body.get("messages"), list, "messages", "a list of messages")):
         path = f"messages.{i}"
         role = _expect(message, dict, path, "an object").get("role")
         content = message.get("content")
-        if role == "user":
+        if role not in ("user", "assistant", "system"):
+            raise InvalidRequestError(f"{path}.role: must be 'user', 'assistant' or 'system' (got {role!r})")
+        if isinstance(content, str) or role == "system":
+            _append_text(messages, role, content, f"{path}.content")
+        elif role == "user":
             _convert_user(content, messages, path, conv, provider)
-        elif role == "assistant":
-            _convert_assistant(content, messages, path, conv, provider)
-        elif role == "system":
-            text = _text_of(content, f"{path}.content")
-            if text:
-                messages.append({"role": "system", "content": text})
         else:
-            raise _bad(f"{path}.role", f"must be 'user', 'assistant' or 'system' (got {role!r})")
+            _convert_assistant(content, messages, path, conv, provider)
     payload: JSON = {"model": model, "messages": _repair_tool_pairs(messages)}
     _add_tools(body, payload, conv, provider, tools)
+    reasoning_model = _REASONING_MODEL.match(model) is not None
     max_tokens = body.get("max_tokens")
     if max_tokens is not None:
         _expect(max_tokens, int, "max_tokens", "an integer")
-        if max_tokens_limit is not None:
-            max_tokens = min(max_tokens, max_tokens_limit)
-        reasoning = _REASONING_MODEL.match(model) is not None
         name = provider.max_tokens_field
         if name == "auto":
-            name = "max_completion_tokens" if reasoning else "max_tokens"
-        payload[name] = max_tokens
-    reasoning_model = _REASONING_MODEL.match(model) is not None
+            name = "max_completion_tokens" if reasoning_model else "max_tokens"
+        payload[name] = max_tokens if max_tokens_limit is None else min(max_tokens, max_tokens_limit)
     for key in ("temperature", "top_p"):
         value = body.get(key)
         if value is not None:
@@ -1292,11 +1238,9 @@ def anthropic_to_openai(body: JSON, provider: Provider, model: str, *, max_token
         payload["stream"] = True
         if provider.stream_usage:
             payload["stream_options"] = {"include_usage": True}
-    effort = _reasoning_effort(body, provider, model)
-    if effort:
+    if effort := _reasoning_effort(body, provider, model):
         payload["reasoning_effort"] = effort
-    output = body.get("output_config")
-    fmt = output.get("format") if isinstance(output, dict) else None
+    fmt = _obj(body.get("output_config")).get("format")
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and isinstance(fmt.get("schema"), dict):
         payload["response_format"] = {"type": "json_schema",
                                       "json_schema": {"name": "output", "schema": fmt["schema"]}}
@@ -1337,10 +1281,9 @@ def anthropic_to_responses(body: JSON, provider: Provider, model: str, *, max_to
                            tools: tuple[list[JSON], dict[str, str]] | None = None) -> tuple[JSON, Conversion]:
     """Convert an Anthropic Messages request into a Responses API payload (store: false, stateless).
 
-    The chat conversion does the walk (names, ids, result order, pairing repair, attachments); its
-    messages are re-shaped into items. Only fields the Responses API knows are set: it rejects others.
-    Replayed items carry no `id`: with store: false an id makes the API look the item up, and fail.
-    """
+    The chat conversion does the walk (names, ids, result order, pairing repair, attachments); its messages are
+    re-shaped into items. Only fields the Responses API knows are set: it rejects others. Replayed items carry
+    no `id`: with store: false an id makes the API look the item up, and fail."""
     chat, conv = anthropic_to_openai(body, provider, model, max_tokens_limit=max_tokens_limit, tools=tools)
     conv.responses = f"{provider.name}:{model}"
     signed = {id(message): pairs for message, pairs in conv.signed_thinking}
@@ -1365,11 +1308,10 @@ def anthropic_to_responses(body: JSON, provider: Provider, model: str, *, max_to
         payload["instructions"] = "\n\n".join(instructions)
     if chat.get("tools"):
         payload["tools"] = _responses_tools(chat["tools"])
-    choice = chat.get("tool_choice")
     payload.update({k: chat[k] for k in ("tool_choice", "parallel_tool_calls", "temperature", "top_p", "stream")
                     if k in chat})
-    if isinstance(choice, dict):
-        payload["tool_choice"] = {"type": "function", "name": choice["function"]["name"]}
+    if isinstance(chat.get("tool_choice"), dict):
+        payload["tool_choice"] = {"type": "function", "name": chat["tool_choice"]["function"]["name"]}
     limit = chat.get("max_tokens", chat.get("max_completion_tokens"))
     if limit is not None:       # the API's minimum is 16; Claude Code probes with max_tokens: 1
         payload["max_output_tokens"] = max(16, limit)
@@ -1396,44 +1338,38 @@ def validate_messages_request(body: Any, *, model_required: bool = True) -> JSON
             raise InvalidRequestError("model: must be at most 256 printable characters")
     if not isinstance(body.get("messages"), list):
         raise InvalidRequestError("messages: field required (a list of messages)")
-    if "max_tokens" in body and (not isinstance(body["max_tokens"], int) or isinstance(body["max_tokens"], bool)
-                                 or body["max_tokens"] < 0):
+    if "max_tokens" in body and (type(body["max_tokens"]) is not int or body["max_tokens"] < 0):     # not a bool either
         raise InvalidRequestError("max_tokens: must be a non-negative integer")
     if "stream" in body and not isinstance(body["stream"], bool):
         raise InvalidRequestError("stream: must be true or false")
     return body
 
+
 _JSON_SPACE: Final = re.compile(r"[ \t\n\r]*")
+_RAW_DECODE: Final = _JSON_DECODER.raw_decode
+_REUSED_KEYS: Final = ("tools", "system")
 
 
 def _skip_space(text: str, i: int) -> int:
     match = _JSON_SPACE.match(text, i)
     return match.end() if match else i
-_RAW_DECODE: Final = _JSON_DECODER.raw_decode
-
-
-_REUSED_KEYS: Final = ("tools", "system")
 
 
 def _decode_with_spans(text: str, known: dict[str, tuple[str, Any]] | None = None,
                       ) -> tuple[Any, dict[str, tuple[int, int]]]:
     """json.loads, plus where each top-level value of an object sits in `text`.
 
-    The same C decoder does the work value by value, so it costs what json.loads costs;
-    the spans let unchanged parts (Claude Code's 30 KB of tool schemas) be recognised
-    without hashing or encoding them again. With `known` (key -> (text, value) of the last
-    request), a `tools` or `system` value whose text is unchanged is not decoded again:
-    a complete JSON array, object or string is never a prefix of a different one.
-    """
+    The same C decoder does the work value by value, so it costs what json.loads costs; the spans let unchanged
+    parts (Claude Code's 30 KB of tool schemas) be recognised without hashing or encoding them again. With `known`
+    (key -> (text, value) of the last request), a `tools` or `system` value whose text is unchanged is not decoded
+    again: a complete JSON array, object or string is never a prefix of a different one."""
     spans: dict[str, tuple[int, int]] = {}
     i = _skip_space(text, 0)
     if text[i:i + 1] != "{":
         return _JSON_DECODE(text), spans
     result: JSON = {}
     i = _skip_space(text, i + 1)
-    if text[i:i + 1] == "}":
-        i += 1
-    else:
+    if text[i:i + 1] != "}":
         while True:
             key, i = _RAW_DECODE(text, i)
             i = _skip_space(text, i)
@@ -1442,8 +1378,7 @@ def _decode_with_spans(text: str, known: dict[str, tuple[str, Any]] | None = Non
             start = _skip_space(text, i + 1)
             seen = known.get(key) if known is not None else None
             end = start + len(seen[0]) if seen is not None and text.startswith(seen[0], start) else -1
-            after = _skip_space(text, end) if end >= 0 else 0
-            if seen is not None and end >= 0 and text[after:after + 1] in (",", "}"):
+            if seen is not None and end >= 0 and text.startswith((",", "}"), _skip_space(text, end)):
                 result[key], i = seen[1], end
             else:
                 result[key], i = _RAW_DECODE(text, start)
@@ -1451,24 +1386,16 @@ def _decode_with_spans(text: str, known: dict[str, tuple[str, Any]] | None = Non
                     known[key] = (text[start:i], result[key])
             spans[key] = (start, i)
             i = _skip_space(text, i)
-            if text[i:i + 1] == "}":
-                i += 1
-                break
             if text[i:i + 1] != ",":
-                return _JSON_DECODE(text), {}
+                break
             i = _skip_space(text, i + 1)
-    if _skip_space(text, i) < len(text):
-        return _JSON_DECODE(text), {}                  # trailing data: the decoder's error
+    if text[i:i + 1] != "}" or _skip_space(text, i + 1) < len(text):
+        return _JSON_DECODE(text), {}                  # the decoder reports the error (trailing data too)
     return result, spans
 
 # ---------------------------------------------------------------------------
 # §7  Response conversion: OpenAI -> Anthropic
 # ---------------------------------------------------------------------------
-
-def _obj(value: Any) -> JSON:
-    """An upstream's object, or an empty one in place of anything else."""
-    return value if isinstance(value, dict) else {}
-
 
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
@@ -1476,24 +1403,14 @@ def _int(value: Any) -> int:
 
 def usage_to_anthropic(usage: Any) -> JSON:
     """OpenAI usage (chat-completions or Responses) -> Anthropic usage; Anthropic's input_tokens excludes cache."""
-    if not isinstance(usage, dict):
-        usage = {}
-    details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
-    details = details if isinstance(details, dict) else {}
+    usage = _obj(usage)
+    details = _obj(usage.get("prompt_tokens_details") or usage.get("input_tokens_details"))
     cached = _int(details.get("cached_tokens")) or _int(usage.get("prompt_cache_hit_tokens"))
     written = _int(details.get("cache_write_tokens")) or _int(details.get("cache_creation_tokens"))
     prompt = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
     output = _int(usage.get("completion_tokens", usage.get("output_tokens")))
     return {"input_tokens": max(0, prompt - cached - written), "output_tokens": output,
             "cache_read_input_tokens": cached, "cache_creation_input_tokens": written}
-
-
-def _message_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):            # some servers send content parts
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return ""
 
 
 def _thinking_signature(text: str) -> str:
@@ -1563,11 +1480,8 @@ def stated_output_limit(message: str) -> tuple[int, bool] | None:
 
 
 def openai_to_anthropic(data: Any, conv: Conversion, client_model: str) -> JSON:
-    """Convert an OpenAI chat completion into an Anthropic Message.
-
-    Content order: thinking, text, tool_use; at least one block; stop_reason never null;
-    `model` is the client's requested model string.
-    """
+    """Convert an OpenAI chat completion into an Anthropic Message: thinking, text, tool_use; at least one
+    block; stop_reason never null; `model` is the client's requested model string."""
     if not isinstance(data, dict):
         raise UpstreamError("upstream returned a body that is not a JSON object", status=502)
     choices = data.get("choices")
@@ -1579,12 +1493,12 @@ def openai_to_anthropic(data: Any, conv: Conversion, client_model: str) -> JSON:
     reasoning = message.get("reasoning_content") or message.get("reasoning")
     if isinstance(reasoning, str) and reasoning:
         content.append({"type": "thinking", "thinking": reasoning, "signature": _thinking_signature(reasoning)})
-    text = _message_text(message.get("content"))
-    if text:
-        content.append({"type": "text", "text": text})
-    refusal = message.get("refusal")
-    if isinstance(refusal, str) and refusal:
-        content.append({"type": "text", "text": refusal})
+    text, refusal = message.get("content"), message.get("refusal")
+    if isinstance(text, list):            # some servers send content parts
+        text = "".join(p["text"] for p in text if isinstance(p, dict) and isinstance(p.get("text"), str))
+    for piece in (text, refusal):
+        if isinstance(piece, str) and piece:
+            content.append({"type": "text", "text": piece})
     calls = message.get("tool_calls")
     for call in calls if isinstance(calls, list) else ():
         if not isinstance(call, dict):
@@ -1620,9 +1534,8 @@ def _responses_finish(response: JSON) -> str:
     """A Responses status as a chat-completions finish_reason (STOP_REASON maps both); failure raises."""
     if response.get("status") == "failed":
         raise UpstreamError(_upstream_error_message(response) or "upstream response failed", status=502)
-    details = response.get("incomplete_details")
-    reason = str(details.get("reason")) if isinstance(details, dict) else ""
-    return {"max_output_tokens": "length", "content_filter": "content_filter"}.get(reason, "stop")
+    reason = _obj(response.get("incomplete_details")).get("reason")
+    return {"max_output_tokens": "length", "content_filter": "content_filter"}.get(str(reason), "stop")
 
 
 def _reasoning_text(item: JSON) -> str:
