@@ -1704,12 +1704,10 @@ class SSETooLarge(ValueError):
 
 
 class SSEDecoder:
-    """Incremental Server-Sent Events parser over bytes.
+    """Incremental Server-Sent Events parser over bytes, yielding (event name, data bytes).
 
-    Lines are split on LF (a trailing CR is dropped) and text is decoded only per whole
-    event, so events and multi-byte characters may be split anywhere. Comment lines and
-    lines that are not fields are skipped. Yields (event name, data bytes). Linear work: an
-    unfinished line is kept as the pieces fed and joined once, when its newline arrives.
+    Lines split on LF (a trailing CR dropped), so events and multi-byte characters may be split anywhere. Linear:
+    an unfinished line is kept as the pieces fed and joined once, when its newline arrives.
     """
 
     __slots__ = ("_data", "_data_size", "_event", "_pending", "_pending_size", "max_event_bytes")
@@ -1722,27 +1720,21 @@ class SSEDecoder:
         self._event = ""
 
     def feed(self, chunk: bytes) -> list[tuple[str, bytes]]:
-        if b"\n" not in chunk:
-            self._pending.append(chunk)
+        self._pending.append(chunk)
+        lines: list[bytes] = []
+        if b"\n" in chunk:
+            lines = b"".join(self._pending).split(b"\n")     # a lone piece is joined without a copy
+            tail = lines.pop()
+            self._pending, self._pending_size = [tail] if tail else [], len(tail)
+        else:
             self._pending_size += len(chunk)
-            if self._pending_size > self.max_event_bytes:
-                raise self._too_large("line")
-            return []
-        if self._pending:
-            self._pending.append(chunk)
-            chunk = b"".join(self._pending)
-        lines = chunk.split(b"\n")
-        tail = lines.pop()
-        self._pending, self._pending_size = [tail] if tail else [], len(tail)
         if self._pending_size > self.max_event_bytes:
             raise self._too_large("line")
         return self._lines(lines)
 
     def close(self) -> list[tuple[str, bytes]]:
         """Flush at end of stream: an unterminated last event still counts."""
-        lines = [b"".join(self._pending), b""] if self._pending else [b""]
-        self._pending, self._pending_size = [], 0
-        return self._lines(lines)
+        return self.feed(b"\n\n")
 
     def _too_large(self, what: str) -> SSETooLarge:
         return SSETooLarge(f"upstream sent an SSE {what} over {self.max_event_bytes} bytes")
@@ -1817,25 +1809,23 @@ def encode_events(events: Iterable[tuple[str, JSON]]) -> bytes:
 class JsonPrefix:
     """Incremental check that streamed text is still the beginning of one JSON object.
 
-    Tool arguments reach the client as `input_json_delta` fragments that it concatenates
-    and parses, so a fragment may only go out while the text stays a viable prefix, and at
-    the end `suffix()` closes whatever is open. A trailing comma is held back until the
-    next value starts (a closed `{"a": 1,` would not parse). Linear in the text; runs of
-    string content are skipped with a regex.
+    Tool arguments reach the client as `input_json_delta` fragments that it concatenates and parses, so a fragment
+    may only go out while the text stays a viable prefix, and `suffix()` closes whatever is open. A trailing comma
+    is held back until the next value starts (`{"a": 1,` cannot be closed). Linear: runs are scanned by regex.
     """
 
     __slots__ = ("escape", "expect", "held", "in_string", "key", "literal", "stack")
     _LITERALS: Final = ("true", "false", "null")
     _STRING_END: Final = re.compile(r'["\\]')
-    _PARTIAL_NUMBER: Final = re.compile(r"-?(\d+(\.\d*)?([eE][+-]?\d*)?)?")
-    _NUMBER: Final = re.compile(r"-?\d+(\.\d+)?([eE][+-]?\d+)?")
+    _LITERAL_RUN: Final = re.compile(r"[\w+.-]*")
+    _PARTIAL_NUMBER: Final = re.compile(r"-?((0|[1-9][0-9]*)(\.|(\.[0-9]+)?([eE][+-]?[0-9]*)?))?")
+    _NUMBER: Final = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
 
     def __init__(self) -> None:
         self.stack: list[str] = []
         self.expect = "start"    # start key key_or_close colon value value_or_close comma done
         self.in_string = self.key = self.escape = False
-        self.literal = ""
-        self.held = ""
+        self.literal = self.held = ""
 
     def feed(self, text: str) -> str | None:
         """The part of `text` safe to send now, or None (state unchanged) if `text` breaks the JSON."""
@@ -1855,26 +1845,23 @@ class JsonPrefix:
                     self.escape, i = False, i + 1
                     continue
                 end = self._STRING_END.search(out, i)
-                i = end.start() if end else n
-                if i < n:
-                    if out[i] == "\\":
-                        self.escape = True
-                    else:
-                        self.in_string = False
-                        self.expect = "colon" if self.key else "comma"
-                    i += 1
+                if end is None:
+                    break
+                i = end.end()
+                self.escape = out[i - 1] == "\\"
+                if not self.escape:
+                    self.in_string, self.expect = False, "colon" if self.key else "comma"
+                continue
+            if self.literal:                  # a number, true, false or null, maybe split across fragments
+                end = self._LITERAL_RUN.match(out, i).end()
+                self.literal += out[i:end]
+                if not self._literal_viable(complete=end < n):
+                    return None
+                if end == n:
+                    break
+                self.literal, self.expect, i = "", "comma", end
                 continue
             ch = out[i]
-            if self.literal:
-                if ch.isalnum() or ch in "+-.":
-                    self.literal += ch
-                    if not self._literal_viable():
-                        return None
-                    i += 1
-                    continue
-                if not (self.literal in self._LITERALS or self._NUMBER.fullmatch(self.literal)):
-                    return None
-                self.literal, self.expect = "", "comma"
             i += 1
             if ch in " \t\r\n":
                 continue
@@ -1882,7 +1869,7 @@ class JsonPrefix:
             if ch != ",":
                 hold_from = -1
             if ch == '"' and expect in ("key", "key_or_close", "value", "value_or_close"):
-                self.in_string, self.key = True, expect in ("key", "key_or_close")
+                self.in_string, self.key = True, expect.startswith("key")
             elif ch in "{[" and (expect in ("value", "value_or_close") or (expect == "start" and ch == "{")):
                 self.stack.append(ch)
                 self.expect = "key_or_close" if ch == "{" else "value_or_close"
@@ -1892,10 +1879,10 @@ class JsonPrefix:
                 self.expect = "comma" if self.stack else "done"
             elif ch == ":" and expect == "colon":
                 self.expect = "value"
-            elif ch == "," and expect == "comma" and self.stack:
+            elif ch == "," and expect == "comma":         # "comma" is only ever inside a container
                 self.expect = "key" if self.stack[-1] == "{" else "value"
                 hold_from = i - 1
-            elif expect in ("value", "value_or_close") and (ch.isdigit() or ch in "-tfn"):
+            elif expect in ("value", "value_or_close") and ch in "-0123456789tfn":
                 self.literal = ch
             else:
                 return None
@@ -1905,11 +1892,11 @@ class JsonPrefix:
             self.held = ""
         return out
 
-    def _literal_viable(self) -> bool:
+    def _literal_viable(self, complete: bool) -> bool:
         word = self.literal
         if word[0] in "tfn":
-            return any(lit.startswith(word) for lit in self._LITERALS)
-        return self._PARTIAL_NUMBER.fullmatch(word) is not None
+            return word in self._LITERALS if complete else any(lit.startswith(word) for lit in self._LITERALS)
+        return (self._NUMBER if complete else self._PARTIAL_NUMBER).fullmatch(word) is not None
 
     def suffix(self) -> str:
         """Text that closes the object sent so far (a held comma is simply never sent)."""
@@ -2016,14 +2003,14 @@ class _BlockWriter:
             call = self.calls[key] = _ToolCall(tool_id, name)
         else:
             call.id, call.name = call.id or tool_id, call.name or name
+        if call.args and args.startswith(call.args):      # a cumulative snapshot
+            args = args[len(call.args):]
         if args:
-            if call.args and args.startswith(call.args):
-                args = args[len(call.args):]
             call.args += args
             self.output_chars += len(args)
-            if call.state == "open" and args:
+            if call.state == "open":
                 self._send_args(call, args)
-            elif call.state == "closed" and args:
+            elif call.state == "closed":
                 logger.warning("tool call %s: arguments arrived after its block closed; dropped", call.id)
         open_call = self.open_call
         if call.state == "pending" and call.name and (open_call is None or open_call.json.expect == "done"
@@ -2034,12 +2021,10 @@ class _BlockWriter:
         """End the open block, then send the buffered calls, each as a whole block."""
         self._close_open()
         for call in self.calls.values():
-            if call.state == "pending":
-                if call.name is None and not call.args:
-                    call.state = "closed"
-                    continue
+            if call.state == "pending" and (call.name is not None or call.args):
                 self._start_call(call)
                 self._close_open()
+            call.state = "closed"             # an empty call without a name is dropped
 
     def finish(self, stop_reason: str, usage: JSON | None = None) -> list[tuple[str, JSON]]:
         """Close all blocks and end the message; `usage` in Anthropic terms, else an estimate."""
@@ -2179,13 +2164,11 @@ class StreamTranslator:
             reasoning = delta.get("reasoning_content") or delta.get("reasoning")
             if reasoning and isinstance(reasoning, str):
                 writer.thinking(reasoning)
-            content = delta.get("content")
-            if content and isinstance(content, str):
-                writer.text(content)
-            refusal = delta.get("refusal")
-            if refusal and isinstance(refusal, str):
-                writer.text(refusal)
-                self.refused = True
+            for field_name in ("content", "refusal"):
+                text = delta.get(field_name)
+                if text and isinstance(text, str):
+                    writer.text(text)
+                    self.refused = self.refused or field_name == "refusal"
             calls = delta.get("tool_calls")
             for call in calls if isinstance(calls, list) else ():
                 if isinstance(call, dict):
@@ -2254,7 +2237,7 @@ class ResponsesTranslator(StreamTranslator):
         elif kind in ("response.function_call_arguments.delta", "response.function_call_arguments.done"):
             writer.tool_call(key, None, None, piece or str(chunk.get("arguments") or ""))
         elif kind in ("response.output_item.added", "response.output_item.done"):
-            self._item(key, chunk.get("item"), kind.endswith("done"))
+            self._item(key, _obj(chunk.get("item")), kind.endswith("done"))
         elif kind in ("response.completed", "response.incomplete"):
             response: JSON = chunk["response"] if isinstance(chunk.get("response"), dict) else {}
             self.finish_reason, self.usage = _responses_finish(response), response.get("usage")
@@ -2263,10 +2246,8 @@ class ResponsesTranslator(StreamTranslator):
             raise UpstreamError(_upstream_error_message(failure) or "upstream stream error", status=502)
         return writer.take()
 
-    def _item(self, key: Any, item: Any, done: bool) -> None:
+    def _item(self, key: Any, item: JSON, done: bool) -> None:
         writer = self.writer
-        if not isinstance(item, dict):
-            return
         if item.get("type") == "function_call":
             call_id = item.get("call_id") or item.get("id")
             name = item.get("name")
@@ -2406,23 +2387,23 @@ class _GeminiDialect(Middleware):
             if message["role"] == "tool":
                 message["tool_call_id"] = message["tool_call_id"].partition(_SIGNATURE_MARK)[0]
 
-    def _mark(self, calls: Any) -> None:
-        for call in calls if isinstance(calls, list) else ():
-            extra = call.get("extra_content") if isinstance(call, dict) else None
-            google = extra.get("google") if isinstance(extra, dict) else None
-            signature = google.get("thought_signature") if isinstance(google, dict) else None
-            if self.signatures and isinstance(signature, str) and signature:
-                call["id"] = f"{call.get('id') or _new_tool_id()}{_SIGNATURE_MARK}{_b64(signature)}"
+    def _mark(self, data: JSON, part: str) -> None:
+        """Put each tool call's thought signature into its id; `part` is "message" or "delta"."""
+        for choice in data.get("choices") or ():
+            holder = choice.get(part) if isinstance(choice, dict) else None
+            calls = holder.get("tool_calls") if isinstance(holder, dict) else None
+            for call in calls if isinstance(calls, list) else ():
+                extra = call.get("extra_content") if isinstance(call, dict) else None
+                google = extra.get("google") if isinstance(extra, dict) else None
+                signature = google.get("thought_signature") if isinstance(google, dict) else None
+                if self.signatures and isinstance(signature, str) and signature:
+                    call["id"] = f"{call.get('id') or _new_tool_id()}{_SIGNATURE_MARK}{_b64(signature)}"
 
     def on_upstream_response(self, exchange: Exchange, data: JSON) -> None:
-        for choice in data.get("choices") or ():
-            if isinstance(choice, dict) and isinstance(choice.get("message"), dict):
-                self._mark(choice["message"].get("tool_calls"))
+        self._mark(data, "message")
 
     def on_upstream_chunk(self, exchange: Exchange, chunk: JSON) -> None:
-        for choice in chunk.get("choices") or ():
-            if isinstance(choice, dict) and isinstance(choice.get("delta"), dict):
-                self._mark(choice["delta"].get("tool_calls"))
+        self._mark(chunk, "delta")
 
 
 class _ReasoningHistoryDialect(Middleware):
