@@ -1817,7 +1817,7 @@ class JsonPrefix:
     __slots__ = ("escape", "expect", "held", "in_string", "key", "literal", "stack")
     _LITERALS: Final = ("true", "false", "null")
     _STRING_END: Final = re.compile(r'["\\]')
-    _LITERAL_RUN: Final = re.compile(r"[\w+.-]*")
+    _LITERAL_END: Final = re.compile(r"[^\w+.-]")
     _PARTIAL_NUMBER: Final = re.compile(r"-?((0|[1-9][0-9]*)(\.|(\.[0-9]+)?([eE][+-]?[0-9]*)?))?")
     _NUMBER: Final = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
 
@@ -1844,16 +1844,17 @@ class JsonPrefix:
                 if self.escape:
                     self.escape, i = False, i + 1
                     continue
-                end = self._STRING_END.search(out, i)
-                if end is None:
+                found = self._STRING_END.search(out, i)
+                if found is None:
                     break
-                i = end.end()
+                i = found.end()
                 self.escape = out[i - 1] == "\\"
                 if not self.escape:
                     self.in_string, self.expect = False, "colon" if self.key else "comma"
                 continue
             if self.literal:                  # a number, true, false or null, maybe split across fragments
-                end = self._LITERAL_RUN.match(out, i).end()
+                found = self._LITERAL_END.search(out, i)
+                end = found.start() if found else n
                 self.literal += out[i:end]
                 if not self._literal_viable(complete=end < n):
                     return None
