@@ -1771,9 +1771,7 @@ def _decode_chunk(data: bytes) -> list[Any]:
         pass
     chunks = []
     for line in data.split(b"\n"):
-        line = line.strip()
-        if line.startswith(b"data:"):
-            line = line[5:].strip()
+        line = line.strip().removeprefix(b"data:").strip()
         if line and line != b"[DONE]":
             try:
                 chunks.append(json.loads(line))
@@ -1787,11 +1785,8 @@ _DELTA_FIELD: Final = MappingProxyType({"text_delta": "text", "thinking_delta": 
 
 
 def encode_events(events: Iterable[tuple[str, JSON]]) -> bytes:
-    """Anthropic SSE frames: every frame has its `event:` line (Claude Code needs it).
-
-    Deltas, nearly every frame of a stream, are formatted from a template: encoding only
-    the text is ten times cheaper than encoding the event dict.
-    """
+    """Anthropic SSE frames, each with its `event:` line (Claude Code needs it). Deltas, nearly every frame,
+    come from a template: encoding only the text is ten times cheaper than encoding the event dict."""
     out = []
     for name, data in events:
         if name == "content_block_delta":
@@ -1919,11 +1914,8 @@ class JsonPrefix:
 
 
 def parse_tool_arguments(raw: Any) -> JSON:
-    """Tool-call arguments as an object: repair what is recoverable, else keep the raw text.
-
-    Handles objects already decoded, double-encoded JSON strings, code fences, trailing
-    commas and truncated JSON. Unrecoverable text comes back as {"_raw_arguments": text}.
-    """
+    """Tool-call arguments as an object: decoded already, encoded twice, fenced, with trailing commas or truncated
+    are repaired; unrecoverable text comes back as {"_raw_arguments": text}."""
     if isinstance(raw, dict):
         return raw
     if not isinstance(raw, str) or not raw.strip():
@@ -2129,10 +2121,8 @@ class StreamTranslator:
     calls per chunk, no `role`, `choices: []`, and usage (kept in OpenAI terms) in any chunk.
     """
 
-    def __init__(self, client_model: str, conv: Conversion | None = None, *, input_tokens: int = 0,
-                 message_id: str | None = None) -> None:
-        self.writer = _BlockWriter(client_model, (conv or Conversion()).tool_names, input_tokens=input_tokens,
-                                   message_id=message_id)
+    def __init__(self, client_model: str, conv: Conversion | None = None, *, input_tokens: int = 0) -> None:
+        self.writer = _BlockWriter(client_model, (conv or Conversion()).tool_names, input_tokens=input_tokens)
         self.by_index: dict[int, int] = {}        # the upstream's call index -> the writer's call key
         self.finish_reason: str | None = None
         self.refused = False
@@ -2361,9 +2351,8 @@ def _unb64(text: str) -> str:
 class _GeminiDialect(Middleware):
     """Gemini's OpenAI endpoint: clean tool schemas; carry thought signatures through the client.
 
-    Gemini rejects a replayed tool call without its `extra_content.google.thought_signature`.
-    The signature rides inside the tool_use id the client echoes back (id + SIGNATURE_MARK +
-    base64url), so no proxy state is needed: it survives restarts and several processes.
+    Gemini rejects a replayed tool call without its `extra_content.google.thought_signature`, so that rides inside
+    the tool_use id the client echoes back (id + SIGNATURE_MARK + base64url): no proxy state; survives restarts.
     """
 
     name = "gemini"
@@ -2594,11 +2583,8 @@ _C_LONG = 33.8     # per 32-char block inside an unbroken alphanumeric run
 
 
 def estimate_tokens(text: str) -> int:
-    """Estimate the BPE token count of *text* on the o200k_base / cl100k_base scale.
-
-    English prose, code and JSON land within about -5%/+15% of the real count; never
-    returns 0 for non-empty text.
-    """
+    """The BPE token count of *text* on the o200k_base / cl100k_base scale, estimated: English prose, code and
+    JSON land within about -5%/+15% of the real count; never 0 for non-empty text."""
     if not text:
         return 0
     b = text.encode("utf-8", "surrogatepass")
@@ -2624,23 +2610,15 @@ def count_request_tokens(body: JSON) -> int:
     """Estimate of the input tokens of an Anthropic request, over its OpenAI conversion."""
     probe = Provider(name="count", base_url="http://count")
     payload, conv = anthropic_to_openai({**body, "stream": False}, probe, "count")
-    return _count_payload_tokens(payload, conv)
-
-
-def _count_payload_tokens(payload: JSON, conv: Conversion) -> int:
-    """Estimate of the input tokens of a converted (OpenAI) payload."""
     total = 3
     for message in payload["messages"]:
         total += 4
         content = message.get("content")
-        if isinstance(content, str):
-            total += estimate_tokens(content)
-        elif isinstance(content, list):
-            for part in content:
-                if part.get("type") == "text":
-                    total += estimate_tokens(part["text"])
-                elif part.get("type") == "file":
-                    total += len(part["file"]["file_data"]) // 3 // 250 * 100 + 100
+        for part in [{"type": "text", "text": content}] if isinstance(content, str) else content or ():
+            if part.get("type") == "text":
+                total += estimate_tokens(part["text"])
+            elif part.get("type") == "file":
+                total += len(part["file"]["file_data"]) // 3 // 250 * 100 + 100
         for call in message.get("tool_calls") or ():
             total += 4 + estimate_tokens(call["function"]["name"]) + estimate_tokens(call["function"]["arguments"])
     total += conv.images * _IMAGE_TOKENS
