@@ -2614,7 +2614,8 @@ def count_request_tokens(body: JSON) -> int:
     for message in payload["messages"]:
         total += 4
         content = message.get("content")
-        for part in [{"type": "text", "text": content}] if isinstance(content, str) else content or ():
+        parts: list[JSON] = [{"type": "text", "text": content}] if isinstance(content, str) else content or []
+        for part in parts:
             if part.get("type") == "text":
                 total += estimate_tokens(part["text"])
             elif part.get("type") == "file":
