@@ -1813,8 +1813,9 @@ class JsonPrefix:
     _LITERALS: Final = ("true", "false", "null")
     _STRING_END: Final = re.compile(r'["\\]')
     _LITERAL_END: Final = re.compile(r"[^\w+.-]")
-    _PARTIAL_NUMBER: Final = re.compile(r"-?((0|[1-9][0-9]*)(\.|(\.[0-9]+)?([eE][+-]?[0-9]*)?))?")
-    _NUMBER: Final = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+    _LITERAL: Final = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?|true|false|null")
+    _LITERAL_PREFIX: Final = re.compile(r"-?((0|[1-9][0-9]*)(\.|(\.[0-9]+)?([eE][+-]?[0-9]*)?))?"
+                                        r"|t(r(ue?)?)?|f(a(l(se?)?)?)?|n(u(ll?)?)?")
 
     def __init__(self) -> None:
         self.stack: list[str] = []
@@ -1833,7 +1834,7 @@ class JsonPrefix:
     def _feed(self, text: str) -> str | None:
         out = self.held + text
         i, n = len(self.held), len(out)
-        hold_from = 0 if self.held else -1
+        hold_from = 0 if self.held else n          # where a trailing comma (and its spaces) starts
         while i < n:
             if self.in_string:
                 if self.escape:
@@ -1851,7 +1852,7 @@ class JsonPrefix:
                 found = self._LITERAL_END.search(out, i)
                 end = found.start() if found else n
                 self.literal += out[i:end]
-                if not self._literal_viable(complete=end < n):
+                if not (self._LITERAL if end < n else self._LITERAL_PREFIX).fullmatch(self.literal):
                     return None
                 if end == n:
                     break
@@ -1863,7 +1864,7 @@ class JsonPrefix:
                 continue
             expect = self.expect
             if ch != ",":
-                hold_from = -1
+                hold_from = n
             if ch == '"' and expect in ("key", "key_or_close", "value", "value_or_close"):
                 self.in_string, self.key = True, expect.startswith("key")
             elif ch in "{[" and (expect in ("value", "value_or_close") or (expect == "start" and ch == "{")):
@@ -1882,17 +1883,8 @@ class JsonPrefix:
                 self.literal = ch
             else:
                 return None
-        if hold_from >= 0:
-            self.held, out = out[hold_from:], out[:hold_from]
-        else:
-            self.held = ""
-        return out
-
-    def _literal_viable(self, complete: bool) -> bool:
-        word = self.literal
-        if word[0] in "tfn":
-            return word in self._LITERALS if complete else any(lit.startswith(word) for lit in self._LITERALS)
-        return (self._NUMBER if complete else self._PARTIAL_NUMBER).fullmatch(word) is not None
+        self.held = out[hold_from:]
+        return out[:hold_from]
 
     def suffix(self) -> str:
         """Text that closes the object sent so far (a held comma is simply never sent)."""
@@ -2318,7 +2310,7 @@ def clean_schema_for_gemini(schema: Any) -> Any:
         return schema
     cleaned: JSON = {}
     for key, value in schema.items():
-        if key not in _GEMINI_SCHEMA_KEYS:
+        if key not in _GEMINI_SCHEMA_KEYS or (key == "format" and value not in ("date-time", "enum")):
             continue
         if key == "properties" and isinstance(value, dict):
             cleaned[key] = {k: clean_schema_for_gemini(v) for k, v in value.items()}
@@ -2329,8 +2321,6 @@ def clean_schema_for_gemini(schema: Any) -> Any:
             cleaned["type"] = types[0] if types else "string"
             if "null" in value:
                 cleaned["nullable"] = True
-        elif key == "format" and value not in ("date-time", "enum"):
-            continue
         else:
             cleaned[key] = value
     if cleaned.get("type") == "array" and "items" not in cleaned:
@@ -2423,20 +2413,19 @@ class ThinkSplitter:
         text, self.pending = self.pending + text, ""
         reasoning: list[str] = []
         visible: list[str] = []
-        while text:
+        while True:
             tag = "</think>" if self.inside else "<think>"
             sink = reasoning if self.inside else visible
             position = text.find(tag)
-            if position >= 0:
-                sink.append(text[:position])
-                text = text[position + len(tag):]
-                self.inside = not self.inside
-                continue
-            keep = 0 if end else next((n for n in range(min(len(tag) - 1, len(text)), 0, -1)
-                                       if tag.startswith(text[-n:])), 0)
-            sink.append(text[: len(text) - keep])
-            self.pending = text[len(text) - keep:]
-            break
+            if position < 0:
+                break
+            sink.append(text[:position])
+            text = text[position + len(tag):]
+            self.inside = not self.inside
+        keep = 0 if end else next((n for n in range(min(len(tag) - 1, len(text)), 0, -1)
+                                   if tag.startswith(text[-n:])), 0)      # what may begin the tag waits
+        sink.append(text[: len(text) - keep])
+        self.pending = text[len(text) - keep:]
         return "".join(reasoning), "".join(visible)
 
     def flush(self) -> JSON | None:
@@ -2459,11 +2448,9 @@ class _ThinkTagsDialect(Middleware):
         if not isinstance(holder, dict):
             return
         content = holder.get("content")
-        if not isinstance(content, str):
-            if not (end and splitter.pending):
-                return
-            content = ""
-        reasoning, visible = splitter.feed(content, end)
+        if not isinstance(content, str) and not (end and splitter.pending):
+            return
+        reasoning, visible = splitter.feed(content if isinstance(content, str) else "", end)
         holder["content"] = visible.lstrip("\n") if reasoning and whole else visible
         if reasoning:
             holder["reasoning_content"] = (holder.get("reasoning_content") or "") + reasoning
@@ -2504,17 +2491,17 @@ class _MiddlewareChain:
         """The hooks that apply to this exchange, per hook point (computed once per request)."""
         result: _BoundHooks = {p: [] for p in _HOOK_POINTS}
         for hook in self.hooks:
+            name = getattr(hook, "name", type(hook).__name__)
             try:
                 applies = hook.applies(exchange) if hasattr(hook, "applies") else True
             except Exception as exc:
-                raise _hook_error(getattr(hook, "name", type(hook).__name__), exc) from None
+                raise _hook_error(name, exc) from None
             if not applies:
                 continue
             for point in _HOOK_POINTS:
                 method = getattr(hook, point, None)
-                base = getattr(Middleware, point)
-                if callable(method) and getattr(method, "__func__", method) is not base:
-                    result[point].append((getattr(hook, "name", type(hook).__name__), method))
+                if callable(method) and getattr(method, "__func__", method) is not getattr(Middleware, point):
+                    result[point].append((name, method))
         return result
 
 
