@@ -1704,11 +1704,9 @@ class SSETooLarge(ValueError):
 
 
 class SSEDecoder:
-    """Incremental Server-Sent Events parser over bytes, yielding (event name, data bytes).
-
-    Lines split on LF (a trailing CR dropped), so events and multi-byte characters may be split anywhere. Linear:
-    an unfinished line is kept as the pieces fed and joined once, when its newline arrives.
-    """
+    """Incremental Server-Sent Events parser over bytes, yielding (event name, data bytes). Lines split on LF (a
+    trailing CR dropped), so events and multi-byte characters may be split anywhere. Linear: an unfinished line is
+    kept as the pieces fed and joined once, when its newline arrives."""
 
     __slots__ = ("_data", "_data_size", "_event", "_pending", "_pending_size", "max_event_bytes")
 
@@ -1802,12 +1800,10 @@ def encode_events(events: Iterable[tuple[str, JSON]]) -> bytes:
 
 
 class JsonPrefix:
-    """Incremental check that streamed text is still the beginning of one JSON object.
-
-    Tool arguments reach the client as `input_json_delta` fragments that it concatenates and parses, so a fragment
-    may only go out while the text stays a viable prefix, and `suffix()` closes whatever is open. A trailing comma
-    is held back until the next value starts (`{"a": 1,` cannot be closed). Linear: runs are scanned by regex.
-    """
+    """Incremental check that streamed text is still the beginning of one JSON object. Tool arguments reach the
+    client as `input_json_delta` fragments that it concatenates and parses, so a fragment may only go out while the
+    text stays a viable prefix, and `suffix()` closes whatever is open. A trailing comma is held back until the next
+    value starts (`{"a": 1,` cannot be closed). Linear: strings and literals are scanned as runs."""
 
     __slots__ = ("escape", "expect", "held", "in_string", "key", "literal", "stack")
     _LITERALS: Final = ("true", "false", "null")
@@ -1966,8 +1962,7 @@ class _BlockWriter:
 
     def start(self, usage: JSON | None = None) -> list[tuple[str, JSON]]:
         """message_start, with `usage` or else the input estimate, and a first ping."""
-        usage = usage or {"input_tokens": self.input_tokens, "cache_creation_input_tokens": 0,
-                          "cache_read_input_tokens": 0}
+        usage = usage or usage_to_anthropic({"prompt_tokens": self.input_tokens})
         message: JSON = {"id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
                          "content": [], "stop_reason": None, "stop_sequence": None,
                          "usage": {**usage, "output_tokens": 1}}
@@ -2107,11 +2102,9 @@ def message_events(message: JSON) -> list[tuple[str, JSON]]:
 
 
 class StreamTranslator:
-    """OpenAI chat-completion chunks in, Anthropic stream events out, through a _BlockWriter.
-
-    Tolerates chunks without `index`, repeated indexes, cumulative argument snapshots, several
-    calls per chunk, no `role`, `choices: []`, and usage (kept in OpenAI terms) in any chunk.
-    """
+    """OpenAI chat-completion chunks in, Anthropic stream events out, through a _BlockWriter. Tolerates chunks
+    without `index`, repeated indexes, cumulative argument snapshots, several calls per chunk, no `role`,
+    `choices: []`, and usage (kept in OpenAI terms) in any chunk."""
 
     def __init__(self, client_model: str, conv: Conversion | None = None, *, input_tokens: int = 0) -> None:
         self.writer = _BlockWriter(client_model, (conv or Conversion()).tool_names, input_tokens=input_tokens)
