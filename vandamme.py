@@ -1740,8 +1740,7 @@ class SSEDecoder:
     def _lines(self, lines: list[bytes]) -> list[tuple[str, bytes]]:
         events = []
         for line in lines:
-            if line.endswith(b"\r"):
-                line = line[:-1]
+            line = line.removesuffix(b"\r")
             if not line:
                 if self._data:
                     events.append((self._event or "message", b"\n".join(self._data)))
@@ -1749,8 +1748,7 @@ class SSEDecoder:
                 self._event = ""
             elif line[0] != 58:                       # b":" starts a comment
                 name, _, value = line.partition(b":")
-                if value[:1] == b" ":
-                    value = value[1:]
+                value = value.removeprefix(b" ")
                 if name == b"data":
                     self._data.append(value)
                     self._data_size += len(value)
@@ -2351,12 +2349,10 @@ class _GeminiDialect(Middleware):
             tool["function"]["parameters"] = clean_schema_for_gemini(tool["function"]["parameters"])
         for message in payload["messages"]:
             for call in message.get("tool_calls") or ():
-                tool_id, sep, signature = call["id"].partition(_SIGNATURE_MARK)
-                if sep:
-                    call["id"] = tool_id
+                call["id"], sep, signature = call["id"].partition(_SIGNATURE_MARK)
+                if sep and self.signatures:
                     with contextlib.suppress(ValueError):
-                        if self.signatures:
-                            call["extra_content"] = {"google": {"thought_signature": _unb64(signature)}}
+                        call["extra_content"] = {"google": {"thought_signature": _unb64(signature)}}
             if message["role"] == "tool":
                 message["tool_call_id"] = message["tool_call_id"].partition(_SIGNATURE_MARK)[0]
 
