@@ -1937,13 +1937,11 @@ class _ToolCall:
 
 
 class _BlockWriter:
-    """The Anthropic stream grammar, driven in Anthropic terms by a format's decoder; never an invalid stream.
-
-    Events collect in `events` until `take()`. Blocks are strictly sequential (start, deltas, stop, then the
-    next; indexes 0, 1, 2 ...). A tool call streams live while it is the open block; a call that starts while
-    the open one's arguments are incomplete is buffered and sent whole when that one closes. Argument fragments
-    pass through JsonPrefix, so they always concatenate to one JSON object.
-    """
+    """The Anthropic stream grammar, driven in Anthropic terms by a format's decoder; never an invalid stream. Events
+    collect in `events` until `take()`. Blocks are strictly sequential (start, deltas, stop, then the next; indexes
+    0, 1, 2 ...). A tool call streams live while it is the open block; a call that starts while the open one's
+    arguments are incomplete is buffered and sent whole when that one closes. Argument fragments pass through
+    JsonPrefix, so they always concatenate to one JSON object."""
 
     def __init__(self, model: str, tool_names: Mapping[str, str] = MappingProxyType({}), *,
                  input_tokens: int = 0, message_id: str | None = None) -> None:
@@ -2108,9 +2106,8 @@ class StreamTranslator:
         self.writer = _BlockWriter(client_model, (conv or Conversion()).tool_names, input_tokens=input_tokens)
         self.by_index: dict[int, int] = {}        # the upstream's call index -> the writer's call key
         self.finish_reason: str | None = None
-        self.refused = False
         self.usage: JSON | None = None
-        self.finished = False
+        self.refused = self.finished = False
         self.responses = (conv or Conversion()).responses
 
     @property
@@ -2330,11 +2327,9 @@ def _unb64(text: str) -> str:
 
 
 class _GeminiDialect(Middleware):
-    """Gemini's OpenAI endpoint: clean tool schemas; carry thought signatures through the client.
-
-    Gemini rejects a replayed tool call without its `extra_content.google.thought_signature`, so that rides inside
-    the tool_use id the client echoes back (id + SIGNATURE_MARK + base64url): no proxy state; survives restarts.
-    """
+    """Gemini's OpenAI endpoint: clean tool schemas; carry thought signatures through the client. Gemini rejects a
+    replayed tool call without its `extra_content.google.thought_signature`, so that rides inside the tool_use id
+    the client echoes back (id + SIGNATURE_MARK + base64url): no proxy state; survives restarts."""
 
     name = "gemini"
 
