@@ -1728,16 +1728,6 @@ class SSEDecoder:
             self._pending_size += len(chunk)
         if self._pending_size > self.max_event_bytes:
             raise self._too_large("line")
-        return self._lines(lines)
-
-    def close(self) -> list[tuple[str, bytes]]:
-        """Flush at end of stream: an unterminated last event still counts."""
-        return self.feed(b"\n\n")
-
-    def _too_large(self, what: str) -> SSETooLarge:
-        return SSETooLarge(f"upstream sent an SSE {what} over {self.max_event_bytes} bytes")
-
-    def _lines(self, lines: list[bytes]) -> list[tuple[str, bytes]]:
         events = []
         for line in lines:
             line = line.removesuffix(b"\r")
@@ -1757,6 +1747,13 @@ class SSEDecoder:
                 elif name == b"event":
                     self._event = value.decode("utf-8", "replace")
         return events
+
+    def close(self) -> list[tuple[str, bytes]]:
+        """Flush at end of stream: an unterminated last event still counts."""
+        return self.feed(b"\n\n")
+
+    def _too_large(self, what: str) -> SSETooLarge:
+        return SSETooLarge(f"upstream sent an SSE {what} over {self.max_event_bytes} bytes")
 
 
 def _decode_chunk(data: bytes) -> list[Any]:
@@ -1974,11 +1971,10 @@ class _BlockWriter:
 
     def tool_call(self, key: Any, tool_id: str | None, name: str | None, args: str) -> None:
         """News of call `key`: id and name once known; `args` the next fragment or a cumulative snapshot."""
-        call = self.calls.get(key)
-        if call is None:
-            call = self.calls[key] = _ToolCall(tool_id, name)
-        else:
-            call.id, call.name = call.id or tool_id, call.name or name
+        if key not in self.calls:
+            self.calls[key] = _ToolCall(tool_id, name)
+        call = self.calls[key]
+        call.id, call.name = call.id or tool_id, call.name or name
         if call.args and args.startswith(call.args):      # a cumulative snapshot
             args = args[len(call.args):]
         if args:
