@@ -1112,6 +1112,9 @@ def test_parse_tool_arguments(raw: str, expected: dict) -> None:
     pytest.param('{"k"', {"k": None}, id="open-key"),
     pytest.param('"double encoded"', {}, id="not-an-object"),
     pytest.param('{"a"{"x": 1}', {}, id="broken"),
+    pytest.param('{"n": 01}', {}, id="leading-zero"),
+    pytest.param('{"n": 1.e5}', {}, id="dot-then-exponent"),
+    pytest.param('{"n": \u0661}', {}, id="non-ascii-digit"),
 ])
 def test_json_prefix_closes_any_viable_prefix_at_every_split(text: str, expected: dict) -> None:
     for cut in range(len(text) + 1):

@@ -1576,13 +1576,9 @@ class SSETooLarge(ValueError):
 
 
 class SSEDecoder:
-    """Incremental Server-Sent Events parser over bytes.
-
-    Lines are split on LF (a trailing CR is dropped) and text is decoded only per whole
-    event, so events and multi-byte characters may be split anywhere. Comment lines and
-    lines that are not fields are skipped. Yields (event name, data bytes). Linear work: an
-    unfinished line is kept as the pieces fed and joined once, when its newline arrives.
-    """
+    """Incremental Server-Sent Events parser over bytes, yielding (event name, data bytes). Lines split on LF (a
+    trailing CR dropped), so events and multi-byte characters may be split anywhere. Linear: an unfinished line is
+    kept as the pieces fed and joined once, when its newline arrives."""
 
     __slots__ = ("_data", "_data_size", "_event", "_pending", "_pending_size", "max_event_bytes")
 
@@ -1594,36 +1590,19 @@ class SSEDecoder:
         self._event = ""
 
     def feed(self, chunk: bytes) -> list[tuple[str, bytes]]:
-        if b"\n" not in chunk:
-            self._pending.append(chunk)
+        self._pending.append(chunk)
+        lines: list[bytes] = []
+        if b"\n" in chunk:
+            lines = b"".join(self._pending).split(b"\n")     # a lone piece is joined without a copy
+            tail = lines.pop()
+            self._pending, self._pending_size = [tail] if tail else [], len(tail)
+        else:
             self._pending_size += len(chunk)
-            if self._pending_size > self.max_event_bytes:
-                raise self._too_large("line")
-            return []
-        if self._pending:
-            self._pending.append(chunk)
-            chunk = b"".join(self._pending)
-        lines = chunk.split(b"\n")
-        tail = lines.pop()
-        self._pending, self._pending_size = [tail] if tail else [], len(tail)
         if self._pending_size > self.max_event_bytes:
             raise self._too_large("line")
-        return self._lines(lines)
-
-    def close(self) -> list[tuple[str, bytes]]:
-        """Flush at end of stream: an unterminated last event still counts."""
-        lines = [b"".join(self._pending), b""] if self._pending else [b""]
-        self._pending, self._pending_size = [], 0
-        return self._lines(lines)
-
-    def _too_large(self, what: str) -> SSETooLarge:
-        return SSETooLarge(f"upstream sent an SSE {what} over {self.max_event_bytes} bytes")
-
-    def _lines(self, lines: list[bytes]) -> list[tuple[str, bytes]]:
         events = []
         for line in lines:
-            if line.endswith(b"\r"):
-                line = line[:-1]
+            line = line.removesuffix(b"\r")
             if not line:
                 if self._data:
                     events.append((self._event or "message", b"\n".join(self._data)))
@@ -1631,8 +1610,7 @@ class SSEDecoder:
                 self._event = ""
             elif line[0] != 58:                       # b":" starts a comment
                 name, _, value = line.partition(b":")
-                if value[:1] == b" ":
-                    value = value[1:]
+                value = value.removeprefix(b" ")
                 if name == b"data":
                     self._data.append(value)
                     self._data_size += len(value)
@@ -1641,6 +1619,13 @@ class SSEDecoder:
                 elif name == b"event":
                     self._event = value.decode("utf-8", "replace")
         return events
+
+    def close(self) -> list[tuple[str, bytes]]:
+        """Flush at end of stream: an unterminated last event still counts."""
+        return self.feed(b"\n\n")
+
+    def _too_large(self, what: str) -> SSETooLarge:
+        return SSETooLarge(f"upstream sent an SSE {what} over {self.max_event_bytes} bytes")
 
 
 def _decode_chunk(data: bytes) -> list[Any]:
@@ -1651,9 +1636,7 @@ def _decode_chunk(data: bytes) -> list[Any]:
         pass
     chunks = []
     for line in data.split(b"\n"):
-        line = line.strip()
-        if line.startswith(b"data:"):
-            line = line[5:].strip()
+        line = line.strip().removeprefix(b"data:").strip()
         if line and line != b"[DONE]":
             try:
                 chunks.append(json.loads(line))
@@ -1667,11 +1650,8 @@ _DELTA_FIELD: Final = MappingProxyType({"text_delta": "text", "thinking_delta": 
 
 
 def encode_events(events: Iterable[tuple[str, JSON]]) -> bytes:
-    """Anthropic SSE frames: every frame has its `event:` line (Claude Code needs it).
-
-    Deltas, nearly every frame of a stream, are formatted from a template: encoding only
-    the text is ten times cheaper than encoding the event dict.
-    """
+    """Anthropic SSE frames, each with its `event:` line (Claude Code needs it). Deltas, nearly every frame,
+    come from a template: encoding only the text is ten times cheaper than encoding the event dict."""
     out = []
     for name, data in events:
         if name == "content_block_delta":
@@ -1687,27 +1667,24 @@ def encode_events(events: Iterable[tuple[str, JSON]]) -> bytes:
 
 
 class JsonPrefix:
-    """Incremental check that streamed text is still the beginning of one JSON object.
-
-    Tool arguments reach the client as `input_json_delta` fragments that it concatenates
-    and parses, so a fragment may only go out while the text stays a viable prefix, and at
-    the end `suffix()` closes whatever is open. A trailing comma is held back until the
-    next value starts (a closed `{"a": 1,` would not parse). Linear in the text; runs of
-    string content are skipped with a regex.
-    """
+    """Incremental check that streamed text is still the beginning of one JSON object. Tool arguments reach the
+    client as `input_json_delta` fragments that it concatenates and parses, so a fragment may only go out while the
+    text stays a viable prefix, and `suffix()` closes whatever is open. A trailing comma is held back until the next
+    value starts (`{"a": 1,` cannot be closed). Linear: strings and literals are scanned as runs."""
 
     __slots__ = ("escape", "expect", "held", "in_string", "key", "literal", "stack")
     _LITERALS: Final = ("true", "false", "null")
     _STRING_END: Final = re.compile(r'["\\]')
-    _PARTIAL_NUMBER: Final = re.compile(r"-?(\d+(\.\d*)?([eE][+-]?\d*)?)?")
-    _NUMBER: Final = re.compile(r"-?\d+(\.\d+)?([eE][+-]?\d+)?")
+    _LITERAL_END: Final = re.compile(r"[^\w+.-]")
+    _LITERAL: Final = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?|true|false|null")
+    _LITERAL_PREFIX: Final = re.compile(r"-?((0|[1-9][0-9]*)(\.|(\.[0-9]+)?([eE][+-]?[0-9]*)?))?"
+                                        r"|t(r(ue?)?)?|f(a(l(se?)?)?)?|n(u(ll?)?)?")
 
     def __init__(self) -> None:
         self.stack: list[str] = []
         self.expect = "start"    # start key key_or_close colon value value_or_close comma done
         self.in_string = self.key = self.escape = False
-        self.literal = ""
-        self.held = ""
+        self.literal = self.held = ""
 
     def feed(self, text: str) -> str | None:
         """The part of `text` safe to send now, or None (state unchanged) if `text` breaks the JSON."""
@@ -1720,41 +1697,39 @@ class JsonPrefix:
     def _feed(self, text: str) -> str | None:
         out = self.held + text
         i, n = len(self.held), len(out)
-        hold_from = 0 if self.held else -1
+        hold_from = 0 if self.held else n          # where a trailing comma (and its spaces) starts
         while i < n:
             if self.in_string:
                 if self.escape:
                     self.escape, i = False, i + 1
                     continue
-                end = self._STRING_END.search(out, i)
-                i = end.start() if end else n
-                if i < n:
-                    if out[i] == "\\":
-                        self.escape = True
-                    else:
-                        self.in_string = False
-                        self.expect = "colon" if self.key else "comma"
-                    i += 1
+                found = self._STRING_END.search(out, i)
+                if found is None:
+                    break
+                i = found.end()
+                self.escape = out[i - 1] == "\\"
+                if not self.escape:
+                    self.in_string, self.expect = False, "colon" if self.key else "comma"
+                continue
+            if self.literal:                  # a number, true, false or null, maybe split across fragments
+                found = self._LITERAL_END.search(out, i)
+                end = found.start() if found else n
+                self.literal += out[i:end]
+                if not (self._LITERAL if end < n else self._LITERAL_PREFIX).fullmatch(self.literal):
+                    return None
+                if end == n:
+                    break
+                self.literal, self.expect, i = "", "comma", end
                 continue
             ch = out[i]
-            if self.literal:
-                if ch.isalnum() or ch in "+-.":
-                    self.literal += ch
-                    if not self._literal_viable():
-                        return None
-                    i += 1
-                    continue
-                if not (self.literal in self._LITERALS or self._NUMBER.fullmatch(self.literal)):
-                    return None
-                self.literal, self.expect = "", "comma"
             i += 1
             if ch in " \t\r\n":
                 continue
             expect = self.expect
             if ch != ",":
-                hold_from = -1
+                hold_from = n
             if ch == '"' and expect in ("key", "key_or_close", "value", "value_or_close"):
-                self.in_string, self.key = True, expect in ("key", "key_or_close")
+                self.in_string, self.key = True, expect.startswith("key")
             elif ch in "{[" and (expect in ("value", "value_or_close") or (expect == "start" and ch == "{")):
                 self.stack.append(ch)
                 self.expect = "key_or_close" if ch == "{" else "value_or_close"
@@ -1764,24 +1739,15 @@ class JsonPrefix:
                 self.expect = "comma" if self.stack else "done"
             elif ch == ":" and expect == "colon":
                 self.expect = "value"
-            elif ch == "," and expect == "comma" and self.stack:
+            elif ch == "," and expect == "comma":         # "comma" is only ever inside a container
                 self.expect = "key" if self.stack[-1] == "{" else "value"
                 hold_from = i - 1
-            elif expect in ("value", "value_or_close") and (ch.isdigit() or ch in "-tfn"):
+            elif expect in ("value", "value_or_close") and ch in "-0123456789tfn":
                 self.literal = ch
             else:
                 return None
-        if hold_from >= 0:
-            self.held, out = out[hold_from:], out[:hold_from]
-        else:
-            self.held = ""
-        return out
-
-    def _literal_viable(self) -> bool:
-        word = self.literal
-        if word[0] in "tfn":
-            return any(lit.startswith(word) for lit in self._LITERALS)
-        return self._PARTIAL_NUMBER.fullmatch(word) is not None
+        self.held = out[hold_from:]
+        return out[:hold_from]
 
     def suffix(self) -> str:
         """Text that closes the object sent so far (a held comma is simply never sent)."""
@@ -1803,11 +1769,8 @@ class JsonPrefix:
 
 
 def parse_tool_arguments(raw: Any) -> JSON:
-    """Tool-call arguments as an object: repair what is recoverable, else keep the raw text.
-
-    Handles objects already decoded, double-encoded JSON strings, code fences, trailing
-    commas and truncated JSON. Unrecoverable text comes back as {"_raw_arguments": text}.
-    """
+    """Tool-call arguments as an object: decoded already, encoded twice, fenced, with trailing commas or truncated
+    are repaired; unrecoverable text comes back as {"_raw_arguments": text}."""
     if isinstance(raw, dict):
         return raw
     if not isinstance(raw, str) or not raw.strip():
@@ -1843,13 +1806,11 @@ class _ToolCall:
 
 
 class _BlockWriter:
-    """The Anthropic stream grammar, driven in Anthropic terms by a format's decoder; never an invalid stream.
-
-    Events collect in `events` until `take()`. Blocks are strictly sequential (start, deltas, stop, then the
-    next; indexes 0, 1, 2 ...). A tool call streams live while it is the open block; a call that starts while
-    the open one's arguments are incomplete is buffered and sent whole when that one closes. Argument fragments
-    pass through JsonPrefix, so they always concatenate to one JSON object.
-    """
+    """The Anthropic stream grammar, driven in Anthropic terms by a format's decoder; never an invalid stream. Events
+    collect in `events` until `take()`. Blocks are strictly sequential (start, deltas, stop, then the next; indexes
+    0, 1, 2 ...). A tool call streams live while it is the open block; a call that starts while the open one's
+    arguments are incomplete is buffered and sent whole when that one closes. Argument fragments pass through
+    JsonPrefix, so they always concatenate to one JSON object."""
 
     def __init__(self, model: str, tool_names: Mapping[str, str] = MappingProxyType({}), *,
                  input_tokens: int = 0, message_id: str | None = None) -> None:
@@ -1866,8 +1827,7 @@ class _BlockWriter:
 
     def start(self, usage: JSON | None = None) -> list[tuple[str, JSON]]:
         """message_start, with `usage` or else the input estimate, and a first ping."""
-        usage = usage or {"input_tokens": self.input_tokens, "cache_creation_input_tokens": 0,
-                          "cache_read_input_tokens": 0}
+        usage = usage or usage_to_anthropic({"prompt_tokens": self.input_tokens})
         message: JSON = {"id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
                          "content": [], "stop_reason": None, "stop_sequence": None,
                          "usage": {**usage, "output_tokens": 1}}
@@ -1883,19 +1843,18 @@ class _BlockWriter:
 
     def tool_call(self, key: Any, tool_id: str | None, name: str | None, args: str) -> None:
         """News of call `key`: id and name once known; `args` the next fragment or a cumulative snapshot."""
-        call = self.calls.get(key)
-        if call is None:
-            call = self.calls[key] = _ToolCall(tool_id, name)
-        else:
-            call.id, call.name = call.id or tool_id, call.name or name
+        if key not in self.calls:
+            self.calls[key] = _ToolCall(tool_id, name)
+        call = self.calls[key]
+        call.id, call.name = call.id or tool_id, call.name or name
+        if call.args and args.startswith(call.args):      # a cumulative snapshot
+            args = args[len(call.args):]
         if args:
-            if call.args and args.startswith(call.args):
-                args = args[len(call.args):]
             call.args += args
             self.output_chars += len(args)
-            if call.state == "open" and args:
+            if call.state == "open":
                 self._send_args(call, args)
-            elif call.state == "closed" and args:
+            elif call.state == "closed":
                 logger.warning("tool call %s: arguments arrived after its block closed; dropped", call.id)
         open_call = self.open_call
         if call.state == "pending" and call.name and (open_call is None or open_call.json.expect == "done"
@@ -1906,12 +1865,10 @@ class _BlockWriter:
         """End the open block, then send the buffered calls, each as a whole block."""
         self._close_open()
         for call in self.calls.values():
-            if call.state == "pending":
-                if call.name is None and not call.args:
-                    call.state = "closed"
-                    continue
+            if call.state == "pending" and (call.name is not None or call.args):
                 self._start_call(call)
                 self._close_open()
+            call.state = "closed"             # an empty call without a name is dropped
 
     def finish(self, stop_reason: str, usage: JSON | None = None) -> list[tuple[str, JSON]]:
         """Close all blocks and end the message; `usage` in Anthropic terms, else an estimate."""
@@ -2009,21 +1966,16 @@ def message_events(message: JSON) -> list[tuple[str, JSON]]:
 
 
 class StreamTranslator:
-    """OpenAI chat-completion chunks in, Anthropic stream events out, through a _BlockWriter.
+    """OpenAI chat-completion chunks in, Anthropic stream events out, through a _BlockWriter. Tolerates chunks
+    without `index`, repeated indexes, cumulative argument snapshots, several calls per chunk, no `role`,
+    `choices: []`, and usage (kept in OpenAI terms) in any chunk."""
 
-    Tolerates chunks without `index`, repeated indexes, cumulative argument snapshots, several
-    calls per chunk, no `role`, `choices: []`, and usage (kept in OpenAI terms) in any chunk.
-    """
-
-    def __init__(self, client_model: str, conv: Conversion | None = None, *, input_tokens: int = 0,
-                 message_id: str | None = None) -> None:
-        self.writer = _BlockWriter(client_model, (conv or Conversion()).tool_names, input_tokens=input_tokens,
-                                   message_id=message_id)
+    def __init__(self, client_model: str, conv: Conversion | None = None, *, input_tokens: int = 0) -> None:
+        self.writer = _BlockWriter(client_model, (conv or Conversion()).tool_names, input_tokens=input_tokens)
         self.by_index: dict[int, int] = {}        # the upstream's call index -> the writer's call key
         self.finish_reason: str | None = None
-        self.refused = False
         self.usage: JSON | None = None
-        self.finished = False
+        self.refused = self.finished = False
         self.responses = (conv or Conversion()).responses
 
     @property
@@ -2051,13 +2003,11 @@ class StreamTranslator:
             reasoning = delta.get("reasoning_content") or delta.get("reasoning")
             if reasoning and isinstance(reasoning, str):
                 writer.thinking(reasoning)
-            content = delta.get("content")
-            if content and isinstance(content, str):
-                writer.text(content)
-            refusal = delta.get("refusal")
-            if refusal and isinstance(refusal, str):
-                writer.text(refusal)
-                self.refused = True
+            for field_name in ("content", "refusal"):
+                text = delta.get(field_name)
+                if text and isinstance(text, str):
+                    writer.text(text)
+                    self.refused = self.refused or field_name == "refusal"
             calls = delta.get("tool_calls")
             for call in calls if isinstance(calls, list) else ():
                 if isinstance(call, dict):
@@ -2126,7 +2076,7 @@ class ResponsesTranslator(StreamTranslator):
         elif kind in ("response.function_call_arguments.delta", "response.function_call_arguments.done"):
             writer.tool_call(key, None, None, piece or str(chunk.get("arguments") or ""))
         elif kind in ("response.output_item.added", "response.output_item.done"):
-            self._item(key, chunk.get("item"), kind.endswith("done"))
+            self._item(key, _obj(chunk.get("item")), kind.endswith("done"))
         elif kind in ("response.completed", "response.incomplete"):
             response: JSON = chunk["response"] if isinstance(chunk.get("response"), dict) else {}
             self.finish_reason, self.usage = _responses_finish(response), response.get("usage")
@@ -2135,10 +2085,8 @@ class ResponsesTranslator(StreamTranslator):
             raise UpstreamError(_upstream_error_message(failure) or "upstream stream error", status=502)
         return writer.take()
 
-    def _item(self, key: Any, item: Any, done: bool) -> None:
+    def _item(self, key: Any, item: JSON, done: bool) -> None:
         writer = self.writer
-        if not isinstance(item, dict):
-            return
         if item.get("type") == "function_call":
             call_id = item.get("call_id") or item.get("id")
             name = item.get("name")
@@ -2218,7 +2166,7 @@ def clean_schema_for_gemini(schema: Any) -> Any:
         return schema
     cleaned: JSON = {}
     for key, value in schema.items():
-        if key not in _GEMINI_SCHEMA_KEYS:
+        if key not in _GEMINI_SCHEMA_KEYS or (key == "format" and value not in ("date-time", "enum")):
             continue
         if key == "properties" and isinstance(value, dict):
             cleaned[key] = {k: clean_schema_for_gemini(v) for k, v in value.items()}
@@ -2229,8 +2177,6 @@ def clean_schema_for_gemini(schema: Any) -> Any:
             cleaned["type"] = types[0] if types else "string"
             if "null" in value:
                 cleaned["nullable"] = True
-        elif key == "format" and value not in ("date-time", "enum"):
-            continue
         else:
             cleaned[key] = value
     if cleaned.get("type") == "array" and "items" not in cleaned:
@@ -2249,12 +2195,9 @@ def _unb64(text: str) -> str:
 
 
 class _GeminiDialect(Middleware):
-    """Gemini's OpenAI endpoint: clean tool schemas; carry thought signatures through the client.
-
-    Gemini rejects a replayed tool call without its `extra_content.google.thought_signature`.
-    The signature rides inside the tool_use id the client echoes back (id + SIGNATURE_MARK +
-    base64url), so no proxy state is needed: it survives restarts and several processes.
-    """
+    """Gemini's OpenAI endpoint: clean tool schemas; carry thought signatures through the client. Gemini rejects a
+    replayed tool call without its `extra_content.google.thought_signature`, so that rides inside the tool_use id
+    the client echoes back (id + SIGNATURE_MARK + base64url): no proxy state; survives restarts."""
 
     name = "gemini"
 
@@ -2269,32 +2212,30 @@ class _GeminiDialect(Middleware):
             tool["function"]["parameters"] = clean_schema_for_gemini(tool["function"]["parameters"])
         for message in payload["messages"]:
             for call in message.get("tool_calls") or ():
-                tool_id, sep, signature = call["id"].partition(_SIGNATURE_MARK)
-                if sep:
-                    call["id"] = tool_id
+                call["id"], sep, signature = call["id"].partition(_SIGNATURE_MARK)
+                if sep and self.signatures:
                     with contextlib.suppress(ValueError):
-                        if self.signatures:
-                            call["extra_content"] = {"google": {"thought_signature": _unb64(signature)}}
+                        call["extra_content"] = {"google": {"thought_signature": _unb64(signature)}}
             if message["role"] == "tool":
                 message["tool_call_id"] = message["tool_call_id"].partition(_SIGNATURE_MARK)[0]
 
-    def _mark(self, calls: Any) -> None:
-        for call in calls if isinstance(calls, list) else ():
-            extra = call.get("extra_content") if isinstance(call, dict) else None
-            google = extra.get("google") if isinstance(extra, dict) else None
-            signature = google.get("thought_signature") if isinstance(google, dict) else None
-            if self.signatures and isinstance(signature, str) and signature:
-                call["id"] = f"{call.get('id') or _new_tool_id()}{_SIGNATURE_MARK}{_b64(signature)}"
+    def _mark(self, data: JSON, part: str) -> None:
+        """Put each tool call's thought signature into its id; `part` is "message" or "delta"."""
+        for choice in data.get("choices") or ():
+            holder = choice.get(part) if isinstance(choice, dict) else None
+            calls = holder.get("tool_calls") if isinstance(holder, dict) else None
+            for call in calls if isinstance(calls, list) else ():
+                extra = call.get("extra_content") if isinstance(call, dict) else None
+                google = extra.get("google") if isinstance(extra, dict) else None
+                signature = google.get("thought_signature") if isinstance(google, dict) else None
+                if self.signatures and isinstance(signature, str) and signature:
+                    call["id"] = f"{call.get('id') or _new_tool_id()}{_SIGNATURE_MARK}{_b64(signature)}"
 
     def on_upstream_response(self, exchange: Exchange, data: JSON) -> None:
-        for choice in data.get("choices") or ():
-            if isinstance(choice, dict) and isinstance(choice.get("message"), dict):
-                self._mark(choice["message"].get("tool_calls"))
+        self._mark(data, "message")
 
     def on_upstream_chunk(self, exchange: Exchange, chunk: JSON) -> None:
-        for choice in chunk.get("choices") or ():
-            if isinstance(choice, dict) and isinstance(choice.get("delta"), dict):
-                self._mark(choice["delta"].get("tool_calls"))
+        self._mark(chunk, "delta")
 
 
 class _ReasoningHistoryDialect(Middleware):
@@ -2324,20 +2265,19 @@ class ThinkSplitter:
         text, self.pending = self.pending + text, ""
         reasoning: list[str] = []
         visible: list[str] = []
-        while text:
+        while True:
             tag = "</think>" if self.inside else "<think>"
             sink = reasoning if self.inside else visible
             position = text.find(tag)
-            if position >= 0:
-                sink.append(text[:position])
-                text = text[position + len(tag):]
-                self.inside = not self.inside
-                continue
-            keep = 0 if end else next((n for n in range(min(len(tag) - 1, len(text)), 0, -1)
-                                       if tag.startswith(text[-n:])), 0)
-            sink.append(text[: len(text) - keep])
-            self.pending = text[len(text) - keep:]
-            break
+            if position < 0:
+                break
+            sink.append(text[:position])
+            text = text[position + len(tag):]
+            self.inside = not self.inside
+        keep = 0 if end else next((n for n in range(min(len(tag) - 1, len(text)), 0, -1)
+                                   if tag.startswith(text[-n:])), 0)      # what may begin the tag waits
+        sink.append(text[: len(text) - keep])
+        self.pending = text[len(text) - keep:]
         return "".join(reasoning), "".join(visible)
 
     def flush(self) -> JSON | None:
@@ -2360,11 +2300,9 @@ class _ThinkTagsDialect(Middleware):
         if not isinstance(holder, dict):
             return
         content = holder.get("content")
-        if not isinstance(content, str):
-            if not (end and splitter.pending):
-                return
-            content = ""
-        reasoning, visible = splitter.feed(content, end)
+        if not isinstance(content, str) and not (end and splitter.pending):
+            return
+        reasoning, visible = splitter.feed(content if isinstance(content, str) else "", end)
         holder["content"] = visible.lstrip("\n") if reasoning and whole else visible
         if reasoning:
             holder["reasoning_content"] = (holder.get("reasoning_content") or "") + reasoning
@@ -2405,17 +2343,17 @@ class _MiddlewareChain:
         """The hooks that apply to this exchange, per hook point (computed once per request)."""
         result: _BoundHooks = {p: [] for p in _HOOK_POINTS}
         for hook in self.hooks:
+            name = getattr(hook, "name", type(hook).__name__)
             try:
                 applies = hook.applies(exchange) if hasattr(hook, "applies") else True
             except Exception as exc:
-                raise _hook_error(getattr(hook, "name", type(hook).__name__), exc) from None
+                raise _hook_error(name, exc) from None
             if not applies:
                 continue
             for point in _HOOK_POINTS:
                 method = getattr(hook, point, None)
-                base = getattr(Middleware, point)
-                if callable(method) and getattr(method, "__func__", method) is not base:
-                    result[point].append((getattr(hook, "name", type(hook).__name__), method))
+                if callable(method) and getattr(method, "__func__", method) is not getattr(Middleware, point):
+                    result[point].append((name, method))
         return result
 
 
@@ -2484,11 +2422,8 @@ _C_LONG = 33.8     # per 32-char block inside an unbroken alphanumeric run
 
 
 def estimate_tokens(text: str) -> int:
-    """Estimate the BPE token count of *text* on the o200k_base / cl100k_base scale.
-
-    English prose, code and JSON land within about -5%/+15% of the real count; never
-    returns 0 for non-empty text.
-    """
+    """The BPE token count of *text* on the o200k_base / cl100k_base scale, estimated: English prose, code and
+    JSON land within about -5%/+15% of the real count; never 0 for non-empty text."""
     if not text:
         return 0
     b = text.encode("utf-8", "surrogatepass")
@@ -2514,23 +2449,16 @@ def count_request_tokens(body: JSON) -> int:
     """Estimate of the input tokens of an Anthropic request, over its OpenAI conversion."""
     probe = Provider(name="count", base_url="http://count")
     payload, conv = anthropic_to_openai({**body, "stream": False}, probe, "count")
-    return _count_payload_tokens(payload, conv)
-
-
-def _count_payload_tokens(payload: JSON, conv: Conversion) -> int:
-    """Estimate of the input tokens of a converted (OpenAI) payload."""
     total = 3
     for message in payload["messages"]:
         total += 4
         content = message.get("content")
-        if isinstance(content, str):
-            total += estimate_tokens(content)
-        elif isinstance(content, list):
-            for part in content:
-                if part.get("type") == "text":
-                    total += estimate_tokens(part["text"])
-                elif part.get("type") == "file":
-                    total += len(part["file"]["file_data"]) // 3 // 250 * 100 + 100
+        parts: list[JSON] = [{"type": "text", "text": content}] if isinstance(content, str) else content or []
+        for part in parts:
+            if part.get("type") == "text":
+                total += estimate_tokens(part["text"])
+            elif part.get("type") == "file":
+                total += len(part["file"]["file_data"]) // 3 // 250 * 100 + 100
         for call in message.get("tool_calls") or ():
             total += 4 + estimate_tokens(call["function"]["name"]) + estimate_tokens(call["function"]["arguments"])
     total += conv.images * _IMAGE_TOKENS
