@@ -1097,6 +1097,7 @@ def test_response_conversion(reply: dict, content: list, stop_reason: str) -> No
     pytest.param('{"a": 1, ', {"a": 1}, id="truncated-after-comma"),
     pytest.param("not json at all", {"_raw_arguments": "not json at all"}, id="garbage"),
     pytest.param("[1, 2]", {"_raw_arguments": "[1, 2]"}, id="array"),
+    pytest.param('{"text": "line 1\nline 2"}', {"text": "line 1\nline 2"}, id="raw-newline-in-string"),
 ])
 def test_parse_tool_arguments(raw: str, expected: dict) -> None:
     assert vd.parse_tool_arguments(raw) == expected
@@ -1115,6 +1116,11 @@ def test_parse_tool_arguments(raw: str, expected: dict) -> None:
     pytest.param('{"n": 01}', {}, id="leading-zero"),
     pytest.param('{"n": 1.e5}', {}, id="dot-then-exponent"),
     pytest.param('{"n": \u0661}', {}, id="non-ascii-digit"),
+    pytest.param('{"a": "x\\q"}', {}, id="unknown-escape"),
+    pytest.param('{"a": "x\\u12g4"}', {}, id="bad-unicode-escape"),
+    pytest.param('{"a": "x\ny"}', {"a": "x\ny"}, id="raw-newline-in-string-escaped"),
+    pytest.param('{"a\tb": 1}', {"a\tb": 1}, id="raw-tab-in-key-escaped"),
+    pytest.param('{"a": "\\u00e9\\n\\/\\u12', {"a": "é\n/\u1200"}, id="open-unicode-escape"),
 ])
 def test_json_prefix_closes_any_viable_prefix_at_every_split(text: str, expected: dict) -> None:
     for cut in range(len(text) + 1):

@@ -1674,7 +1674,9 @@ class JsonPrefix:
 
     __slots__ = ("escape", "expect", "held", "in_string", "key", "literal", "stack")
     _LITERALS: Final = ("true", "false", "null")
-    _STRING_END: Final = re.compile(r'["\\]')
+    _STRING_END: Final = re.compile(r'["\\\x00-\x1f]')
+    _ESCAPE: Final = re.compile(r'\\(["\\/bfnrt]|u[0-9a-fA-F]{4})')
+    _ESCAPE_PREFIX: Final = re.compile(r"\\(u[0-9a-fA-F]{0,3})?")
     _LITERAL_END: Final = re.compile(r"[^\w+.-]")
     _LITERAL: Final = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?|true|false|null")
     _LITERAL_PREFIX: Final = re.compile(r"-?((0|[1-9][0-9]*)(\.|(\.[0-9]+)?([eE][+-]?[0-9]*)?))?"
@@ -1683,8 +1685,8 @@ class JsonPrefix:
     def __init__(self) -> None:
         self.stack: list[str] = []
         self.expect = "start"    # start key key_or_close colon value value_or_close comma done
-        self.in_string = self.key = self.escape = False
-        self.literal = self.held = ""
+        self.in_string = self.key = False
+        self.literal = self.held = self.escape = ""     # escape: a string's unfinished escape, backslash included
 
     def feed(self, text: str) -> str | None:
         """The part of `text` safe to send now, or None (state unchanged) if `text` breaks the JSON."""
@@ -1698,17 +1700,26 @@ class JsonPrefix:
         out = self.held + text
         i, n = len(self.held), len(out)
         hold_from = 0 if self.held else n          # where a trailing comma (and its spaces) starts
+        controls: list[int] = []                    # raw control characters in strings: sent escaped
         while i < n:
             if self.in_string:
                 if self.escape:
-                    self.escape, i = False, i + 1
+                    self.escape += out[i]
+                    i += 1
+                    if self._ESCAPE.fullmatch(self.escape):
+                        self.escape = ""
+                    elif not self._ESCAPE_PREFIX.fullmatch(self.escape):
+                        return None
                     continue
                 found = self._STRING_END.search(out, i)
                 if found is None:
                     break
                 i = found.end()
-                self.escape = out[i - 1] == "\\"
-                if not self.escape:
+                if out[i - 1] < " ":
+                    controls.append(i - 1)
+                elif out[i - 1] == "\\":
+                    self.escape = "\\"
+                else:
                     self.in_string, self.expect = False, "colon" if self.key else "comma"
                 continue
             if self.literal:                  # a number, true, false or null, maybe split across fragments
@@ -1747,7 +1758,11 @@ class JsonPrefix:
             else:
                 return None
         self.held = out[hold_from:]
-        return out[:hold_from]
+        pieces, start = [], 0
+        for at in controls:         # models do write raw newlines in strings: repaired, not lost
+            pieces += (out[start:at], _JSON_ENCODE(out[at])[1:-1])
+            start = at + 1
+        return "".join(pieces) + out[start:hold_from]
 
     def suffix(self) -> str:
         """Text that closes the object sent so far (a held comma is simply never sent)."""
@@ -1755,7 +1770,9 @@ class JsonPrefix:
             return "{}"
         out = ""
         if self.in_string:
-            out = ('""' if self.escape else '"') + (":null" if self.key else "")
+            out = '"' + (":null" if self.key else "")
+            if self.escape:         # finish it first: a lone backslash escapes a quote, a partial \u gets zeros
+                out = ('"' if self.escape == "\\" else "0" * (6 - len(self.escape))) + out
         elif self.literal:
             word = self.literal
             out = next((lit[len(word):] for lit in self._LITERALS if lit.startswith(word)), "")
