@@ -1758,7 +1758,8 @@ class JsonPrefix:
             else:
                 return None
         self.held = out[hold_from:]
-        pieces, start = [], 0
+        pieces: list[str] = []
+        start = 0
         for at in controls:         # models do write raw newlines in strings: repaired, not lost
             pieces += (out[start:at], _JSON_ENCODE(out[at])[1:-1])
             start = at + 1
