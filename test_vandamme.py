@@ -3006,6 +3006,21 @@ async def test_anthropic_relay_has_an_idle_timeout(proxy: Any, upstream: FakeUps
     assert frames[-1][0] == "error" and "STREAM_IDLE_TIMEOUT=0.5" in frames[-1][1]["error"]["message"]
 
 
+async def test_anthropic_relay_ends_a_failure_of_our_own_with_an_sse_error(proxy: Any,
+                                                                           upstream: FakeUpstream) -> None:
+    # Usage nested too deeply for json.loads (RecursionError, not a ValueError): after the 200 it still
+    # goes out in-band, as one error event and the end of the stream, never to the error middleware.
+    nested = b'{"type":"message_delta","delta":{},"usage":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    client = await proxy(ANTHROPIC_ENV)
+    upstream.add(Reply(stream=[MESSAGE_START, b"event: message_delta\ndata: " + nested + b"\n\n"]))
+    response = await client.post("/v1/messages", json={**BASIC, "model": "claude-x", "stream": True})
+    frames = parse_sse(await response.text())
+    assert response.status == 200 and [name for name, _ in frames] == ["message_start", "error"]
+    assert frames[-1][1]["error"] == {"type": "api_error", "message": "internal error in vandamme; see its log"}
+    totals = await (await client.get("/metrics/running-totals")).json()
+    assert totals["totals"]["errors_by_type"] == {"api_error": 1}
+
+
 @pytest.mark.parametrize(("reply", "verbatim"), [
     pytest.param(Reply(b"<html><body>Bad Gateway</body></html>", status=502, headers={"Content-Type": "text/html"}),
                  False, id="html-page"),
