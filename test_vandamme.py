@@ -2922,7 +2922,8 @@ async def test_stream_idle_timeout_closes_with_error(proxy: Any, upstream: FakeU
     started = time.monotonic()
     response = await client.post("/v1/messages", json={**BASIC, "stream": True})
     frames = validate_stream(await response.text())
-    assert frames[-1][0] == "error" and "STREAM_IDLE_TIMEOUT" in frames[-1][1]["error"]["message"]
+    assert frames[-1] == ("error", {"type": "error", "error": {
+        "type": "api_error", "message": "openai: stream interrupted: no data for STREAM_IDLE_TIMEOUT=0.5s"}})
     assert time.monotonic() - started < 3
 
 
@@ -3002,8 +3003,9 @@ async def test_anthropic_relay_has_an_idle_timeout(proxy: Any, upstream: FakeUps
     client = await proxy({**ANTHROPIC_ENV, "STREAM_IDLE_TIMEOUT": "0.5"})
     upstream.add(Reply(stream=[MESSAGE_START], hang=5))
     response = await client.post("/v1/messages", json={**BASIC, "model": "claude-x", "stream": True})
-    frames = parse_sse(await response.text())
-    assert frames[-1][0] == "error" and "STREAM_IDLE_TIMEOUT=0.5" in frames[-1][1]["error"]["message"]
+    frames = parse_sse(await response.text())          # worded as the translated stream words it
+    assert frames[-1] == ("error", {"type": "error", "error": {
+        "type": "api_error", "message": "anthropic: stream interrupted: no data for STREAM_IDLE_TIMEOUT=0.5s"}})
 
 
 async def test_anthropic_relay_ends_a_failure_of_our_own_with_an_sse_error(proxy: Any,
@@ -3515,10 +3517,15 @@ async def test_graceful_shutdown_finishes_in_flight_stream(upstream: FakeUpstrea
     assert code == 0
 
 
-async def test_shutdown_grace_expiry_ends_streams_with_error(upstream: FakeUpstream, tmp_path: Path) -> None:
-    upstream.add(Reply(stream=[sse(delta(content="x"), done=False)], hang=30))
-    proc = ProxyProcess(HERE / "vandamme.py", {"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": f"{upstream.url}/v1",
-                                               "SHUTDOWN_GRACE": "0.5"}, tmp_path)
+@pytest.mark.parametrize("relayed", [False, True], ids=["translated", "anthropic-relay"])
+async def test_shutdown_grace_expiry_ends_streams_with_error(upstream: FakeUpstream, tmp_path: Path,
+                                                             relayed: bool) -> None:
+    env = {"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": f"{upstream.url}/v1", "SHUTDOWN_GRACE": "0.5"}
+    if relayed:
+        env.update(ANTHROPIC_API_KEY="sk-ant-000000000001", ANTHROPIC_BASE_URL=upstream.url,
+                   VDM_DEFAULT_PROVIDER="anthropic")
+    upstream.add(Reply(stream=[MESSAGE_START if relayed else sse(delta(content="x"), done=False)], hang=30))
+    proc = ProxyProcess(HERE / "vandamme.py", env, tmp_path)
     try:
         await proc.wait_ready()
         async with (aiohttp.ClientSession() as session,
@@ -3527,7 +3534,8 @@ async def test_shutdown_grace_expiry_ends_streams_with_error(upstream: FakeUpstr
             proc.proc.send_signal(signal.SIGTERM)
             text = (await response.read()).decode()
         frames = parse_sse("event: message_start\n" + text.split("event: message_start\n", 1)[-1])
-        assert frames[-1][0] == "error" and frames[-1][1]["error"]["type"] == "overloaded_error"
+        assert frames[-1] == ("error", {"type": "error", "error": {
+            "type": "overloaded_error", "message": "vandamme is shutting down; retry the request"}})
         assert proc.proc.wait(10) == 0
     finally:
         proc.stop()
