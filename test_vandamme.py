@@ -1873,6 +1873,7 @@ async def test_anthropic_passthrough_is_byte_exact(proxy: Any, upstream: FakeUps
         "x-api-key": "client-key"})
     assert await response.read() == ANTHROPIC_STREAM
     sent = upstream.last
+    assert response.headers["request-id"] == sent["headers"]["x-request-id"]
     assert sent["path"] == "/v1/messages"
     assert sent["raw"] == raw.replace(b'"ant:sonnet"', b'"claude-real"')
     assert sent["headers"]["x-api-key"] == "ant-key-000000000"
@@ -1884,8 +1885,9 @@ async def test_anthropic_passthrough_is_byte_exact(proxy: Any, upstream: FakeUps
     assert response.status == 529 and (await response.json())["error"]["message"] == "busy"
     # count_tokens goes upstream too
     upstream.add(Reply({"input_tokens": 4242}))
-    counted = await (await client.post("/v1/messages/count_tokens", json={"model": "ant:x", "messages": []})).json()
-    assert counted == {"input_tokens": 4242} and upstream.last["path"] == "/v1/messages/count_tokens"
+    response = await client.post("/v1/messages/count_tokens", json={"model": "ant:x", "messages": []})
+    assert await response.json() == {"input_tokens": 4242} and upstream.last["path"] == "/v1/messages/count_tokens"
+    assert response.headers["request-id"] == upstream.last["headers"]["x-request-id"]
 
 
 async def test_passthrough_bearer_auth_setting(proxy: Any, upstream: FakeUpstream, tmp_path: Path) -> None:
@@ -2499,7 +2501,8 @@ async def test_text_conversation_json(proxy: Any, upstream: FakeUpstream) -> Non
 
 async def test_text_conversation_stream(proxy: Any, upstream: FakeUpstream) -> None:
     client = await proxy()
-    _response, frames = await post_stream(client, BASIC)
+    response, frames = await post_stream(client, BASIC)
+    assert response.headers["request-id"] == upstream.last["headers"]["x-request-id"]
     message = final_message(frames)
     assert message["content"] == [{"type": "text", "text": "Hello there"}]
     assert message["stop_reason"] == "end_turn" and message["usage"]["output_tokens"] == 7

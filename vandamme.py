@@ -3463,20 +3463,16 @@ def _completion_message(exchange: Exchange, hooks: _BoundHooks, raw: bytes) -> J
 
 
 class _Relay:
-    """An upstream stream relayed as it arrives: by itself an Anthropic stream's bytes, whole events at a time, so
-    that an error event after a cut never lands inside half an event; _StreamRelay translates one instead. The
-    status and headers go out only after the upstream answered 2xx; from then on errors are in-band: an `error`
-    event, then the end of the stream, never a fake message_stop. An upstream silent for STREAM_IDLE_TIMEOUT, or
-    still streaming at shutdown, is closed."""
+    """An Anthropic stream's bytes relayed whole events at a time; _StreamRelay translates instead. Headers go out
+    after the upstream's 2xx; then errors are in-band (an `error` event, the end, never a fake message_stop), and
+    an upstream silent for STREAM_IDLE_TIMEOUT, or still streaming at shutdown, is closed."""
 
     pings = False       # none of ours in relayed bytes: one could land inside a held event (providers ping anyway)
 
     def __init__(self, request: web.Request, upstream: aiohttp.ClientResponse, headers: Mapping[str, str],
                  status: int) -> None:
-        self.request, self.upstream = request, upstream
-        self.response = web.StreamResponse(status=status, headers=headers)
-        self.rt, self.rec = request.app[RUNTIME], request[_RECORD]
-        self.received = upstream.content.iter_any().__aiter__()
+        self.request, self.upstream, self.rt, self.rec = request, upstream, request.app[RUNTIME], request[_RECORD]
+        self.response = web.StreamResponse(status=status, headers={**headers, "request-id": self.rec.request_id})
         self.last_read = self.last_write = self.rt.clock()
         self.closed_because = ""                  # "idle" or "shutdown" once we cut the upstream
 
@@ -3508,7 +3504,7 @@ class _Relay:
     async def _pump(self) -> None:
         rec, held = self.rec, bytearray()      # held: the start of an event whose end has not arrived yet
         decoder = SSEDecoder(self.rt.config.max_response_bytes)
-        while (chunk := await self._read()) is not None:
+        while chunk := await self._read():
             for name, payload in decoder.feed(chunk):     # usage for metrics; it also bounds an event's size
                 if name in ("message_start", "message_delta"):
                     with contextlib.suppress(ValueError, AttributeError):
@@ -3526,10 +3522,10 @@ class _Relay:
         if held:
             await self.response.write(held)
 
-    async def _read(self) -> bytes | None:
-        """The upstream's next bytes; None at its end, an error at an end we caused."""
-        data = await anext(self.received, None)
-        if data is None and self.closed_because:
+    async def _read(self) -> bytes:
+        """The upstream's next bytes; none at its end, an error at an end we caused."""
+        data = await self.upstream.content.readany()
+        if not data and self.closed_because:
             raise aiohttp.ClientPayloadError(self.closed_because)
         self.last_read = self.rt.clock()
         return data
@@ -3539,17 +3535,15 @@ class _Relay:
         self.upstream.close()
 
     async def _watch(self) -> None:
-        idle = self.rt.config.stream_idle_timeout
-        while True:
-            await asyncio.sleep(min(_PING_INTERVAL, idle) / 3)
-            now = self.rt.clock()
-            if now - self.last_read >= idle:
-                self.close_upstream("idle")
-                return
+        idle, now = self.rt.config.stream_idle_timeout, self.rt.clock()
+        while now - self.last_read < idle:
             if self.pings and now - self.last_write >= _PING_INTERVAL:
                 self.last_write = now
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     await self.response.write(b'event: ping\ndata: {"type":"ping"}\n\n')
+            await asyncio.sleep(min(_PING_INTERVAL, idle) / 3)
+            now = self.rt.clock()
+        self.close_upstream("idle")
 
     def _failure(self, exc: Exception) -> tuple[str, str]:
         """The error event's type and message, redacted; logged once, with the traceback when the fault is ours."""
@@ -3579,35 +3573,33 @@ class _StreamRelay(_Relay):
 
     def __init__(self, request: web.Request, exchange: Exchange, hooks: _BoundHooks,
                  upstream: aiohttp.ClientResponse) -> None:
-        super().__init__(request, upstream, {**_SSE_HEADERS, "request-id": exchange.request_id}, 200)
+        super().__init__(request, upstream, _SSE_HEADERS, 200)
         self.exchange, self.hooks = exchange, hooks
         translator = ResponsesTranslator if exchange.conv.responses else StreamTranslator
         self.translator = translator(self.rec.client_model, exchange.conv, input_tokens=exchange.input_estimate)
         self.whole: JSON | None = None
 
     async def run(self) -> web.StreamResponse:
-        if "json" not in self.upstream.content_type:
+        if "json" in self.upstream.content_type:        # a server that ignored "stream": true: one JSON message,
+            provider, config = self.exchange.provider, self.rt.config      # read before the 200 (a real status)
             try:
-                return await super().run()
+                async with asyncio.timeout(config.request_timeout):
+                    raw = await _read_response(self.upstream, provider, config)
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                raise _connection_failure(provider, config, exc, answered=True) from None
             finally:
-                usage, rec = self.translator.usage, self.rec
-                if usage is not None:
-                    rec.use_usage(usage_to_anthropic(usage))
-                else:
-                    rec.input_tokens = self.exchange.input_estimate
-                    rec.output_tokens = max(1, self.translator.output_chars // 4)
-        # A server that ignored "stream": true answers with one JSON message; a failure to read it is a real status.
-        provider, config = self.exchange.provider, self.rt.config
+                self.upstream.release()
+            self.whole = _completion_message(self.exchange, self.hooks, raw)
+            self.rec.use_usage(self.whole["usage"])
         try:
-            async with asyncio.timeout(config.request_timeout):
-                raw = await _read_response(self.upstream, provider, config)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise _connection_failure(provider, config, exc, answered=True) from None
+            return await super().run()
         finally:
-            self.upstream.release()
-        self.whole = _completion_message(self.exchange, self.hooks, raw)
-        self.rec.use_usage(self.whole["usage"])
-        return await super().run()
+            usage, rec = self.translator.usage, self.rec
+            if usage is not None:
+                rec.use_usage(usage_to_anthropic(usage))
+            elif self.whole is None:
+                rec.input_tokens = self.exchange.input_estimate
+                rec.output_tokens = max(1, self.translator.output_chars // 4)
 
     async def _pump(self) -> None:
         """The one loop: upstream bytes -> SSE events -> chunks through the hooks -> translator."""
@@ -3620,16 +3612,16 @@ class _StreamRelay(_Relay):
         while True:
             data = await self._read()
             events: list[tuple[str, JSON]] = []
-            for _name, payload in decoder.feed(data) if data is not None else decoder.close():
+            for _name, payload in decoder.feed(data) if data else decoder.close():
                 if payload == b"[DONE]":
-                    data = None
+                    data = b""
                     break
                 for chunk in _decode_chunk(payload):
                     if chunk_hooks and isinstance(chunk, dict):
                         chunk = _run_hooks(chunk_hooks, self.exchange, chunk)
                     events.extend(translator.feed(chunk))
             await self._emit(events)
-            if data is None:
+            if not data:
                 break
         think = self.exchange.think          # text a split tag held back is still the reply's
         if think is not None and (chunk := think.flush()) is not None:
@@ -3650,12 +3642,12 @@ async def _relay_anthropic(request: web.Request, rt: Runtime, provider: Provider
                            path: str) -> web.StreamResponse:
     """Anthropic-format provider: forward the body with only `model` replaced; relay the bytes back."""
     rec = request[_RECORD]
-    data = _replace_model(incoming.raw, incoming.body, model)
     extra = {**{name: request.headers[name] for name in _RELAYED_REQUEST_HEADERS if name in request.headers},
              **_hops(request)}
     try:        # rec.streamed: only /v1/messages streams
         upstream, raw_reply, key = await _open_upstream(
-            rt, provider, _provider_url(provider, path), data, request_id=rec.request_id, read_body=not rec.streamed,
+            rt, provider, _provider_url(provider, path), _replace_model(incoming.raw, incoming.body, model),
+            request_id=rec.request_id, read_body=not rec.streamed,
             key_override=_client_key(request, rt.config.proxy_api_key), extra_headers=extra)
     except UpstreamError as exc:
         # The provider's own Anthropic error relayed as is; anything else (an HTML page, another JSON) and
@@ -3663,10 +3655,8 @@ async def _relay_anthropic(request: web.Request, rt: Runtime, provider: Provider
         exc.verbatim = exc.status not in (401, 403) and _is_anthropic_error(exc.reply)
         raise
     rec.key = _key_fingerprint(key)
-    del data
     incoming.release()
     headers = {k: v for k in _RELAYED_RESPONSE_HEADERS if (v := upstream.headers.get(k))}
-    headers["request-id"] = rec.request_id
     if not rec.streamed:
         with contextlib.suppress(ValueError, AttributeError):
             rec.use_usage(json.loads(raw_reply or b"{}").get("usage") or {})
