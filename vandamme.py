@@ -3463,9 +3463,9 @@ def _completion_message(exchange: Exchange, hooks: _BoundHooks, raw: bytes) -> J
 
 
 class _Relay:
-    """An Anthropic stream's bytes relayed whole events at a time; _StreamRelay translates instead. Headers go out
-    after the upstream's 2xx; then errors are in-band (an `error` event, the end, never a fake message_stop), and
-    an upstream silent for STREAM_IDLE_TIMEOUT, or still streaming at shutdown, is closed."""
+    """An Anthropic stream's bytes relayed whole events at a time, so an error event after a cut never lands inside
+    half an event; _StreamRelay translates. Headers go out after the upstream's 2xx; then errors are in-band (an
+    `error` event, then the end, never a fake message_stop). Silent for STREAM_IDLE_TIMEOUT or at shutdown: cut."""
 
     pings = False       # none of ours in relayed bytes: one could land inside a held event (providers ping anyway)
 
