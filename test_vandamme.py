@@ -1882,6 +1882,7 @@ async def test_anthropic_passthrough_is_byte_exact(proxy: Any, upstream: FakeUps
         "x-api-key": "client-key"})
     assert await response.read() == ANTHROPIC_STREAM
     sent = upstream.last
+    assert response.headers["request-id"] == sent["headers"]["x-request-id"]
     assert sent["path"] == "/v1/messages"
     assert sent["raw"] == raw.replace(b'"ant:sonnet"', b'"claude-real"')
     assert sent["headers"]["x-api-key"] == "ant-key-000000000"
@@ -1893,8 +1894,9 @@ async def test_anthropic_passthrough_is_byte_exact(proxy: Any, upstream: FakeUps
     assert response.status == 529 and (await response.json())["error"]["message"] == "busy"
     # count_tokens goes upstream too
     upstream.add(Reply({"input_tokens": 4242}))
-    counted = await (await client.post("/v1/messages/count_tokens", json={"model": "ant:x", "messages": []})).json()
-    assert counted == {"input_tokens": 4242} and upstream.last["path"] == "/v1/messages/count_tokens"
+    response = await client.post("/v1/messages/count_tokens", json={"model": "ant:x", "messages": []})
+    assert await response.json() == {"input_tokens": 4242} and upstream.last["path"] == "/v1/messages/count_tokens"
+    assert response.headers["request-id"] == upstream.last["headers"]["x-request-id"]
 
 
 async def test_passthrough_bearer_auth_setting(proxy: Any, upstream: FakeUpstream, tmp_path: Path) -> None:
@@ -2508,7 +2510,8 @@ async def test_text_conversation_json(proxy: Any, upstream: FakeUpstream) -> Non
 
 async def test_text_conversation_stream(proxy: Any, upstream: FakeUpstream) -> None:
     client = await proxy()
-    _response, frames = await post_stream(client, BASIC)
+    response, frames = await post_stream(client, BASIC)
+    assert response.headers["request-id"] == upstream.last["headers"]["x-request-id"]
     message = final_message(frames)
     assert message["content"] == [{"type": "text", "text": "Hello there"}]
     assert message["stop_reason"] == "end_turn" and message["usage"]["output_tokens"] == 7
@@ -2931,7 +2934,8 @@ async def test_stream_idle_timeout_closes_with_error(proxy: Any, upstream: FakeU
     started = time.monotonic()
     response = await client.post("/v1/messages", json={**BASIC, "stream": True})
     frames = validate_stream(await response.text())
-    assert frames[-1][0] == "error" and "STREAM_IDLE_TIMEOUT" in frames[-1][1]["error"]["message"]
+    assert frames[-1] == ("error", {"type": "error", "error": {
+        "type": "api_error", "message": "openai: stream interrupted: no data for STREAM_IDLE_TIMEOUT=0.5s"}})
     assert time.monotonic() - started < 3
 
 
@@ -3011,8 +3015,24 @@ async def test_anthropic_relay_has_an_idle_timeout(proxy: Any, upstream: FakeUps
     client = await proxy({**ANTHROPIC_ENV, "STREAM_IDLE_TIMEOUT": "0.5"})
     upstream.add(Reply(stream=[MESSAGE_START], hang=5))
     response = await client.post("/v1/messages", json={**BASIC, "model": "claude-x", "stream": True})
+    frames = parse_sse(await response.text())          # worded as the translated stream words it
+    assert frames[-1] == ("error", {"type": "error", "error": {
+        "type": "api_error", "message": "anthropic: stream interrupted: no data for STREAM_IDLE_TIMEOUT=0.5s"}})
+
+
+async def test_anthropic_relay_ends_a_failure_of_our_own_with_an_sse_error(proxy: Any,
+                                                                           upstream: FakeUpstream) -> None:
+    # Usage nested too deeply for json.loads (RecursionError, not a ValueError): after the 200 it still
+    # goes out in-band, as one error event and the end of the stream, never to the error middleware.
+    nested = b'{"type":"message_delta","delta":{},"usage":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    client = await proxy(ANTHROPIC_ENV)
+    upstream.add(Reply(stream=[MESSAGE_START, b"event: message_delta\ndata: " + nested + b"\n\n"]))
+    response = await client.post("/v1/messages", json={**BASIC, "model": "claude-x", "stream": True})
     frames = parse_sse(await response.text())
-    assert frames[-1][0] == "error" and "STREAM_IDLE_TIMEOUT=0.5" in frames[-1][1]["error"]["message"]
+    assert response.status == 200 and [name for name, _ in frames] == ["message_start", "error"]
+    assert frames[-1][1]["error"] == {"type": "api_error", "message": "internal error in vandamme; see its log"}
+    totals = await (await client.get("/metrics/running-totals")).json()
+    assert totals["totals"]["errors_by_type"] == {"api_error": 1}
 
 
 @pytest.mark.parametrize(("reply", "verbatim"), [
@@ -3510,10 +3530,15 @@ async def test_graceful_shutdown_finishes_in_flight_stream(upstream: FakeUpstrea
     assert code == 0
 
 
-async def test_shutdown_grace_expiry_ends_streams_with_error(upstream: FakeUpstream, tmp_path: Path) -> None:
-    upstream.add(Reply(stream=[sse(delta(content="x"), done=False)], hang=30))
-    proc = ProxyProcess(HERE / "vandamme.py", {"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": f"{upstream.url}/v1",
-                                               "SHUTDOWN_GRACE": "0.5"}, tmp_path)
+@pytest.mark.parametrize("relayed", [False, True], ids=["translated", "anthropic-relay"])
+async def test_shutdown_grace_expiry_ends_streams_with_error(upstream: FakeUpstream, tmp_path: Path,
+                                                             relayed: bool) -> None:
+    env = {"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": f"{upstream.url}/v1", "SHUTDOWN_GRACE": "0.5"}
+    if relayed:
+        env.update(ANTHROPIC_API_KEY="sk-ant-000000000001", ANTHROPIC_BASE_URL=upstream.url,
+                   VDM_DEFAULT_PROVIDER="anthropic")
+    upstream.add(Reply(stream=[MESSAGE_START if relayed else sse(delta(content="x"), done=False)], hang=30))
+    proc = ProxyProcess(HERE / "vandamme.py", env, tmp_path)
     try:
         await proc.wait_ready()
         async with (aiohttp.ClientSession() as session,
@@ -3522,7 +3547,8 @@ async def test_shutdown_grace_expiry_ends_streams_with_error(upstream: FakeUpstr
             proc.proc.send_signal(signal.SIGTERM)
             text = (await response.read()).decode()
         frames = parse_sse("event: message_start\n" + text.split("event: message_start\n", 1)[-1])
-        assert frames[-1][0] == "error" and frames[-1][1]["error"]["type"] == "overloaded_error"
+        assert frames[-1] == ("error", {"type": "error", "error": {
+            "type": "overloaded_error", "message": "vandamme is shutting down; retry the request"}})
         assert proc.proc.wait(10) == 0
     finally:
         proc.stop()

@@ -3278,7 +3278,7 @@ async def _converted(request: web.Request, rt: Runtime, provider: Provider, mode
     if rec.streamed:
         del body, payload, data, cached
         exchange.body = incoming.release()
-        return await _StreamRelay(rt, exchange, hooks, response, rec).run(request)
+        return await _StreamRelay(request, exchange, hooks, response).run()
     message = _run_hooks(hooks["on_response"], exchange, _completion_message(exchange, hooks, raw or b""))
     rec.use_usage(message["usage"])
     return _json_response(message)
@@ -3321,88 +3321,171 @@ def _completion_message(exchange: Exchange, hooks: _BoundHooks, raw: bytes) -> J
     return convert(completion, exchange.conv, exchange.client_model)
 
 
-class _StreamRelay:
-    """One upstream OpenAI stream translated into Anthropic events as the bytes arrive. The 200 and SSE headers
-    go out only after the upstream answered 2xx; from then on errors are in-band: an `error` event, then the end
-    of the stream, never a fake message_stop. A ping goes out after every PING_INTERVAL seconds of silence; an
-    upstream silent for STREAM_IDLE_TIMEOUT is closed."""
+class _Relay:
+    """An Anthropic stream's bytes relayed whole events at a time, so an error event after a cut never lands inside
+    half an event; _StreamRelay translates. Headers go out after the upstream's 2xx; then errors are in-band (an
+    `error` event, then the end, never a fake message_stop). Silent for STREAM_IDLE_TIMEOUT or at shutdown: cut."""
 
-    def __init__(self, rt: Runtime, exchange: Exchange, hooks: _BoundHooks, upstream: aiohttp.ClientResponse,
-                 rec: RequestRecord) -> None:
-        self.rt, self.exchange, self.hooks, self.upstream, self.rec = rt, exchange, hooks, upstream, rec
-        translator = ResponsesTranslator if exchange.conv.responses else StreamTranslator
-        self.translator = translator(rec.client_model, exchange.conv, input_tokens=exchange.input_estimate)
-        self.response = web.StreamResponse(status=200, headers={**_SSE_HEADERS, "request-id": rec.request_id})
-        self.last_read = self.last_write = rt.clock()
+    pings = False       # none of ours in relayed bytes: one could land inside a held event (providers ping anyway)
+
+    def __init__(self, request: web.Request, upstream: aiohttp.ClientResponse, headers: Mapping[str, str],
+                 status: int) -> None:
+        self.request, self.upstream, self.rt, self.rec = request, upstream, request.app[RUNTIME], request[_RECORD]
+        self.response = web.StreamResponse(status=status, headers={**headers, "request-id": self.rec.request_id})
+        self.last_read = self.last_write = self.rt.clock()
         self.closed_because = ""                  # "idle" or "shutdown" once we cut the upstream
 
-    async def run(self, request: web.Request) -> web.StreamResponse:
-        # A server that ignored "stream": true answers with one JSON message.
-        whole = await self._whole_message() if "json" in self.upstream.content_type else None
-        await self.response.prepare(request)
-        self.rec.status = 200
+    async def run(self) -> web.StreamResponse:
+        await self.response.prepare(self.request)
+        self.rec.status = self.response.status
         self.rt.aborts[id(self)] = self.close_upstream
-        pinger = asyncio.create_task(self._keepalive())
+        watchdog = asyncio.create_task(self._watch())
         try:
-            if whole is not None:       # the upstream is released already: closing it again is harmless
-                await self._emit(message_events(whole))
-            else:
-                await self._emit(self.translator.start())
-                await self._pump()
-                await self._emit(self.translator.finish())
+            await self._pump()
+            self.upstream.release()         # read to its end: the connection can go back to the pool
             await self.response.write_eof()
         except (ConnectionResetError, asyncio.CancelledError) as exc:
             self.rec.fail("client_closed", "client disconnected mid-stream")
             if isinstance(exc, asyncio.CancelledError):
                 raise
         except Exception as exc:        # after the 200 every failure travels in-band, even one of our own
-            await _end_stream_with_error(request, self.response, *self._failure(exc))
+            kind, message = self._failure(exc)
+            self.rec.fail(kind, message)
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self.response.write(encode_events([("error", error_body(kind, message))]))
+                await self.response.write_eof()
         finally:
-            pinger.cancel()
+            watchdog.cancel()
             self.rt.aborts.pop(id(self), None)
-            self.upstream.close() if not self.translator.finished else self.upstream.release()
-            if whole is None:
-                self._count_usage()
+            self.upstream.close()
         return self.response
 
-    async def _whole_message(self) -> JSON:
-        provider, config = self.exchange.provider, self.rt.config
+    async def _pump(self) -> None:
+        rec, held = self.rec, bytearray()      # held: the start of an event whose end has not arrived yet
+        decoder = SSEDecoder(self.rt.config.max_response_bytes)
+        while chunk := await self._read():
+            for name, payload in decoder.feed(chunk):     # usage for metrics; it also bounds an event's size
+                if name in ("message_start", "message_delta"):
+                    with contextlib.suppress(ValueError, AttributeError):
+                        event = json.loads(payload)
+                        rec.use_usage((event.get("message") or event).get("usage") or {}, keep=True)
+            seen = max(len(held) - 3, 0)        # held has no event end; one may straddle it and the chunk
+            held += chunk
+            lf, crlf = held.rfind(b"\n\n", seen), held.rfind(b"\r\n\r\n", seen)
+            cut = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)      # after the last whole event
+            if cut:
+                if rec.ttft_ms is None:
+                    rec.ttft_ms = (self.rt.clock() - rec.started) * 1000
+                await self.response.write(held[:cut])
+                del held[:cut]
+        if held:
+            await self.response.write(held)
+
+    async def _read(self) -> bytes:
+        """The upstream's next bytes; none at its end, an error at an end we caused."""
+        data = await self.upstream.content.readany()
+        if not data and self.closed_because:
+            raise aiohttp.ClientPayloadError(self.closed_because)
+        self.last_read = self.rt.clock()
+        return data
+
+    def close_upstream(self, reason: str = "shutdown") -> None:
+        self.closed_because = reason
+        self.upstream.close()
+
+    async def _watch(self) -> None:
+        idle, now = self.rt.config.stream_idle_timeout, self.rt.clock()
+        while now - self.last_read < idle:
+            if self.pings and now - self.last_write >= _PING_INTERVAL:
+                self.last_write = now
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await self.response.write(b'event: ping\ndata: {"type":"ping"}\n\n')
+            await asyncio.sleep(min(_PING_INTERVAL, idle) / 3)
+            now = self.rt.clock()
+        self.close_upstream("idle")
+
+    def _failure(self, exc: Exception) -> tuple[str, str]:
+        """The error event's type and message, redacted; logged once, with the traceback when the fault is ours."""
+        if not isinstance(exc, (VandammeError, SSETooLarge, aiohttp.ClientError, OSError)):
+            logger.error("request %s failed mid-stream: %s", self.rec.request_id, exc, exc_info=exc)
+            return "api_error", "internal error in vandamme; see its log"
+        config, kind, cut = self.rt.config, "api_error", f"{self.rec.provider}: stream interrupted:"
+        if isinstance(exc, VandammeError):
+            kind, message = exc.error_type, str(exc)
+        elif self.closed_because == "shutdown":
+            kind, message = "overloaded_error", "vandamme is shutting down; retry the request"
+        elif self.closed_because == "idle":
+            message = f"{cut} no data for STREAM_IDLE_TIMEOUT={config.stream_idle_timeout:g}s"
+        elif isinstance(exc, SSETooLarge):
+            message = f"{cut} an event larger than MAX_RESPONSE_BYTES={config.max_response_bytes}"
+        else:
+            message = f"{cut} {type(exc).__name__} {exc}"
+        message = _redaction(self.request)(message)
+        logger.warning("%s: stream failed after start: %s", self.rec.request_id, message)
+        return kind, message
+
+
+class _StreamRelay(_Relay):
+    """One upstream OpenAI stream translated into Anthropic events as the bytes arrive."""
+
+    pings = True        # a ping after PING_INTERVAL seconds without a write
+
+    def __init__(self, request: web.Request, exchange: Exchange, hooks: _BoundHooks,
+                 upstream: aiohttp.ClientResponse) -> None:
+        super().__init__(request, upstream, _SSE_HEADERS, 200)
+        self.exchange, self.hooks = exchange, hooks
+        translator = ResponsesTranslator if exchange.conv.responses else StreamTranslator
+        self.translator = translator(self.rec.client_model, exchange.conv, input_tokens=exchange.input_estimate)
+        self.whole: JSON | None = None
+
+    async def run(self) -> web.StreamResponse:
+        if "json" in self.upstream.content_type:        # a server that ignored "stream": true: one JSON message,
+            provider, config = self.exchange.provider, self.rt.config      # read before the 200 (a real status)
+            try:
+                async with asyncio.timeout(config.request_timeout):
+                    raw = await _read_response(self.upstream, provider, config)
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                raise _connection_failure(provider, config, exc, answered=True) from None
+            finally:
+                self.upstream.release()
+            self.whole = _completion_message(self.exchange, self.hooks, raw)
+            self.rec.use_usage(self.whole["usage"])
         try:
-            async with asyncio.timeout(config.request_timeout):
-                raw = await _read_response(self.upstream, provider, config)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise _connection_failure(provider, config, exc, answered=True) from None
+            return await super().run()
         finally:
-            self.upstream.release()
-        message = _completion_message(self.exchange, self.hooks, raw)
-        self.rec.use_usage(message["usage"])
-        return message
+            usage, rec = self.translator.usage, self.rec
+            if usage is not None:
+                rec.use_usage(usage_to_anthropic(usage))
+            elif self.whole is None:
+                rec.input_tokens = self.exchange.input_estimate
+                rec.output_tokens = max(1, self.translator.output_chars // 4)
 
     async def _pump(self) -> None:
         """The one loop: upstream bytes -> SSE events -> chunks through the hooks -> translator."""
+        if self.whole is not None:
+            await self._emit(message_events(self.whole))
+            return
         decoder = SSEDecoder(self.rt.config.max_response_bytes)
         chunk_hooks, translator = self.hooks["on_upstream_chunk"], self.translator
-        received = self.upstream.content.iter_any().__aiter__()
+        await self._emit(translator.start())
         while True:
-            data = await anext(received, None)
-            if data is None and self.closed_because:
-                raise aiohttp.ClientPayloadError(self.closed_because)
-            self.last_read = self.rt.clock()
+            data = await self._read()
             events: list[tuple[str, JSON]] = []
-            for _name, payload in decoder.feed(data) if data is not None else decoder.close():
+            for _name, payload in decoder.feed(data) if data else decoder.close():
                 if payload == b"[DONE]":
-                    data = None
+                    data = b""
                     break
                 for chunk in _decode_chunk(payload):
                     if chunk_hooks and isinstance(chunk, dict):
                         chunk = _run_hooks(chunk_hooks, self.exchange, chunk)
                     events.extend(translator.feed(chunk))
             await self._emit(events)
-            if data is None:
+            if not data:
                 break
         think = self.exchange.think          # text a split tag held back is still the reply's
         if think is not None and (chunk := think.flush()) is not None:
             await self._emit(translator.feed(chunk))
+        await self._emit(translator.finish())
 
     async def _emit(self, events: list[tuple[str, JSON]]) -> None:
         if self.hooks["on_event"]:
@@ -3413,72 +3496,17 @@ class _StreamRelay:
             self.last_write = self.rt.clock()
             await self.response.write(encode_events(events))
 
-    def close_upstream(self, reason: str = "shutdown") -> None:
-        self.closed_because = reason
-        self.upstream.close()
-
-    async def _keepalive(self) -> None:
-        while True:
-            await asyncio.sleep(_PING_INTERVAL / 3)
-            now = self.rt.clock()
-            if now - self.last_read >= self.rt.config.stream_idle_timeout:
-                self.close_upstream("idle")
-                return
-            if now - self.last_write >= _PING_INTERVAL:
-                self.last_write = now
-                with contextlib.suppress(ConnectionError, RuntimeError):
-                    await self.response.write(b'event: ping\ndata: {"type":"ping"}\n\n')
-
-    def _failure(self, exc: Exception) -> tuple[str, str]:
-        """The error event's type and message."""
-        name, config = self.exchange.provider.name, self.rt.config
-        if not isinstance(exc, (VandammeError, SSETooLarge, aiohttp.ClientError, TimeoutError, OSError)):
-            logger.error("request %s failed mid-stream: %s", self.rec.request_id, exc, exc_info=exc)
-            return "api_error", "internal error in vandamme; see its log"
-        if isinstance(exc, VandammeError):
-            return exc.error_type, str(exc)
-        if self.closed_because == "idle":
-            return "api_error", f"{name}: no data for STREAM_IDLE_TIMEOUT={config.stream_idle_timeout:g}s"
-        if self.closed_because == "shutdown":
-            return "overloaded_error", "vandamme is shutting down; retry the request"
-        return "api_error", f"{name}: stream interrupted: {_stream_failure(exc, config)}"
-
-    def _count_usage(self) -> None:
-        translator, rec = self.translator, self.rec
-        if translator.usage is not None:
-            rec.use_usage(usage_to_anthropic(translator.usage))
-        else:
-            rec.input_tokens, rec.output_tokens = self.exchange.input_estimate, max(1, translator.output_chars // 4)
-
-
-def _stream_failure(exc: BaseException, config: Config) -> str:
-    if isinstance(exc, SSETooLarge):
-        return f"an event larger than MAX_RESPONSE_BYTES={config.max_response_bytes}"
-    if isinstance(exc, TimeoutError):
-        return f"no data for STREAM_IDLE_TIMEOUT={config.stream_idle_timeout:g}s"
-    return f"{type(exc).__name__} {exc}"
-
-
-async def _end_stream_with_error(request: web.Request, response: web.StreamResponse, kind: str, message: str) -> None:
-    """After the 200 went out an error can only travel in-band: an SSE `error` event, then the end."""
-    rec, message = request[_RECORD], _redaction(request)(message)
-    rec.fail(kind, message)
-    logger.warning("%s: stream failed after start: %s", rec.request_id, message)
-    with contextlib.suppress(ConnectionError, RuntimeError):
-        await response.write(encode_events([("error", error_body(kind, message))]))
-        await response.write_eof()
-
 
 async def _relay_anthropic(request: web.Request, rt: Runtime, provider: Provider, model: str, incoming: _Incoming,
                            path: str) -> web.StreamResponse:
     """Anthropic-format provider: forward the body with only `model` replaced; relay the bytes back."""
     rec = request[_RECORD]
-    data = _replace_model(incoming.raw, incoming.body, model)
     extra = {**{name: request.headers[name] for name in _RELAYED_REQUEST_HEADERS if name in request.headers},
              **_hops(request)}
     try:        # rec.streamed: only /v1/messages streams
         upstream, raw_reply, key = await _open_upstream(
-            rt, provider, _provider_url(provider, path), data, request_id=rec.request_id, read_body=not rec.streamed,
+            rt, provider, _provider_url(provider, path), _replace_model(incoming.raw, incoming.body, model),
+            request_id=rec.request_id, read_body=not rec.streamed,
             key_override=_client_key(request, rt.config.proxy_api_key), extra_headers=extra)
     except UpstreamError as exc:
         # The provider's own Anthropic error relayed as is; anything else (an HTML page, another JSON) and
@@ -3486,73 +3514,20 @@ async def _relay_anthropic(request: web.Request, rt: Runtime, provider: Provider
         exc.verbatim = exc.status not in (401, 403) and _is_anthropic_error(exc.reply)
         raise
     rec.key = _key_fingerprint(key)
-    del data
     incoming.release()
     headers = {k: v for k in _RELAYED_RESPONSE_HEADERS if (v := upstream.headers.get(k))}
-    headers["request-id"] = rec.request_id
     if not rec.streamed:
         with contextlib.suppress(ValueError, AttributeError):
             rec.use_usage(json.loads(raw_reply or b"{}").get("usage") or {})
         return web.Response(body=raw_reply, status=upstream.status, headers=headers)
-    return await _relay_events(request, provider.name, upstream, headers)
+    return await _Relay(request, upstream, headers, upstream.status).run()
 
 
 def _is_anthropic_error(reply: tuple[int, bytes, str] | None) -> bool:
-    try:
+    with contextlib.suppress(ValueError):
         data = _JSON_DECODE(reply[1].decode()) if reply else None
-    except ValueError:
-        return False
-    return isinstance(data, dict) and data.get("type") == "error" and isinstance(data.get("error"), dict)
-
-
-def _event_end(data: bytearray, start: int) -> int:
-    """Where the last complete SSE event in `data` ends (0: none), for an end after `start`."""
-    lf, crlf = data.rfind(b"\n\n", start), data.rfind(b"\r\n\r\n", start)
-    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
-
-
-async def _relay_events(request: web.Request, provider: str, upstream: aiohttp.ClientResponse,
-                        headers: dict[str, str]) -> web.StreamResponse:
-    """Relay an Anthropic stream's bytes whole events at a time, so that an error event after a cut never
-    lands inside half an event; at most STREAM_IDLE_TIMEOUT of silence."""
-    rt, rec = request.app[RUNTIME], request[_RECORD]
-    decoder, received = SSEDecoder(rt.config.max_response_bytes), upstream.content.iter_any().__aiter__()
-    held = bytearray()                     # the start of an event whose end has not arrived yet
-    response = web.StreamResponse(status=upstream.status, headers=headers)
-    await response.prepare(request)
-    rec.status = response.status
-    rt.aborts[id(response)] = upstream.close
-    try:
-        while True:
-            async with asyncio.timeout(rt.config.stream_idle_timeout):
-                chunk = await anext(received, None)
-            if chunk is None:
-                break
-            for name, payload in decoder.feed(chunk):     # usage for metrics; it also bounds an event's size
-                if name in ("message_start", "message_delta"):
-                    with contextlib.suppress(ValueError, AttributeError):
-                        event = json.loads(payload)
-                        rec.use_usage((event.get("message") or event).get("usage") or {}, keep=True)
-            seen = max(len(held) - 3, 0)        # held has no event end; one may straddle it and the chunk
-            held += chunk
-            cut = _event_end(held, seen)
-            if cut:
-                if rec.ttft_ms is None:
-                    rec.ttft_ms = (rt.clock() - rec.started) * 1000
-                await response.write(held[:cut])
-                del held[:cut]
-        if held:
-            await response.write(held)
-        await response.write_eof()
-    except ConnectionResetError:
-        rec.fail("client_closed", "client disconnected mid-stream")
-    except (SSETooLarge, aiohttp.ClientError, TimeoutError, OSError) as exc:
-        message = f"{provider}: stream interrupted: {_stream_failure(exc, rt.config)}"
-        await _end_stream_with_error(request, response, "overloaded_error" if rt.draining else "api_error", message)
-    finally:
-        rt.aborts.pop(id(response), None)
-        upstream.close()
-    return response
+        return isinstance(data, dict) and data.get("type") == "error" and isinstance(data.get("error"), dict)
+    return False
 
 
 async def _handle_count_tokens(request: web.Request) -> web.StreamResponse:
