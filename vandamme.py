@@ -3366,9 +3366,7 @@ class _Relay:
         while chunk := await self._read():
             for name, payload in decoder.feed(chunk):     # usage for metrics; it also bounds an event's size
                 if name in ("message_start", "message_delta"):
-                    with contextlib.suppress(ValueError, AttributeError):
-                        event = json.loads(payload)
-                        rec.use_usage((event.get("message") or event).get("usage") or {}, keep=True)
+                    _count_relayed_usage(rec, payload, keep=True)
             seen = max(len(held) - 3, 0)        # held has no event end; one may straddle it and the chunk
             held += chunk
             lf, crlf = held.rfind(b"\n\n", seen), held.rfind(b"\r\n\r\n", seen)
@@ -3517,10 +3515,17 @@ async def _relay_anthropic(request: web.Request, rt: Runtime, provider: Provider
     incoming.release()
     headers = {k: v for k in _RELAYED_RESPONSE_HEADERS if (v := upstream.headers.get(k))}
     if not rec.streamed:
-        with contextlib.suppress(ValueError, AttributeError):
-            rec.use_usage(json.loads(raw_reply or b"{}").get("usage") or {})
+        _count_relayed_usage(rec, raw_reply or b"{}", keep=False)
         return web.Response(body=raw_reply, status=upstream.status, headers=headers)
     return await _Relay(request, upstream, headers, upstream.status).run()
+
+
+def _count_relayed_usage(rec: RequestRecord, data: bytes, *, keep: bool) -> None:
+    """The usage of a relayed Anthropic message or stream event, for the metrics only: whatever else the
+    provider sent (not JSON, nested beyond the decoder, another shape) is relayed all the same, uncounted."""
+    with contextlib.suppress(ValueError, AttributeError, RecursionError):
+        event = json.loads(data)
+        rec.use_usage((event.get("message") or event).get("usage") or {}, keep=keep)
 
 
 def _is_anthropic_error(reply: tuple[int, bytes, str] | None) -> bool:
