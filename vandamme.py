@@ -1674,7 +1674,7 @@ class JsonPrefix:
 
     __slots__ = ("escape", "expect", "held", "in_string", "key", "literal", "stack")
     _LITERALS: Final = ("true", "false", "null")
-    _STRING_END: Final = re.compile(r'["\\\x00-\x1f]')
+    _STRING_BODY: Final = re.compile(r'[^"\\\x00-\x1f]*+(?:\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4})[^"\\\x00-\x1f]*+)*+')
     _ESCAPE: Final = re.compile(r'\\(["\\/bfnrt]|u[0-9a-fA-F]{4})')
     _ESCAPE_PREFIX: Final = re.compile(r"\\(u[0-9a-fA-F]{0,3})?")
     _LITERAL_END: Final = re.compile(r"[^\w+.-]")
@@ -1703,24 +1703,31 @@ class JsonPrefix:
         controls: list[int] = []                    # raw control characters in strings: sent escaped
         while i < n:
             if self.in_string:
-                if self.escape:
-                    self.escape += out[i]
-                    i += 1
-                    if self._ESCAPE.fullmatch(self.escape):
+                if self.escape:             # the last fragment cut an escape: finish it with what \uXXXX may need
+                    cut = len(self.escape)
+                    self.escape += out[i:i + 6 - cut]
+                    escape = self._ESCAPE.match(self.escape)
+                    if escape:
+                        i += escape.end() - cut
                         self.escape = ""
-                    elif not self._ESCAPE_PREFIX.fullmatch(self.escape):
+                    elif self._ESCAPE_PREFIX.fullmatch(self.escape):      # this fragment is shorter still
+                        i = n
+                    else:
                         return None
                     continue
-                found = self._STRING_END.search(out, i)
-                if found is None:
+                i = self._STRING_BODY.match(out, i).end()       # characters and whole escapes, in one pass
+                if i == n:
                     break
-                i = found.end()
-                if out[i - 1] < " ":
-                    controls.append(i - 1)
-                elif out[i - 1] == "\\":
-                    self.escape = "\\"
-                else:
+                i += 1
+                if out[i - 1] == '"':
                     self.in_string, self.expect = False, "colon" if self.key else "comma"
+                elif out[i - 1] != "\\":
+                    controls.append(i - 1)
+                else:                       # an escape this fragment cuts (finished above next time), or a bad one
+                    self.escape = out[i - 1:]
+                    i = n
+                    if not self._ESCAPE_PREFIX.fullmatch(self.escape):
+                        return None
                 continue
             if self.literal:                  # a number, true, false or null, maybe split across fragments
                 found = self._LITERAL_END.search(out, i)
@@ -1758,6 +1765,8 @@ class JsonPrefix:
             else:
                 return None
         self.held = out[hold_from:]
+        if not controls:
+            return out[:hold_from]
         pieces: list[str] = []
         start = 0
         for at in controls:         # models do write raw newlines in strings: repaired, not lost
