@@ -1715,7 +1715,8 @@ class JsonPrefix:
                     else:
                         return None
                     continue
-                i = self._STRING_BODY.match(out, i).end()       # characters and whole escapes, in one pass
+                if body := self._STRING_BODY.match(out, i):       # characters and whole escapes, in one pass
+                    i = body.end()
                 if i == n:
                     break
                 i += 1
