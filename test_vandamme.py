@@ -2563,6 +2563,31 @@ async def test_upstream_errors_map_to_anthropic(proxy: Any, upstream: FakeUpstre
         assert response.headers.get("retry-after") == "7"
 
 
+def strict_json(text: str) -> Any:
+    """JSON as a strict client reads it: NaN and Infinity are not JSON."""
+    return json.loads(text, parse_constant=lambda constant: pytest.fail(f"{constant} is not JSON"))
+
+
+@pytest.mark.parametrize(("reply", "status", "fragment"), [
+    pytest.param(Reply({"error": {"message": "slow down"}}, status=429, headers={"retry-after": "inf"}), 429,
+                 "slow down", id="retry-after-infinite"),
+    pytest.param(Reply(b"[" * 5000, status=400), 400, "[[[", id="error-nested-beyond-the-decoder"),
+    pytest.param(Reply(b'{"choices": ' + b"[" * 5000), 502, "invalid JSON", id="answer-nested-beyond-the-decoder"),
+    pytest.param(Reply({"choices": [{"message": {"tool_calls": [{"id": "c1", "function": {
+        "name": "f", "arguments": '{"x": NaN, "y": Infinity}'}}]}, "finish_reason": "tool_calls"}]}), 200,
+                 "_raw_arguments", id="tool-arguments-with-nan"),
+])
+async def test_hostile_upstream_answers_are_clean_anthropic_answers(proxy: Any, upstream: FakeUpstream, reply: Reply,
+                                                                    status: int, fragment: str) -> None:
+    client = await proxy({"MAX_RETRIES": "0"})
+    upstream.add(reply)
+    response = await client.post("/v1/messages", json=BASIC)
+    data = strict_json(await response.text())
+    assert response.status == status and response.headers["request-id"]
+    assert "retry-after" not in response.headers
+    assert fragment in json.dumps(data["error"]["message"] if status >= 400 else data["content"])
+
+
 @pytest.mark.parametrize(("data", "fragment"), [
     pytest.param(b"{not json", "not valid JSON", id="bad-json"),
     pytest.param(b"[]", "JSON object", id="not-object"),

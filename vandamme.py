@@ -140,9 +140,18 @@ def _not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not JSON")
 
 
-# Strict: NaN and Infinity are Python's extensions, not JSON, and no upstream accepts them.
 _JSON_DECODER: Final = json.JSONDecoder(parse_constant=_not_json)
-_JSON_DECODE: Final = _JSON_DECODER.decode
+
+
+def _json_decode(data: str | bytes) -> Any:
+    """JSON from a client or an upstream, strictly: NaN and Infinity are Python's extensions, which no client or
+    upstream accepts back, and nesting deeper than the decoder goes is a ValueError like any invalid JSON."""
+    try:
+        return _JSON_DECODER.decode(data if isinstance(data, str) else data.decode())
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to decode") from None
+
+
 _REASONING_MODEL: Final = re.compile(r"^(?:[\w.-]+/)?(?:o\d|gpt-5|codex)", re.I)
 _VALID_TOOL_NAME: Final = re.compile(r"^[a-zA-Z0-9_-]+$")
 _TOOL_ID_MARK: Final = "vdmid_"        # + base64url of an upstream tool id Anthropic would reject
@@ -1268,7 +1277,7 @@ def _replayed_reasoning(signature: str, text: str, origin: str) -> JSON | None:
     """The reasoning item a thinking block's signature carries (see reasoning_signature), if it came from
     `origin` ("provider:model"): encrypted reasoning only decrypts where it was made."""
     try:
-        made_by, _item_id, encrypted = _JSON_DECODE(_unb64(signature[len(_REASONING_MARK):]))
+        made_by, _item_id, encrypted = _json_decode(_unb64(signature[len(_REASONING_MARK):]))
     except (ValueError, TypeError):
         return None
     if made_by != origin or not isinstance(encrypted, str):
@@ -1366,7 +1375,7 @@ def _decode_with_spans(text: str, known: dict[str, tuple[str, Any]] | None = Non
     spans: dict[str, tuple[int, int]] = {}
     i = _skip_space(text, 0)
     if text[i:i + 1] != "{":
-        return _JSON_DECODE(text), spans
+        return _json_decode(text), spans
     result: JSON = {}
     i = _skip_space(text, i + 1)
     if text[i:i + 1] != "}":
@@ -1374,7 +1383,7 @@ def _decode_with_spans(text: str, known: dict[str, tuple[str, Any]] | None = Non
             key, i = _RAW_DECODE(text, i)
             i = _skip_space(text, i)
             if not isinstance(key, str) or text[i:i + 1] != ":":
-                return _JSON_DECODE(text), {}          # let the decoder report the error
+                return _json_decode(text), {}          # let the decoder report the error
             start = _skip_space(text, i + 1)
             seen = known.get(key) if known is not None else None
             end = start + len(seen[0]) if seen is not None and text.startswith(seen[0], start) else -1
@@ -1390,7 +1399,7 @@ def _decode_with_spans(text: str, known: dict[str, tuple[str, Any]] | None = Non
                 break
             i = _skip_space(text, i + 1)
     if text[i:i + 1] != "}" or _skip_space(text, i + 1) < len(text):
-        return _JSON_DECODE(text), {}                  # the decoder reports the error (trailing data too)
+        return _json_decode(text), {}                  # the decoder reports the error (trailing data too)
     return result, spans
 
 # ---------------------------------------------------------------------------
@@ -1631,16 +1640,16 @@ class SSEDecoder:
 def _decode_chunk(data: bytes) -> list[Any]:
     """One SSE data payload as chunks; servers that forget blank lines get their lines split."""
     try:
-        return [_JSON_DECODE(data.decode())]
+        return [_json_decode(data)]
     except ValueError:
         pass
     chunks = []
     for line in data.split(b"\n"):
         line = line.strip().removeprefix(b"data:").strip()
         if line and line != b"[DONE]":
-            try:
+            try:            # lenient: a NaN in a field we never read must not cost the chunk its text
                 chunks.append(json.loads(line))
-            except ValueError:
+            except (ValueError, RecursionError):
                 logger.debug("malformed upstream chunk skipped: %.200r", line)
     return chunks
 
@@ -1813,12 +1822,12 @@ def parse_tool_arguments(raw: Any) -> JSON:
         candidates.append(viable + prefix.suffix())
     for candidate in candidates:
         try:
-            value = json.loads(candidate)
+            value = _json_decode(candidate)
         except ValueError:
             continue
         if isinstance(value, str):         # arguments encoded twice
             with contextlib.suppress(ValueError):
-                value = json.loads(value)
+                value = _json_decode(value)
         if isinstance(value, dict):
             return value
     return {"_raw_arguments": raw}
@@ -2847,9 +2856,10 @@ def _client_key(request: web.Request, proxy_key: str | None) -> str | None:
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
     try:
-        return max(0.0, float(headers["retry-after"]))
+        seconds = float(headers["retry-after"])
     except (KeyError, ValueError):
         return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 def _upstream_failure(provider: Provider, status: int, raw: bytes, headers: Mapping[str, str],
@@ -2861,7 +2871,7 @@ def _upstream_failure(provider: Provider, status: int, raw: bytes, headers: Mapp
                              f"never follows: check {provider.name.upper()}_BASE_URL", status=502, retryable=False)
     message = None
     with contextlib.suppress(ValueError):
-        message = _upstream_error_message(json.loads(raw))
+        message = _upstream_error_message(_json_decode(raw))
     if not message:
         message = raw.decode("utf-8", "replace").strip()[:500] or f"HTTP {status}"
     if key and key in message:
@@ -3002,7 +3012,7 @@ async def _fetch_models(rt: Runtime, provider: Provider, key: str | None) -> lis
                 raw = await _read_response(response, provider, rt.config)
                 if response.status >= 300:
                     raise _upstream_failure(provider, response.status, raw, response.headers)
-                data = _JSON_DECODE(raw.decode())
+                data = _json_decode(raw)
     except (aiohttp.ClientError, TimeoutError, OSError, ValueError, UpstreamError) as exc:
         logger.warning("model list of %s unavailable: %s", provider.name, exc)
         return []
@@ -3322,7 +3332,7 @@ def _lower_output_limit(rt: Runtime, provider: Provider, model: str, payload: JS
 def _completion_message(exchange: Exchange, hooks: _BoundHooks, raw: bytes) -> JSON:
     """A whole (non-streamed) completion, through the hooks, as an Anthropic message."""
     try:
-        completion = _JSON_DECODE(raw.decode())
+        completion = _json_decode(raw)
     except ValueError:
         raise UpstreamError(f"{exchange.provider.name}: answered with invalid JSON: {raw[:200]!r}",
                             status=502) from None
@@ -3533,14 +3543,14 @@ async def _relay_anthropic(request: web.Request, rt: Runtime, provider: Provider
 def _count_relayed_usage(rec: RequestRecord, data: bytes, *, keep: bool) -> None:
     """The usage of a relayed Anthropic message or stream event, for the metrics only: whatever else the
     provider sent (not JSON, nested beyond the decoder, another shape) is relayed all the same, uncounted."""
-    with contextlib.suppress(ValueError, AttributeError, RecursionError):
-        event = json.loads(data)
+    with contextlib.suppress(ValueError, AttributeError):
+        event = _json_decode(data)
         rec.use_usage((event.get("message") or event).get("usage") or {}, keep=keep)
 
 
 def _is_anthropic_error(reply: tuple[int, bytes, str] | None) -> bool:
     with contextlib.suppress(ValueError):
-        data = _JSON_DECODE(reply[1].decode()) if reply else None
+        data = _json_decode(reply[1]) if reply else None
         return isinstance(data, dict) and data.get("type") == "error" and isinstance(data.get("error"), dict)
     return False
 
