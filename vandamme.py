@@ -2830,8 +2830,10 @@ def _upstream_headers(rt: Runtime, provider: Provider, key: str | None, request_
         style = provider.auth_header
         if style == "auto":
             style = "api-key" if provider.azure else "x-api-key" if provider.api_format == "anthropic" else "bearer"
-        name, value = ("Authorization", f"Bearer {key}") if style == "bearer" else (style, key)
-        headers[name] = value
+        if style == "bearer":
+            headers["Authorization"] = f"Bearer {key}"
+        else:
+            headers[style] = key
     return headers
 
 
@@ -3381,7 +3383,8 @@ class _Relay:
         return self.response
 
     async def _pump(self) -> None:
-        rec, held = self.rec, bytearray()      # held: the start of an event whose end has not arrived yet
+        rec = self.rec
+        held = bytearray()          # the start of an event whose end has not arrived yet
         decoder = SSEDecoder(self.rt.config.max_response_bytes)
         while chunk := await self._read():
             for name, payload in decoder.feed(chunk):     # usage for metrics; it also bounds an event's size
@@ -3427,7 +3430,9 @@ class _Relay:
         if not isinstance(exc, (VandammeError, SSETooLarge, aiohttp.ClientError, OSError)):
             logger.error("request %s failed mid-stream: %s", self.rec.request_id, exc, exc_info=exc)
             return "api_error", "internal error in vandamme; see its log"
-        config, kind, cut = self.rt.config, "api_error", f"{self.rec.provider}: stream interrupted:"
+        config = self.rt.config
+        kind = "api_error"
+        cut = f"{self.rec.provider}: stream interrupted:"
         if isinstance(exc, VandammeError):
             kind, message = exc.error_type, str(exc)
         elif self.closed_because == "shutdown":
@@ -3521,10 +3526,10 @@ async def _relay_anthropic(request: web.Request, rt: Runtime, provider: Provider
     rec = request[_RECORD]
     extra = {**{name: request.headers[name] for name in _RELAYED_REQUEST_HEADERS if name in request.headers},
              **_hops(request)}
-    try:        # rec.streamed: only /v1/messages streams
+    try:
         upstream, raw_reply, key = await _open_upstream(
             rt, provider, _provider_url(provider, path), _replace_model(incoming.raw, incoming.body, model),
-            request_id=rec.request_id, read_body=not rec.streamed,
+            request_id=rec.request_id, read_body=not rec.streamed,       # only /v1/messages streams
             key_override=_client_key(request, rt.config.proxy_api_key), extra_headers=extra)
     except UpstreamError as exc:
         # The provider's own Anthropic error relayed as is; anything else (an HTML page, another JSON) and
