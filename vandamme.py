@@ -1427,12 +1427,9 @@ def _thinking_signature(text: str) -> str:
     return "vdm-" + hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _new_message_id() -> str:
-    return "msg_" + secrets.token_hex(12)
-
-
-def _new_tool_id() -> str:
-    return "toolu_" + secrets.token_hex(12)
+def _new_id(prefix: str) -> str:
+    """A fresh id in Anthropic's form: "msg_..." for messages, "toolu_..." for tool calls."""
+    return prefix + secrets.token_hex(12)
 
 
 def client_tool_id(upstream_id: str) -> str:
@@ -1520,7 +1517,7 @@ def openai_to_anthropic(data: Any, conv: Conversion, client_model: str) -> JSON:
 
 def _tool_use(conv: Conversion, tool_id: Any, name: Any, arguments: Any) -> JSON:
     name = name if isinstance(name, str) and name else "unknown_tool"
-    return {"type": "tool_use", "id": client_tool_id(str(tool_id)) if tool_id else _new_tool_id(),
+    return {"type": "tool_use", "id": client_tool_id(str(tool_id)) if tool_id else _new_id("toolu_"),
             "name": conv.tool_names.get(name, name), "input": parse_tool_arguments(arguments)}
 
 
@@ -1534,7 +1531,7 @@ def _assistant_message(content: list[JSON], finish: Any, refused: bool, usage: A
         stop_reason = "refusal"
     else:
         stop_reason = _STOP_REASON.get(finish, "end_turn") if isinstance(finish, str) else "end_turn"
-    return {"id": _new_message_id(), "type": "message", "role": "assistant", "model": client_model,
+    return {"id": _new_id("msg_"), "type": "message", "role": "assistant", "model": client_model,
             "content": content, "stop_reason": stop_reason, "stop_sequence": None,
             "usage": usage_to_anthropic(usage)}
 
@@ -1852,7 +1849,7 @@ class _BlockWriter:
     def __init__(self, model: str, tool_names: Mapping[str, str] = MappingProxyType({}), *,
                  input_tokens: int = 0, message_id: str | None = None) -> None:
         self.model, self.tool_names, self.input_tokens = model, tool_names, input_tokens
-        self.message_id = message_id or _new_message_id()
+        self.message_id = message_id or _new_id("msg_")
         self.events: list[tuple[str, JSON]] = []
         self.next_index = self.output_chars = 0
         self.open_kind: str | None = None
@@ -1972,7 +1969,7 @@ class _BlockWriter:
     def _start_call(self, call: _ToolCall) -> None:
         self._close_open()
         name = call.name or "unknown_tool"
-        call.id = call.id or _new_tool_id()
+        call.id = call.id or _new_id("toolu_")
         self._open({"type": "tool_use", "id": client_tool_id(call.id), "name": self.tool_names.get(name, name),
                     "input": {}}, "tool")
         self.open_call, call.state, self.tool_used = call, "open", True
@@ -2266,7 +2263,7 @@ class _GeminiDialect(Middleware):
                 google = extra.get("google") if isinstance(extra, dict) else None
                 signature = google.get("thought_signature") if isinstance(google, dict) else None
                 if self.signatures and isinstance(signature, str) and signature:
-                    call["id"] = f"{call.get('id') or _new_tool_id()}{_SIGNATURE_MARK}{_b64(signature)}"
+                    call["id"] = f"{call.get('id') or _new_id('toolu_')}{_SIGNATURE_MARK}{_b64(signature)}"
 
     def on_upstream_response(self, exchange: Exchange, data: JSON) -> None:
         self._mark(data, "message")
