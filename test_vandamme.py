@@ -705,6 +705,33 @@ def test_provider_settings_custom_headers_and_api_version() -> None:
     assert config.provider("zai").api_format == "anthropic"
 
 
+def test_header_variables_go_as_written_even_empty_over_toml(tmp_path: Path) -> None:
+    (tmp_path / "vandamme-config.toml").write_text('[openai.headers]\nX-Foo = "from-toml"\nX-Team = "platform"\n')
+    config = make_config({"OPENAI_API_KEY": "k", "OPENAI_CUSTOM_HEADER_X_Foo": "", "OPENAI_CUSTOM_HEADER_X_Pad": " v "},
+                         tmp_path)
+    assert dict(config.provider("openai").headers) == {"X-Foo": "", "X-Pad": " v ", "X-Team": "platform"}
+
+
+def test_provider_variables_match_in_any_case_global_settings_only_in_capitals() -> None:
+    config = make_config({"openai_api_key": "sk-lower-1", "Openai_Custom_Header_X_Team": "t",
+                          "openai_alias_fast": "gpt-x", "openai_api_ky": "x", "log_level": "DEBUG"})
+    openai = config.provider("openai")
+    assert openai.keys == ("sk-lower-1",) and dict(openai.headers) == {"X-Team": "t"}
+    assert vd.resolve_model(config, "fast").targets == (vd.Target("openai", "gpt-x"),)
+    assert ("openai.keys", vd._mask("sk-lower-1"), "env") in config.sources and config.log_level == "INFO"
+    assert "openai_api_ky is not a vandamme setting: did you mean OPENAI_API_KEY?" in config.warnings
+    assert "log_level is not a vandamme setting: did you mean LOG_LEVEL?" in config.warnings
+
+
+def test_provider_without_base_url_only_warns_its_settings_unchecked() -> None:
+    broken = {"FOO_API_KEY": "x", "FOO_API_FORMAT": "bogus", "FOO_MAX_TOKENS": "lots", "OPENAI_API_KEY": "k",
+              "FOO_CUSTOM_HEADER_X_A": "a\r\nInjected: yes"}
+    config = make_config(broken)
+    assert config.provider("foo") is None and any(w.startswith("provider 'foo' skipped") for w in config.warnings)
+    with pytest.raises(vd.ConfigError, match="FOO_"):           # with a base URL they are checked
+        make_config({**broken, "FOO_BASE_URL": "http://127.0.0.1:9/v1"})
+
+
 def test_default_provider_falls_back_to_first_configured_with_warning() -> None:
     config = make_config({"GROQ_API_KEY": "g", "VDM_DEFAULT_PROVIDER": "openai"})
     assert config.default_provider == "groq"
@@ -3847,21 +3874,30 @@ async def test_check_live_probes_the_api_each_model_uses(upstream: FakeUpstream,
     assert posted[0]["body"]["max_output_tokens"] >= 16 and "messages" not in posted[0]["body"]
 
 
-def test_cli_claude_runs_the_cli_through_a_fresh_proxy(tmp_path: Path) -> None:
+@pytest.mark.parametrize("before", [[], ["--config", "mine.toml"], ["--port", "BUSY"]], ids=["plain", "config", "port"])
+def test_cli_claude_runs_the_cli_through_a_fresh_proxy(tmp_path: Path, before: list[str]) -> None:
+    """Options before `claude` (`vandamme --config X claude ...`) still run claude, never a server on PORT."""
     fake = tmp_path / "bin" / "claude"
     fake.parent.mkdir()
     fake.write_text("#!/bin/sh\n"
                     "curl -s \"$ANTHROPIC_BASE_URL/health\" > \"$HOME/health.json\" || "
                     f"{sys.executable} -c \"import urllib.request,os;open(os.environ['HOME']+'/health.json','wb')"
                     ".write(urllib.request.urlopen(os.environ['ANTHROPIC_BASE_URL']+'/health').read())\"\n"
-                    "echo \"args: $*\"\nexit 7\n")
+                    "echo \"args: $* via $ANTHROPIC_BASE_URL\"\nexit 7\n")
     fake.chmod(0o755)
-    run = subprocess.run([sys.executable, str(HERE / "vandamme.py"), "claude", "-p", "hello"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=60,
-                         env={"PATH": f"{fake.parent}:{os.environ['PATH']}", "HOME": str(tmp_path),
-                              "OPENAI_API_KEY": "k"})
-    assert run.returncode == 7 and "args: -p hello" in run.stdout, run.stderr
-    assert json.loads((tmp_path / "health.json").read_text())["status"] == "ok"
+    (tmp_path / "mine.toml").write_text('[mine]\nbase-url = "http://127.0.0.1:9/v1"\n')
+    with socket.socket() as busy:           # PORT is taken: a server started on it instead of claude fails at once
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        run = subprocess.run([sys.executable, str(HERE / "vandamme.py"),
+                              *(port if arg == "BUSY" else arg for arg in before), "claude", "-p", "hello"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                             env={"PATH": f"{fake.parent}:{os.environ['PATH']}", "HOME": str(tmp_path), "PORT": port,
+                                  **({} if before[:1] == ["--config"] else {"OPENAI_API_KEY": "k"})})
+    assert run.returncode == 7 and "args: -p hello via http://127.0.0.1:" in run.stdout, run.stdout + run.stderr
+    assert f":{port}\n" not in run.stdout
+    assert json.loads((tmp_path / "health.json").read_text())["status"] == "ok"     # --config: its provider only
 
 
 async def test_dashboard_asks_for_the_key_when_proxy_key_is_set(proxy: Any, tmp_path: Path) -> None:

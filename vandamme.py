@@ -437,7 +437,9 @@ def _parse_setting(kind: Any, value: Any, where: str) -> Any:
         if word is None:
             raise ConfigError(f"{where} must be one of {', '.join(kind)} (got {value!r})")
         return word
-    number = float if kind is float else int if kind is int or isinstance(kind, range) else None
+    number: type[int] | type[float] | None = float if kind is float else None
+    if kind is int or isinstance(kind, range):
+        number = int
     if isinstance(value, str) and kind is bool:
         return value.strip().lower() in ("1", "true", "yes", "on")
     if isinstance(value, str) and number:
@@ -513,9 +515,8 @@ def parse_config(environ: Mapping[str, str], dotenv: Mapping[str, str], toml_lay
     here = Config(**values)
     for name in named:
         table = dict(tables.get(name, {}))
-        for var, key, value in _provider_variables(name, env):     # the environment wins over TOML
-            _merge_setting(table, key, value, env_source[var], var)
-        provider = _parse_provider(name, table, warnings, sources, tables)
+        variables = list(_provider_variables(name, env))
+        provider = _parse_provider(name, table, variables, env_source, warnings, sources, tables)
         if provider is None:
             continue
         if _is_gateway(provider.base_url, here.host, here.port):
@@ -559,13 +560,16 @@ def _is_gateway(url: str, host: str, port: int) -> bool:
 
 def _near_misses(env: Iterable[str], providers: Iterable[str]) -> list[str]:
     """'Did you mean' for a variable that is almost one of ours: OPENAI_API_KY, OPENAI_BASEURL, LOGLEVEL."""
-    ours = {*ENV_VARS, *(f"{p.upper()}_{suffix}" for p in providers
-                         for suffix in ("API_KEY", "BASE_URL", "API_FORMAT", "API_VERSION"))}
+    per_provider = {f"{p.upper()}_{suffix}" for p in providers
+                    for suffix in ("API_KEY", "BASE_URL", "API_FORMAT", "API_VERSION")}
+    ours = {*ENV_VARS, *per_provider}
     hints = []
     for var in sorted(env):         # {P}_API_KEY and {P}_BASE_URL name a provider: _parse_provider hints at those
-        if var not in ours and not re.fullmatch(r".+_(?:API_KEY|BASE_URL|ALIAS_.+|CUSTOM_HEADER_.+)", var):
+        upper = var.upper()         # {P}_* variables count in any case, the global settings only as spelt
+        if var not in ENV_VARS and upper not in per_provider and not re.fullmatch(
+                r".+_(?:API_KEY|BASE_URL|ALIAS_.+|CUSTOM_HEADER_.+)", upper):
             hints += [f"{var} is not a vandamme setting: did you mean {match}?"
-                      for match in difflib.get_close_matches(var, ours, n=1, cutoff=0.85)]
+                      for match in difflib.get_close_matches(upper, ours, n=1, cutoff=0.85)]
     return hints
 
 
@@ -609,9 +613,10 @@ def _merge_setting(table: _Table, key: str, value: Any, source: str, where: str)
     if key == "reasoning-effort" and isinstance(value, bool):     # `= true` reads naturally
         value = "always" if value else "never"
     value = _parse_setting(_PROVIDER_SETTINGS[key][1], value, where)
-    for header, text in value.items() if key == "headers" else ():    # a CR/LF would smuggle in other headers
-        if not _HEADER_NAME.fullmatch(header) or _HEADER_VALUE_BAD.search(str(text)):
-            raise ConfigError(f"{where} {header!r}: a header name or value with a character HTTP does not allow")
+    if key == "headers":        # a CR/LF would smuggle in other headers
+        for header, text in value.items():
+            if not _HEADER_NAME.fullmatch(header) or _HEADER_VALUE_BAD.search(str(text)):
+                raise ConfigError(f"{where} {header!r}: a header name or value with a character HTTP does not allow")
     if isinstance(value, dict):
         entries = {_norm(k) if key == "aliases" else k: (str(v), source) for k, v in value.items()}
         value = {**table.get(key, ({}, source))[0], **entries}
@@ -660,30 +665,36 @@ def _named_providers(env: Mapping[str, str], tables: Mapping[str, _Table], wante
 
 
 def _provider_variables(name: str, env: Mapping[str, str]) -> Iterator[tuple[str, str, Any]]:
-    """A provider's {NAME}_* variables as the settings they stand for: (variable, TOML key, value)."""
+    """A provider's {NAME}_* variables, in any case, as the settings they stand for: (variable, TOML key, value).
+    An empty variable is unset, but a header's value goes as written, even empty (it overrides the TOML one)."""
     prefix = f"{name.upper()}_"
     for var, text in env.items():
-        suffix, value = var[len(prefix):].upper(), text.strip()
-        if not var.upper().startswith(prefix) or not value:
+        if not var.upper().startswith(prefix):
             continue
-        if suffix in ("BASE_URL", "API_KEY", "API_FORMAT", "API_VERSION"):
+        suffix = var[len(prefix):].upper()
+        value = text.strip()
+        if suffix.startswith("CUSTOM_HEADER_") and suffix != "CUSTOM_HEADER_":
+            yield var, "headers", {var[len(prefix) + len("CUSTOM_HEADER_"):].replace("_", "-"): text}
+        elif not value:
+            continue
+        elif suffix in ("BASE_URL", "API_KEY", "API_FORMAT", "API_VERSION"):
             yield var, suffix.lower().replace("_", "-"), value
         elif suffix == "RESPONSES_MODELS":
             yield var, "responses-models", value.split(",")
         elif suffix == "MAX_TOKENS":            # "glob=N,glob=N", or a bare N for every model
             pairs = (part.rpartition("=") for part in value.split(",") if part.strip())
             yield var, "max-tokens", {glob.strip() or "*": number for glob, _sep, number in pairs}
-        for marker, key in (("ALIAS_", "aliases"), ("CUSTOM_HEADER_", "headers")):
-            if suffix.startswith(marker) and len(suffix) > len(marker):
-                yield var, key, {var[len(prefix) + len(marker):].replace("_", "-"): value}
+        elif suffix.startswith("ALIAS_") and suffix != "ALIAS_":
+            yield var, "aliases", {var[len(prefix) + len("ALIAS_"):]: value}
 
 
-def _parse_provider(name: str, table: _Table, warnings: list[str], sources: list[tuple[str, str, str]],
-                    known: Iterable[str]) -> Provider | None:
-    """One provider from its settings (TOML and {NAME}_* merged); None (warned) without a base URL."""
+def _parse_provider(name: str, table: _Table, variables: Sequence[tuple[str, str, Any]], env_source: Mapping[str, str],
+                    warnings: list[str], sources: list[tuple[str, str, str]], known: Iterable[str]) -> Provider | None:
+    """One provider from its TOML `table` and its {NAME}_* `variables`, merged into `table` (the environment wins);
+    None (warned) without a base URL. The variables are checked after that: a skipped provider only warns."""
     upper = name.upper()
-    setting = {k: v[0] for k, v in table.items()}
-    base_url = setting.get("base-url")
+    urls = [value for _var, key, value in variables if key == "base-url"]
+    base_url = urls[-1] if urls else table.get("base-url", ("", ""))[0]
     if not base_url:
         near = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
         warnings.append(f"provider {name!r} skipped: " + (f"did you mean {near[0].upper()}_API_KEY?" if near else
@@ -691,6 +702,9 @@ def _parse_provider(name: str, table: _Table, warnings: list[str], sources: list
         return None
     if not re.match(r"^https?://[^/\s]+", base_url):
         raise ConfigError(f"{upper}_BASE_URL={base_url!r}: must start with http:// or https://")
+    for var, key, value in variables:
+        _merge_setting(table, key, value, env_source[var], var)
+    setting = {k: v[0] for k, v in table.items()}
     keys = tuple(setting.get("api-key", "").split())
     passthrough = "!PASSTHRU" in keys
     if passthrough and len(keys) > 1:
@@ -736,7 +750,9 @@ def _provider_summary(config: Config, cooling: Mapping[str, int] | None = None) 
 def _summary_cells(row: Mapping[str, Any]) -> tuple[str, str, str, str]:
     """A provider_summary row for terminals: provider (* = default), format, base URL, keys."""
     count = row["keys"]
-    keys = "passthrough" if row["passthrough"] else f"{count} key{'' if count == 1 else 's'}"
+    keys = f"{count} key{'' if count == 1 else 's'}"
+    if row["passthrough"]:
+        keys = "passthrough"
     return (row["name"] + (" *" if row.get("default") else ""), row["format"] + (" (azure)" if row["azure"] else ""),
             row["base_url"], keys)
 
@@ -777,10 +793,10 @@ def _split_target(config: Config, text: str, owner: str) -> tuple[str, str, bool
 def _follow_alias(config: Config, alias: Alias, seen: tuple[tuple[str, str], ...] = ()) -> list[Target]:
     """Expand an alias through chains (at most MAX_ALIAS_CHAIN steps) and fallback lists."""
     seen = (*seen, (alias.provider, alias.name))
-    if seen[-1] in seen[:-1] or len(seen) > _MAX_ALIAS_CHAIN:
-        chain = " -> ".join(f"{p}:{n}" for p, n in seen)
-        if seen[-1] in seen[:-1]:
-            raise ConfigError(f"alias cycle: {chain}; change one of these aliases")
+    chain = " -> ".join(f"{p}:{n}" for p, n in seen)
+    if seen[-1] in seen[:-1]:
+        raise ConfigError(f"alias cycle: {chain}; change one of these aliases")
+    if len(seen) > _MAX_ALIAS_CHAIN:
         raise ConfigError(f"alias chain too long (over {_MAX_ALIAS_CHAIN} steps): {chain}")
     targets: list[Target] = []
     for part in (p.strip() for p in alias.target.split(",")):
@@ -4084,9 +4100,10 @@ class _LogFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, aiohttp.http_exceptions.HttpProcessingError):
-            record.msg, record.args, record.exc_info, record.levelno, record.levelname = (
-                "refused a malformed request: %s", (str(error).splitlines()[0][:200],), None,
-                logging.WARNING, "WARNING")
+            record.msg = "refused a malformed request: %s"
+            record.args = (str(error).splitlines()[0][:200],)
+            record.exc_info = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
         message = self.redact(record.getMessage())
         if not self.json:
             record.message = _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode(), message)
@@ -4129,7 +4146,8 @@ class _Worker:
     that dies keeps its counts, and merged counters never go down, whichever worker answers."""
 
     def __init__(self, rt: Runtime, run_dir: Path, parent: int) -> None:
-        self.rt, self.run_dir, self.parent, self.pid = rt, run_dir, parent, os.getpid()
+        self.rt, self.run_dir, self.parent = rt, run_dir, parent
+        self.pid = os.getpid()
         self.name = f"{self.pid}-{secrets.token_hex(3)}"    # never a dead worker's, even if its pid comes back
         self.published = -1
 
@@ -4165,12 +4183,16 @@ class _Worker:
 
     async def gather(self) -> tuple[Metrics, dict[str, int], int]:
         names = {path.stem for path in self.run_dir.iterdir() if path.suffix in (".json", ".sock")} - {self.name}
-        merged, cooling, live = Metrics(clock=self.rt.metrics.clock), collections.Counter[str](), 0
+        merged = Metrics(clock=self.rt.metrics.clock)
+        cooling = collections.Counter[str]()
+        live = 0
         for state, alive in [(json.loads(self.publish()), True), *await asyncio.gather(*map(self.fetch, names))]:
-            if state is not None:
-                merged.absorb(state["metrics"], alive)
-                live += alive
-                for name, n in state["cooling"].items() if alive else ():
+            if state is None:
+                continue
+            merged.absorb(state["metrics"], alive)
+            live += alive
+            if alive:
+                for name, n in state["cooling"].items():
                     cooling[name] = max(cooling[name], n)
         return merged, dict(cooling), live
 
@@ -4222,9 +4244,12 @@ async def _serve(config: Config, reload: Callable[[], Config], *, announce: bool
         await site.start()
     except (OSError, UnicodeError) as exc:      # one line for the CLI, not a traceback
         await runner.cleanup()
-        why = ("the port is in use: stop what holds it, or choose another with --port / PORT"
-               if getattr(exc, "errno", None) == errno.EADDRINUSE else "the host name does not resolve: check "
-               "--host / HOST" if isinstance(exc, (socket.gaierror, UnicodeError)) else exc.strerror or str(exc))
+        if isinstance(exc, (socket.gaierror, UnicodeError)):
+            why = "the host name does not resolve: check --host / HOST"
+        elif exc.errno == errno.EADDRINUSE:
+            why = "the port is in use: stop what holds it, or choose another with --port / PORT"
+        else:
+            why = exc.strerror or str(exc)
         raise ConfigError(f"cannot listen on {config.host}:{config.port}: {why}") from None
     port = runner.addresses[0][1] if runner.addresses else config.port
     if announce:
@@ -4291,7 +4316,9 @@ def _run_server(config: Config, reload: Callable[[], Config], workers: int) -> i
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda sig, _frame: signals.append(sig))
     running: dict[int, tuple[int, float]] = {}            # pid -> (worker number, start time)
-    due, delays, stopping = dict.fromkeys(range(workers), 0.0), [0.0] * workers, False
+    due = dict.fromkeys(range(workers), 0.0)              # worker number -> when to start it
+    delays = [0.0] * workers                               # each worker's restart backoff
+    stopping = False
     try:
         while running or (due and not stopping):
             while signals:                 # forwarded here, not in the handler: no fork can miss one
@@ -4381,7 +4408,9 @@ def _build_parser() -> argparse.ArgumentParser:
         command.add_argument("--port", type=int, default=argparse.SUPPRESS, help="port (PORT, default 8082)")
     check.add_argument("--live", action="store_true", help="also send a one-token request")
     commands.add_parser("models", parents=[common], help="models a provider offers").add_argument("--provider")
-    claude = commands.add_parser("claude", parents=[common], help="start vandamme and run the claude CLI through it")
+    # No options of its own (no argument can hold a NUL): every argument after `claude`, `-p` included, is claude's.
+    claude = commands.add_parser("claude", prefix_chars="\0", add_help=False,
+                                 help="start vandamme and run the claude CLI through it")
     claude.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to claude")
     return parser
 
@@ -4411,18 +4440,16 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
 def _command(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> int:
     environ = os.environ if environ is None else environ
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["claude"]:        # everything after `claude` belongs to claude, options included
-        rest = argv[1:]
-        config_path = rest[1] if rest[:1] == ["--config"] and len(rest) > 1 else None
-        return _cli_claude(environ, rest[2:] if config_path else rest, config_path)
     args = _build_parser().parse_args(argv)
     command = args.command or "serve"
     if command == "version":
         print(f"vandamme {__version__}")
         return 0
-    if command == "claude":            # options before it: `vandamme --config PATH claude ...`
-        return _cli_claude(environ, args.args, getattr(args, "config", None))
+    if command == "claude":            # `vandamme [--config PATH] claude [--config PATH] ARGS...`
+        rest = args.args
+        if len(rest) > 1 and rest[0] == "--config":
+            return _cli_claude(environ, rest[2:], rest[1])
+        return _cli_claude(environ, rest, getattr(args, "config", None))
     if command == "config" and args.config_command == "init":
         return _config_init(args)
     if command == "health" and args.url:
@@ -4441,8 +4468,11 @@ def _command(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> i
     if command == "serve":              # the server redacts its own banner and logs (_LogFormatter)
         _setup_logging(config)
         workers = getattr(args, "workers", "1")
-        count = os.cpu_count() or 1 if workers == "auto" else int(workers) if str(workers).isdigit() else 0
-        if count < 1:
+        if workers == "auto":
+            count = os.cpu_count() or 1
+        elif workers.isdecimal() and int(workers) > 0:
+            count = int(workers)
+        else:
             return _fail(f"--workers {workers}: a positive number or 'auto'", 2)
         return _run_server(config, load, count)
     redact = Redactor(config)           # whatever the command prints, the configuration's secrets stay masked
@@ -4525,7 +4555,8 @@ def _config_init(args: argparse.Namespace) -> int:
     keys = args.api_key + [""] * len(args.provider)         # a --provider without its --api-key has none
     providers = [(name.lower(), key, base_urls.get(name, "")) for name, key in zip(args.provider, keys, strict=False)]
     aliases = [item.split("=", 1) for item in args.alias if "=" in item]
-    default, fmt = args.default_provider, args.format
+    default = args.default_provider
+    fmt = args.format
     if not args.yes:
         print("vandamme setup. Known providers: " + ", ".join(known))
         while name := _ask("Provider to add (empty to finish)", "" if providers else "openai").lower():
@@ -4592,10 +4623,10 @@ def _cli_health(url: str, proxy_key: str | None) -> int:
     except (aiohttp.ClientError, TimeoutError, OSError, ValueError, AttributeError, KeyError, TypeError) as exc:
         print(_style(f"unreachable: no vandamme answers at {url}: {exc or type(exc).__name__}", "31"))
         return 1
-    ok = data.get("status") == "ok" and not down
-    status = "healthy" if ok else f"all keys cooling down: {', '.join(down)}" if down else data.get("status") or "?"
-    print(f"{_style(str(status), '32' if ok else '31')}: vandamme {data.get('version') or '?'} at {url}, "
-          f"up {data.get('uptime_s') or 0}s, default provider {data.get('default_provider') or 'none'}")
+    status = f"all keys cooling down: {', '.join(down)}" if down else str(data.get("status") or "?")
+    ok = status == "ok"
+    print(f"{_style('healthy' if ok else status, '32' if ok else '31')}: vandamme {data.get('version') or '?'} "
+          f"at {url}, up {data.get('uptime_s') or 0}s, default provider {data.get('default_provider') or 'none'}")
     print(data.get("hint") or _format_table(("provider", "format", "base URL", "keys", "cooling"), rows))
     return 0 if ok else 1
 
@@ -4614,7 +4645,8 @@ async def _cli_probe(config: Config, command: str, args: argparse.Namespace) -> 
                 print(_format_table((f"{provider.name} models",), ((m["id"],) for m in models)))
             return 0 if all(lists) else 1
         route = resolve_model(config, "sonnet") if args.live else None
-        rows, failures = [], 0
+        rows = []
+        failures = 0
         for provider in wanted:
             started = time.monotonic()
             models = await _fetch_models(rt, provider, None)
@@ -4635,7 +4667,8 @@ async def _cli_probe(config: Config, command: str, args: argparse.Namespace) -> 
                                          json.dumps(payload).encode(), request_id="check", read_body=True)
                     live = f"ok ({model})"
                 except VandammeError as exc:
-                    live, failures = f"failed: {str(exc)[:60]}", failures + 1
+                    live = f"failed: {str(exc)[:60]}"
+                    failures += 1
             elif not models:
                 failures += 1
             rows.append((provider.name, provider.api_format, f"{len(models)} models" if models else "no model list",
