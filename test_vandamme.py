@@ -3432,6 +3432,7 @@ async def test_dashboard_in_real_chromium(proxy: Any, upstream: FakeUpstream, tm
     dom = await run_chromium(tmp_path / "p2", "--dump-dom", url)
     assert shot.stat().st_size > 10_000
     assert 'data-loaded="1"' in dom
+    assert not re.search(r'class="(0|false|null|undefined)?"', dom)        # no bogus class from a falsy value
     totals = await (await client.get("/metrics/running-totals")).json()
     for field in ("requests", "input_tokens", "output_tokens", "errors"):
         match = re.search(rf'id="total-{field}"[^>]*data-value="(\d+)"|data-value="(\d+)"[^>]*id="total-{field}"', dom)
@@ -3457,6 +3458,97 @@ async def test_dashboard_says_which_variable_to_set(aiohttp_client: Any, tmp_pat
     dom = await run_chromium(tmp_path / "p", "--dump-dom", str(client.make_url("/")))
     hint = re.search(r'<div class="card bad" id="hint">([^<]*)</div>', dom)
     assert hint and "OPENAI_API_KEY" in hint.group(1)
+
+
+@contextlib.asynccontextmanager
+async def chromium_page(profile: Path, url: str) -> Any:
+    """Headless Chromium showing url in real time; yields evaluate(js) -> value, over the DevTools protocol."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.skip("chromium not installed (Debian: apt-get install chromium)")
+    flags = [flag for flag in CHROMIUM_FLAGS if not flag.startswith("--virtual-time")]
+    proc = await asyncio.create_subprocess_exec(chromium, *flags, f"--user-data-dir={profile}",
+                                                "--remote-debugging-port=0", url,
+                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        async with aiohttp.ClientSession() as session:
+            page = None
+            for _ in range(300):
+                port_file = profile / "DevToolsActivePort"
+                lines = port_file.read_text().split() if port_file.exists() else []
+                if len(lines) == 2:
+                    async with session.get(f"http://127.0.0.1:{lines[0]}/json/list") as response:
+                        page = next((t for t in await response.json() if t["url"] == url), None)
+                if page:
+                    break
+                await asyncio.sleep(0.1)
+            assert page, "chromium did not open the page"
+            async with session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+                ids = itertools.count(1)
+
+                async def evaluate(js: str) -> Any:
+                    n = next(ids)
+                    await ws.send_json({"id": n, "method": "Runtime.evaluate",
+                                        "params": {"expression": js, "returnByValue": True}})
+                    while (message := await ws.receive_json(timeout=30)).get("id") != n:
+                        pass
+                    assert "exceptionDetails" not in message["result"], message
+                    return message["result"]["result"].get("value")
+                await until(lambda: evaluate(f"location.href === {url!r} && document.readyState === 'complete'"), 20)
+                yield evaluate
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
+DIALOG_OPEN = "!document.getElementById('auth').hidden"
+KEY_REJECTED = DIALOG_OPEN + " && document.getElementById('autherr').textContent.includes('rejected')"
+DATA_SHOWN = "document.body.dataset.loaded === '1' && document.getElementById('auth').hidden"
+SUBMIT_KEY = ("document.getElementById('authkey').value = {!r}; "
+              "document.getElementById('authform').requestSubmit(); true")
+
+
+async def test_dashboard_key_flow_one_poll_at_a_time(aiohttp_client: Any, tmp_path: Path) -> None:
+    """Wrong key: the dialog says so; right key: the data. A key submitted while a poll is in flight waits for
+    that poll, whose 401 (about the old key) does not re-open the dialog; and polling survives a failing render."""
+    health_calls: list[str] = []
+    hold = asyncio.Event()
+    held = asyncio.Event()
+    release = asyncio.Event()
+
+    @web.middleware
+    async def hold_one_health(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path == "/health":
+            health_calls.append(request.headers.get("x-api-key", ""))
+            if hold.is_set() and not held.is_set():
+                held.set()
+                await release.wait()
+        return await handler(request)
+
+    app = vd.create_app(make_config({"OPENAI_API_KEY": "sk-test-0000000000001", "PROXY_API_KEY": "dash-secret-123"},
+                                    tmp_path))
+    app.middlewares.append(hold_one_health)
+    client = await aiohttp_client(app)
+    async with chromium_page(tmp_path / "profile", str(client.make_url("/"))) as evaluate:
+        await until(lambda: evaluate(DIALOG_OPEN), 20)
+        assert await evaluate("document.getElementById('autherr').textContent") == ""
+        await evaluate(SUBMIT_KEY.format("wrong-key"))
+        await until(lambda: evaluate(KEY_REJECTED), 20)
+        hold.set()
+        await asyncio.wait_for(held.wait(), 20)                     # the next poll, with the wrong key, is in flight
+        calls = len(health_calls)
+        await evaluate("window.reopened = false; new MutationObserver(() => { window.reopened ||= " + DIALOG_OPEN +
+                       " }).observe(document.getElementById('auth'), {attributes: true}); true")
+        await evaluate(SUBMIT_KEY.format("dash-secret-123"))
+        await asyncio.sleep(0.5)
+        assert len(health_calls) == calls                           # the new key waits for the poll in flight
+        release.set()
+        await until(lambda: evaluate(DATA_SHOWN), 20)
+        assert health_calls[calls] == "dash-secret-123" and not await evaluate("window.reopened")
+        assert (await evaluate("document.getElementById('conn').textContent")).startswith("live")
+        await evaluate("document.getElementById('conn').replaceChildren = () => { throw new Error('boom') }; true")
+        calls = len(health_calls)
+        await until(lambda: len(health_calls) >= calls + 2, 20)    # a failed render does not stop the polling
 
 
 # ---------------------------------------------------------------------------

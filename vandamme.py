@@ -3774,7 +3774,10 @@ button{background:var(--acc);border-color:var(--acc);color:#fff;font-weight:600;
   <button type="submit">Connect</button><div class="err" id="autherr"></div></form></div>
 <script type="application/json" id="last-totals"></script>
 <script type="module">
-const KEY = 'vandamme_api_key', D = '\u2014', DOT = ' \u00b7 ', NS = 'http://www.w3.org/2000/svg';
+const KEY = 'vandamme_api_key';
+const D = '\u2014';
+const DOT = ' \u00b7 ';
+const NS = 'http://www.w3.org/2000/svg';
 const nf = new Intl.NumberFormat('en-US', {maximumFractionDigits: 2});
 const big = new Intl.NumberFormat('en-US', {notation: 'compact', maximumFractionDigits: 2});
 const $ = id => document.getElementById(id);
@@ -3787,7 +3790,10 @@ const fms = v => !isN(v) ? D
 const ftime = (t, sec) => isN(t) ? new Date(t * 1000).toTimeString().slice(0, sec ? 8 : 5) : D;
 const ago = t => Date.now() / 1000 - t < 5 ? 'just now' : fdur(Date.now() / 1000 - t) + ' ago';
 const sum = (x, keys) => keys.reduce((a, k) => a + (x[k] || 0), 0);
-let timer = null, health = {};
+let timer = null;
+let busy = false;
+let again = false;
+let health = {};
 function fdur(s) {
   const [d, h, m, x] = [s / 86400, s % 86400 / 3600, s % 3600 / 60, s % 60].map(Math.floor);
   return d ? `${d}d ${h}h ${m}m` : h ? `${h}h ${m}m ${x}s` : m ? `${m}m ${x}s` : `${x}s`;
@@ -3808,32 +3814,43 @@ function renderTiles(t, last, providers) {
   const ms = k => ['p50', 'p95'].map(p => field('span', `${k}_${p}`, t[k + '_ms']?.[p], {id: `total-${k}_${p}`},
     fms(t[k + '_ms']?.[p])));
   const rate = k => frate(last.reduce((a, x) => a + (x[k] || 0), 0) / (last.length * 10));
-  const per = t.requests > 0, tiles = [
+  const per = t.requests > 0;
+  // [label, value, line under it, wide]: a tile with two values (p50 / p95) is wider.
+  const tiles = [
     ['Requests', total('requests'), last.length ? rate('requests') + ' req/s (1m)' : 'no traffic yet'],
     ['In flight', total('in_flight'), providers + ' provider(s)'],
     ['Errors', total('errors'), per ? (100 * (t.errors || 0) / t.requests).toFixed(1) + '% error rate' : 'no requests'],
     ['Input tokens', total('input_tokens'), per && fint((t.input_tokens || 0) / t.requests) + ' / request'],
     ['Output tokens', total('output_tokens'), last.length > 0 && rate('output_tokens') + ' tok/s (1m)'],
     ['Cache read', total('cache_read_tokens'), ['write ', total('cache_creation_tokens')]],
-    ['Latency p50 / p95', ms('latency'), 'end to end'], ['TTFT p50 / p95', ms('ttft'), 'time to first token']];
+    ['Latency p50 / p95', ms('latency'), 'end to end', true],
+    ['TTFT p50 / p95', ms('ttft'), 'time to first token', true]];
   $('tiles').replaceChildren(...tiles.map(
-    ([label, val, sub]) => el('div', {class: val.length ? 'card tile two' : 'card tile'},
+    ([label, val, sub, wide]) => el('div', {class: wide ? 'card tile two' : 'card tile'},
     el('div', {class: 'lbl'}, label), el('div', {class: 'val pair'}, val), el('div', {class: 'sub'}, sub, '\u00a0'))));
   $('total-errors').classList.toggle('err', t.errors > 0);
 }
 // Lines are [name, colour, fields summed]; a 10 s bucket's count / 10 is a rate per second.
 function chart(id, b, lines) {
-  const svg = $('chart-' + id), W = Math.max(280, Math.round(svg.clientWidth || 600)), n = b.length;
-  const vals = lines.map(([, , ...keys]) => b.map(x => sum(x, keys) / 10)), max = Math.max(0, ...vals.flat());
-  const e = 10 ** Math.floor(Math.log10(max || 1)), top = ([1, 2, 2.5, 5].find(s => max / e <= s) || 10) * e;
-  const X = k => 46 + (W - 56) * k / 59, Y = v => 158 - 150 * v / top;
+  const svg = $('chart-' + id);
+  const W = Math.max(280, Math.round(svg.clientWidth || 600));
+  const n = b.length;
+  const vals = lines.map(([, , ...keys]) => b.map(x => sum(x, keys) / 10));
+  const max = Math.max(0, ...vals.flat());
+  // The y axis tops at the next 1, 2, 2.5 or 5 times a power of ten.
+  const e = 10 ** Math.floor(Math.log10(max || 1));
+  const top = ([1, 2, 2.5, 5].find(s => max / e <= s) || 10) * e;
+  const X = k => 46 + (W - 56) * k / 59;
+  const Y = v => 158 - 150 * v / top;
   const pts = vals.map(v => v.map((y, k) => X(k).toFixed(1) + ',' + Y(y).toFixed(1)).join(' '));
-  const ticks = [0, 1, 2, 3, 4].map(i => top * i / 4), times = n ? [0, 12, 24, 36, 48, 59] : [];
+  const ticks = [0, 1, 2, 3, 4].map(i => top * i / 4);
+  // Time labels are [bucket, text-anchor]: the first and last stay inside the chart.
+  const times = [[0, 'start'], [12, 'middle'], [24, 'middle'], [36, 'middle'], [48, 'middle'], [59, 'end']];
   svg.setAttribute('viewBox', `0 0 ${W} 180`);
-  svg.replaceChildren(...ticks.map((v, i) => el('line', {x1: 46, x2: W - 10, y1: Y(v), y2: Y(v), class: i && 'g'})),
+  svg.replaceChildren(
+    ...ticks.map((v, i) => el('line', {x1: 46, x2: W - 10, y1: Y(v), y2: Y(v), class: i > 0 ? 'g' : null})),
     ...ticks.map(v => el('text', {x: 40, y: Y(v) + 4, 'text-anchor': 'end'}, frate(v))),
-    ...times.map((k, i) => el('text', {x: X(k), y: 175, 'text-anchor': ['start', 'middle', 'end'][Math.ceil(i / 4)]},
-      ftime(b[k].t))),
+    ...(n ? times : []).map(([k, anchor]) => el('text', {x: X(k), y: 175, 'text-anchor': anchor}, ftime(b[k].t))),
     n ? el('polygon', {points: `46,158 ${pts[0]} ${W - 10},158`})
       : el('text', {x: W / 2 + 18, y: 68, 'text-anchor': 'middle'}, 'No data yet'),
     ...lines.map(([, colour], i) => el('polyline', {points: pts[i], style: `stroke:var(--${colour})`})));
@@ -3904,7 +3921,9 @@ function renderProviders(tp = {}) {
     names.flatMap(name => [{...tp[name], ...hp[name], name}, ...modelRows(name)]), 'No providers configured');
 }
 function renderErrors(t) {
-  const eb = t.errors_by_type || {}, ks = Object.keys(eb).sort((a, b) => eb[b] - eb[a]), le = t.last_error;
+  const eb = t.errors_by_type || {};
+  const ks = Object.keys(eb).sort((a, b) => eb[b] - eb[a]);
+  const le = t.last_error;
   const bar = k => `background:linear-gradient(90deg,var(--bad) ${100 * eb[k] / eb[ks[0]]}%,var(--grid) 0)`;
   $('errors').replaceChildren(...ks.map(k => el('div', {class: 'eb', 'data-type': k}, el('span', {class: 'mono'}, k),
     field('span', 'errors_by_type', eb[k], {}, fint(eb[k])), el('div', {class: 'bar', style: bar(k)}))));
@@ -3916,8 +3935,11 @@ function renderErrors(t) {
     el('div', {}, el('b', {class: 'mono'}, le.type || 'error'), ' ', le.message)] : []));
 }
 function renderTotals(j) {
-  const t = j.totals || {}, recent = j.recent || [], series = j.series || [];
-  const byTime = new Map(series.map(s => [s.t, s])), end = series.at(-1)?.t;
+  const t = j.totals || {};
+  const recent = j.recent || [];
+  const series = j.series || [];
+  const byTime = new Map(series.map(s => [s.t, s]));
+  const end = series.at(-1)?.t;
   const b = byTime.size ? Array.from({length: 60}, (_, i) => byTime.get(end - 590 + 10 * i) || {t: end - 590 + 10 * i})
     : [];
   renderTiles(t, b.slice(-7, -1), Object.keys(j.providers || {}).length);
@@ -3934,24 +3956,51 @@ async function get(path) {
   const key = sessionStorage.getItem(KEY);
   const headers = {Accept: 'application/json', ...(key && {'x-api-key': key})};
   const r = await fetch(path, {headers, cache: 'no-store'});
-  if (r.ok) return r.json();
+  if (r.ok) {
+    return r.json();
+  }
   throw Object.assign(new Error('HTTP ' + r.status), {auth: r.status === 401});
 }
-// The three load at once; the totals render once health has (the provider table joins both). A failed
-// load or render is reported in the header.
-async function tick() {
-  const h = get('/health').then(renderHealth), t = get('/metrics/running-totals'), shown = !$('auth').hidden;
-  const done = await Promise.allSettled([get('/v1/aliases').then(renderRoutes), h,
+// The three load at once; the totals render once health has (the provider table joins both).
+function load() {
+  const h = get('/health').then(renderHealth);
+  const t = get('/metrics/running-totals');
+  return Promise.allSettled([get('/v1/aliases').then(renderRoutes), h,
     t.then(j => h.catch(() => null).then(() => renderTotals(j)))]);
-  const failed = done.map(r => r.reason).filter(Boolean), err = failed.find(e => !e.auth);
+}
+// A failed load or render is reported in the header; a 401 opens the key dialog.
+function report(done) {
+  const failed = done.map(r => r.reason).filter(Boolean);
+  const err = failed.find(e => !e.auth);
   const auth = failed.some(e => e.auth);
+  const shown = !$('auth').hidden;
   $('autherr').textContent = sessionStorage.getItem(KEY) ? 'That key was rejected (401). Try again.' : '';
   $('auth').hidden = !auth;
-  if (auth && !shown) $('authkey').focus();
+  if (auth && !shown) {
+    $('authkey').focus();
+  }
   $('conn').replaceChildren(el('span', {class: 'dot ' + (auth || err ? 'bad' : 'ok')}),
     auth ? 'API key required' : err ? 'error: ' + err.message : 'live' + DOT + ftime(Date.now() / 1000, 1));
+}
+// One tick at a time. A key submitted during one is tried by the next, which starts as soon as this one ends
+// (this one's 401 is about the old key, so it is not reported). Whatever fails, the next poll is scheduled.
+async function tick() {
+  if (busy) {
+    again = true;
+    return;
+  }
+  busy = true;
   clearTimeout(timer);
-  timer = setTimeout(tick, 2000);
+  try {
+    const done = await load();
+    if (!again) {
+      report(done);
+    }
+  } finally {
+    busy = false;
+    timer = setTimeout(tick, again ? 0 : 2000);
+    again = false;
+  }
 }
 $('authform').addEventListener('submit', e => {
   e.preventDefault();
