@@ -652,6 +652,8 @@ def test_proxy_api_key_is_not_a_provider() -> None:
     pytest.param({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL", id="log-level"),
     pytest.param({"LOG_FORMAT": "xml"}, "LOG_FORMAT", id="log-format"),
     pytest.param({"MAX_RETRIES": "-1"}, "MAX_RETRIES", id="negative"),
+    pytest.param({"STREAM_IDLE_TIMEOUT": "nan"}, "STREAM_IDLE_TIMEOUT", id="not-a-number"),
+    pytest.param({"REQUEST_TIMEOUT": "inf"}, "REQUEST_TIMEOUT", id="infinite"),
     pytest.param({"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": "ftp://x"}, "OPENAI_BASE_URL", id="url"),
     pytest.param({"OPENAI_API_KEY": "k", "OPENAI_ALIAS_A": "b", "OPENAI_ALIAS_B": "a"}, "cycle", id="alias-cycle"),
 ])
@@ -2603,6 +2605,11 @@ def strict_json(text: str) -> Any:
     pytest.param(Reply({"choices": [{"message": {"tool_calls": [{"id": "c1", "function": {
         "name": "f", "arguments": '{"x": NaN, "y": Infinity}'}}]}, "finish_reason": "tool_calls"}]}), 200,
                  "_raw_arguments", id="tool-arguments-with-nan"),
+    pytest.param(Reply({"choices": [{"message": {"tool_calls": [{"id": "c1", "function": {
+        "name": "f", "arguments": '{"n": 1e999}'}}]}, "finish_reason": "tool_calls"}]}), 200,
+                 "_raw_arguments", id="tool-arguments-beyond-a-float"),
+    pytest.param(Reply(b'\xef\xbb\xbf{"error": {"message": "quota exceeded"}}', status=429), 429,
+                 '"openai: quota exceeded"', id="error-body-with-a-byte-order-mark"),
 ])
 async def test_hostile_upstream_answers_are_clean_anthropic_answers(proxy: Any, upstream: FakeUpstream, reply: Reply,
                                                                     status: int, fragment: str) -> None:
@@ -2620,6 +2627,7 @@ async def test_hostile_upstream_answers_are_clean_anthropic_answers(proxy: Any, 
     pytest.param(b"[]", "JSON object", id="not-object"),
     pytest.param(b'{"messages": []}', "model", id="missing-model"),
     pytest.param(b'{"model": "m"}', "messages", id="missing-messages"),
+    pytest.param(b'{"model": "m", "messages": [], "temperature": 1e999}', "out of range", id="number-beyond-a-float"),
     pytest.param(b'{"model": "m", "messages": [], "max_tokens": -1}', "max_tokens", id="negative-max-tokens"),
     pytest.param(b'{"model": "m", "messages": [{"role": "user", "content": {"a": 1}}]}', "messages.0.content",
                  id="wrong-content-type"),

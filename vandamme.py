@@ -140,12 +140,19 @@ def _not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not JSON")
 
 
-_JSON_DECODER: Final = json.JSONDecoder(parse_constant=_not_json)
+def _finite(number: str) -> float:
+    value = float(number)
+    if math.isinf(value):           # 1e999 is JSON, but Python would write it back as Infinity, which is not
+        raise ValueError(f"{number} is out of range")
+    return value
+
+
+_JSON_DECODER: Final = json.JSONDecoder(parse_constant=_not_json, parse_float=_finite)
 
 
 def _json_decode(data: str | bytes) -> Any:
-    """JSON from a client or an upstream, strictly: NaN and Infinity are Python's extensions, which no client or
-    upstream accepts back, and nesting deeper than the decoder goes is a ValueError like any invalid JSON."""
+    """JSON from a client or an upstream, strictly: no NaN or Infinity (Python's extensions, which no client or
+    upstream accepts back) and no number beyond a float; nesting deeper than the decoder goes is a ValueError."""
     try:
         return _JSON_DECODER.decode(data if isinstance(data, str) else data.decode())
     except RecursionError:
@@ -451,7 +458,7 @@ def _parse_setting(kind: Any, value: Any, where: str) -> Any:
     if not isinstance(value, (int, float) if number is float else number or kind) or (
             isinstance(value, bool) and kind is not bool):
         raise ConfigError(f"{where} must be a {getattr(kind, '__name__', 'int')} (got {value!r})")
-    if number and (value < 0 or (isinstance(kind, range) and value not in kind)):
+    if number and (not 0 <= value < math.inf or (isinstance(kind, range) and value not in kind)):
         raise ConfigError(f"{where} out of range (got {value!r})")
     return float(value) if number is float else value
 
@@ -1737,7 +1744,7 @@ class JsonPrefix:
                     else:
                         return None
                     continue
-                if body := self._STRING_BODY.match(out, i):       # characters and whole escapes, in one pass
+                if body := self._STRING_BODY.match(out, i):   # characters and whole escapes (an empty match too)
                     i = body.end()
                 if i == n:
                     break
@@ -2885,8 +2892,8 @@ def _upstream_failure(provider: Provider, status: int, raw: bytes, headers: Mapp
         return UpstreamError(f"{provider.name}: answered with a redirect (HTTP {status}) to {target}, which vandamme "
                              f"never follows: check {provider.name.upper()}_BASE_URL", status=502, retryable=False)
     message = None
-    with contextlib.suppress(ValueError):
-        message = _upstream_error_message(_json_decode(raw))
+    with contextlib.suppress(ValueError, RecursionError):   # lenient: the text is only shown (a BOM, UTF-16, NaN)
+        message = _upstream_error_message(json.loads(raw))
     if not message:
         message = raw.decode("utf-8", "replace").strip()[:500] or f"HTTP {status}"
     if key and key in message:
@@ -3371,11 +3378,11 @@ class _Relay:
         self.closed_because = ""                  # "idle" or "shutdown" once we cut the upstream
 
     async def run(self) -> web.StreamResponse:
-        await self.response.prepare(self.request)
-        self.rec.status = self.response.status
         self.rt.aborts[id(self)] = self.close_upstream
         watchdog = asyncio.create_task(self._watch())
-        try:
+        try:                                # a client gone before the headers: the upstream is closed too
+            await self.response.prepare(self.request)
+            self.rec.status = self.response.status
             await self._pump()
             self.upstream.release()         # read to its end: the connection can go back to the pool
             await self.response.write_eof()
@@ -3955,7 +3962,7 @@ function renderTotals(j) {
 async function get(path) {
   const key = sessionStorage.getItem(KEY);
   const headers = {Accept: 'application/json', ...(key && {'x-api-key': key})};
-  const r = await fetch(path, {headers, cache: 'no-store'});
+  const r = await fetch(path, {headers, cache: 'no-store', signal: AbortSignal.timeout(10000)});
   if (r.ok) {
     return r.json();
   }
