@@ -654,6 +654,7 @@ def test_proxy_api_key_is_not_a_provider() -> None:
     pytest.param({"MAX_RETRIES": "-1"}, "MAX_RETRIES", id="negative"),
     pytest.param({"STREAM_IDLE_TIMEOUT": "nan"}, "STREAM_IDLE_TIMEOUT", id="not-a-number"),
     pytest.param({"REQUEST_TIMEOUT": "inf"}, "REQUEST_TIMEOUT", id="infinite"),
+    pytest.param({"STREAM_IDLE_TIMEOUT": "0"}, "STREAM_IDLE_TIMEOUT must be more than 0", id="zero-timeout"),
     pytest.param({"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": "ftp://x"}, "OPENAI_BASE_URL", id="url"),
     pytest.param({"OPENAI_API_KEY": "k", "OPENAI_ALIAS_A": "b", "OPENAI_ALIAS_B": "a"}, "cycle", id="alias-cycle"),
 ])

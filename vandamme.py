@@ -604,6 +604,9 @@ def _parse_globals(env: Mapping[str, str], env_source: Mapping[str, str], layers
         value = _parse_setting(kind, raw, var)
         values[attr] = value.lower() if attr == "default_provider" else value
         sources.append((var, _mask(raw) if var == "PROXY_API_KEY" else raw, env_source[var]))
+    for var in ("REQUEST_TIMEOUT", "STREAM_IDLE_TIMEOUT", "CONNECT_TIMEOUT", "CLIENT_TIMEOUT"):
+        if values.get(ENV_VARS[var][0]) == 0:       # a newcomer may expect "no limit"; it would fail everything
+            raise ConfigError(f"{var} must be more than 0 seconds (0 does not turn the limit off)")
     for key, value in overrides.items():
         if value is not None:
             kind = next(kind for attr, kind, _help in ENV_VARS.values() if attr == key)
