@@ -4224,13 +4224,22 @@ def test_mistake_5_old_python_gets_one_line(tmp_path: Path) -> None:
 
 
 def test_a_python_without_aiohttp_gets_one_line(tmp_path: Path) -> None:
-    """The newcomer's first mistake: a lone copy run by the system python3, before any `pip install`."""
-    pretend = ("import sys; sys.modules['aiohttp'] = None; sys.argv = ['vandamme.py', '--help']; "
-               f"exec(compile(open({str(HERE / 'vandamme.py')!r}).read(), 'vandamme.py', 'exec'), "
-               "{'__name__': '__main__'})")
-    run = subprocess.run([sys.executable, "-c", pretend], cwd=tmp_path, capture_output=True, text=True, timeout=30)
-    assert run.returncode == 1 and run.stdout == "" and run.stderr.count("\n") == 1
-    assert run.stderr.startswith("vandamme needs aiohttp: ") and "pip install aiohttp" in run.stderr
+    """The newcomer's first mistake: a lone copy run by the system python3, before any `pip install`. Help,
+    version, config and resolve still answer; serving says what to install, in one line."""
+    def run(*argv: str) -> subprocess.CompletedProcess:
+        pretend = (f"import sys; sys.modules['aiohttp'] = None; sys.argv = ['vandamme.py', *{list(argv)!r}]; "
+                   f"exec(compile(open({str(HERE / 'vandamme.py')!r}).read(), 'vandamme.py', 'exec'), "
+                   f"{{'__name__': '__main__', '__file__': {str(tmp_path / 'vandamme.py')!r}}})")
+        return subprocess.run([sys.executable, "-c", pretend], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=30, env={"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path),
+                                               "OPENAI_API_KEY": "sk-test-000000000001"})
+    serve = run("--port", "8082")
+    assert serve.returncode == 1 and serve.stdout == "" and serve.stderr.count("\n") == 1
+    assert serve.stderr.startswith("vandamme needs aiohttp: ") and "pip install aiohttp" in serve.stderr
+    for argv, expected in ((["--help"], "usage: vandamme"), (["version"], "vandamme "),
+                           (["resolve", "sonnet"], "sonnet -> openai:")):
+        answer = run(*argv)
+        assert answer.returncode == 0 and answer.stdout.startswith(expected) and answer.stderr == "", argv
 
 
 def test_mistake_6_validate_without_provider_and_near_misses(tmp_path: Path) -> None:

@@ -74,14 +74,15 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 try:
     import aiohttp
     from aiohttp import web
-except ImportError:                     # a lone copy run by a python3 without aiohttp: say what to do
-    raise SystemExit("vandamme needs aiohttp: python3 -m venv .venv && . .venv/bin/activate && pip install aiohttp"
-                     " (or run it with: uv run vandamme.py)") from None
+except ImportError:     # a lone copy run by a python3 without aiohttp: --help and version answer, the rest says why
+    aiohttp = web = None    # type: ignore[assignment]
+_NEEDS_AIOHTTP: Final = ("vandamme needs aiohttp: python3 -m venv .venv && . .venv/bin/activate && "
+                         "pip install aiohttp (or run it with: uv run vandamme.py)")
 
 __version__ = "0.1.0"
 __all__ = [
@@ -2828,7 +2829,8 @@ class Runtime:
         self.config = config
 
 
-RUNTIME: Final = web.AppKey("vandamme.runtime", Runtime)
+# Without aiohttp (only --help and version run) the keys are None: no app is ever built.
+RUNTIME: Final = web.AppKey("vandamme.runtime", Runtime) if web else cast("web.AppKey[Runtime]", None)
 _HOP_HEADER: Final = "x-vandamme-hop"      # the gateways a request passed: one that comes back is refused (508)
 
 
@@ -3052,7 +3054,8 @@ async def _fetch_models(rt: Runtime, provider: Provider, key: str | None) -> lis
 # §13  HTTP handlers
 # ---------------------------------------------------------------------------
 
-_RECORD: Final = web.RequestKey("vandamme.record", RequestRecord)
+_RECORD: Final = (web.RequestKey("vandamme.record", RequestRecord) if web
+                  else cast("web.RequestKey[RequestRecord]", None))
 _REPORT_PATHS: Final = frozenset({"/health", "/metrics", "/metrics/running-totals", "/v1/models", "/v1/aliases"})
 # What answers without PROXY_API_KEY: Claude Code's probes, the dashboard's empty shell (it asks
 # for the key itself) and a /health that says only {"status": ...}. Everything else needs the key.
@@ -3107,7 +3110,6 @@ def _as_error(exc: Exception, request: web.Request) -> VandammeError:
     return VandammeError("internal error in vandamme; see its log", status=500)
 
 
-@web.middleware
 async def _error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     """Request ids, client authentication, the request's record, and every error as Anthropic JSON."""
     rt = request.app[RUNTIME]
@@ -4097,7 +4099,7 @@ def create_app(config: Config, *, middleware: Sequence[Any] | None = None) -> we
         hooks += load_middleware(config.middleware)
     rt = Runtime(config, _MiddlewareChain(hooks))
     rt.user_hooks = len(hooks) > len(dialects)
-    app = web.Application(client_max_size=config.max_request_bytes, middlewares=[_error_middleware])
+    app = web.Application(client_max_size=config.max_request_bytes, middlewares=[web.middleware(_error_middleware)])
     app[RUNTIME] = rt
 
     async def client_session(app: web.Application) -> Any:
@@ -4281,7 +4283,7 @@ class _Worker:
         os.kill(self.pid, signal.SIGTERM)
 
 
-_WORKER: Final = web.AppKey("vandamme.worker", _Worker)
+_WORKER: Final = web.AppKey("vandamme.worker", _Worker) if web else cast("web.AppKey[_Worker]", None)
 
 
 async def _serve(config: Config, reload: Callable[[], Config], *, announce: bool = True,
@@ -4504,6 +4506,9 @@ def _command(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> i
     if command == "version":
         print(f"vandamme {__version__}")
         return 0
+    if aiohttp is None and command in ("serve", "claude", "health", "check", "models"):   # config and resolve run
+        print(_NEEDS_AIOHTTP, file=sys.stderr)
+        return 1
     if command == "claude":            # `vandamme [--config PATH] claude [--config PATH] ARGS...`
         rest = args.args
         if len(rest) > 1 and rest[0] == "--config":
