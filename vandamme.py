@@ -3136,6 +3136,8 @@ async def _error_middleware(request: web.Request, handler: Any) -> web.StreamRes
         if rec.path == "/v1/messages" or rec.status >= 400:
             rt.metrics.record(rec)
             _log_access(rt, rec)
+        if not rt.metrics.totals.in_flight:      # here, not per target: a fallback still in progress is in flight
+            rt.idle.set()
     if not response.prepared:
         response.headers["request-id"] = rec.request_id
         if request.path in _REPORT_PATHS and isinstance(response, web.Response) and response.text:
@@ -3271,8 +3273,6 @@ async def _handle_messages(request: web.Request) -> web.StreamResponse:
                            route.targets[n + 1].provider)
         finally:
             rt.metrics.end(rec.provider, rec.model)
-            if not rt.metrics.totals.in_flight:
-                rt.idle.set()
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -3309,11 +3309,12 @@ async def _converted(request: web.Request, rt: Runtime, provider: Provider, mode
     conv = exchange.conv
     exchange.input_estimate = (len(data) - conv.attachment_chars) // 4 + conv.images * _IMAGE_TOKENS
     url = _provider_url(provider, "responses" if responses else "chat/completions", model)
+    client_key = _client_key(request, config.proxy_api_key)
+    hops = _hops(request)             # once, however often `send` runs
 
     async def send(data: bytes) -> tuple[aiohttp.ClientResponse, bytes | None, str | None]:
         return await _open_upstream(rt, provider, url, data, request_id=rec.request_id, read_body=not rec.streamed,
-                                   key_override=_client_key(request, config.proxy_api_key),
-                                   extra_headers=_hops(request))
+                                   key_override=client_key, extra_headers=hops)
 
     try:
         response, raw, key = await send(data)
@@ -4099,7 +4100,8 @@ def create_app(config: Config, *, middleware: Sequence[Any] | None = None) -> we
         hooks += load_middleware(config.middleware)
     rt = Runtime(config, _MiddlewareChain(hooks))
     rt.user_hooks = len(hooks) > len(dialects)
-    app = web.Application(client_max_size=config.max_request_bytes, middlewares=[web.middleware(_error_middleware)])
+    # No client_max_size: no handler reads a body through aiohttp (_read_limited enforces MAX_REQUEST_BYTES).
+    app = web.Application(middlewares=[web.middleware(_error_middleware)])
     app[RUNTIME] = rt
 
     async def client_session(app: web.Application) -> Any:
