@@ -154,8 +154,13 @@ _JSON_DECODER: Final = json.JSONDecoder(parse_constant=_not_json, parse_float=_f
 def _json_decode(data: str | bytes) -> Any:
     """JSON from a client or an upstream, strictly: no NaN or Infinity (Python's extensions, which no client or
     upstream accepts back) and no number beyond a float; nesting deeper than the decoder goes is a ValueError."""
+    return _json_decode_at(data if isinstance(data, str) else data.decode(), None)
+
+
+def _json_decode_at(text: str, start: int | None) -> Any:
+    """The whole text's value (`start` None), or (value, end) of the value at `start`; depth as a ValueError."""
     try:
-        return _JSON_DECODER.decode(data if isinstance(data, str) else data.decode())
+        return _JSON_DECODER.decode(text) if start is None else _JSON_DECODER.raw_decode(text, start)
     except RecursionError:
         raise ValueError("JSON nested too deeply to decode") from None
 
@@ -1382,7 +1387,6 @@ def validate_messages_request(body: Any, *, model_required: bool = True) -> JSON
 
 
 _JSON_SPACE: Final = re.compile(r"[ \t\n\r]*")
-_RAW_DECODE: Final = _JSON_DECODER.raw_decode
 _REUSED_KEYS: Final = ("tools", "system")
 
 
@@ -1407,7 +1411,7 @@ def _decode_with_spans(text: str, known: dict[str, tuple[str, Any]] | None = Non
     i = _skip_space(text, i + 1)
     if text[i:i + 1] != "}":
         while True:
-            key, i = _RAW_DECODE(text, i)
+            key, i = _json_decode_at(text, i)
             i = _skip_space(text, i)
             if not isinstance(key, str) or text[i:i + 1] != ":":
                 return _json_decode(text), {}          # let the decoder report the error
@@ -1417,7 +1421,7 @@ def _decode_with_spans(text: str, known: dict[str, tuple[str, Any]] | None = Non
             if seen is not None and end >= 0 and text.startswith((",", "}"), _skip_space(text, end)):
                 result[key], i = seen[1], end
             else:
-                result[key], i = _RAW_DECODE(text, start)
+                result[key], i = _json_decode_at(text, start)
                 if known is not None and key in _REUSED_KEYS and i - start > 512:
                     known[key] = (text[start:i], result[key])
             spans[key] = (start, i)
@@ -3211,8 +3215,6 @@ async def _read_json(request: web.Request, config: Config,
         raise InvalidRequestError(f"request body is not valid UTF-8: {exc}") from None
     except ValueError as exc:
         raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise InvalidRequestError("request body is nested too deeply to be decoded") from None
     return _Incoming(raw, text, body, spans)
 
 
