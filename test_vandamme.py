@@ -636,6 +636,11 @@ def test_unknown_provider_without_base_url_is_skipped_with_hint() -> None:
     config = make_config({"NOPE_API_KEY": "k", "OPENAI_API_KEY": "sk"})
     assert config.provider("nope") is None
     assert any("NOPE_BASE_URL" in w for w in config.warnings)
+    # a user table makes a provider known, but never its own "did you mean"
+    toml = [("local", Path("vandamme-config.toml"), {"myllm": {"aliases": {"x": "y"}}})]
+    own = vd.parse_config({"MYLLM_API_KEY": "k", "OPENAI_API_KEY": "sk", "OPENAI_MAX_TOKEN": "9"}, {}, toml)
+    assert "provider 'myllm' skipped: no known base URL; set MYLLM_BASE_URL" in own.warnings
+    assert "OPENAI_MAX_TOKEN is not a vandamme setting: did you mean OPENAI_MAX_TOKENS?" in own.warnings
 
 
 def test_proxy_api_key_is_not_a_provider() -> None:

@@ -418,6 +418,9 @@ _PROVIDER_SETTINGS: Final = MappingProxyType({
 })
 
 
+_PROVIDER_SUFFIXES: Final = ("API_KEY", "BASE_URL", "API_FORMAT", "API_VERSION", "MAX_TOKENS", "RESPONSES_MODELS")
+
+
 def parse_dotenv(text: str) -> dict[str, str]:
     """Parse a .env file: KEY=VALUE lines, `#` comments, quotes, optional `export `."""
     result: dict[str, str] = {}
@@ -525,11 +528,13 @@ def parse_config(environ: Mapping[str, str], dotenv: Mapping[str, str], toml_lay
     providers: list[Provider] = []
     aliases: list[Alias] = []
     named = _named_providers(env, tables, values.get("default_provider"))
+    known = sorted({*named, *tables, *(b[0] for b in _BUILTIN_PROVIDERS)})     # configured or not
     here = Config(**values)
     for name in named:
         table = dict(tables.get(name, {}))
         variables = list(_provider_variables(name, env))
-        provider = _parse_provider(name, table, variables, env_source, warnings, sources, tables)
+        others = [k for k in known if k != name]
+        provider = _parse_provider(name, table, variables, env_source, warnings, sources, others)
         if provider is None:
             continue
         if _is_gateway(provider.base_url, here.host, here.port):
@@ -554,7 +559,7 @@ def parse_config(environ: Mapping[str, str], dotenv: Mapping[str, str], toml_lay
     config = Config(**values, providers=tuple(providers),
                     aliases=tuple(sorted(aliases, key=lambda a: (a.provider, a.name))),
                     warnings=tuple(warnings), sources=tuple(sources),
-                    known_providers=tuple(sorted({*named, *tables, *(b[0] for b in _BUILTIN_PROVIDERS)})))
+                    known_providers=tuple(known))
     for alias in config.aliases:          # a cycle is a startup error, never a request error
         _follow_alias(config, alias)
     return config
@@ -573,8 +578,7 @@ def _is_gateway(url: str, host: str, port: int) -> bool:
 
 def _near_misses(env: Iterable[str], providers: Iterable[str]) -> list[str]:
     """'Did you mean' for a variable that is almost one of ours: OPENAI_API_KY, OPENAI_BASEURL, LOGLEVEL."""
-    per_provider = {f"{p.upper()}_{suffix}" for p in providers
-                    for suffix in ("API_KEY", "BASE_URL", "API_FORMAT", "API_VERSION")}
+    per_provider = {f"{p.upper()}_{suffix}" for p in providers for suffix in _PROVIDER_SUFFIXES}
     ours = {*ENV_VARS, *per_provider}
     hints = []
     for var in sorted(env):         # {P}_API_KEY and {P}_BASE_URL name a provider: _parse_provider hints at those
