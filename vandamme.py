@@ -1222,11 +1222,11 @@ def _add_tools(body: JSON, payload: JSON, conv: Conversion, provider: Provider,
         payload["parallel_tool_calls"] = False
 
 
-def _reasoning_effort(body: JSON, provider: Provider, model: str) -> str | None:
+def _reasoning_effort(body: JSON, provider: Provider, reasoning_model: bool) -> str | None:
     thinking = body.get("thinking")
     if not isinstance(thinking, dict) or provider.reasoning_effort == "never":
         return None
-    if provider.reasoning_effort == "reasoning-models" and not _REASONING_MODEL.match(model):
+    if provider.reasoning_effort == "reasoning-models" and not reasoning_model:
         return None
     kind = thinking.get("type")
     if kind == "enabled":
@@ -1283,7 +1283,7 @@ def anthropic_to_openai(body: JSON, provider: Provider, model: str, *, max_token
         payload["stream"] = True
         if provider.stream_usage:
             payload["stream_options"] = {"include_usage": True}
-    if effort := _reasoning_effort(body, provider, model):
+    if effort := _reasoning_effort(body, provider, reasoning_model):
         payload["reasoning_effort"] = effort
     fmt = _obj(body.get("output_config")).get("format")
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and isinstance(fmt.get("schema"), dict):
@@ -1469,7 +1469,7 @@ def _new_id(prefix: str) -> str:
 
 def client_tool_id(upstream_id: str) -> str:
     """An id Anthropic accepts: a valid one as it is, else (Kimi's `functions.get_weather:0`) the mark and its
-    base64url, which tool_id_for_upstream turns back into the original. Reversible, so no state."""
+    base64url, which _tool_id_for_upstream turns back into the original. Reversible, so no state."""
     return upstream_id if _VALID_TOOL_NAME.match(upstream_id) else _TOOL_ID_MARK + _b64(upstream_id)
 
 
