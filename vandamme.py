@@ -2813,6 +2813,7 @@ class Runtime:
         self.draining = False
         self.idle = asyncio.Event()                       # set whenever the last in-flight request ends
         self.instance = secrets.token_hex(6)       # names this process in HOP_HEADER
+        self.worker: _Worker | None = None        # one of `--workers N`: answers for the whole gateway
         self.apply(config)
 
     def output_limit(self, provider: Provider, model: str) -> int | None:
@@ -3652,7 +3653,8 @@ async def _handle_aliases(request: web.Request) -> web.StreamResponse:
 
 async def _instance_view(app: web.Application) -> tuple[Metrics, dict[str, int], int]:
     """The whole instance's metrics, key cool-downs (the most any worker has) and live worker count."""
-    rt, worker = app[RUNTIME], app.get(_WORKER)
+    rt = app[RUNTIME]
+    worker = rt.worker
     if worker is None:           # one process: its own numbers, no extra work
         return rt.metrics, {name: ring.cooling() for name, ring in rt.keyrings.items()}, 1
     return await worker.gather()
@@ -4291,16 +4293,14 @@ class _Worker:
         os.kill(self.pid, signal.SIGTERM)
 
 
-_WORKER: Final = web.AppKey("vandamme.worker", _Worker) if web else cast("web.AppKey[_Worker]", None)
-
-
 async def _serve(config: Config, reload: Callable[[], Config], *, announce: bool = True,
                  worker: tuple[Path, int] | None = None) -> None:
     """Run until SIGTERM/SIGINT; then drain gracefully. SIGHUP reloads the configuration."""
     app = create_app(config)
     if worker:
-        app[_WORKER] = _Worker(app[RUNTIME], *worker)
-        app.cleanup_ctx.append(app[_WORKER].run)
+        rt = app[RUNTIME]
+        rt.worker = _Worker(rt, *worker)
+        app.cleanup_ctx.append(rt.worker.run)
     # Startup objects never die: keep them out of every future full collection. (Raising
     # the GC thresholds saved little CPU and let the soak test's memory grow by a third.)
     gc.freeze()
