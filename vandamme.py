@@ -1866,12 +1866,20 @@ def parse_tool_arguments(raw: Any) -> JSON:
 
 
 class _ToolCall:
-    __slots__ = ("args", "id", "json", "live", "name", "state")
+    __slots__ = ("id", "json", "live", "name", "parts", "size", "state")
 
     def __init__(self, tool_id: str | None, name: str | None) -> None:
-        self.id, self.name, self.args, self.state = tool_id, name, "", "pending"
+        self.id, self.name, self.state = tool_id, name, "pending"
+        self.parts: list[str] = []    # the arguments so far: `+=` on a str would copy them for every fragment
+        self.size = 0
         self.json = JsonPrefix()
         self.live = True          # fragments still go out as they come
+
+    @property
+    def args(self) -> str:
+        joined = "".join(self.parts)
+        self.parts = [joined] if joined else []
+        return joined
 
 
 class _BlockWriter:
@@ -1916,10 +1924,11 @@ class _BlockWriter:
             self.calls[key] = _ToolCall(tool_id, name)
         call = self.calls[key]
         call.id, call.name = call.id or tool_id, call.name or name
-        if call.args and args.startswith(call.args):      # a cumulative snapshot
-            args = args[len(call.args):]
+        if call.size and len(args) >= call.size and args.startswith(call.args):      # a cumulative snapshot
+            args = args[call.size:]
         if args:
-            call.args += args
+            call.parts.append(args)
+            call.size += len(args)
             self.output_chars += len(args)
             if call.state == "open":
                 self._send_args(call, args)
@@ -1934,7 +1943,7 @@ class _BlockWriter:
         """End the open block, then send the buffered calls, each as a whole block."""
         self._close_open()
         for call in self.calls.values():
-            if call.state == "pending" and (call.name is not None or call.args):
+            if call.state == "pending" and (call.name is not None or call.size):
                 self._start_call(call)
                 self._close_open()
             call.state = "closed"             # an empty call without a name is dropped
@@ -2008,7 +2017,7 @@ class _BlockWriter:
         self._open({"type": "tool_use", "id": client_tool_id(call.id), "name": self.tool_names.get(name, name),
                     "input": {}}, "tool")
         self.open_call, call.state, self.tool_used = call, "open", True
-        if call.args:
+        if call.size:
             self._send_args(call, call.args)
 
     def _send_args(self, call: _ToolCall, args: str) -> None:
