@@ -1904,11 +1904,16 @@ class _BlockWriter:
 
     def start(self, usage: JSON | None = None) -> list[tuple[str, JSON]]:
         """message_start, with `usage` or else the input estimate, and a first ping."""
-        usage = usage or usage_to_anthropic({"prompt_tokens": self.input_tokens})
+        usage = usage or self.estimate()
         message: JSON = {"id": self.message_id, "type": "message", "role": "assistant", "model": self.model,
                          "content": [], "stop_reason": None, "stop_sequence": None,
                          "usage": {**usage, "output_tokens": 1}}
         return [("message_start", {"type": "message_start", "message": message}), ("ping", {"type": "ping"})]
+
+    def estimate(self) -> JSON:
+        """Usage from the input estimate and the output so far (about 4 characters a token)."""
+        return usage_to_anthropic({"prompt_tokens": self.input_tokens,
+                                   "completion_tokens": max(1, self.output_chars // 4)})
 
     def text(self, text: str) -> None:
         self._content("text", text)
@@ -1954,9 +1959,7 @@ class _BlockWriter:
         if self.next_index == 0:                  # an empty reply still has one block
             self.text("")
             self._close_open()
-        if usage is None:
-            usage = {"input_tokens": self.input_tokens, "output_tokens": max(1, self.output_chars // 4),
-                     "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
+        usage = usage or self.estimate()
         stop_reason = "tool_use" if self.tool_used else stop_reason
         self.events.append(("message_delta", {"type": "message_delta", "usage": usage,
                                               "delta": {"stop_reason": stop_reason, "stop_sequence": None}}))
@@ -2049,16 +2052,13 @@ class StreamTranslator:
     `choices: []`, and usage (kept in OpenAI terms) in any chunk."""
 
     def __init__(self, client_model: str, conv: Conversion | None = None, *, input_tokens: int = 0) -> None:
-        self.writer = _BlockWriter(client_model, (conv or Conversion()).tool_names, input_tokens=input_tokens)
+        conv = conv or Conversion()
+        self.writer = _BlockWriter(client_model, conv.tool_names, input_tokens=input_tokens)
         self.by_index: dict[int, int] = {}        # the upstream's call index -> the writer's call key
         self.finish_reason: str | None = None
         self.usage: JSON | None = None
         self.refused = self.finished = False
-        self.responses = (conv or Conversion()).responses
-
-    @property
-    def output_chars(self) -> int:
-        return self.writer.output_chars
+        self.responses = conv.responses
 
     def start(self) -> list[tuple[str, JSON]]:
         return self.writer.start()
@@ -3522,8 +3522,7 @@ class _StreamRelay(_Relay):
             if usage is not None:
                 rec.use_usage(usage_to_anthropic(usage))
             elif self.whole is None:
-                rec.input_tokens = self.exchange.input_estimate
-                rec.output_tokens = max(1, self.translator.output_chars // 4)
+                rec.use_usage(self.translator.writer.estimate())
 
     async def _pump(self) -> None:
         """The one loop: upstream bytes -> SSE events -> chunks through the hooks -> translator."""
